@@ -1,0 +1,337 @@
+//! Configuration: compiled-in defaults, then a TOML file (`BYOKD_CONFIG`), then `BYOKD_*`
+//! environment variables, validated once at start.
+//!
+//! Secrets are [`SecretString`]s and URLs print with their passwords redacted, so `Debug`
+//! output of a [`Config`] is safe to log.
+
+use base64::Engine;
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use zeroize::Zeroizing;
+
+/// Why the configuration cannot be used: one line per problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// AMQP names and tuning. The names default to the contract in DESIGN.md; tests and
+/// side-by-side environments override them to share one broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// Topic exchange KMS lifecycle events are published to.
+    pub lifecycle_exchange: String,
+    /// Quorum queue byokd consumes.
+    pub lifecycle_queue: String,
+    /// Exchange dead-lettered events go to.
+    pub dead_letter_exchange: String,
+    /// Queue that keeps dead-lettered events.
+    pub dead_letter_queue: String,
+    /// Topic exchange tenant access changes are published to.
+    pub access_exchange: String,
+    /// Unacknowledged deliveries the broker may push ahead (basic.qos).
+    pub prefetch: u16,
+    /// Most events applied in one database transaction.
+    pub batch_size: usize,
+    /// Deliveries after which the broker dead-letters a message (quorum `x-delivery-limit`).
+    pub delivery_limit: u32,
+    /// Larger messages are dead-lettered unparsed.
+    pub max_message_bytes: usize,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        AmqpSettings {
+            lifecycle_exchange: "byok.lifecycle".into(),
+            lifecycle_queue: "byokd.lifecycle".into(),
+            dead_letter_exchange: "byok.lifecycle.dlx".into(),
+            dead_letter_queue: "byokd.lifecycle.dead".into(),
+            access_exchange: "byok.access".into(),
+            prefetch: 256,
+            batch_size: 256,
+            delivery_limit: 20,
+            max_message_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// `postgres://...`.
+    pub database_url: Option<String>,
+    /// Connections in the database pool.
+    pub database_max_connections: u32,
+    /// `amqp://...`.
+    pub amqp_url: Option<String>,
+    /// `smtp://` or `smtps://`; unset writes .eml files to `mail_dir`.
+    pub smtp_url: Option<SecretString>,
+    /// Sender address of notification emails.
+    pub mail_from: String,
+    /// Where emails go without an SMTP server.
+    pub mail_dir: PathBuf,
+    /// Admin/health HTTP listener.
+    pub http_addr: SocketAddr,
+    /// Bearer token for `/v1`; unset disables the admin API.
+    pub admin_token: Option<SecretString>,
+    /// Sweep schedules.
+    pub schedules_dir: PathBuf,
+    /// Base64 of 32 bytes: seals the local KMS keyring and webhook secrets.
+    pub local_kms_root_key: Option<SecretString>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Comma-separated CIDR ranges exempt from the webhook SSRF guard.
+    pub webhook_allow_cidrs: Option<String>,
+    /// Seconds to finish in-flight work after SIGTERM before exiting anyway.
+    pub shutdown_grace_secs: u64,
+    /// AMQP names and tuning.
+    pub amqp: AmqpSettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: None,
+            database_max_connections: 10,
+            amqp_url: None,
+            smtp_url: None,
+            mail_from: "byokd@localhost".into(),
+            mail_dir: PathBuf::from("./mail"),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_token: None,
+            schedules_dir: PathBuf::from("./schedules"),
+            local_kms_root_key: None,
+            log_format: LogFormat::Text,
+            webhook_allow_cidrs: None,
+            shutdown_grace_secs: 20,
+            amqp: AmqpSettings::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field("database_max_connections", &self.database_max_connections)
+            .field("amqp_url", &self.amqp_url.as_deref().map(redact_url))
+            .field(
+                "smtp_url",
+                &self.smtp_url.as_ref().map(|u| redact_url(u.expose_secret())),
+            )
+            .field("mail_from", &self.mail_from)
+            .field("mail_dir", &self.mail_dir)
+            .field("http_addr", &self.http_addr)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "[REDACTED]"))
+            .field("schedules_dir", &self.schedules_dir)
+            .field(
+                "local_kms_root_key",
+                &self.local_kms_root_key.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field("log_format", &self.log_format)
+            .field("webhook_allow_cidrs", &self.webhook_allow_cidrs)
+            .field("shutdown_grace_secs", &self.shutdown_grace_secs)
+            .field("amqp", &self.amqp)
+            .finish()
+    }
+}
+
+/// Replaces the password in a URL's userinfo with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{path}")
+            } else {
+                format!("{scheme}://{user}@{host}{path}")
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The local KMS root key, decoded.
+pub struct RootKey(pub Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for RootKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RootKey([REDACTED])")
+    }
+}
+
+fn decode_root_key(b64: &str) -> Result<RootKey, String> {
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|_| "BYOKD_LOCAL_KMS_ROOT_KEY is not valid base64".to_owned())?,
+    );
+    let array: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+        format!(
+            "BYOKD_LOCAL_KMS_ROOT_KEY must decode to 32 bytes, got {}",
+            bytes.len()
+        )
+    })?;
+    Ok(RootKey(Zeroizing::new(array)))
+}
+
+impl Config {
+    /// Loads defaults, then `BYOKD_CONFIG` (if set), then `BYOKD_*` variables, and validates.
+    pub fn load() -> Result<Config, ConfigError> {
+        // Missing fields take `Config::default()` through `#[serde(default)]`.
+        let mut figment = Figment::new();
+        if let Ok(path) = std::env::var("BYOKD_CONFIG") {
+            if !std::path::Path::new(&path).is_file() {
+                return Err(ConfigError(vec![format!(
+                    "BYOKD_CONFIG names {path:?}, which is not a readable file"
+                )]));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed("BYOKD_").ignore(&["config"]).split("__"));
+        let config: Config = figment.extract().map_err(|e| {
+            ConfigError(e.into_iter().map(|e| e.to_string()).collect())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            errors.push(format!(
+                "BYOKD_DATABASE_URL {:?} must start with postgres:// (sqlite:// arrives with embedded mode)",
+                redact_url(url)
+            ));
+        }
+        if let Some(url) = &self.amqp_url
+            && !(url.starts_with("amqp://") || url.starts_with("amqps://"))
+        {
+            errors.push(format!(
+                "BYOKD_AMQP_URL {:?} must start with amqp:// or amqps://",
+                redact_url(url)
+            ));
+        }
+        if let Some(key) = &self.local_kms_root_key
+            && let Err(e) = decode_root_key(key.expose_secret())
+        {
+            errors.push(e);
+        }
+        if self.admin_token.as_ref().is_some_and(|t| t.expose_secret().len() < 16) {
+            errors.push("BYOKD_ADMIN_TOKEN must be at least 16 characters".to_owned());
+        }
+        if self.amqp.prefetch == 0 {
+            errors.push("amqp.prefetch must be at least 1".to_owned());
+        }
+        if self.amqp.batch_size == 0 {
+            errors.push("amqp.batch_size must be at least 1".to_owned());
+        }
+        if self.database_max_connections < 2 {
+            errors.push("database_max_connections must be at least 2".to_owned());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(errors))
+        }
+    }
+
+    /// The database URL, or the error naming the variable to set.
+    pub fn require_database_url(&self) -> Result<&str, ConfigError> {
+        self.database_url
+            .as_deref()
+            .ok_or_else(|| ConfigError(vec!["BYOKD_DATABASE_URL is not set".to_owned()]))
+    }
+
+    /// The AMQP URL, or the error naming the variable to set.
+    pub fn require_amqp_url(&self) -> Result<&str, ConfigError> {
+        self.amqp_url
+            .as_deref()
+            .ok_or_else(|| ConfigError(vec!["BYOKD_AMQP_URL is not set".to_owned()]))
+    }
+
+    /// The root key, or the error saying how to make one. byokd never invents one: a key
+    /// made up at start would make every sealed secret unreadable after a restart.
+    pub fn require_root_key(&self) -> Result<RootKey, ConfigError> {
+        let key = self.local_kms_root_key.as_ref().ok_or_else(|| {
+            ConfigError(vec![
+                "BYOKD_LOCAL_KMS_ROOT_KEY is not set (generate one with: openssl rand -base64 32)"
+                    .to_owned(),
+            ])
+        })?;
+        decode_root_key(key.expose_secret()).map_err(|e| ConfigError(vec![e]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_in_urls() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/byokd"),
+            "postgres://app:***@db:5432/byokd"
+        );
+        assert_eq!(redact_url("amqp://guest@mq/%2f"), "amqp://guest@mq/%2f");
+        assert_eq!(redact_url("amqp://mq:5672"), "amqp://mq:5672");
+        assert_eq!(
+            redact_url("smtp://u:p@ss@mail:25"),
+            "smtp://u:***@mail:25"
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let config = Config {
+            database_url: Some("postgres://app:pw-db@db/byokd".into()),
+            admin_token: Some(SecretString::from("token-0123456789abcdef")),
+            local_kms_root_key: Some(SecretString::from(
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            )),
+            smtp_url: Some(SecretString::from("smtp://u:pw-smtp@mail:25")),
+            ..Config::default()
+        };
+        let debug = format!("{config:?}");
+        for secret in ["pw-db", "token-0123", "AAAAAAAA", "pw-smtp"] {
+            assert!(!debug.contains(secret), "{secret} leaked: {debug}");
+        }
+    }
+
+    #[test]
+    fn validation_reports_every_problem() {
+        let config = Config {
+            database_url: Some("mysql://x".into()),
+            amqp_url: Some("http://x".into()),
+            local_kms_root_key: Some(SecretString::from("c2hvcnQ=")),
+            admin_token: Some(SecretString::from("short")),
+            ..Config::default()
+        };
+        let err = config.validate().expect_err("invalid").0;
+        assert_eq!(err.len(), 4, "{err:?}");
+        assert!(err[2].contains("32 bytes, got 5"), "{err:?}");
+    }
+}

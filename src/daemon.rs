@@ -1,0 +1,112 @@
+//! `byokd run`: wires the store, the consumer, the access relay and the HTTP server together
+//! and shuts them down in order.
+//!
+//! [`run`] takes its listener and shutdown signal as arguments (as mini-redis and zero2prod
+//! do), so integration tests start the whole daemon in-process on port 0.
+
+use crate::config::{Config, ConfigError};
+use crate::events::amqp::{self, ConsumerHealth, Intake, Publisher};
+use crate::http::{self, AppState};
+use crate::notify::access::{self, Relay};
+use crate::seal::Sealer;
+use crate::store::{Store, StoreError};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+
+/// Why the daemon could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The database could not be reached or migrated at start.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The HTTP server failed.
+    #[error("HTTP server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Runs the daemon until `shutdown` resolves, then stops consuming, lets in-flight batches
+/// commit and ack, and returns within `shutdown_grace_secs`.
+///
+/// # Errors
+///
+/// Configuration, an unreachable database at start, or an HTTP server failure.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let database_url = config.require_database_url()?.to_owned();
+    let amqp_url = config.require_amqp_url()?.to_owned();
+    let root_key = config.require_root_key()?;
+
+    let store = Store::connect(&database_url, config.database_max_connections).await?;
+    store.migrate().await?;
+    crate::telemetry::metrics();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let health = Arc::new(ConsumerHealth::default());
+    let access_changed = Arc::new(Notify::new());
+    let publisher = Arc::new(Publisher::new(amqp_url.clone()));
+
+    let consumer = tokio::spawn(amqp::consume_loop(
+        Intake {
+            store: store.clone(),
+            url: amqp_url,
+            settings: config.amqp.clone(),
+            health: health.clone(),
+            access_changed: access_changed.clone(),
+            publisher: publisher.clone(),
+        },
+        stop_rx.clone(),
+    ));
+    let relay = tokio::spawn(access::relay_loop(
+        Relay {
+            store: store.clone(),
+            publisher: publisher.clone(),
+            exchange: config.amqp.access_exchange.clone(),
+        },
+        access_changed,
+        stop_rx.clone(),
+    ));
+
+    let state = AppState {
+        store,
+        admin_token: config.admin_token.clone(),
+        consumer: health,
+        sealer: Arc::new(Sealer::new(&root_key, "webhook-secret")),
+        publisher,
+        amqp: config.amqp.clone(),
+    };
+    tracing::info!(addr = %listener.local_addr()?, "byokd listening");
+    let mut http_stop = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down: finishing in-flight work");
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let all = async {
+        let _ = consumer.await;
+        let _ = relay.await;
+        server.await
+    };
+    match tokio::time::timeout(grace, all).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(join)) => tracing::error!(error = %join, "HTTP server task failed"),
+        Err(_) => tracing::warn!(?grace, "shutdown grace period over; exiting with work pending"),
+    }
+    tracing::info!("byokd stopped");
+    Ok(())
+}

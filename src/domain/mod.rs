@@ -1,0 +1,93 @@
+//! Pure domain types and the key/tenant state machine.
+//!
+//! Everything here is free of I/O so the rules that decide a tenant's access can be unit
+//! tested exhaustively: [`kek::apply`] moves one KEK through one lifecycle event, and
+//! [`kek::derive_access`] turns the primary KEK's status into the tenant's access.
+
+/// A name that does not match any variant of a domain enum.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {name:?} (expected one of: {expected})")]
+pub struct UnknownName {
+    /// What kind of name it was meant to be.
+    pub what: &'static str,
+    /// The name as given.
+    pub name: String,
+    /// The accepted names, for the error message.
+    pub expected: &'static str,
+}
+
+/// Declares a fieldless enum whose variants map one-to-one onto snake_case names, with
+/// `as_str`, `Display`, `FromStr` and serde derived from that single table.
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $name:ident, $what:literal { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            /// Every variant.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The snake_case name used in events, the database and the API.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = $crate::domain::UnknownName;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err($crate::domain::UnknownName {
+                        what: $what,
+                        name: s.to_owned(),
+                        expected: concat!($($text, " "),+),
+                    }),
+                }
+            }
+        }
+    };
+}
+
+named_enum!(
+    /// The KMS family a KEK lives in. Part of a KEK's identity: `(provider, key_ref)` is unique.
+    Provider, "provider" {
+        /// byokd's built-in keyring (embedded mode, tests, demos).
+        Local => "local",
+        /// AWS KMS.
+        Aws => "aws",
+        /// Azure Key Vault.
+        Azure => "azure",
+        /// Google Cloud KMS.
+        Gcp => "gcp",
+        /// HashiCorp Vault / OpenBao Transit.
+        Vault => "vault",
+    }
+);
+
+impl Provider {
+    /// Whether an expired key of this provider can still decrypt.
+    ///
+    /// AWS keys with imported material go to `PendingImport` when the material expires and
+    /// refuse every cryptographic operation, so expiry there is as final as disabling.
+    /// Elsewhere (Azure `exp`, local keys) expiry only forbids new encryption.
+    pub fn expiry_makes_unusable(self) -> bool {
+        matches!(self, Provider::Aws)
+    }
+}
+
+pub mod event;
+pub mod kek;
+
+pub use event::{EventKind, LifecycleEvent};
+pub use kek::{Access, KekStatus, KeyState, Transition};

@@ -1,0 +1,583 @@
+//! RabbitMQ: topology, the batching lifecycle consumer, dead-lettering, and the confirmed
+//! [`Publisher`] everything else publishes through.
+//!
+//! The consumer applies deliveries in batches (whatever is already prefetched, up to
+//! `amqp.batch_size`) in one database transaction, and acks them only after it commits. While
+//! the database is down it holds the batch and retries with backoff instead of requeueing,
+//! so good events never burn their quorum-queue delivery limit on an outage. A message that
+//! can never succeed is published to the dead-letter exchange with the reason in the
+//! `x-byokd-error` header and then acked; the consumer goes on with the next one.
+
+use crate::config::AmqpSettings;
+use crate::events::normalize::normalize;
+use crate::lifecycle::{self, BatchResult};
+use crate::store::{Store, StoreError};
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    message::Delivery,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+use tokio::sync::{Mutex, Notify, watch};
+
+/// Header carrying the reason a message was dead-lettered.
+pub const ERROR_HEADER: &str = "x-byokd-error";
+
+/// Why talking to the broker failed. Every variant is transient from byokd's point of view:
+/// the caller reconnects or retries.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    /// Connection, channel or protocol failure.
+    #[error("AMQP error: {0}")]
+    Lapin(#[from] lapin::Error),
+    /// The broker refused to take responsibility for a published message.
+    #[error("broker nacked the publish to {0:?}")]
+    Nacked(String),
+    /// A mandatory publish matched no queue.
+    #[error("no queue is bound to exchange {0:?} for this routing key")]
+    Unroutable(String),
+    /// The server cancelled our consumer (queue deleted?).
+    #[error("the broker cancelled the consumer")]
+    ConsumerCancelled,
+}
+
+/// The consumer's state, for `/readyz` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ConsumerState {
+    /// Not connected yet.
+    Starting = 0,
+    /// Subscribed and applying events.
+    Consuming = 1,
+    /// Lost the broker; reconnecting with backoff.
+    Reconnecting = 2,
+    /// Holding a batch while the database is unreachable.
+    DatabaseUnavailable = 3,
+    /// Shut down.
+    Stopped = 4,
+}
+
+impl ConsumerState {
+    /// Name for `/readyz`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsumerState::Starting => "starting",
+            ConsumerState::Consuming => "consuming",
+            ConsumerState::Reconnecting => "reconnecting",
+            ConsumerState::DatabaseUnavailable => "database_unavailable",
+            ConsumerState::Stopped => "stopped",
+        }
+    }
+}
+
+/// Shared, lock-free view of the consumer's state.
+#[derive(Debug, Default)]
+pub struct ConsumerHealth(AtomicU8);
+
+impl ConsumerHealth {
+    /// The current state.
+    pub fn get(&self) -> ConsumerState {
+        match self.0.load(Ordering::Relaxed) {
+            1 => ConsumerState::Consuming,
+            2 => ConsumerState::Reconnecting,
+            3 => ConsumerState::DatabaseUnavailable,
+            4 => ConsumerState::Stopped,
+            _ => ConsumerState::Starting,
+        }
+    }
+
+    fn set(&self, state: ConsumerState) {
+        let previous = self.0.swap(state as u8, Ordering::Relaxed);
+        if previous != state as u8 {
+            metrics::gauge!("byokd_consumer_up").set(f64::from(u8::from(
+                state == ConsumerState::Consuming,
+            )));
+        }
+    }
+}
+
+/// Exponential backoff between `min` and `max`, with up to 25% jitter so replicas that lost
+/// the same broker do not reconnect in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    /// Starts at `min`.
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            current: min,
+        }
+    }
+
+    /// The next delay.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let jitter = base.mul_f64(rand::random::<f64>() * 0.25);
+        base + jitter
+    }
+
+    /// Back to `min` after a success.
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+/// Declares the exchanges and queues of DESIGN.md. Idempotent; run on every (re)connect.
+pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> Result<(), AmqpError> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    for exchange in [
+        &s.lifecycle_exchange,
+        &s.dead_letter_exchange,
+        &s.access_exchange,
+    ] {
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(s.dead_letter_exchange.as_str())),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(i64::from(s.delivery_limit)),
+    );
+    channel
+        .queue_declare(
+            s.lifecycle_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            args,
+        )
+        .await?;
+    let mut dead_args = FieldTable::default();
+    dead_args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    channel
+        .queue_declare(
+            s.dead_letter_queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            dead_args,
+        )
+        .await?;
+    for (queue, exchange) in [
+        (&s.lifecycle_queue, &s.lifecycle_exchange),
+        (&s.dead_letter_queue, &s.dead_letter_exchange),
+    ] {
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// A confirm-mode channel that reconnects on demand. Every publish waits for the broker's
+/// confirm, so a successful return means the broker has the message.
+pub struct Publisher {
+    url: String,
+    inner: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("url", &crate::config::redact_url(&self.url))
+            .finish_non_exhaustive()
+    }
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    /// Target exchange.
+    pub exchange: &'a str,
+    /// Routing key.
+    pub routing_key: &'a str,
+    /// Body.
+    pub body: &'a [u8],
+    /// Properties (persistence is forced on).
+    pub properties: BasicProperties,
+    /// Fail if no queue takes it.
+    pub mandatory: bool,
+}
+
+impl Publisher {
+    /// A publisher that connects to `url` on first use.
+    pub fn new(url: impl Into<String>) -> Publisher {
+        Publisher {
+            url: url.into(),
+            inner: Mutex::new(None),
+        }
+    }
+
+    /// The confirm channel, connecting if there is none or the last one broke.
+    pub async fn channel(&self) -> Result<Channel, AmqpError> {
+        let mut inner = self.inner.lock().await;
+        if let Some((conn, channel)) = inner.as_ref()
+            && conn.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        *inner = None;
+        let conn = Connection::connect(&self.url, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        *inner = Some((conn, channel.clone()));
+        Ok(channel)
+    }
+
+    /// Publishes `messages` pipelined on one channel and waits for every confirm; one result
+    /// per message, in order.
+    pub async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Vec<Result<(), AmqpError>> {
+        let channel = match self.channel().await {
+            Ok(c) => c,
+            Err(e) => {
+                let text = e.to_string();
+                return messages
+                    .iter()
+                    .map(|_| Err(AmqpError::Nacked(text.clone())))
+                    .collect();
+            }
+        };
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in messages {
+            let props = m.properties.clone().with_delivery_mode(2);
+            pending.push(
+                channel
+                    .basic_publish(
+                        m.exchange.into(),
+                        m.routing_key.into(),
+                        BasicPublishOptions {
+                            mandatory: m.mandatory,
+                            ..BasicPublishOptions::default()
+                        },
+                        m.body,
+                        props,
+                    )
+                    .await,
+            );
+        }
+        let mut results = Vec::with_capacity(messages.len());
+        let mut broken = false;
+        for (m, p) in messages.iter().zip(pending) {
+            let result = match p {
+                Err(e) => Err(AmqpError::from(e)),
+                Ok(confirm) => match confirm.await {
+                    Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(()),
+                    Ok(Confirmation::Ack(Some(_))) => Err(AmqpError::Unroutable(m.exchange.into())),
+                    Ok(Confirmation::Nack(_)) => Err(AmqpError::Nacked(m.exchange.into())),
+                    Err(e) => Err(AmqpError::from(e)),
+                },
+            };
+            broken |= matches!(result, Err(AmqpError::Lapin(_)));
+            results.push(result);
+        }
+        if broken {
+            *self.inner.lock().await = None;
+        }
+        results
+    }
+
+    /// Publishes one message and waits for its confirm.
+    pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), AmqpError> {
+        self.publish_all(std::slice::from_ref(&message))
+            .await
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// Declares the topology on the publisher's channel (the CLI publishes before any daemon
+    /// may have run).
+    pub async fn declare_topology(&self, settings: &AmqpSettings) -> Result<(), AmqpError> {
+        let channel = self.channel().await?;
+        declare_topology(&channel, settings).await
+    }
+}
+
+/// What the consumer needs.
+#[derive(Clone)]
+pub struct Intake {
+    /// Where events are applied.
+    pub store: Store,
+    /// Broker URL.
+    pub url: String,
+    /// Names and tuning.
+    pub settings: AmqpSettings,
+    /// Shared state for `/readyz`.
+    pub health: Arc<ConsumerHealth>,
+    /// Woken after a commit that changed a tenant's access, so the relay publishes at once.
+    pub access_changed: Arc<Notify>,
+    /// Publishes dead letters.
+    pub publisher: Arc<Publisher>,
+}
+
+/// Runs the consumer until `shutdown` turns true: connects, declares, consumes, and after
+/// any broker failure reconnects with backoff.
+pub async fn consume_loop(intake: Intake, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    while !*shutdown.borrow() {
+        match session(&intake, &mut shutdown, &mut backoff).await {
+            Ok(()) => break,
+            Err(e) => {
+                intake.health.set(ConsumerState::Reconnecting);
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, ?delay, "AMQP consumer lost its session; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+    }
+    intake.health.set(ConsumerState::Stopped);
+    tracing::info!("consumer stopped");
+}
+
+/// One connection's worth of consuming. `Ok` only on shutdown.
+async fn session(
+    intake: &Intake,
+    shutdown: &mut watch::Receiver<bool>,
+    backoff: &mut Backoff,
+) -> Result<(), AmqpError> {
+    let s = &intake.settings;
+    let conn = Connection::connect(&intake.url, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    declare_topology(&channel, s).await?;
+    channel
+        .basic_qos(s.prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("byokd-{}", uuid::Uuid::new_v4());
+    let mut consumer = channel
+        .basic_consume(
+            s.lifecycle_queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    intake.health.set(ConsumerState::Consuming);
+    backoff.reset();
+    tracing::info!(queue = %s.lifecycle_queue, prefetch = s.prefetch, "consuming lifecycle events");
+
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.changed() => None,
+            next = consumer.next() => Some(next),
+        };
+        let Some(first) = first else {
+            // Stop new deliveries; whatever is prefetched but unacked goes back to the queue
+            // when the channel closes.
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+            let _ = channel.close(200, "shutdown".into()).await;
+            let _ = conn.close(200, "shutdown".into()).await;
+            return Ok(());
+        };
+        let first = first.ok_or(AmqpError::ConsumerCancelled)??;
+        let mut batch = vec![first];
+        let mut pending_error = None;
+        while batch.len() < s.batch_size {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                Some(Some(Err(e))) => {
+                    pending_error = Some(e);
+                    break;
+                }
+                _ => break,
+            }
+        }
+        match process_batch(intake, batch, shutdown).await? {
+            BatchEnd::Done => {}
+            BatchEnd::Shutdown => {
+                let _ = conn.close(200, "shutdown".into()).await;
+                return Ok(());
+            }
+        }
+        if let Some(e) = pending_error {
+            return Err(e.into());
+        }
+    }
+}
+
+enum BatchEnd {
+    Done,
+    Shutdown,
+}
+
+/// The outcome of applying events with retries.
+enum Applied {
+    Ok(BatchResult),
+    Permanent(StoreError),
+    Shutdown,
+}
+
+/// Applies `events`, retrying transient failures with backoff until the database answers
+/// or shutdown is requested.
+async fn apply_with_retry(
+    intake: &Intake,
+    events: &[crate::domain::LifecycleEvent],
+    shutdown: &mut watch::Receiver<bool>,
+) -> Applied {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match lifecycle::apply_batch(&intake.store, events, chrono::Utc::now()).await {
+            Ok(result) => {
+                intake.health.set(ConsumerState::Consuming);
+                return Applied::Ok(result);
+            }
+            Err(e) if e.is_transient() => {
+                intake.health.set(ConsumerState::DatabaseUnavailable);
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, ?delay, held = events.len(),
+                    "database unavailable; holding the batch and retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => return Applied::Shutdown,
+                }
+            }
+            Err(e) => return Applied::Permanent(e),
+        }
+    }
+}
+
+async fn process_batch(
+    intake: &Intake,
+    batch: Vec<Delivery>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<BatchEnd, AmqpError> {
+    let mut events = Vec::with_capacity(batch.len());
+    let mut good = Vec::with_capacity(batch.len());
+    for delivery in batch {
+        match normalize(&delivery.data, intake.settings.max_message_bytes) {
+            Ok(event) => {
+                events.push(event);
+                good.push(delivery);
+            }
+            Err(e) => dead_letter(intake, &delivery, &e.to_string()).await?,
+        }
+    }
+    if events.is_empty() {
+        return Ok(BatchEnd::Done);
+    }
+    metrics::histogram!("byokd_event_batch_size").record(events.len() as f64);
+    match apply_with_retry(intake, &events, shutdown).await {
+        Applied::Ok(result) => {
+            record(&result);
+            if let Some(last) = good.last() {
+                last.acker
+                    .ack(BasicAckOptions { multiple: true })
+                    .await?;
+            }
+        }
+        Applied::Shutdown => return Ok(BatchEnd::Shutdown),
+        Applied::Permanent(e) => {
+            // Something in the batch cannot be written; find it by applying one at a time
+            // so the rest still goes through.
+            tracing::error!(error = %e, size = events.len(),
+                "batch failed permanently; applying its events one by one");
+            for (event, delivery) in events.into_iter().zip(good) {
+                match apply_with_retry(intake, std::slice::from_ref(&event), shutdown).await {
+                    Applied::Ok(result) => {
+                        record(&result);
+                        delivery.acker.ack(BasicAckOptions::default()).await?;
+                    }
+                    Applied::Shutdown => return Ok(BatchEnd::Shutdown),
+                    Applied::Permanent(e) => dead_letter(intake, &delivery, &e.to_string()).await?,
+                }
+            }
+        }
+    }
+    Ok(BatchEnd::Done)
+}
+
+fn record(result: &BatchResult) {
+    for outcome in &result.outcomes {
+        metrics::counter!("byokd_events_total", "outcome" => outcome.as_str()).increment(1);
+    }
+}
+
+/// Publishes `delivery` to the dead-letter exchange with `reason` in [`ERROR_HEADER`], then
+/// acks it. If that publish fails, rejects it without requeue so the broker dead-letters it
+/// itself (without our header, but not lost).
+async fn dead_letter(intake: &Intake, delivery: &Delivery, reason: &str) -> Result<(), AmqpError> {
+    metrics::counter!("byokd_events_dead_lettered_total").increment(1);
+    tracing::warn!(reason, routing_key = %delivery.routing_key, "dead-lettering message");
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        ERROR_HEADER.into(),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
+    headers.insert(
+        "x-byokd-original-exchange".into(),
+        AMQPValue::LongString(LongString::from(delivery.exchange.as_str())),
+    );
+    let properties = delivery.properties.clone().with_headers(headers);
+    let published = intake
+        .publisher
+        .publish(Outgoing {
+            exchange: &intake.settings.dead_letter_exchange,
+            routing_key: delivery.routing_key.as_str(),
+            body: &delivery.data,
+            properties,
+            mandatory: true,
+        })
+        .await;
+    match published {
+        Ok(()) => {
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "dead-letter publish failed; rejecting to the broker's DLX");
+            delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Routing key for a lifecycle event published by byokd itself: `<provider>.<kind>`.
+pub fn routing_key(event: &crate::domain::LifecycleEvent) -> String {
+    format!("{}.{}", event.provider, event.kind)
+}

@@ -1,0 +1,282 @@
+//! `/v1` handlers: tenants, KEK registration, event intake.
+
+use super::{ApiError, AppState};
+use crate::domain::kek::derive_access;
+use crate::domain::{KekStatus, KeyState, Provider};
+use crate::events::amqp::{Outgoing, routing_key};
+use crate::events::normalize::normalize;
+use crate::seal::generate_webhook_secret;
+use crate::store::{AccessUpdate, AuditRow, NewTenant, NewWebhook};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use lapin::BasicProperties;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// Parses a JSON body: 400 when it is not JSON, 422 when it is JSON of the wrong shape.
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let status = match e.classify() {
+            serde_json::error::Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, format!("invalid request body: {e}"))
+    })
+}
+
+fn unprocessable(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TenantRequest {
+    id: String,
+    name: String,
+    #[serde(default)]
+    contacts: Vec<String>,
+    #[serde(default)]
+    webhooks: Vec<WebhookRequest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WebhookRequest {
+    url: String,
+    secret: Option<SecretString>,
+}
+
+fn valid_tenant_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn valid_email(email: &str) -> bool {
+    match email.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !email.chars().any(|c| c.is_whitespace() || c == '<' || c == '>')
+                && email.len() <= 254
+        }
+        None => false,
+    }
+}
+
+/// Standard Webhooks secrets are `whsec_` + base64 of 24 to 64 bytes.
+fn valid_webhook_secret(secret: &str) -> bool {
+    secret
+        .strip_prefix("whsec_")
+        .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+        .is_some_and(|raw| (24..=64).contains(&raw.len()))
+}
+
+pub(super) async fn create_tenant(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let req: TenantRequest = parse_body(&body)?;
+    if !valid_tenant_id(&req.id) {
+        return Err(unprocessable(
+            "id must be 1-128 characters of letters, digits, '-', '_' or '.'",
+        ));
+    }
+    if req.name.trim().is_empty() {
+        return Err(unprocessable("name must not be empty"));
+    }
+    if let Some(bad) = req.contacts.iter().find(|c| !valid_email(c)) {
+        return Err(unprocessable(format!("contact {bad:?} is not an email address")));
+    }
+    let mut webhooks = Vec::new();
+    let mut shown = Vec::new();
+    for w in req.webhooks {
+        let url = url::Url::parse(&w.url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| unprocessable(format!("webhook url {:?} is not an http(s) URL", w.url)))?;
+        let (secret, generated) = match w.secret {
+            Some(s) if valid_webhook_secret(s.expose_secret()) => (s, false),
+            Some(_) => {
+                return Err(unprocessable(
+                    "webhook secret must be whsec_ followed by base64 of 24 to 64 bytes",
+                ));
+            }
+            None => (generate_webhook_secret(), true),
+        };
+        let id = Uuid::now_v7();
+        let mut view = json!({ "id": id, "url": url.as_str() });
+        if generated {
+            // Shown once, here; only the sealed form is stored.
+            view["secret"] = secret.expose_secret().into();
+        }
+        shown.push(view);
+        webhooks.push(NewWebhook {
+            id,
+            url: url.to_string(),
+            secret_sealed: state.sealer.seal(&secret),
+        });
+    }
+    let tenant = NewTenant {
+        id: req.id,
+        name: req.name,
+        contacts: req.contacts,
+        webhooks,
+    };
+    state.store.create_tenant(&tenant).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": tenant.id,
+            "name": tenant.name,
+            "access": "accessible",
+            "contacts": tenant.contacts,
+            "webhooks": shown,
+        })),
+    ))
+}
+
+pub(super) async fn get_tenant(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = state.store.tenant(&id).await?;
+    Ok(Json(serde_json::to_value(tenant).unwrap_or_default()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct KekRequest {
+    provider: String,
+    key_ref: String,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    expires_at: Option<DateTime<Utc>>,
+}
+
+pub(super) async fn register_kek(
+    State(state): State<AppState>,
+    Path(tenant_id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let req: KekRequest = parse_body(&body)?;
+    let provider: Provider = req
+        .provider
+        .parse()
+        .map_err(|e: crate::domain::UnknownName| unprocessable(e.to_string()))?;
+    if req.key_ref.trim().is_empty() {
+        return Err(unprocessable("key_ref must not be empty"));
+    }
+    let now = Utc::now();
+    let expired = req.expires_at.is_some_and(|at| at <= now);
+    // Registration time orders later events: anything the KMS reported before the platform
+    // registered the key does not override what the platform registered.
+    let status = KekStatus {
+        provider,
+        key_ref: req.key_ref,
+        state: if expired {
+            KeyState::Expired
+        } else {
+            KeyState::Enabled
+        },
+        revoked: false,
+        current_version: req.version,
+        expires_at: req.expires_at,
+        state_changed_at: now,
+        version_changed_at: now,
+        expiry_changed_at: now,
+    };
+    let decision = derive_access(Some(&status));
+    let access = AccessUpdate {
+        tenant_id: tenant_id.clone(),
+        access: decision.access,
+        reason: decision.reason,
+    };
+    let audit = AuditRow {
+        tenant_id: Some(tenant_id.clone()),
+        provider: Some(provider),
+        key_ref: Some(status.key_ref.clone()),
+        action: "kek_registered".into(),
+        outcome: "applied".into(),
+        source: "api".into(),
+        event_id: None,
+        detail: json!({ "version": status.current_version, "expires_at": status.expires_at }),
+    };
+    state
+        .store
+        .register_kek(&tenant_id, &status, &access, &audit)
+        .await?;
+    let tenant = state.store.tenant(&tenant_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::to_value(tenant).unwrap_or_default()),
+    ))
+}
+
+/// Accepts one lifecycle event in any supported format and publishes it to the lifecycle
+/// exchange (with confirms), so it takes the same path as events from a KMS.
+pub(super) async fn post_event(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let event = normalize(&body, state.amqp.max_message_bytes).map_err(|e| {
+        let status = match e {
+            crate::events::normalize::NormalizeError::NotJson(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::new(status, e.to_string())
+    })?;
+    let key = routing_key(&event);
+    state
+        .publisher
+        .publish(Outgoing {
+            exchange: &state.amqp.lifecycle_exchange,
+            routing_key: &key,
+            body: &body,
+            properties: BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_message_id(event.event_id.as_str().into()),
+            mandatory: true,
+        })
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "could not publish event received over HTTP");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the message broker did not accept the event; retry later",
+            )
+        })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": event.event_id, "provider": event.provider, "kind": event.kind })),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_ids_emails_and_secrets() {
+        assert!(valid_tenant_id("acme-prod_1.eu"));
+        assert!(!valid_tenant_id("acme prod"));
+        assert!(!valid_tenant_id(""));
+        assert!(valid_email("ops@acme.example"));
+        assert!(!valid_email("ops@localhost"));
+        assert!(!valid_email("not an email"));
+        assert!(valid_webhook_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"));
+        assert!(!valid_webhook_secret("whsec_c2hvcnQ="));
+        assert!(!valid_webhook_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"));
+    }
+}

@@ -1,0 +1,158 @@
+//! The HTTP surface: health, metrics and the admin API (axum).
+//!
+//! `/healthz`, `/readyz` and `/metrics` are open; every `/v1` route requires
+//! `Authorization: Bearer $BYOKD_ADMIN_TOKEN`, and with no token configured `/v1` refuses
+//! everyone. Errors are `{"error": "<one sentence>"}` with a meaningful status.
+
+mod admin;
+
+use crate::events::amqp::{ConsumerHealth, ConsumerState, Publisher};
+use crate::config::AmqpSettings;
+use crate::seal::Sealer;
+use crate::store::{Store, StoreError};
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The database.
+    pub store: Store,
+    /// The admin token, if the admin API is enabled.
+    pub admin_token: Option<SecretString>,
+    /// The consumer's state, for `/readyz`.
+    pub consumer: Arc<ConsumerHealth>,
+    /// Seals webhook secrets.
+    pub sealer: Arc<Sealer>,
+    /// Publishes events accepted over HTTP.
+    pub publisher: Arc<Publisher>,
+    /// AMQP names and limits.
+    pub amqp: AmqpSettings,
+}
+
+/// An API error: a status and one sentence.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with `status` and `message`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            StoreError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            StoreError::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database is unavailable; retry later",
+            ),
+            other => {
+                tracing::error!(error = %other, "store error in API call");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+        }
+    }
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/tenants", post(admin::create_tenant))
+        .route("/tenants/{id}", get(admin::get_tenant))
+        .route("/tenants/{id}/keks", post(admin::register_kek))
+        .route("/events", post(admin::post_event))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .nest("/v1", v1)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .with_state(state)
+}
+
+/// Compares digests, so the comparison takes the same time wherever the tokens differ.
+fn token_matches(given: &str, expected: &SecretString) -> bool {
+    let a = Sha256::digest(given.as_bytes());
+    let b = Sha256::digest(expected.expose_secret().as_bytes());
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(expected) = &state.admin_token else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the admin API is disabled because BYOKD_ADMIN_TOKEN is not set",
+        )
+        .into_response();
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if token_matches(token, expected) => next.run(request).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer token",
+        )
+        .into_response(),
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let db = tokio::time::timeout(Duration::from_secs(2), state.store.ping())
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let consumer = state.consumer.get();
+    let ready = db && consumer == ConsumerState::Consuming;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "ready": ready,
+            "database": if db { "ok" } else { "unavailable" },
+            "consumer": consumer.as_str(),
+        })),
+    )
+        .into_response()
+}
+
+async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::metrics().render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,35 @@
+//! byokd: the key-lifecycle daemon behind a SaaS platform's Bring Your Own Key feature.
+//!
+//! Tenants keep their key-encryption keys (KEKs) in their own KMS; byokd consumes the KMS's
+//! lifecycle events, keeps each tenant's access in step with its key, and tells the platform
+//! and the tenant what changed.
+//!
+//! # Layout
+//!
+//! * `cli`: clap definitions and dispatch; `main.rs` only prints the outcome.
+//! * `config`: defaults, then a TOML file, then `BYOKD_*` variables, validated once.
+//! * `telemetry`: tracing subscriber and the Prometheus registry.
+//! * `domain`: pure types and the KEK state machine / access derivation; no I/O.
+//! * `events`: intake. `normalize` turns messages into events; `amqp` owns the broker.
+//! * `lifecycle`: applies a batch of events in one transaction (dedupe, transition, access,
+//!   audit, outbox).
+//! * `notify`: delivery of outbox rows; `access` relays access changes to `byok.access`.
+//! * `http`: health, metrics and the admin API.
+//! * `store`: all SQL, behind a back-end-neutral API.
+//! * `seal`: encryption of secrets at rest under the root key.
+//! * `daemon`: `run`, wiring it all together with graceful shutdown.
+//!
+//! Data flows one way: intake -> normalize -> lifecycle (one transaction) -> ack; slow work
+//! is picked up later from the database by its own loop.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod domain;
+pub mod events;
+pub mod http;
+pub mod lifecycle;
+pub mod notify;
+pub mod seal;
+pub mod store;
+pub mod telemetry;

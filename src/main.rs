@@ -1,0 +1,14 @@
+//! The `byokd` binary: everything lives in the library; this only reports the outcome.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match byokd::cli::main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` joins the error chain on one line.
+            eprintln!("byokd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! Persistence. All SQL lives under this module, behind [`Store`] and [`StoreTx`].
+//!
+//! Back ends are variants of a dispatch enum (PostgreSQL now; SQLite for embedded mode can
+//! join without touching callers). Callers see domain types and plain row structs, never SQL.
+//! Batch operations take slices so the consumer can apply many events in a handful of
+//! statements per transaction.
+
+mod postgres;
+
+pub use postgres::PgStore;
+
+use crate::domain::{Access, KekStatus, Provider};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// Why a store call failed. [`StoreError::is_transient`] is the one place that decides
+/// whether a caller should retry.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or the transaction was aborted by a conflict with
+    /// another one (serialization failure, deadlock): retrying later will succeed.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// The request conflicts with existing data.
+    #[error("{0}")]
+    Conflict(String),
+    /// The named thing does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// Anything else: a bug or a schema mismatch, not worth retrying.
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+    /// Migrations could not be applied.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed if retried later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        let transient = match &e {
+            E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Tls(_) => true,
+            E::Protocol(_) => true,
+            E::Database(db) => matches!(
+                db.code().as_deref(),
+                // serialization_failure, deadlock_detected, admin/crash shutdown,
+                // cannot_connect_now, too_many_connections, connection exceptions (08xxx)
+                Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300")
+            ) || db.code().is_some_and(|c| c.starts_with("08")),
+            _ => false,
+        };
+        if transient {
+            StoreError::Unavailable(e)
+        } else {
+            StoreError::Other(e)
+        }
+    }
+}
+
+/// A webhook endpoint as given at tenant creation, its secret already sealed.
+#[derive(Debug, Clone)]
+pub struct NewWebhook {
+    /// Endpoint id.
+    pub id: Uuid,
+    /// Where to POST.
+    pub url: String,
+    /// The signing secret, sealed (see [`crate::seal`]).
+    pub secret_sealed: Vec<u8>,
+}
+
+/// A tenant to create.
+#[derive(Debug, Clone)]
+pub struct NewTenant {
+    /// Caller-chosen id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Email addresses to notify.
+    pub contacts: Vec<String>,
+    /// Webhook endpoints to notify.
+    pub webhooks: Vec<NewWebhook>,
+}
+
+/// A KEK row as the lifecycle code sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KekRow {
+    /// Row id.
+    pub id: i64,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Whether this is the tenant's primary KEK (the one access derives from).
+    pub is_primary: bool,
+    /// The state-machine part.
+    pub status: KekStatus,
+}
+
+/// A tenant row locked for a lifecycle transaction, with whom to notify.
+#[derive(Debug, Clone)]
+pub struct TenantRow {
+    /// Tenant id.
+    pub id: String,
+    /// Current access.
+    pub access: Access,
+    /// Why, when not accessible.
+    pub access_reason: Option<String>,
+    /// Contact emails.
+    pub contacts: Vec<String>,
+    /// Enabled webhook endpoint ids.
+    pub webhooks: Vec<Uuid>,
+}
+
+/// A tenant's new access, to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessUpdate {
+    /// Tenant id.
+    pub tenant_id: String,
+    /// New access.
+    pub access: Access,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+/// One audit-trail entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRow {
+    /// The tenant concerned, when known.
+    pub tenant_id: Option<String>,
+    /// The key's provider, when a key is concerned.
+    pub provider: Option<Provider>,
+    /// The key, when a key is concerned.
+    pub key_ref: Option<String>,
+    /// What was attempted (`disabled`, `kek_registered`, ...).
+    pub action: String,
+    /// What came of it (`applied`, `stale`, `duplicate`, `unknown_key`, ...).
+    pub outcome: String,
+    /// Who asked: `event`, `api`, `probe`, `sweep`.
+    pub source: String,
+    /// The event id, for event-driven entries.
+    pub event_id: Option<String>,
+    /// Anything else worth keeping (states before/after, reasons).
+    pub detail: serde_json::Value,
+}
+
+/// The delivery channel of an outbox row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// A tenant access change for the platform, on the `byok.access` exchange.
+    Amqp,
+    /// An email to a tenant contact.
+    Email,
+    /// A signed webhook to a tenant endpoint.
+    Webhook,
+}
+
+impl Channel {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Amqp => "amqp",
+            Channel::Email => "email",
+            Channel::Webhook => "webhook",
+        }
+    }
+}
+
+/// An outbox row to insert; a row whose `dedupe_key` exists already is skipped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewOutbox {
+    /// Row id (also the webhook-id / Message-ID seed).
+    pub id: Uuid,
+    /// The tenant concerned.
+    pub tenant_id: Option<String>,
+    /// How to deliver.
+    pub channel: Channel,
+    /// Routing key, email address or webhook endpoint id.
+    pub recipient: String,
+    /// Notification type (`tenant.inaccessible`, ...).
+    pub kind: String,
+    /// One row per cause, channel and recipient.
+    pub dedupe_key: String,
+    /// The body to deliver.
+    pub payload: serde_json::Value,
+}
+
+/// A claimed outbox row.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Row id.
+    pub id: Uuid,
+    /// Routing key, email address or webhook endpoint id.
+    pub recipient: String,
+    /// Notification type.
+    pub kind: String,
+    /// The body to deliver.
+    pub payload: serde_json::Value,
+    /// Attempts so far.
+    pub attempts: i32,
+}
+
+/// A KEK as shown by the API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KekView {
+    /// Provider.
+    pub provider: Provider,
+    /// Provider's key name.
+    pub key_ref: String,
+    /// State.
+    pub state: crate::domain::KeyState,
+    /// Whether byokd's access to it was revoked.
+    pub revoked: bool,
+    /// Current version.
+    pub current_version: Option<String>,
+    /// Expiry.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Primary or being replaced.
+    pub primary: bool,
+}
+
+/// A tenant as shown by the API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TenantView {
+    /// Tenant id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Derived access.
+    pub access: Access,
+    /// Why, when not accessible.
+    pub reason: Option<String>,
+    /// Contact emails.
+    pub contacts: Vec<String>,
+    /// The tenant's KEKs.
+    pub keks: Vec<KekView>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The database, whichever back end it is.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// PostgreSQL (production, several replicas).
+    Postgres(PgStore),
+}
+
+/// One open transaction on a [`Store`]. Dropped without [`StoreTx::commit`], it rolls back.
+pub enum StoreTx {
+    /// A PostgreSQL transaction.
+    Postgres(postgres::PgTx),
+}
+
+/// Forwards a method to the back end of a [`Store`] / [`StoreTx`] variant.
+macro_rules! dispatch {
+    ($self:ident, $inner:ident => $call:expr) => {
+        match $self {
+            Self::Postgres($inner) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Connects to the database at `url` (`postgres://...`).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Store::Postgres(PgStore::connect(url, max_connections).await?));
+        }
+        Err(StoreError::Conflict(format!(
+            "unsupported database URL scheme in {:?} (expected postgres://)",
+            crate::config::redact_url(url)
+        )))
+    }
+
+    /// Applies pending migrations (under the back end's migration lock).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.migrate().await)
+    }
+
+    /// Checks the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    /// Opens a transaction.
+    pub async fn begin(&self) -> Result<StoreTx, StoreError> {
+        dispatch!(self, s => Ok(StoreTx::Postgres(s.begin().await?)))
+    }
+
+    /// Creates a tenant with its contacts and webhook endpoints.
+    pub async fn create_tenant(&self, tenant: &NewTenant) -> Result<(), StoreError> {
+        dispatch!(self, s => s.create_tenant(tenant).await)
+    }
+
+    /// Reads a tenant with its KEKs.
+    pub async fn tenant(&self, id: &str) -> Result<TenantView, StoreError> {
+        dispatch!(self, s => s.tenant(id).await)
+    }
+
+    /// Registers the primary KEK of a tenant and writes the access it implies, with an audit row.
+    pub async fn register_kek(
+        &self,
+        tenant_id: &str,
+        status: &KekStatus,
+        access: &AccessUpdate,
+        audit: &AuditRow,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.register_kek(tenant_id, status, access, audit).await)
+    }
+}
+
+impl StoreTx {
+    /// Claims events in the inbox; `true` for each event seen for the first time (a duplicate
+    /// inside `events` counts once, at its first position).
+    pub async fn record_events(
+        &mut self,
+        events: &[&crate::domain::LifecycleEvent],
+    ) -> Result<Vec<bool>, StoreError> {
+        dispatch!(self, t => t.record_events(events).await)
+    }
+
+    /// Locks (in id order) the tenants owning any of `keys` and reads them.
+    pub async fn lock_tenants_of(
+        &mut self,
+        keys: &[(Provider, String)],
+    ) -> Result<Vec<TenantRow>, StoreError> {
+        dispatch!(self, t => t.lock_tenants_of(keys).await)
+    }
+
+    /// Reads the KEKs named by `keys` (call after locking their tenants).
+    pub async fn keks(&mut self, keys: &[(Provider, String)]) -> Result<Vec<KekRow>, StoreError> {
+        dispatch!(self, t => t.keks(keys).await)
+    }
+
+    /// Writes the state-machine part of each KEK.
+    pub async fn update_keks(&mut self, keks: &[KekRow]) -> Result<(), StoreError> {
+        dispatch!(self, t => t.update_keks(keks).await)
+    }
+
+    /// Writes tenants' access.
+    pub async fn update_access(&mut self, updates: &[AccessUpdate]) -> Result<(), StoreError> {
+        dispatch!(self, t => t.update_access(updates).await)
+    }
+
+    /// Appends audit rows.
+    pub async fn audit(&mut self, rows: &[AuditRow]) -> Result<(), StoreError> {
+        dispatch!(self, t => t.audit(rows).await)
+    }
+
+    /// Inserts outbox rows, skipping those whose dedupe key exists.
+    pub async fn enqueue(&mut self, rows: &[NewOutbox]) -> Result<(), StoreError> {
+        dispatch!(self, t => t.enqueue(rows).await)
+    }
+
+    /// Locks up to `limit` due rows of `channel`, oldest first, skipping rows another
+    /// transaction holds.
+    pub async fn claim_outbox(
+        &mut self,
+        channel: Channel,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        dispatch!(self, t => t.claim_outbox(channel, limit, now).await)
+    }
+
+    /// Marks rows delivered.
+    pub async fn mark_delivered(&mut self, ids: &[Uuid]) -> Result<(), StoreError> {
+        dispatch!(self, t => t.mark_delivered(ids).await)
+    }
+
+    /// Records a failed attempt and when to try again.
+    pub async fn reschedule(
+        &mut self,
+        ids: &[Uuid],
+        next_attempt_at: DateTime<Utc>,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, t => t.reschedule(ids, next_attempt_at, error).await)
+    }
+
+    /// Commits.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        dispatch!(self, t => t.commit().await)
+    }
+}

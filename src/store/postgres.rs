@@ -1,0 +1,539 @@
+//! PostgreSQL back end.
+//!
+//! Batch writes bind one array per column and `UNNEST` them, so applying a batch of events
+//! costs a fixed handful of round trips whatever its size.
+
+use super::{
+    AccessUpdate, AuditRow, Channel, KekRow, KekView, NewOutbox, NewTenant, OutboxRow, StoreError,
+    TenantRow, TenantView,
+};
+use crate::domain::{KekStatus, LifecycleEvent, Provider};
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use std::collections::HashSet;
+use std::time::Duration;
+use uuid::Uuid;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// A PostgreSQL connection pool.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+/// An open PostgreSQL transaction.
+pub struct PgTx {
+    tx: Transaction<'static, Postgres>,
+}
+
+fn parse<T: std::str::FromStr>(row: &PgRow, column: &str) -> Result<T, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
+    let text: String = row.try_get(column)?;
+    text.parse().map_err(|e: T::Err| {
+        StoreError::Other(sqlx::Error::Decode(
+            format!("column {column}: {e}").into(),
+        ))
+    })
+}
+
+fn key_columns(keys: &[(Provider, String)]) -> (Vec<&'static str>, Vec<&str>) {
+    keys.iter()
+        .map(|(p, k)| (p.as_str(), k.as_str()))
+        .unzip()
+}
+
+fn kek_status(row: &PgRow) -> Result<KekStatus, StoreError> {
+    Ok(KekStatus {
+        provider: parse(row, "provider")?,
+        key_ref: row.try_get("key_ref")?,
+        state: parse(row, "state")?,
+        revoked: row.try_get("revoked")?,
+        current_version: row.try_get("current_version")?,
+        expires_at: row.try_get("expires_at")?,
+        state_changed_at: row.try_get("state_changed_at")?,
+        version_changed_at: row.try_get("version_changed_at")?,
+        expiry_changed_at: row.try_get("expiry_changed_at")?,
+    })
+}
+
+impl PgStore {
+    pub(super) async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            // Fail fast while the database is down: callers decide how to wait.
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(url)
+            .await?;
+        Ok(PgStore { pool })
+    }
+
+    /// The underlying pool (benchmarks and tests compare against raw SQL with it).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub(super) async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(super) async fn begin(&self) -> Result<PgTx, StoreError> {
+        Ok(PgTx {
+            tx: self.pool.begin().await?,
+        })
+    }
+
+    pub(super) async fn create_tenant(&self, t: &NewTenant) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO tenants (id, name) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&t.id)
+        .bind(&t.name)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!(
+                "tenant {:?} already exists",
+                t.id
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO tenant_contacts (tenant_id, email)
+             SELECT $1, e FROM UNNEST($2::text[]) AS e ON CONFLICT DO NOTHING",
+        )
+        .bind(&t.id)
+        .bind(&t.contacts)
+        .execute(&mut *tx)
+        .await?;
+        let ids: Vec<Uuid> = t.webhooks.iter().map(|w| w.id).collect();
+        let urls: Vec<&str> = t.webhooks.iter().map(|w| w.url.as_str()).collect();
+        let secrets: Vec<&[u8]> = t
+            .webhooks
+            .iter()
+            .map(|w| w.secret_sealed.as_slice())
+            .collect();
+        sqlx::query(
+            "INSERT INTO webhook_endpoints (id, tenant_id, url, secret_sealed)
+             SELECT u.id, $1, u.url, u.secret FROM UNNEST($2::uuid[], $3::text[], $4::bytea[])
+                 AS u(id, url, secret)",
+        )
+        .bind(&t.id)
+        .bind(&ids)
+        .bind(&urls)
+        .bind(&secrets)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn tenant(&self, id: &str) -> Result<TenantView, StoreError> {
+        let row = sqlx::query(
+            "SELECT t.id, t.name, t.access, t.access_reason, t.updated_at,
+                    ARRAY(SELECT email FROM tenant_contacts c WHERE c.tenant_id = t.id
+                          ORDER BY email) AS contacts
+             FROM tenants t WHERE t.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("tenant {id:?}")))?;
+        let keks = sqlx::query(
+            "SELECT provider, key_ref, state, revoked, current_version, expires_at,
+                    state_changed_at, version_changed_at, expiry_changed_at, is_primary
+             FROM keks WHERE tenant_id = $1 ORDER BY is_primary DESC, id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let s = kek_status(r)?;
+            Ok(KekView {
+                provider: s.provider,
+                key_ref: s.key_ref,
+                state: s.state,
+                revoked: s.revoked,
+                current_version: s.current_version,
+                expires_at: s.expires_at,
+                primary: r.try_get("is_primary")?,
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
+        Ok(TenantView {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            access: parse(&row, "access")?,
+            reason: row.try_get("access_reason")?,
+            contacts: row.try_get("contacts")?,
+            keks,
+            updated_at: row.try_get("updated_at")?,
+        })
+    }
+
+    pub(super) async fn register_kek(
+        &self,
+        tenant_id: &str,
+        s: &KekStatus,
+        access: &AccessUpdate,
+        audit: &AuditRow,
+    ) -> Result<(), StoreError> {
+        let mut tx = PgTx {
+            tx: self.pool.begin().await?,
+        };
+        let locked = sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE")
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx.tx)
+            .await?;
+        if locked.is_none() {
+            return Err(StoreError::NotFound(format!("tenant {tenant_id:?}")));
+        }
+        let has_primary =
+            sqlx::query("SELECT 1 FROM keks WHERE tenant_id = $1 AND is_primary")
+                .bind(tenant_id)
+                .fetch_optional(&mut *tx.tx)
+                .await?;
+        if has_primary.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "tenant {tenant_id:?} already has a key; replacing it is a separate operation"
+            )));
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO keks (tenant_id, provider, key_ref, state, revoked, current_version,
+                               expires_at, state_changed_at, version_changed_at, expiry_changed_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (provider, key_ref) DO NOTHING",
+        )
+        .bind(tenant_id)
+        .bind(s.provider.as_str())
+        .bind(&s.key_ref)
+        .bind(s.state.as_str())
+        .bind(s.revoked)
+        .bind(&s.current_version)
+        .bind(s.expires_at)
+        .bind(s.state_changed_at)
+        .bind(s.version_changed_at)
+        .bind(s.expiry_changed_at)
+        .execute(&mut *tx.tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!(
+                "{} key {:?} is already registered",
+                s.provider, s.key_ref
+            )));
+        }
+        tx.update_access(std::slice::from_ref(access)).await?;
+        tx.audit(std::slice::from_ref(audit)).await?;
+        tx.commit().await
+    }
+}
+
+impl PgTx {
+    pub(super) async fn record_events(
+        &mut self,
+        events: &[&LifecycleEvent],
+    ) -> Result<Vec<bool>, StoreError> {
+        let providers: Vec<&str> = events.iter().map(|e| e.provider.as_str()).collect();
+        let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        let keys: Vec<&str> = events.iter().map(|e| e.key_ref.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.time).collect();
+        let rows = sqlx::query(
+            "INSERT INTO processed_events (provider, event_id, kind, key_ref, event_time)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                                  $5::timestamptz[])
+             ON CONFLICT DO NOTHING
+             RETURNING provider, event_id",
+        )
+        .bind(&providers)
+        .bind(&ids)
+        .bind(&kinds)
+        .bind(&keys)
+        .bind(&times)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut fresh: HashSet<(String, String)> = rows
+            .iter()
+            .map(|r| Ok((r.try_get("provider")?, r.try_get("event_id")?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok(events
+            .iter()
+            .map(|e| fresh.remove(&(e.provider.as_str().to_owned(), e.event_id.clone())))
+            .collect())
+    }
+
+    pub(super) async fn lock_tenants_of(
+        &mut self,
+        keys: &[(Provider, String)],
+    ) -> Result<Vec<TenantRow>, StoreError> {
+        let (providers, refs) = key_columns(keys);
+        let rows = sqlx::query(
+            "SELECT t.id, t.access, t.access_reason,
+                    ARRAY(SELECT email FROM tenant_contacts c WHERE c.tenant_id = t.id
+                          ORDER BY email) AS contacts,
+                    ARRAY(SELECT w.id FROM webhook_endpoints w
+                          WHERE w.tenant_id = t.id AND w.enabled ORDER BY w.created_at, w.id)
+                        AS webhooks
+             FROM tenants t
+             WHERE t.id IN (SELECT k.tenant_id FROM keks k
+                            JOIN UNNEST($1::text[], $2::text[]) AS u(provider, key_ref)
+                              ON k.provider = u.provider AND k.key_ref = u.key_ref)
+             ORDER BY t.id
+             FOR UPDATE OF t",
+        )
+        .bind(&providers)
+        .bind(&refs)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TenantRow {
+                    id: r.try_get("id")?,
+                    access: parse(r, "access")?,
+                    access_reason: r.try_get("access_reason")?,
+                    contacts: r.try_get("contacts")?,
+                    webhooks: r.try_get("webhooks")?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn keks(
+        &mut self,
+        keys: &[(Provider, String)],
+    ) -> Result<Vec<KekRow>, StoreError> {
+        let (providers, refs) = key_columns(keys);
+        let rows = sqlx::query(
+            "SELECT k.id, k.tenant_id, k.is_primary, k.provider, k.key_ref, k.state, k.revoked,
+                    k.current_version, k.expires_at, k.state_changed_at, k.version_changed_at,
+                    k.expiry_changed_at
+             FROM keks k
+             JOIN UNNEST($1::text[], $2::text[]) AS u(provider, key_ref)
+               ON k.provider = u.provider AND k.key_ref = u.key_ref",
+        )
+        .bind(&providers)
+        .bind(&refs)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(KekRow {
+                    id: r.try_get("id")?,
+                    tenant_id: r.try_get("tenant_id")?,
+                    is_primary: r.try_get("is_primary")?,
+                    status: kek_status(r)?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn update_keks(&mut self, keks: &[KekRow]) -> Result<(), StoreError> {
+        if keks.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = keks.iter().map(|k| k.id).collect();
+        let states: Vec<&str> = keks.iter().map(|k| k.status.state.as_str()).collect();
+        let revoked: Vec<bool> = keks.iter().map(|k| k.status.revoked).collect();
+        let versions: Vec<Option<&str>> = keks
+            .iter()
+            .map(|k| k.status.current_version.as_deref())
+            .collect();
+        let expires: Vec<Option<DateTime<Utc>>> =
+            keks.iter().map(|k| k.status.expires_at).collect();
+        let state_at: Vec<DateTime<Utc>> = keks.iter().map(|k| k.status.state_changed_at).collect();
+        let version_at: Vec<DateTime<Utc>> =
+            keks.iter().map(|k| k.status.version_changed_at).collect();
+        let expiry_at: Vec<DateTime<Utc>> =
+            keks.iter().map(|k| k.status.expiry_changed_at).collect();
+        sqlx::query(
+            "UPDATE keks k SET state = u.state, revoked = u.revoked,
+                    current_version = u.current_version, expires_at = u.expires_at,
+                    state_changed_at = u.state_at, version_changed_at = u.version_at,
+                    expiry_changed_at = u.expiry_at, updated_at = now()
+             FROM UNNEST($1::bigint[], $2::text[], $3::bool[], $4::text[], $5::timestamptz[],
+                         $6::timestamptz[], $7::timestamptz[], $8::timestamptz[])
+                 AS u(id, state, revoked, current_version, expires_at, state_at, version_at,
+                      expiry_at)
+             WHERE k.id = u.id",
+        )
+        .bind(&ids)
+        .bind(&states)
+        .bind(&revoked)
+        .bind(&versions)
+        .bind(&expires)
+        .bind(&state_at)
+        .bind(&version_at)
+        .bind(&expiry_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn update_access(
+        &mut self,
+        updates: &[AccessUpdate],
+    ) -> Result<(), StoreError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = updates.iter().map(|u| u.tenant_id.as_str()).collect();
+        let access: Vec<&str> = updates.iter().map(|u| u.access.as_str()).collect();
+        let reasons: Vec<Option<&str>> = updates.iter().map(|u| u.reason.as_deref()).collect();
+        sqlx::query(
+            "UPDATE tenants t SET access = u.access, access_reason = u.reason, updated_at = now()
+             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(id, access, reason)
+             WHERE t.id = u.id",
+        )
+        .bind(&ids)
+        .bind(&access)
+        .bind(&reasons)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn audit(&mut self, rows: &[AuditRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let tenants: Vec<Option<&str>> = rows.iter().map(|r| r.tenant_id.as_deref()).collect();
+        let providers: Vec<Option<&str>> =
+            rows.iter().map(|r| r.provider.map(|p| p.as_str())).collect();
+        let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key_ref.as_deref()).collect();
+        let actions: Vec<&str> = rows.iter().map(|r| r.action.as_str()).collect();
+        let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
+        let sources: Vec<&str> = rows.iter().map(|r| r.source.as_str()).collect();
+        let events: Vec<Option<&str>> = rows.iter().map(|r| r.event_id.as_deref()).collect();
+        let details: Vec<String> = rows.iter().map(|r| r.detail.to_string()).collect();
+        sqlx::query(
+            "INSERT INTO audit_log (tenant_id, provider, key_ref, action, outcome, source,
+                                    event_id, detail)
+             SELECT u.tenant_id, u.provider, u.key_ref, u.action, u.outcome, u.source,
+                    u.event_id, u.detail::jsonb
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::text[])
+                 AS u(tenant_id, provider, key_ref, action, outcome, source, event_id, detail)",
+        )
+        .bind(&tenants)
+        .bind(&providers)
+        .bind(&keys)
+        .bind(&actions)
+        .bind(&outcomes)
+        .bind(&sources)
+        .bind(&events)
+        .bind(&details)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn enqueue(&mut self, rows: &[NewOutbox]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let tenants: Vec<Option<&str>> = rows.iter().map(|r| r.tenant_id.as_deref()).collect();
+        let channels: Vec<&str> = rows.iter().map(|r| r.channel.as_str()).collect();
+        let recipients: Vec<&str> = rows.iter().map(|r| r.recipient.as_str()).collect();
+        let kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
+        let dedupe: Vec<&str> = rows.iter().map(|r| r.dedupe_key.as_str()).collect();
+        let payloads: Vec<String> = rows.iter().map(|r| r.payload.to_string()).collect();
+        // WITH ORDINALITY keeps `seq` in the order the rows were decided.
+        sqlx::query(
+            "INSERT INTO outbox (id, tenant_id, channel, recipient, kind, dedupe_key, payload)
+             SELECT u.id, u.tenant_id, u.channel, u.recipient, u.kind, u.dedupe_key,
+                    u.payload::jsonb
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::text[]) WITH ORDINALITY
+                 AS u(id, tenant_id, channel, recipient, kind, dedupe_key, payload, n)
+             ORDER BY u.n
+             ON CONFLICT (dedupe_key) DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&tenants)
+        .bind(&channels)
+        .bind(&recipients)
+        .bind(&kinds)
+        .bind(&dedupe)
+        .bind(&payloads)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn claim_outbox(
+        &mut self,
+        channel: Channel,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, recipient, kind, payload, attempts FROM outbox
+             WHERE channel = $1 AND status = 'pending' AND next_attempt_at <= $2
+             ORDER BY seq
+             LIMIT $3
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(channel.as_str())
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxRow {
+                    id: r.try_get("id")?,
+                    recipient: r.try_get("recipient")?,
+                    kind: r.try_get("kind")?,
+                    payload: r.try_get("payload")?,
+                    attempts: r.try_get("attempts")?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn mark_delivered(&mut self, ids: &[Uuid]) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET status = 'delivered', delivered_at = now(),
+                    attempts = attempts + 1, last_error = NULL
+             WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn reschedule(
+        &mut self,
+        ids: &[Uuid],
+        next_attempt_at: DateTime<Utc>,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3
+             WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .bind(next_attempt_at)
+        .bind(error)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
