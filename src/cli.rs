@@ -66,7 +66,11 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Migrate => {
             let store = Store::connect(config.require_database_url()?, 2).await?;
             store.migrate().await?;
-            print(cli.json, &serde_json::json!({ "migrated": true }), "migrations applied");
+            print(
+                cli.json,
+                &serde_json::json!({ "migrated": true }),
+                "migrations applied",
+            );
             Ok(())
         }
         Command::Publish {

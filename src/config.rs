@@ -128,17 +128,26 @@ impl Default for Config {
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
             .field("database_max_connections", &self.database_max_connections)
             .field("amqp_url", &self.amqp_url.as_deref().map(redact_url))
             .field(
                 "smtp_url",
-                &self.smtp_url.as_ref().map(|u| redact_url(u.expose_secret())),
+                &self
+                    .smtp_url
+                    .as_ref()
+                    .map(|u| redact_url(u.expose_secret())),
             )
             .field("mail_from", &self.mail_from)
             .field("mail_dir", &self.mail_dir)
             .field("http_addr", &self.http_addr)
-            .field("admin_token", &self.admin_token.as_ref().map(|_| "[REDACTED]"))
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "[REDACTED]"),
+            )
             .field("schedules_dir", &self.schedules_dir)
             .field(
                 "local_kms_root_key",
@@ -169,6 +178,22 @@ pub fn redact_url(url: &str) -> String {
         }
         None => url.to_owned(),
     }
+}
+
+/// Names the variable or file key an extraction error is about, as the user wrote it.
+fn describe(e: figment::Error) -> String {
+    let key = e.path.join(".");
+    let from_env = e
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.name.contains("environment"));
+    let source = e.metadata.as_ref().and_then(|m| m.source.as_ref());
+    let location = match source {
+        _ if from_env => format!("BYOKD_{}", e.path.join("__").to_uppercase()),
+        Some(src) => format!("{key} in {src}"),
+        None => key,
+    };
+    format!("{location}: {}", e.kind)
 }
 
 /// The local KMS root key, decoded.
@@ -209,9 +234,9 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment.merge(Env::prefixed("BYOKD_").ignore(&["config"]).split("__"));
-        let config: Config = figment.extract().map_err(|e| {
-            ConfigError(e.into_iter().map(|e| e.to_string()).collect())
-        })?;
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError(e.into_iter().map(describe).collect()))?;
         config.validate()?;
         Ok(config)
     }
@@ -240,7 +265,11 @@ impl Config {
         {
             errors.push(e);
         }
-        if self.admin_token.as_ref().is_some_and(|t| t.expose_secret().len() < 16) {
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.expose_secret().len() < 16)
+        {
             errors.push("BYOKD_ADMIN_TOKEN must be at least 16 characters".to_owned());
         }
         if self.amqp.prefetch == 0 {
@@ -298,10 +327,7 @@ mod tests {
         );
         assert_eq!(redact_url("amqp://guest@mq/%2f"), "amqp://guest@mq/%2f");
         assert_eq!(redact_url("amqp://mq:5672"), "amqp://mq:5672");
-        assert_eq!(
-            redact_url("smtp://u:p@ss@mail:25"),
-            "smtp://u:***@mail:25"
-        );
+        assert_eq!(redact_url("smtp://u:p@ss@mail:25"), "smtp://u:***@mail:25");
     }
 
     #[test]

@@ -105,7 +105,10 @@ pub async fn run(
     match tokio::time::timeout(grace, all).await {
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => tracing::error!(error = %join, "HTTP server task failed"),
-        Err(_) => tracing::warn!(?grace, "shutdown grace period over; exiting with work pending"),
+        Err(_) => tracing::warn!(
+            ?grace,
+            "shutdown grace period over; exiting with work pending"
+        ),
     }
     tracing::info!("byokd stopped");
     Ok(())

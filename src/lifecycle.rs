@@ -250,10 +250,7 @@ pub fn plan(
             channel: Channel::Amqp,
             recipient: format!("tenant.access.{access}"),
             kind: "tenant.access".to_owned(),
-            dedupe_key: format!(
-                "access:{}:{}:{}",
-                event.provider, event.event_id, tenant.id
-            ),
+            dedupe_key: format!("access:{}:{}:{}", event.provider, event.event_id, tenant.id),
             payload: message.clone(),
         });
         let kind = match access {

@@ -127,12 +127,20 @@ mod tests {
     #[test]
     fn refuses_other_keys_other_purposes_and_tampering() {
         let sealed = Sealer::new(&root(7), "webhook-secret").seal(&SecretString::from("s"));
-        assert!(Sealer::new(&root(8), "webhook-secret").open(&sealed).is_err());
+        assert!(
+            Sealer::new(&root(8), "webhook-secret")
+                .open(&sealed)
+                .is_err()
+        );
         assert!(Sealer::new(&root(7), "other").open(&sealed).is_err());
         let mut tampered = sealed.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
-        assert!(Sealer::new(&root(7), "webhook-secret").open(&tampered).is_err());
+        assert!(
+            Sealer::new(&root(7), "webhook-secret")
+                .open(&tampered)
+                .is_err()
+        );
         assert!(Sealer::new(&root(7), "webhook-secret").open(&[]).is_err());
     }
 

@@ -220,7 +220,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn t(secs: i64) -> DateTime<Utc> {
-        Utc.timestamp_opt(1_800_000_000 + secs, 0).single().expect("valid time")
+        Utc.timestamp_opt(1_800_000_000 + secs, 0)
+            .single()
+            .expect("valid time")
     }
 
     fn kek(provider: Provider) -> KekStatus {
@@ -262,11 +264,31 @@ mod tests {
         use Access::*;
         let cases = [
             (EventKind::Disabled, KeyState::Disabled, false, Inaccessible),
-            (EventKind::DeletionScheduled, KeyState::PendingDeletion, false, Inaccessible),
-            (EventKind::DeletionCancelled, KeyState::Disabled, false, Inaccessible),
-            (EventKind::Destroyed, KeyState::Destroyed, false, Inaccessible),
+            (
+                EventKind::DeletionScheduled,
+                KeyState::PendingDeletion,
+                false,
+                Inaccessible,
+            ),
+            (
+                EventKind::DeletionCancelled,
+                KeyState::Disabled,
+                false,
+                Inaccessible,
+            ),
+            (
+                EventKind::Destroyed,
+                KeyState::Destroyed,
+                false,
+                Inaccessible,
+            ),
             (EventKind::Expired, KeyState::Expired, false, EncryptBlocked),
-            (EventKind::AccessRevoked, KeyState::Enabled, true, Inaccessible),
+            (
+                EventKind::AccessRevoked,
+                KeyState::Enabled,
+                true,
+                Inaccessible,
+            ),
         ];
         for (kind, state, revoked, access) in cases {
             let next = changed(apply(&kek(Provider::Local), &event(kind, 10)));
@@ -278,11 +300,17 @@ mod tests {
 
     #[test]
     fn reversals_restore_access() {
-        let disabled = changed(apply(&kek(Provider::Local), &event(EventKind::Disabled, 10)));
+        let disabled = changed(apply(
+            &kek(Provider::Local),
+            &event(EventKind::Disabled, 10),
+        ));
         let enabled = changed(apply(&disabled, &event(EventKind::Enabled, 20)));
         assert_eq!(derive_access(Some(&enabled)).access, Access::Accessible);
 
-        let revoked = changed(apply(&kek(Provider::Local), &event(EventKind::AccessRevoked, 10)));
+        let revoked = changed(apply(
+            &kek(Provider::Local),
+            &event(EventKind::AccessRevoked, 10),
+        ));
         let restored = changed(apply(&revoked, &event(EventKind::AccessRestored, 20)));
         assert_eq!(derive_access(Some(&restored)).access, Access::Accessible);
 
@@ -299,7 +327,10 @@ mod tests {
     #[test]
     fn an_older_event_does_not_override_a_newer_state() {
         let enabled_late = changed(apply(
-            &changed(apply(&kek(Provider::Local), &event(EventKind::Disabled, 10))),
+            &changed(apply(
+                &kek(Provider::Local),
+                &event(EventKind::Disabled, 10),
+            )),
             &event(EventKind::Enabled, 30),
         ));
         assert_eq!(
@@ -310,7 +341,9 @@ mod tests {
         let mut rotated = event(EventKind::Rotated, 20);
         rotated.version = Some("2".into());
         assert_eq!(
-            changed(apply(&enabled_late, &rotated)).current_version.as_deref(),
+            changed(apply(&enabled_late, &rotated))
+                .current_version
+                .as_deref(),
             Some("2")
         );
     }
@@ -327,7 +360,10 @@ mod tests {
 
     #[test]
     fn destroyed_is_final() {
-        let gone = changed(apply(&kek(Provider::Local), &event(EventKind::Destroyed, 10)));
+        let gone = changed(apply(
+            &kek(Provider::Local),
+            &event(EventKind::Destroyed, 10),
+        ));
         for kind in EventKind::ALL {
             assert_eq!(apply(&gone, &event(*kind, 20)), Transition::Final, "{kind}");
         }

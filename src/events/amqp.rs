@@ -97,9 +97,8 @@ impl ConsumerHealth {
     fn set(&self, state: ConsumerState) {
         let previous = self.0.swap(state as u8, Ordering::Relaxed);
         if previous != state as u8 {
-            metrics::gauge!("byokd_consumer_up").set(f64::from(u8::from(
-                state == ConsumerState::Consuming,
-            )));
+            metrics::gauge!("byokd_consumer_up")
+                .set(f64::from(u8::from(state == ConsumerState::Consuming)));
         }
     }
 }
@@ -504,9 +503,7 @@ async fn process_batch(
         Applied::Ok(result) => {
             record(&result);
             if let Some(last) = good.last() {
-                last.acker
-                    .ack(BasicAckOptions { multiple: true })
-                    .await?;
+                last.acker.ack(BasicAckOptions { multiple: true }).await?;
             }
         }
         Applied::Shutdown => return Ok(BatchEnd::Shutdown),

@@ -67,7 +67,9 @@ fn valid_email(email: &str) -> bool {
                 && domain.contains('.')
                 && !domain.starts_with('.')
                 && !domain.ends_with('.')
-                && !email.chars().any(|c| c.is_whitespace() || c == '<' || c == '>')
+                && !email
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '<' || c == '>')
                 && email.len() <= 254
         }
         None => false,
@@ -96,7 +98,9 @@ pub(super) async fn create_tenant(
         return Err(unprocessable("name must not be empty"));
     }
     if let Some(bad) = req.contacts.iter().find(|c| !valid_email(c)) {
-        return Err(unprocessable(format!("contact {bad:?} is not an email address")));
+        return Err(unprocessable(format!(
+            "contact {bad:?} is not an email address"
+        )));
     }
     let mut webhooks = Vec::new();
     let mut shown = Vec::new();
@@ -104,7 +108,9 @@ pub(super) async fn create_tenant(
         let url = url::Url::parse(&w.url)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-            .ok_or_else(|| unprocessable(format!("webhook url {:?} is not an http(s) URL", w.url)))?;
+            .ok_or_else(|| {
+                unprocessable(format!("webhook url {:?} is not an http(s) URL", w.url))
+            })?;
         let (secret, generated) = match w.secret {
             Some(s) if valid_webhook_secret(s.expose_secret()) => (s, false),
             Some(_) => {
@@ -275,7 +281,9 @@ mod tests {
         assert!(valid_email("ops@acme.example"));
         assert!(!valid_email("ops@localhost"));
         assert!(!valid_email("not an email"));
-        assert!(valid_webhook_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"));
+        assert!(valid_webhook_secret(
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+        ));
         assert!(!valid_webhook_secret("whsec_c2hvcnQ="));
         assert!(!valid_webhook_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"));
     }

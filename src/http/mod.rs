@@ -6,8 +6,8 @@
 
 mod admin;
 
-use crate::events::amqp::{ConsumerHealth, ConsumerState, Publisher};
 use crate::config::AmqpSettings;
+use crate::events::amqp::{ConsumerHealth, ConsumerState, Publisher};
 use crate::seal::Sealer;
 use crate::store::{Store, StoreError};
 use axum::extract::{Request, State};
@@ -88,7 +88,10 @@ pub fn router(state: AppState) -> Router {
         .route("/events", post(admin::post_event))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .nest("/v1", v1)
@@ -100,7 +103,10 @@ pub fn router(state: AppState) -> Router {
 fn token_matches(given: &str, expected: &SecretString) -> bool {
     let a = Sha256::digest(given.as_bytes());
     let b = Sha256::digest(expected.expose_secret().as_bytes());
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {

@@ -51,7 +51,10 @@ impl Relay {
         if rows.is_empty() {
             return Ok(0);
         }
-        let bodies: Vec<Vec<u8>> = rows.iter().map(|r| r.payload.to_string().into_bytes()).collect();
+        let bodies: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|r| r.payload.to_string().into_bytes())
+            .collect();
         let messages: Vec<Outgoing<'_>> = rows
             .iter()
             .zip(&bodies)

@@ -48,12 +48,14 @@ impl From<sqlx::Error> for StoreError {
         let transient = match &e {
             E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Tls(_) => true,
             E::Protocol(_) => true,
-            E::Database(db) => matches!(
-                db.code().as_deref(),
-                // serialization_failure, deadlock_detected, admin/crash shutdown,
-                // cannot_connect_now, too_many_connections, connection exceptions (08xxx)
-                Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300")
-            ) || db.code().is_some_and(|c| c.starts_with("08")),
+            E::Database(db) => {
+                matches!(
+                    db.code().as_deref(),
+                    // serialization_failure, deadlock_detected, admin/crash shutdown,
+                    // cannot_connect_now, too_many_connections, connection exceptions (08xxx)
+                    Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300")
+                ) || db.code().is_some_and(|c| c.starts_with("08"))
+            }
             _ => false,
         };
         if transient {
@@ -268,7 +270,9 @@ impl Store {
     /// Connects to the database at `url` (`postgres://...`).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(Store::Postgres(PgStore::connect(url, max_connections).await?));
+            return Ok(Store::Postgres(
+                PgStore::connect(url, max_connections).await?,
+            ));
         }
         Err(StoreError::Conflict(format!(
             "unsupported database URL scheme in {:?} (expected postgres://)",

@@ -34,16 +34,12 @@ where
 {
     let text: String = row.try_get(column)?;
     text.parse().map_err(|e: T::Err| {
-        StoreError::Other(sqlx::Error::Decode(
-            format!("column {column}: {e}").into(),
-        ))
+        StoreError::Other(sqlx::Error::Decode(format!("column {column}: {e}").into()))
     })
 }
 
 fn key_columns(keys: &[(Provider, String)]) -> (Vec<&'static str>, Vec<&str>) {
-    keys.iter()
-        .map(|(p, k)| (p.as_str(), k.as_str()))
-        .unzip()
+    keys.iter().map(|(p, k)| (p.as_str(), k.as_str())).unzip()
 }
 
 fn kek_status(row: &PgRow) -> Result<KekStatus, StoreError> {
@@ -198,11 +194,10 @@ impl PgStore {
         if locked.is_none() {
             return Err(StoreError::NotFound(format!("tenant {tenant_id:?}")));
         }
-        let has_primary =
-            sqlx::query("SELECT 1 FROM keks WHERE tenant_id = $1 AND is_primary")
-                .bind(tenant_id)
-                .fetch_optional(&mut *tx.tx)
-                .await?;
+        let has_primary = sqlx::query("SELECT 1 FROM keks WHERE tenant_id = $1 AND is_primary")
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx.tx)
+            .await?;
         if has_primary.is_some() {
             return Err(StoreError::Conflict(format!(
                 "tenant {tenant_id:?} already has a key; replacing it is a separate operation"
@@ -407,8 +402,10 @@ impl PgTx {
             return Ok(());
         }
         let tenants: Vec<Option<&str>> = rows.iter().map(|r| r.tenant_id.as_deref()).collect();
-        let providers: Vec<Option<&str>> =
-            rows.iter().map(|r| r.provider.map(|p| p.as_str())).collect();
+        let providers: Vec<Option<&str>> = rows
+            .iter()
+            .map(|r| r.provider.map(|p| p.as_str()))
+            .collect();
         let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key_ref.as_deref()).collect();
         let actions: Vec<&str> = rows.iter().map(|r| r.action.as_str()).collect();
         let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();

@@ -39,7 +39,11 @@ fn schema(detail: impl Into<String>) -> NormalizeError {
 fn timestamp(field: &str, value: &str) -> Result<DateTime<Utc>, NormalizeError> {
     DateTime::parse_from_rfc3339(value)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| schema(format!("{field} {value:?} is not an RFC 3339 timestamp: {e}")))
+        .map_err(|e| {
+            schema(format!(
+                "{field} {value:?} is not an RFC 3339 timestamp: {e}"
+            ))
+        })
 }
 
 /// Parses a canonical event. A missing `time` means "now": CloudEvents makes it optional, and
@@ -155,8 +159,8 @@ mod tests {
                 event.expires_at.map(|t| t.to_rfc3339()),
                 Some("2026-12-31T23:00:00+00:00".to_owned())
             );
-            let again = normalize(to_json(&event).to_string().as_bytes(), LIMIT)
-                .expect("round trip");
+            let again =
+                normalize(to_json(&event).to_string().as_bytes(), LIMIT).expect("round trip");
             assert_eq!(again, event);
         }
     }

@@ -1,0 +1,448 @@
+//! Shared harness for integration tests: each test gets its own PostgreSQL database, its own
+//! AMQP exchange and queue names on the real broker, and an in-process daemon on port 0.
+#![allow(dead_code, missing_docs)]
+
+pub mod proxy;
+
+use byokd::config::{AmqpSettings, Config};
+use byokd::daemon::RunError;
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+pub const TOKEN: &str = "test-admin-token-0123456789";
+/// A fixed root key for tests (base64 of 32 bytes of 0x42).
+pub const ROOT_KEY: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
+
+pub fn pg_admin_url() -> String {
+    std::env::var("BYOKD_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("BYOKD_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A fresh, empty database; dropped by [`TestDb::drop_db`].
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let name = format!("byokd_t_{}", Uuid::new_v4().simple());
+        let admin = PgPool::connect(&pg_admin_url())
+            .await
+            .expect("admin connection");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let base = pg_admin_url();
+        let url = format!(
+            "{}/{name}",
+            base.rsplit_once('/').expect("url has a path").0
+        );
+        TestDb { name, url }
+    }
+
+    pub async fn drop_db(&self) {
+        if let Ok(admin) = PgPool::connect(&pg_admin_url()).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&admin)
+            .await;
+        }
+    }
+}
+
+/// AMQP names unique to one test.
+pub fn unique_amqp() -> AmqpSettings {
+    let p = format!("t.{}", &Uuid::new_v4().simple().to_string()[..12]);
+    AmqpSettings {
+        lifecycle_exchange: format!("{p}.byok.lifecycle"),
+        lifecycle_queue: format!("{p}.byokd.lifecycle"),
+        dead_letter_exchange: format!("{p}.byok.lifecycle.dlx"),
+        dead_letter_queue: format!("{p}.byokd.lifecycle.dead"),
+        access_exchange: format!("{p}.byok.access"),
+        ..AmqpSettings::default()
+    }
+}
+
+pub fn test_config(db_url: &str, amqp: AmqpSettings) -> Config {
+    Config {
+        database_url: Some(db_url.to_owned()),
+        amqp_url: Some(amqp_url()),
+        admin_token: Some(SecretString::from(TOKEN)),
+        local_kms_root_key: Some(SecretString::from(ROOT_KEY)),
+        shutdown_grace_secs: 10,
+        amqp,
+        ..Config::default()
+    }
+}
+
+/// A running daemon and the handles a test needs to drive and observe it.
+pub struct TestApp {
+    pub base: String,
+    pub db: TestDb,
+    pub pool: PgPool,
+    pub config: Config,
+    pub http: reqwest::Client,
+    pub amqp: Connection,
+    pub channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), RunError>>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Spawns with a config tweak (e.g. pointing URLs at a fault-injecting proxy).
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let db = TestDb::create().await;
+        let mut config = test_config(&db.url, unique_amqp());
+        tweak(&mut config);
+        let pool = PgPool::connect(&db.url).await.expect("test pool");
+        let amqp = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("test AMQP connection");
+        let channel = amqp.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        let mut app = TestApp {
+            base: String::new(),
+            db,
+            pool,
+            config,
+            http: reqwest::Client::new(),
+            amqp,
+            channel,
+            stop: None,
+            handle: None,
+        };
+        app.start().await;
+        app
+    }
+
+    /// Starts (or restarts) the daemon on a new port and waits until it consumes.
+    pub async fn start(&mut self) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        self.base = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = self.config.clone();
+        self.handle = Some(tokio::spawn(byokd::daemon::run(config, listener, async {
+            let _ = stopped.await;
+        })));
+        self.stop = Some(stop);
+        self.wait_ready().await;
+    }
+
+    pub async fn wait_ready(&self) {
+        let http = self.http.clone();
+        let url = format!("{}/readyz", self.base);
+        wait_for("daemon ready", Duration::from_secs(30), || {
+            let http = http.clone();
+            let url = url.clone();
+            async move { matches!(http.get(&url).send().await, Ok(r) if r.status() == 200) }
+        })
+        .await;
+    }
+
+    /// Stops the daemon (graceful) and waits for `run` to return.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            handle
+                .await
+                .expect("daemon task")
+                .expect("daemon exits cleanly");
+        }
+    }
+
+    /// Stops the daemon and removes the test's queues, exchanges and database.
+    pub async fn shutdown(mut self) {
+        self.stop().await;
+        self.pool.close().await;
+        let s = &self.config.amqp;
+        for q in [&s.lifecycle_queue, &s.dead_letter_queue] {
+            let _ = self
+                .channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for e in [
+            &s.lifecycle_exchange,
+            &s.dead_letter_exchange,
+            &s.access_exchange,
+        ] {
+            let _ = self
+                .channel
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        self.db.drop_db().await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Creates a tenant with one contact and one webhook, and registers a local KEK.
+    pub async fn tenant_with_key(&self, tenant: &str, key_ref: &str) {
+        let r = self
+            .post(
+                "/v1/tenants",
+                json!({
+                    "id": tenant,
+                    "name": format!("Tenant {tenant}"),
+                    "contacts": [format!("ops@{tenant}.example")],
+                    "webhooks": [{ "url": format!("https://hooks.{tenant}.example/byok") }],
+                }),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+        let r = self
+            .post(
+                &format!("/v1/tenants/{tenant}/keks"),
+                json!({ "provider": "local", "key_ref": key_ref, "version": "1" }),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    }
+
+    pub async fn tenant(&self, id: &str) -> Value {
+        let r = self.get(&format!("/v1/tenants/{id}")).await;
+        assert_eq!(r.status(), 200);
+        r.json().await.expect("json")
+    }
+
+    /// Publishes raw bytes to the test's lifecycle exchange and waits for the confirm.
+    pub async fn publish_raw(&self, body: &[u8]) {
+        self.channel
+            .basic_publish(
+                self.config.amqp.lifecycle_exchange.as_str().into(),
+                "test".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+
+    /// Publishes a canonical event and returns its id.
+    pub async fn publish(
+        &self,
+        kind: &str,
+        key_ref: &str,
+        at: DateTime<Utc>,
+        data: Value,
+    ) -> String {
+        let id = Uuid::new_v4().to_string();
+        self.publish_with_id(&id, kind, key_ref, at, data).await;
+        id
+    }
+
+    pub async fn publish_with_id(
+        &self,
+        id: &str,
+        kind: &str,
+        key_ref: &str,
+        at: DateTime<Utc>,
+        data: Value,
+    ) {
+        self.publish_raw(
+            canonical(id, kind, key_ref, at, data)
+                .to_string()
+                .as_bytes(),
+        )
+        .await;
+    }
+
+    pub async fn processed(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM processed_events")
+            .fetch_one(&self.pool)
+            .await
+            .expect("count")
+    }
+
+    /// Waits until `n` events are in the inbox.
+    pub async fn wait_processed(&self, n: i64) {
+        let pool = self.pool.clone();
+        wait_for(
+            &format!("{n} events processed"),
+            Duration::from_secs(60),
+            || {
+                let pool = pool.clone();
+                async move {
+                    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processed_events")
+                        .fetch_one(&pool)
+                        .await
+                        .is_ok_and(|c| c >= n)
+                }
+            },
+        )
+        .await;
+    }
+
+    /// A queue bound to the test's access exchange, to observe `byok.access` messages.
+    pub async fn access_listener(&self) -> lapin::Consumer {
+        let ch = self.amqp.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare");
+        ch.queue_bind(
+            q.name().clone(),
+            self.config.amqp.access_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+        ch.basic_consume(
+            q.name().clone(),
+            "access-listener".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume")
+    }
+
+    /// Messages (ready + unacked) in a queue.
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let ch = self.amqp.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        let _ = ch.close(200, "done".into()).await;
+        q.message_count()
+    }
+}
+
+/// Receives the next message within `timeout` and parses it as JSON, with its routing key.
+pub async fn next_json(
+    consumer: &mut lapin::Consumer,
+    timeout: Duration,
+) -> Option<(String, Value)> {
+    // The listener consumes with no_ack: acking here would close its channel.
+    let delivery = tokio::time::timeout(timeout, consumer.next())
+        .await
+        .ok()??
+        .ok()?;
+    Some((
+        delivery.routing_key.to_string(),
+        serde_json::from_slice(&delivery.data).ok()?,
+    ))
+}
+
+pub fn canonical(id: &str, kind: &str, key_ref: &str, at: DateTime<Utc>, data: Value) -> Value {
+    let mut d = json!({ "provider": "local", "key_ref": key_ref });
+    if let Value::Object(extra) = data {
+        for (k, v) in extra {
+            d[k] = v;
+        }
+    }
+    json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": "test://kms",
+        "type": format!("byok.key.{kind}"),
+        "time": at.to_rfc3339(),
+        "data": d,
+    })
+}
+
+/// A time `secs` seconds after the test's reference point (in the future of any key
+/// registration done at the start of the test).
+pub fn at(secs: i64) -> DateTime<Utc> {
+    Utc::now() + ChronoDuration::seconds(3600 + secs)
+}
+
+/// Polls `check` until it holds, failing the test after `limit`. A bounded wait for an
+/// asynchronous effect, not a timing assertion.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,348 @@
+//! Every event kind through the real broker into committed state: transitions, derived
+//! access, the `byok.access` message, outbox rows and the audit trail; duplicates,
+//! out-of-order delivery and unknown keys.
+
+mod common;
+
+use common::{TestApp, at, next_json};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+struct Case {
+    name: &'static str,
+    events: Vec<(&'static str, Value)>,
+    state: &'static str,
+    access: &'static str,
+    /// Access messages expected on byok.access, in order.
+    messages: Vec<&'static str>,
+}
+
+fn cases() -> Vec<Case> {
+    let future = (chrono::Utc::now() + chrono::Duration::days(90)).to_rfc3339();
+    vec![
+        Case {
+            name: "disabled",
+            events: vec![("disabled", json!({}))],
+            state: "disabled",
+            access: "inaccessible",
+            messages: vec!["inaccessible"],
+        },
+        Case {
+            name: "reenabled",
+            events: vec![("disabled", json!({})), ("enabled", json!({}))],
+            state: "enabled",
+            access: "accessible",
+            messages: vec!["inaccessible", "accessible"],
+        },
+        Case {
+            name: "pending",
+            events: vec![("deletion_scheduled", json!({}))],
+            state: "pending_deletion",
+            access: "inaccessible",
+            messages: vec!["inaccessible"],
+        },
+        Case {
+            name: "cancelled",
+            events: vec![
+                ("deletion_scheduled", json!({})),
+                ("deletion_cancelled", json!({})),
+            ],
+            state: "disabled",
+            access: "inaccessible",
+            messages: vec!["inaccessible"],
+        },
+        Case {
+            name: "recovered",
+            events: vec![
+                ("deletion_scheduled", json!({})),
+                ("deletion_cancelled", json!({})),
+                ("enabled", json!({})),
+            ],
+            state: "enabled",
+            access: "accessible",
+            messages: vec!["inaccessible", "accessible"],
+        },
+        Case {
+            name: "destroyed",
+            events: vec![("destroyed", json!({})), ("enabled", json!({}))],
+            state: "destroyed",
+            access: "inaccessible",
+            messages: vec!["inaccessible"],
+        },
+        Case {
+            name: "expired",
+            events: vec![("expired", json!({}))],
+            state: "expired",
+            access: "encrypt_blocked",
+            messages: vec!["encrypt_blocked"],
+        },
+        Case {
+            name: "extended",
+            events: vec![
+                ("expired", json!({})),
+                ("expiry_changed", json!({ "expires_at": future })),
+            ],
+            state: "enabled",
+            access: "accessible",
+            messages: vec!["encrypt_blocked", "accessible"],
+        },
+        Case {
+            name: "revoked",
+            events: vec![("access_revoked", json!({}))],
+            state: "enabled",
+            access: "inaccessible",
+            messages: vec!["inaccessible"],
+        },
+        Case {
+            name: "restored",
+            events: vec![
+                ("access_revoked", json!({})),
+                ("access_restored", json!({})),
+            ],
+            state: "enabled",
+            access: "accessible",
+            messages: vec!["inaccessible", "accessible"],
+        },
+        Case {
+            name: "rotated",
+            events: vec![("rotated", json!({ "version": "2" }))],
+            state: "enabled",
+            access: "accessible",
+            messages: vec![],
+        },
+        Case {
+            name: "expiring",
+            events: vec![("expiring", json!({ "expires_at": future }))],
+            state: "enabled",
+            access: "accessible",
+            messages: vec![],
+        },
+        Case {
+            name: "expirychange",
+            events: vec![("expiry_changed", json!({ "expires_at": future }))],
+            state: "enabled",
+            access: "accessible",
+            messages: vec![],
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_kind_sets_state_and_derived_access() {
+    let app = TestApp::spawn().await;
+    let mut access = app.access_listener().await;
+    let cases = cases();
+    let mut total = 0;
+    for case in &cases {
+        app.tenant_with_key(case.name, &format!("key-{}", case.name))
+            .await;
+    }
+    for case in &cases {
+        for (i, (kind, data)) in case.events.iter().enumerate() {
+            app.publish(
+                kind,
+                &format!("key-{}", case.name),
+                at(i as i64 * 10),
+                data.clone(),
+            )
+            .await;
+            total += 1;
+        }
+    }
+    app.wait_processed(total).await;
+
+    let mut expected_messages: usize = 0;
+    for case in &cases {
+        let tenant = app.tenant(case.name).await;
+        assert_eq!(tenant["access"], case.access, "{}: {tenant}", case.name);
+        assert_eq!(
+            tenant["keks"][0]["state"], case.state,
+            "{}: {tenant}",
+            case.name
+        );
+        if case.access != "accessible" {
+            assert!(
+                tenant["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(case.name)),
+                "{}: reason should name the key: {tenant}",
+                case.name
+            );
+        }
+        expected_messages += case.messages.len();
+    }
+    let rotated = app.tenant("rotated").await;
+    assert_eq!(rotated["keks"][0]["current_version"], "2");
+    let extended = app.tenant("expirychange").await;
+    assert!(extended["keks"][0]["expires_at"].is_string(), "{extended}");
+
+    // The platform hears every access change, with the contract's body.
+    let mut seen: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for _ in 0..expected_messages {
+        let (key, body) = next_json(&mut access, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("an access message; seen so far: {seen:?}"));
+        assert_eq!(
+            key,
+            format!("tenant.access.{}", body["access"].as_str().unwrap_or(""))
+        );
+        for field in [
+            "tenant_id",
+            "access",
+            "previous",
+            "reason",
+            "key_ref",
+            "event_id",
+            "at",
+        ] {
+            assert!(body.get(field).is_some(), "missing {field} in {body}");
+        }
+        seen.entry(body["tenant_id"].as_str().unwrap_or("").to_owned())
+            .or_default()
+            .push(body["access"].as_str().unwrap_or("").to_owned());
+    }
+    assert!(
+        next_json(&mut access, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "no extra messages"
+    );
+    for case in &cases {
+        let got = seen.remove(case.name).unwrap_or_default();
+        assert_eq!(got, case.messages, "{}", case.name);
+    }
+
+    // Tenant notifications: one email and one webhook row per notification.
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT tenant_id, kind, channel FROM outbox WHERE channel <> 'amqp' ORDER BY seq",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .expect("outbox");
+    let count = |tenant: &str, kind: &str| {
+        rows.iter()
+            .filter(|(t, k, _)| t == tenant && k == kind)
+            .count()
+    };
+    assert_eq!(count("disabled", "tenant.inaccessible"), 2);
+    assert_eq!(count("reenabled", "tenant.restored"), 2);
+    assert_eq!(count("expired", "key.expired"), 2);
+    assert_eq!(count("expiring", "key.expiring"), 2);
+    assert_eq!(
+        count("rotated", "tenant.inaccessible") + count("rotated", "tenant.restored"),
+        0
+    );
+    let expiring: Value = sqlx::query_scalar(
+        "SELECT payload FROM outbox WHERE tenant_id = 'expiring' AND channel = 'webhook'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("expiring row");
+    assert_eq!(expiring["type"], "key.expiring");
+    assert!(
+        expiring["data"]["days_left"]
+            .as_i64()
+            .is_some_and(|d| (88..=90).contains(&d)),
+        "{expiring}"
+    );
+
+    // The destroyed key ignored the later `enabled`, and the audit trail says so.
+    let outcome: String = sqlx::query_scalar(
+        "SELECT outcome FROM audit_log WHERE key_ref = 'key-destroyed' AND action = 'enabled'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("audit");
+    assert_eq!(outcome, "ignored_destroyed");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_and_redeliveries_change_nothing() {
+    let app = TestApp::spawn().await;
+    let mut access = app.access_listener().await;
+    app.tenant_with_key("dup", "key-dup").await;
+    for _ in 0..3 {
+        app.publish_with_id("same-id", "disabled", "key-dup", at(0), json!({}))
+            .await;
+    }
+    // Same id, different content: still the same event for dedupe purposes.
+    app.publish_with_id("same-id", "enabled", "key-dup", at(5), json!({}))
+        .await;
+    let marker = app.publish("expiring", "key-dup", at(6), json!({})).await;
+    app.wait_processed(2).await;
+    // The marker was published last; once it is in, everything before it was consumed.
+    let audit: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE event_id = 'same-id'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("audit");
+    assert_eq!(audit, 1);
+    let marker_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE event_id = $1")
+        .bind(&marker)
+        .fetch_one(&app.pool)
+        .await
+        .expect("audit");
+    assert_eq!(marker_rows, 1);
+    assert_eq!(app.tenant("dup").await["access"], "inaccessible");
+    let (_, first) = next_json(&mut access, Duration::from_secs(20))
+        .await
+        .expect("message");
+    assert_eq!(first["access"], "inaccessible");
+    assert!(
+        next_json(&mut access, Duration::from_millis(500))
+            .await
+            .is_none()
+    );
+    let notifications: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'tenant.inaccessible'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("outbox");
+    assert_eq!(notifications, 2, "one email and one webhook, once");
+    // Everything was acked.
+    common::wait_for("queue drained", Duration::from_secs(10), || async {
+        app.queue_depth(&app.config.amqp.lifecycle_queue).await == 0
+    })
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_event_does_not_override_a_newer_state() {
+    let app = TestApp::spawn().await;
+    app.tenant_with_key("ooo", "key-ooo").await;
+    app.publish("disabled", "key-ooo", at(10), json!({})).await;
+    app.publish("enabled", "key-ooo", at(30), json!({})).await;
+    let late = app.publish("disabled", "key-ooo", at(20), json!({})).await;
+    app.wait_processed(3).await;
+    assert_eq!(app.tenant("ooo").await["access"], "accessible");
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM audit_log WHERE event_id = $1")
+        .bind(&late)
+        .fetch_one(&app.pool)
+        .await
+        .expect("audit");
+    assert_eq!(outcome, "stale");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_for_an_unregistered_key_is_recorded_and_acked() {
+    let app = TestApp::spawn().await;
+    let id = app
+        .publish("disabled", "nobody-has-this-key", at(0), json!({}))
+        .await;
+    app.wait_processed(1).await;
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM audit_log WHERE event_id = $1")
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .expect("audit");
+    assert_eq!(outcome, "unknown_key");
+    common::wait_for("queue drained", Duration::from_secs(10), || async {
+        app.queue_depth(&app.config.amqp.lifecycle_queue).await == 0
+            && app.queue_depth(&app.config.amqp.dead_letter_queue).await == 0
+    })
+    .await;
+    app.shutdown().await;
+}

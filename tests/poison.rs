@@ -1,0 +1,74 @@
+//! Messages that can never succeed land in the dead queue with the reason in a header, and
+//! the consumer goes on applying good events.
+
+mod common;
+
+use common::{TestApp, at};
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_with_the_reason_and_the_consumer_goes_on() {
+    let app = TestApp::spawn().await;
+    app.tenant_with_key("p", "key-p").await;
+    let oversized = format!(
+        r#"{{"specversion":"1.0","id":"big","source":"s","type":"byok.key.disabled","data":{{"provider":"local","key_ref":"{}"}}}}"#,
+        "k".repeat(app.config.amqp.max_message_bytes)
+    );
+    let poison: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("not json", b"\x00\x01 definitely not json".to_vec(), "not valid JSON"),
+        ("wrong shape", br#"{"specversion":"1.0","id":"x","source":"s","type":"byok.key.disabled","data":{"key_ref":"k"}}"#.to_vec(), "missing field `provider`"),
+        ("unknown type", br#"{"specversion":"1.0","id":"y","source":"s","type":"byok.key.melted","data":{"provider":"local","key_ref":"k"}}"#.to_vec(), "byok.key.melted"),
+        ("unknown format", br#"{"hello":"world"}"#.to_vec(), "unknown event format"),
+        ("oversized", oversized.into_bytes(), "exceeds the"),
+    ];
+    for (_, body, _) in &poison {
+        app.publish_raw(body).await;
+    }
+    app.publish("disabled", "key-p", at(0), json!({})).await;
+    app.wait_processed(1).await;
+    assert_eq!(app.tenant("p").await["access"], "inaccessible");
+
+    let ch = app.amqp.create_channel().await.expect("channel");
+    let mut dead = ch
+        .basic_consume(
+            app.config.amqp.dead_letter_queue.as_str().into(),
+            "dead-reader".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume dead queue");
+    let mut reasons = Vec::new();
+    for _ in 0..poison.len() {
+        let d = tokio::time::timeout(Duration::from_secs(20), dead.next())
+            .await
+            .expect("a dead letter in time")
+            .expect("stream open")
+            .expect("delivery");
+        let headers = d.properties.headers().clone().unwrap_or_default();
+        let reason = match headers.inner().get("x-byokd-error") {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("no x-byokd-error header: {other:?}"),
+        };
+        reasons.push((d.data.len(), reason));
+        d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    for (name, body, expected) in &poison {
+        assert!(
+            reasons
+                .iter()
+                .any(|(len, r)| *len == body.len() && r.contains(expected)),
+            "{name}: expected a dead letter with {expected:?}, got {reasons:?}"
+        );
+    }
+    let dead_count: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events")
+        .fetch_one(&app.pool)
+        .await
+        .expect("count");
+    assert_eq!(dead_count, 1, "only the good event is in the inbox");
+    app.shutdown().await;
+}
