@@ -245,6 +245,23 @@ async fn main() {
         during,
     );
 
+    loop {
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE channel = 'amqp' AND status = 'pending'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "every access message published {:.2} s after byokd started",
+        start.elapsed().as_secs_f64()
+    );
+
     // 3. The same latency on an idle daemon.
     let idle = probe_latencies(
         &app,

@@ -62,8 +62,8 @@ impl Default for AmqpSettings {
             dead_letter_exchange: "byok.lifecycle.dlx".into(),
             dead_letter_queue: "byokd.lifecycle.dead".into(),
             access_exchange: "byok.access".into(),
-            prefetch: 256,
-            batch_size: 256,
+            prefetch: 2048,
+            batch_size: 1024,
             delivery_limit: 20,
             max_message_bytes: 256 * 1024,
         }

@@ -501,7 +501,7 @@ async fn process_batch(
     metrics::histogram!("byokd_event_batch_size").record(events.len() as f64);
     match apply_with_retry(intake, &events, shutdown).await {
         Applied::Ok(result) => {
-            record(&result);
+            record(intake, &result);
             if let Some(last) = good.last() {
                 last.acker.ack(BasicAckOptions { multiple: true }).await?;
             }
@@ -515,7 +515,7 @@ async fn process_batch(
             for (event, delivery) in events.into_iter().zip(good) {
                 match apply_with_retry(intake, std::slice::from_ref(&event), shutdown).await {
                     Applied::Ok(result) => {
-                        record(&result);
+                        record(intake, &result);
                         delivery.acker.ack(BasicAckOptions::default()).await?;
                     }
                     Applied::Shutdown => return Ok(BatchEnd::Shutdown),
@@ -527,9 +527,14 @@ async fn process_batch(
     Ok(BatchEnd::Done)
 }
 
-fn record(result: &BatchResult) {
+/// Counts outcomes and, when an access message waits in the outbox, wakes the relay so the
+/// platform hears of it now rather than at the next poll.
+fn record(intake: &Intake, result: &BatchResult) {
     for outcome in &result.outcomes {
         metrics::counter!("byokd_events_total", "outcome" => outcome.as_str()).increment(1);
+    }
+    if result.access_changed {
+        intake.access_changed.notify_one();
     }
 }
 

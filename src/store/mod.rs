@@ -5,6 +5,15 @@
 //! Batch operations take slices so the consumer can apply many events in a handful of
 //! statements per transaction.
 
+/// Forwards a method to the back end of a [`Store`] / [`StoreTx`] variant.
+macro_rules! dispatch {
+    ($self:ident, $inner:ident => $call:expr) => {
+        match $self {
+            Self::Postgres($inner) => $call,
+        }
+    };
+}
+
 mod postgres;
 
 pub use postgres::PgStore;
@@ -255,15 +264,6 @@ pub enum Store {
 pub enum StoreTx {
     /// A PostgreSQL transaction.
     Postgres(postgres::PgTx),
-}
-
-/// Forwards a method to the back end of a [`Store`] / [`StoreTx`] variant.
-macro_rules! dispatch {
-    ($self:ident, $inner:ident => $call:expr) => {
-        match $self {
-            Self::Postgres($inner) => $call,
-        }
-    };
 }
 
 impl Store {
