@@ -1,14 +1,21 @@
 //! The command line: clap definitions and dispatch. Errors surface as one line on stderr.
 
 use crate::config::Config;
+use crate::domain::{EventKind, KeyState, LifecycleEvent, Provider};
 use crate::events::amqp::{Outgoing, Publisher, routing_key};
+use crate::events::normalize::canonical;
 use crate::events::normalize::normalize;
+use crate::kms::{DekContext, Kms, KmsProvider, LocalKms, WrappedRef};
+use crate::seal::Sealer;
 use crate::store::Store;
 use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use lapin::BasicProperties;
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// byokd: the key-lifecycle daemon behind Bring Your Own Key.
 #[derive(Debug, Parser)]
@@ -42,6 +49,87 @@ pub enum Command {
     },
     /// Load and validate the configuration, print it with secrets redacted, and exit.
     CheckConfig,
+    /// Operate a KMS provider directly.
+    Kms {
+        /// Which provider.
+        #[command(subcommand)]
+        provider: KmsCommand,
+    },
+    /// Inspect DEKs.
+    Deks {
+        /// What to do.
+        #[command(subcommand)]
+        command: DeksCommand,
+    },
+}
+
+/// `byokd kms ...`
+#[derive(Debug, Subcommand)]
+pub enum KmsCommand {
+    /// byokd's local KMS: change a key, then publish the lifecycle event a real KMS would.
+    Local {
+        /// The operation.
+        #[command(subcommand)]
+        op: LocalOp,
+    },
+}
+
+/// The key and whether to announce the change.
+#[derive(Debug, clap::Args)]
+pub struct LocalKey {
+    /// Key name (`key_ref`).
+    pub key: String,
+    /// Change the key without publishing the lifecycle event (a KMS that lost the event).
+    #[arg(long)]
+    pub no_event: bool,
+}
+
+/// Local KMS operations.
+#[derive(Debug, Subcommand)]
+pub enum LocalOp {
+    /// Create a key at version 1.
+    Create {
+        /// Key name.
+        key: String,
+        /// Expiry (RFC 3339).
+        #[arg(long)]
+        expires_at: Option<DateTime<Utc>>,
+    },
+    /// Add a new version and make it current (publishes `rotated`).
+    Rotate(LocalKey),
+    /// Disable (publishes `disabled`).
+    Disable(LocalKey),
+    /// Enable (publishes `enabled`).
+    Enable(LocalKey),
+    /// Schedule deletion (publishes `deletion_scheduled`).
+    ScheduleDeletion(LocalKey),
+    /// Cancel a scheduled deletion; the key comes back disabled (publishes `deletion_cancelled`).
+    CancelDeletion(LocalKey),
+    /// Destroy the key material for good (publishes `destroyed`).
+    Destroy(LocalKey),
+    /// Set or clear the expiry (publishes `expiry_changed`).
+    SetExpiry {
+        /// Key and publishing.
+        #[command(flatten)]
+        key: LocalKey,
+        /// New expiry (RFC 3339).
+        #[arg(long, conflicts_with = "clear", required_unless_present = "clear")]
+        expires_at: Option<DateTime<Utc>>,
+        /// Remove the expiry.
+        #[arg(long)]
+        clear: bool,
+    },
+}
+
+/// `byokd deks ...`
+#[derive(Debug, Subcommand)]
+pub enum DeksCommand {
+    /// Unwrap every DEK of a tenant and check its key check value; exit non-zero on any failure.
+    Verify {
+        /// Tenant id.
+        #[arg(long)]
+        tenant: String,
+    },
 }
 
 /// Parses arguments and runs the command.
@@ -78,6 +166,12 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             raw,
             routing_key: key,
         } => publish(cli.json, &config, file, raw, key).await,
+        Command::Kms {
+            provider: KmsCommand::Local { op },
+        } => kms_local(cli.json, &config, op).await,
+        Command::Deks {
+            command: DeksCommand::Verify { tenant },
+        } => verify_deks(cli.json, &config, &tenant).await,
         Command::CheckConfig => {
             if cli.json {
                 println!(
@@ -190,4 +284,221 @@ fn read_stdin() -> anyhow::Result<Vec<u8>> {
         bail!("no event given: pass a file or pipe one on standard input");
     }
     Ok(body)
+}
+
+async fn local_kms(config: &Config) -> anyhow::Result<LocalKms> {
+    let root = config.require_root_key()?;
+    let store = Store::connect(config.require_database_url()?, 2).await?;
+    store.migrate().await?;
+    Ok(LocalKms::new(
+        store,
+        Arc::new(Sealer::new(&root, crate::daemon::LOCAL_KMS_PURPOSE)),
+    ))
+}
+
+async fn kms_local(json: bool, config: &Config, op: LocalOp) -> anyhow::Result<()> {
+    use KeyState::{Destroyed, Disabled, Enabled, PendingDeletion};
+    let kms = local_kms(config).await?;
+    let (key, no_event, kind, info) = match op {
+        LocalOp::Create { key, expires_at } => {
+            let info = kms.create(&key, expires_at).await?;
+            (key, true, None, info)
+        }
+        LocalOp::Rotate(k) => {
+            let info = kms.rotate(&k.key).await?;
+            (k.key, k.no_event, Some(EventKind::Rotated), info)
+        }
+        LocalOp::Disable(k) => {
+            let info = kms
+                .transition(&k.key, &[Enabled, Disabled], Disabled)
+                .await?;
+            (k.key, k.no_event, Some(EventKind::Disabled), info)
+        }
+        LocalOp::Enable(k) => {
+            let info = kms
+                .transition(&k.key, &[Enabled, Disabled], Enabled)
+                .await?;
+            (k.key, k.no_event, Some(EventKind::Enabled), info)
+        }
+        LocalOp::ScheduleDeletion(k) => {
+            let info = kms
+                .transition(&k.key, &[Enabled, Disabled], PendingDeletion)
+                .await?;
+            (k.key, k.no_event, Some(EventKind::DeletionScheduled), info)
+        }
+        LocalOp::CancelDeletion(k) => {
+            let info = kms.transition(&k.key, &[PendingDeletion], Disabled).await?;
+            (k.key, k.no_event, Some(EventKind::DeletionCancelled), info)
+        }
+        LocalOp::Destroy(k) => {
+            let info = kms
+                .transition(&k.key, &[Enabled, Disabled, PendingDeletion], Destroyed)
+                .await?;
+            (k.key, k.no_event, Some(EventKind::Destroyed), info)
+        }
+        LocalOp::SetExpiry {
+            key,
+            expires_at,
+            clear,
+        } => {
+            let info = kms
+                .set_expiry(&key.key, if clear { None } else { expires_at })
+                .await?;
+            (key.key, key.no_event, Some(EventKind::ExpiryChanged), info)
+        }
+    };
+    let mut event_id = None;
+    if let Some(kind) = kind.filter(|_| !no_event) {
+        let event = LifecycleEvent {
+            provider: Provider::Local,
+            event_id: uuid::Uuid::now_v7().to_string(),
+            kind,
+            key_ref: key.clone(),
+            version: (kind == EventKind::Rotated).then(|| info.current_version.clone()),
+            expires_at: info.expires_at,
+            time: Utc::now(),
+            source: "byokd://local-kms".to_owned(),
+        };
+        let body = canonical::to_json(&event).to_string();
+        let publisher = Publisher::new(config.require_amqp_url()?);
+        publisher.declare_topology(&config.amqp).await?;
+        publisher
+            .publish(Outgoing {
+                exchange: &config.amqp.lifecycle_exchange,
+                routing_key: &routing_key(&event),
+                body: body.as_bytes(),
+                properties: BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_message_id(event.event_id.as_str().into()),
+                mandatory: true,
+            })
+            .await
+            .context("the key changed, but its lifecycle event could not be published")?;
+        event_id = Some(event.event_id);
+    }
+    print(
+        json,
+        &serde_json::json!({
+            "key_ref": key,
+            "state": info.state,
+            "current_version": info.current_version,
+            "expires_at": info.expires_at,
+            "event_id": event_id,
+        }),
+        &format!(
+            "local key {key}: {} at version {}{}",
+            info.state,
+            info.current_version,
+            event_id
+                .as_deref()
+                .map(|id| format!(" (published event {id})"))
+                .unwrap_or_default()
+        ),
+    );
+    Ok(())
+}
+
+/// The figures `deks verify` reports.
+#[derive(Debug, Default, serde::Serialize)]
+struct Verification {
+    tenant: String,
+    total: u64,
+    ok: u64,
+    failed: u64,
+    by_version: BTreeMap<String, u64>,
+    failures: Vec<serde_json::Value>,
+}
+
+async fn verify_deks(json: bool, config: &Config, tenant: &str) -> anyhow::Result<()> {
+    let local = local_kms(config).await?;
+    let store = Store::connect(config.require_database_url()?, 2).await?;
+    store.tenant(tenant).await?;
+    let kms = Kms::with_local(local);
+    let mut report = Verification {
+        tenant: tenant.to_owned(),
+        ..Verification::default()
+    };
+    let mut after = None;
+    loop {
+        let page = store.deks_page(tenant, after, 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        // One KMS call per key in the page.
+        let mut by_key: BTreeMap<(Provider, &str), Vec<usize>> = BTreeMap::new();
+        for (i, d) in page.iter().enumerate() {
+            by_key.entry((d.provider, &d.key_ref)).or_default().push(i);
+        }
+        for ((provider, key_ref), indexes) in by_key {
+            let items: Vec<WrappedRef<'_>> = indexes
+                .iter()
+                .map(|&i| WrappedRef {
+                    ctx: DekContext {
+                        tenant_id: &page[i].tenant_id,
+                        dek_id: page[i].id,
+                    },
+                    version: &page[i].kek_version,
+                    ciphertext: &page[i].wrapped,
+                })
+                .collect();
+            let results = match kms.provider(provider) {
+                Ok(p) => p.unwrap_many(key_ref, &items).await,
+                Err(e) => Err(e),
+            };
+            for (n, &i) in indexes.iter().enumerate() {
+                let dek = &page[i];
+                report.total += 1;
+                *report
+                    .by_version
+                    .entry(dek.kek_version.clone())
+                    .or_default() += 1;
+                let outcome = match &results {
+                    Ok(r) => match &r[n] {
+                        Ok(plain) if plain.kcv() == dek.kcv => Ok(()),
+                        Ok(_) => Err(
+                            "key check value does not match the one recorded at creation"
+                                .to_owned(),
+                        ),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                match outcome {
+                    Ok(()) => report.ok += 1,
+                    Err(reason) => {
+                        report.failed += 1;
+                        if report.failures.len() < 20 {
+                            report.failures.push(serde_json::json!({
+                                "dek_id": dek.id, "kek_version": dek.kek_version, "reason": reason,
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "tenant {}: {} DEKs, {} ok, {} failed; by version: {}",
+            report.tenant,
+            report.total,
+            report.ok,
+            report.failed,
+            report
+                .by_version
+                .iter()
+                .map(|(v, n)| format!("{v}={n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if report.failed > 0 {
+        bail!(
+            "{} of {} DEKs failed verification",
+            report.failed,
+            report.total
+        );
+    }
+    Ok(())
 }

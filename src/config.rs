@@ -102,6 +102,8 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// AMQP names and tuning.
     pub amqp: AmqpSettings,
+    /// DEK re-wrap tuning.
+    pub rewrap: crate::rewrap::RewrapSettings,
 }
 
 impl Default for Config {
@@ -121,6 +123,7 @@ impl Default for Config {
             webhook_allow_cidrs: None,
             shutdown_grace_secs: 20,
             amqp: AmqpSettings::default(),
+            rewrap: crate::rewrap::RewrapSettings::default(),
         }
     }
 }
@@ -157,6 +160,7 @@ impl std::fmt::Debug for Config {
             .field("webhook_allow_cidrs", &self.webhook_allow_cidrs)
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)
             .field("amqp", &self.amqp)
+            .field("rewrap", &self.rewrap)
             .finish()
     }
 }
@@ -277,6 +281,9 @@ impl Config {
         }
         if self.amqp.batch_size == 0 {
             errors.push("amqp.batch_size must be at least 1".to_owned());
+        }
+        if self.rewrap.batch_size < 1 || self.rewrap.concurrency < 1 {
+            errors.push("rewrap.batch_size and rewrap.concurrency must be at least 1".to_owned());
         }
         if self.database_max_connections < 2 {
             errors.push("database_max_connections must be at least 2".to_owned());

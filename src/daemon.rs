@@ -7,7 +7,9 @@
 use crate::config::{Config, ConfigError};
 use crate::events::amqp::{self, ConsumerHealth, Intake, Publisher};
 use crate::http::{self, AppState};
+use crate::kms::{Kms, LocalKms};
 use crate::notify::access::{self, Relay};
+use crate::rewrap::{self, Rewrapper};
 use crate::seal::Sealer;
 use crate::store::{Store, StoreError};
 use std::future::Future;
@@ -15,6 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
+
+/// Sealing purpose of webhook signing secrets.
+pub const WEBHOOK_SECRET_PURPOSE: &str = "webhook-secret";
+/// Sealing purpose of the local KMS's key material.
+pub const LOCAL_KMS_PURPOSE: &str = "local-kms-key";
 
 /// Why the daemon could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +60,11 @@ pub async fn run(
     let health = Arc::new(ConsumerHealth::default());
     let access_changed = Arc::new(Notify::new());
     let publisher = Arc::new(Publisher::new(amqp_url.clone()));
+    let rewrap_work = Arc::new(Notify::new());
+    let kms = Kms::with_local(LocalKms::new(
+        store.clone(),
+        Arc::new(Sealer::new(&root_key, LOCAL_KMS_PURPOSE)),
+    ));
 
     let consumer = tokio::spawn(amqp::consume_loop(
         Intake {
@@ -61,6 +73,7 @@ pub async fn run(
             settings: config.amqp.clone(),
             health: health.clone(),
             access_changed: access_changed.clone(),
+            rewrap_work: rewrap_work.clone(),
             publisher: publisher.clone(),
         },
         stop_rx.clone(),
@@ -75,12 +88,24 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
+    let rewrapper = Rewrapper::new(
+        store.clone(),
+        kms.clone(),
+        config.rewrap.clone(),
+        rewrap_work.clone(),
+    );
+    let rewrap_workers: Vec<_> = (0..config.rewrap.concurrency)
+        .map(|_| tokio::spawn(rewrap::rewrap_loop(rewrapper.clone(), stop_rx.clone())))
+        .collect();
+
     let state = AppState {
         store,
         admin_token: config.admin_token.clone(),
         consumer: health,
-        sealer: Arc::new(Sealer::new(&root_key, "webhook-secret")),
+        sealer: Arc::new(Sealer::new(&root_key, WEBHOOK_SECRET_PURPOSE)),
         publisher,
+        kms,
+        rewrap_work,
         amqp: config.amqp.clone(),
     };
     tracing::info!(addr = %listener.local_addr()?, "byokd listening");
@@ -100,6 +125,9 @@ pub async fn run(
     let all = async {
         let _ = consumer.await;
         let _ = relay.await;
+        for worker in rewrap_workers {
+            let _ = worker.await;
+        }
         server.await
     };
     match tokio::time::timeout(grace, all).await {

@@ -14,6 +14,8 @@
 //! * `lifecycle`: applies a batch of events in one transaction (dedupe, transition, access,
 //!   audit, outbox).
 //! * `notify`: delivery of outbox rows; `access` relays access changes to `byok.access`.
+//! * `kms`: the KMS provider trait and dispatch; `local` is byokd's own keyring.
+//! * `rewrap`: re-wrap jobs (rotation, key replacement), worked in resumable batches.
 //! * `http`: health, metrics and the admin API.
 //! * `store`: all SQL, behind a back-end-neutral API.
 //! * `seal`: encryption of secrets at rest under the root key.
@@ -28,8 +30,10 @@ pub mod daemon;
 pub mod domain;
 pub mod events;
 pub mod http;
+pub mod kms;
 pub mod lifecycle;
 pub mod notify;
+pub mod rewrap;
 pub mod seal;
 pub mod store;
 pub mod telemetry;

@@ -9,8 +9,10 @@
 
 use crate::domain::kek::{self, AccessDecision};
 use crate::domain::{Access, EventKind, LifecycleEvent, Provider, Transition};
+use crate::notify::tenant_notifications;
 use crate::store::{
-    AccessUpdate, AuditRow, Channel, KekRow, NewOutbox, Store, StoreError, TenantRow,
+    AccessUpdate, AuditRow, Channel, JobKind, KekRow, NewOutbox, NewRewrapJob, Store, StoreError,
+    TenantRow,
 };
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -55,6 +57,8 @@ pub struct BatchResult {
     pub outcomes: Vec<Outcome>,
     /// Whether any tenant's access changed (an access message waits in the outbox).
     pub access_changed: bool,
+    /// Whether a re-wrap job was created or resumed.
+    pub rewrap_work: bool,
 }
 
 /// Everything a batch writes, decided without I/O.
@@ -70,6 +74,15 @@ pub struct Plan {
     pub audit: Vec<AuditRow>,
     /// Outbox rows: access messages and notifications.
     pub outbox: Vec<NewOutbox>,
+    /// Re-wrap jobs to create (rotations).
+    pub jobs: Vec<NewRewrapJob>,
+    /// KEKs whose waiting re-wrap jobs can resume (the key is usable again).
+    pub resume: Vec<i64>,
+}
+
+/// The cause of notifications an event triggers, for their dedupe keys.
+fn cause(event: &LifecycleEvent) -> String {
+    format!("event:{}:{}", event.provider, event.event_id)
 }
 
 /// Applies `events` in one transaction and reports what became of each.
@@ -127,6 +140,8 @@ pub async fn apply_batch(
     tx.update_access(&plan.access).await?;
     tx.audit(&plan.audit).await?;
     tx.enqueue(&plan.outbox).await?;
+    tx.create_rewrap_jobs(&plan.jobs).await?;
+    tx.resume_rewrap_jobs(&plan.resume).await?;
     tx.commit().await?;
 
     let mut planned = plan.outcomes.into_iter();
@@ -143,6 +158,7 @@ pub async fn apply_batch(
     Ok(BatchResult {
         outcomes,
         access_changed: !plan.access.is_empty(),
+        rewrap_work: !plan.jobs.is_empty() || !plan.resume.is_empty(),
     })
 }
 
@@ -204,6 +220,27 @@ pub fn plan(
         }
         plan.outcomes.push(outcome);
         plan.audit.push(audit);
+        if outcome == Outcome::Applied {
+            if event.kind == EventKind::Rotated
+                && let Some(version) = &kek.status.current_version
+            {
+                plan.jobs.push(NewRewrapJob {
+                    tenant_id: kek.tenant_id.clone(),
+                    kind: JobKind::Rotation,
+                    kek_id: kek.id,
+                    target_kek_id: kek.id,
+                    target_version: version.clone(),
+                });
+            }
+            // A key usable again lets jobs that were refused by the KMS resume now.
+            let reenabling = matches!(
+                event.kind,
+                EventKind::Enabled | EventKind::AccessRestored | EventKind::ExpiryChanged
+            );
+            if reenabling && kek::derive_access(Some(&kek.status)).access != Access::Inaccessible {
+                plan.resume.push(kek.id);
+            }
+        }
 
         let Some(tenant) = tenants.get_mut(&kek.tenant_id) else {
             continue;
@@ -217,7 +254,13 @@ pub fn plan(
                 "expires_at": expires_at,
                 "days_left": expires_at.map(|at| (at - now).num_days().max(0)),
             });
-            notify(&mut plan.outbox, tenant, "key.expiring", event, data, now);
+            plan.outbox.extend(tenant_notifications(
+                tenant,
+                "key.expiring",
+                &cause(event),
+                data,
+                now,
+            ));
         }
         if outcome != Outcome::Applied || !kek.is_primary {
             continue;
@@ -263,7 +306,8 @@ pub fn plan(
             obj.remove("at");
             obj.insert("expires_at".into(), json!(kek.status.expires_at));
         }
-        notify(&mut plan.outbox, tenant, kind, event, data, now);
+        plan.outbox
+            .extend(tenant_notifications(tenant, kind, &cause(event), data, now));
     }
 
     plan.keks = keks
@@ -281,42 +325,4 @@ pub fn plan(
         })
         .collect();
     plan
-}
-
-/// Adds one outbox row per contact and per webhook endpoint of `tenant`.
-fn notify(
-    outbox: &mut Vec<NewOutbox>,
-    tenant: &TenantRow,
-    kind: &str,
-    cause: &LifecycleEvent,
-    data: serde_json::Value,
-    now: DateTime<Utc>,
-) {
-    let body = json!({ "type": kind, "timestamp": now, "data": data });
-    let recipients = tenant
-        .contacts
-        .iter()
-        .map(|c| (Channel::Email, c.clone()))
-        .chain(
-            tenant
-                .webhooks
-                .iter()
-                .map(|w| (Channel::Webhook, w.to_string())),
-        );
-    for (channel, recipient) in recipients {
-        outbox.push(NewOutbox {
-            id: Uuid::now_v7(),
-            tenant_id: Some(tenant.id.clone()),
-            channel,
-            kind: kind.to_owned(),
-            dedupe_key: format!(
-                "{kind}:{}:{}:{}:{recipient}",
-                cause.provider,
-                cause.event_id,
-                channel.as_str()
-            ),
-            recipient,
-            payload: body.clone(),
-        });
-    }
 }

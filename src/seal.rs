@@ -52,6 +52,11 @@ impl Sealer {
 
     /// Encrypts `secret` with a fresh random nonce.
     pub fn seal(&self, secret: &SecretString) -> Vec<u8> {
+        self.seal_bytes(secret.expose_secret().as_bytes())
+    }
+
+    /// Encrypts raw secret bytes (key material) with a fresh random nonce.
+    pub fn seal_bytes(&self, secret: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let ciphertext = self
@@ -59,7 +64,7 @@ impl Sealer {
             .encrypt(
                 &nonce.into(),
                 Payload {
-                    msg: secret.expose_secret().as_bytes(),
+                    msg: secret,
                     aad: self.purpose,
                 },
             )
@@ -73,25 +78,29 @@ impl Sealer {
 
     /// Decrypts what [`Sealer::seal`] produced.
     pub fn open(&self, sealed: &[u8]) -> Result<SecretString, SealError> {
+        let plain = self.open_bytes(sealed)?;
+        let text = std::str::from_utf8(&plain).map_err(|_| SealError)?;
+        Ok(SecretString::from(text.to_owned()))
+    }
+
+    /// Decrypts what [`Sealer::seal_bytes`] produced; the result is zeroized on drop.
+    pub fn open_bytes(&self, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, SealError> {
         let (&version, rest) = sealed.split_first().ok_or(SealError)?;
         if version != VERSION || rest.len() < NONCE_LEN {
             return Err(SealError);
         }
         let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| SealError)?;
-        let plain = Zeroizing::new(
-            self.cipher
-                .decrypt(
-                    &nonce.into(),
-                    Payload {
-                        msg: ciphertext,
-                        aad: self.purpose,
-                    },
-                )
-                .map_err(|_| SealError)?,
-        );
-        let text = std::str::from_utf8(&plain).map_err(|_| SealError)?;
-        Ok(SecretString::from(text.to_owned()))
+        self.cipher
+            .decrypt(
+                &nonce.into(),
+                Payload {
+                    msg: ciphertext,
+                    aad: self.purpose,
+                },
+            )
+            .map(Zeroizing::new)
+            .map_err(|_| SealError)
     }
 }
 

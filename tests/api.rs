@@ -165,6 +165,8 @@ async fn tenants_and_keks_have_clear_errors() {
     let (s, m) = error_of(app.get("/v1/tenants/ghost").await).await;
     assert_eq!((s, m.contains("ghost")), (404, true));
 
+    app.create_local_key("acme-kek").await;
+    app.create_local_key("other").await;
     let kek = json!({ "provider": "local", "key_ref": "acme-kek" });
     let r = app.post("/v1/tenants/acme/keks", kek.clone()).await;
     assert_eq!(r.status(), 201);
@@ -208,6 +210,7 @@ async fn tenants_and_keks_have_clear_errors() {
     // An expired key at registration makes the tenant encrypt_blocked straight away.
     app.post("/v1/tenants", json!({ "id": "late", "name": "Late" }))
         .await;
+    app.create_local_key("late-kek").await;
     let r = app
         .post(
             "/v1/tenants/late/keks",

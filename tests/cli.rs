@@ -3,37 +3,13 @@
 
 mod common;
 
-use byokd::config::AmqpSettings;
-use common::{ROOT_KEY, TOKEN, TestDb, amqp_url, canonical, unique_amqp, wait_for};
+use common::{TOKEN, TestDb, amqp_url, canonical, unique_amqp, wait_for, with_service_env};
 use serde_json::json;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn byokd() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_byokd"));
-    // Start from a clean slate: nothing from the developer's shell leaks in.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("BYOKD_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "warn");
-    cmd
-}
-
-fn with_service_env(cmd: &mut Command, db_url: &str, amqp: &AmqpSettings) {
-    cmd.env("BYOKD_DATABASE_URL", db_url)
-        .env("BYOKD_AMQP_URL", amqp_url())
-        .env("BYOKD_ADMIN_TOKEN", TOKEN)
-        .env("BYOKD_LOCAL_KMS_ROOT_KEY", ROOT_KEY)
-        .env("BYOKD_AMQP__LIFECYCLE_EXCHANGE", &amqp.lifecycle_exchange)
-        .env("BYOKD_AMQP__LIFECYCLE_QUEUE", &amqp.lifecycle_queue)
-        .env(
-            "BYOKD_AMQP__DEAD_LETTER_EXCHANGE",
-            &amqp.dead_letter_exchange,
-        )
-        .env("BYOKD_AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue)
-        .env("BYOKD_AMQP__ACCESS_EXCHANGE", &amqp.access_exchange);
+    common::byokd_command()
 }
 
 fn one_line_error(out: &Output) -> String {
@@ -158,6 +134,17 @@ async fn migrate_then_publish_then_sigterm_acks_exactly_what_committed() {
         .await
         .expect("tenant");
     assert_eq!(r.status(), 201);
+    let mut create = byokd();
+    with_service_env(&mut create, &db.url, &amqp);
+    let out = create
+        .args(["kms", "local", "create", "key-sig"])
+        .output()
+        .expect("create key");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r = http
         .post(format!("{base}/v1/tenants/sig/keks"))
         .bearer_auth(TOKEN)

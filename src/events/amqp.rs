@@ -344,6 +344,8 @@ pub struct Intake {
     pub health: Arc<ConsumerHealth>,
     /// Woken after a commit that changed a tenant's access, so the relay publishes at once.
     pub access_changed: Arc<Notify>,
+    /// Woken after a commit that created or resumed a re-wrap job.
+    pub rewrap_work: Arc<Notify>,
     /// Publishes dead letters.
     pub publisher: Arc<Publisher>,
 }
@@ -535,6 +537,9 @@ fn record(intake: &Intake, result: &BatchResult) {
     }
     if result.access_changed {
         intake.access_changed.notify_one();
+    }
+    if result.rewrap_work {
+        intake.rewrap_work.notify_one();
     }
 }
 

@@ -166,11 +166,14 @@ pub(super) struct KekRequest {
     provider: String,
     key_ref: String,
     #[serde(default)]
-    version: Option<String>,
-    #[serde(default)]
     expires_at: Option<DateTime<Utc>>,
+    /// Replace the tenant's current key: its DEKs move to this one, then it is retired.
+    #[serde(default)]
+    replace: bool,
 }
 
+/// Registers a KEK after a test wrap/unwrap against its KMS succeeds: a key the platform
+/// cannot use is refused (422) instead of failing later on the first DEK.
 pub(super) async fn register_kek(
     State(state): State<AppState>,
     Path(tenant_id): Path<String>,
@@ -184,10 +187,23 @@ pub(super) async fn register_kek(
     if req.key_ref.trim().is_empty() {
         return Err(unprocessable("key_ref must not be empty"));
     }
+    state.store.tenant(&tenant_id).await?;
+    let info = state
+        .kms
+        .test_key(provider, &req.key_ref)
+        .await
+        .map_err(|e| {
+            if e.is_transient() {
+                ApiError::from(e)
+            } else {
+                unprocessable(format!("the key failed a test wrap/unwrap: {e}"))
+            }
+        })?;
     let now = Utc::now();
-    let expired = req.expires_at.is_some_and(|at| at <= now);
+    let expires_at = req.expires_at.or(info.expires_at);
+    let expired = expires_at.is_some_and(|at| at <= now);
     // Registration time orders later events: anything the KMS reported before the platform
-    // registered the key does not override what the platform registered.
+    // registered the key does not override what the registration found.
     let status = KekStatus {
         provider,
         key_ref: req.key_ref,
@@ -197,8 +213,8 @@ pub(super) async fn register_kek(
             KeyState::Enabled
         },
         revoked: false,
-        current_version: req.version,
-        expires_at: req.expires_at,
+        current_version: Some(info.current_version),
+        expires_at,
         state_changed_at: now,
         version_changed_at: now,
         expiry_changed_at: now,
@@ -213,21 +229,28 @@ pub(super) async fn register_kek(
         tenant_id: Some(tenant_id.clone()),
         provider: Some(provider),
         key_ref: Some(status.key_ref.clone()),
-        action: "kek_registered".into(),
+        action: if req.replace {
+            "kek_replaced"
+        } else {
+            "kek_registered"
+        }
+        .into(),
         outcome: "applied".into(),
         source: "api".into(),
         event_id: None,
         detail: json!({ "version": status.current_version, "expires_at": status.expires_at }),
     };
-    state
+    let job = state
         .store
-        .register_kek(&tenant_id, &status, &access, &audit)
+        .register_kek(&tenant_id, &status, &access, &audit, req.replace)
         .await?;
+    if job.is_some() {
+        state.rewrap_work.notify_one();
+    }
     let tenant = state.store.tenant(&tenant_id).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(serde_json::to_value(tenant).unwrap_or_default()),
-    ))
+    let mut view = serde_json::to_value(tenant).unwrap_or_default();
+    view["rewrap_job"] = json!(job);
+    Ok((StatusCode::CREATED, Json(view)))
 }
 
 /// Accepts one lifecycle event in any supported format and publishes it to the lifecycle

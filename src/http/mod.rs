@@ -5,9 +5,11 @@
 //! everyone. Errors are `{"error": "<one sentence>"}` with a meaningful status.
 
 mod admin;
+mod deks;
 
 use crate::config::AmqpSettings;
 use crate::events::amqp::{ConsumerHealth, ConsumerState, Publisher};
+use crate::kms::{Kms, KmsError};
 use crate::seal::Sealer;
 use crate::store::{Store, StoreError};
 use axum::extract::{Request, State};
@@ -21,6 +23,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Notify;
 
 /// What handlers share.
 #[derive(Clone)]
@@ -37,6 +40,10 @@ pub struct AppState {
     pub publisher: Arc<Publisher>,
     /// AMQP names and limits.
     pub amqp: AmqpSettings,
+    /// The KMS providers.
+    pub kms: Kms,
+    /// Wakes re-wrap workers when a replacement job is created.
+    pub rewrap_work: Arc<Notify>,
 }
 
 /// An API error: a status and one sentence.
@@ -79,12 +86,37 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<KmsError> for ApiError {
+    fn from(e: KmsError) -> ApiError {
+        if e.is_transient() {
+            tracing::warn!(error = %e, "KMS unavailable in API call");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the KMS is unavailable; retry later ({e})"),
+            );
+        }
+        match e {
+            KmsError::NotConfigured(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            }
+            KmsError::Store(s) => s.into(),
+            other => ApiError::new(
+                StatusCode::CONFLICT,
+                format!("the KMS refused the operation: {other}"),
+            ),
+        }
+    }
+}
+
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/tenants", post(admin::create_tenant))
         .route("/tenants/{id}", get(admin::get_tenant))
         .route("/tenants/{id}/keks", post(admin::register_kek))
+        .route("/tenants/{id}/deks", post(deks::create_dek))
+        .route("/tenants/{id}/deks/{dek_id}", get(deks::get_dek))
+        .route("/rewrap-jobs", get(deks::rewrap_jobs))
         .route("/events", post(admin::post_event))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

@@ -14,9 +14,16 @@ macro_rules! dispatch {
     };
 }
 
+mod kms;
 mod postgres;
+mod rewrap;
 
+pub use kms::LocalKeyRow;
 pub use postgres::PgStore;
+pub use rewrap::{
+    ClaimedDek, DekRow, DekTarget, JobKind, NewDek, NewRewrapJob, RewrapJob, RewrapJobView,
+    RewrappedDek,
+};
 
 use crate::domain::{Access, KekStatus, Provider};
 use chrono::{DateTime, Utc};
@@ -230,8 +237,10 @@ pub struct KekView {
     pub current_version: Option<String>,
     /// Expiry.
     pub expires_at: Option<DateTime<Utc>>,
-    /// Primary or being replaced.
+    /// Primary (new DEKs and access follow it) or being replaced.
     pub primary: bool,
+    /// When a replacement finished moving every DEK off this key.
+    pub retired_at: Option<DateTime<Utc>>,
 }
 
 /// A tenant as shown by the API.
@@ -305,15 +314,18 @@ impl Store {
         dispatch!(self, s => s.tenant(id).await)
     }
 
-    /// Registers the primary KEK of a tenant and writes the access it implies, with an audit row.
+    /// Registers a KEK as the tenant's primary and writes the access it implies, with an
+    /// audit row. With `replace`, the current primary stays readable but stops being primary,
+    /// and a replacement job that moves its DEKs to the new KEK is created (its id returned).
     pub async fn register_kek(
         &self,
         tenant_id: &str,
         status: &KekStatus,
         access: &AccessUpdate,
         audit: &AuditRow,
-    ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.register_kek(tenant_id, status, access, audit).await)
+        replace: bool,
+    ) -> Result<Option<i64>, StoreError> {
+        dispatch!(self, s => s.register_kek(tenant_id, status, access, audit, replace).await)
     }
 }
 

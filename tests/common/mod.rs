@@ -99,6 +99,22 @@ pub fn test_config(db_url: &str, amqp: AmqpSettings) -> Config {
     }
 }
 
+/// Another daemon sharing a [`TestApp`]'s database and queues.
+pub struct Replica {
+    stop: oneshot::Sender<()>,
+    handle: JoinHandle<Result<(), RunError>>,
+}
+
+impl Replica {
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.handle
+            .await
+            .expect("replica task")
+            .expect("replica exits cleanly");
+    }
+}
+
 /// A running daemon and the handles a test needs to drive and observe it.
 pub struct TestApp {
     pub base: String,
@@ -172,6 +188,18 @@ impl TestApp {
         .await;
     }
 
+    /// Starts a second daemon (another replica) on the same database and queues.
+    pub async fn replica(&self) -> Replica {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(byokd::daemon::run(self.config.clone(), listener, async {
+            let _ = stopped.await;
+        }));
+        Replica { stop, handle }
+    }
+
     /// Stops the daemon (graceful) and waits for `run` to return.
     pub async fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
@@ -232,8 +260,33 @@ impl TestApp {
             .expect("request")
     }
 
-    /// Creates a tenant with one contact and one webhook, and registers a local KEK.
+    /// The local KMS over the test's database, as the daemon sees it.
+    pub async fn local_kms(&self) -> byokd::kms::LocalKms {
+        let store = byokd::store::Store::connect(&self.db.url, 2)
+            .await
+            .expect("store");
+        let root = self.config.require_root_key().expect("root key");
+        byokd::kms::LocalKms::new(
+            store,
+            std::sync::Arc::new(byokd::seal::Sealer::new(
+                &root,
+                byokd::daemon::LOCAL_KMS_PURPOSE,
+            )),
+        )
+    }
+
+    /// Creates a key in the local KMS.
+    pub async fn create_local_key(&self, key_ref: &str) {
+        self.local_kms()
+            .await
+            .create(key_ref, None)
+            .await
+            .expect("create local key");
+    }
+
+    /// Creates a tenant with one contact and one webhook, and registers a new local KEK.
     pub async fn tenant_with_key(&self, tenant: &str, key_ref: &str) {
+        self.create_local_key(key_ref).await;
         let r = self
             .post(
                 "/v1/tenants",
@@ -249,7 +302,7 @@ impl TestApp {
         let r = self
             .post(
                 &format!("/v1/tenants/{tenant}/keks"),
-                json!({ "provider": "local", "key_ref": key_ref, "version": "1" }),
+                json!({ "provider": "local", "key_ref": key_ref }),
             )
             .await;
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
@@ -444,5 +497,129 @@ where
             "timed out after {limit:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The `byokd` binary with a clean `BYOKD_*` environment.
+pub fn byokd_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_byokd"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("BYOKD_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Points a `byokd` command at a test's database and AMQP names.
+pub fn with_service_env(cmd: &mut std::process::Command, db_url: &str, amqp: &AmqpSettings) {
+    cmd.env("BYOKD_DATABASE_URL", db_url)
+        .env("BYOKD_AMQP_URL", amqp_url())
+        .env("BYOKD_ADMIN_TOKEN", TOKEN)
+        .env("BYOKD_LOCAL_KMS_ROOT_KEY", ROOT_KEY)
+        .env("BYOKD_AMQP__LIFECYCLE_EXCHANGE", &amqp.lifecycle_exchange)
+        .env("BYOKD_AMQP__LIFECYCLE_QUEUE", &amqp.lifecycle_queue)
+        .env(
+            "BYOKD_AMQP__DEAD_LETTER_EXCHANGE",
+            &amqp.dead_letter_exchange,
+        )
+        .env("BYOKD_AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue)
+        .env("BYOKD_AMQP__ACCESS_EXCHANGE", &amqp.access_exchange);
+}
+
+impl TestApp {
+    /// Runs `byokd deks verify --tenant T --json` and returns its report and success.
+    pub fn verify_deks(&self, tenant: &str) -> (Value, bool) {
+        let mut cmd = byokd_command();
+        with_service_env(&mut cmd, &self.db.url, &self.config.amqp);
+        let out = cmd
+            .args(["deks", "verify", "--json", "--tenant", tenant])
+            .output()
+            .expect("run deks verify");
+        let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "deks verify printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (report, out.status.success())
+    }
+
+    /// The tenant's re-wrap jobs, newest first.
+    pub async fn rewrap_jobs(&self, tenant: &str) -> Vec<Value> {
+        let r = self.get(&format!("/v1/rewrap-jobs?tenant={tenant}")).await;
+        assert_eq!(r.status(), 200);
+        r.json().await.expect("json")
+    }
+
+    /// Waits until the newest job of `tenant` reaches `state`.
+    pub async fn wait_job(&self, tenant: &str, state: &str, limit: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let jobs = self.rewrap_jobs(tenant).await;
+            if let Some(job) = jobs.first()
+                && job["state"] == state
+            {
+                return job.clone();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "timed out waiting for a {state} job of {tenant}: {jobs:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Creates `n` DEKs for the tenant's primary KEK directly (real wraps by the local KMS,
+    /// bulk insert), returning (id, kcv) pairs. Much faster than `n` API calls.
+    pub async fn bulk_deks(&self, tenant: &str, key_ref: &str, n: usize) -> Vec<(Uuid, String)> {
+        use byokd::kms::{Dek, DekContext, KmsProvider};
+        let kms = self.local_kms().await;
+        let kek_id: i64 = sqlx::query_scalar("SELECT id FROM keks WHERE key_ref = $1")
+            .bind(key_ref)
+            .fetch_one(&self.pool)
+            .await
+            .expect("kek");
+        let mut out = Vec::with_capacity(n);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+            let deks: Vec<(Uuid, Dek)> = chunk
+                .iter()
+                .map(|_| (Uuid::now_v7(), Dek::generate()))
+                .collect();
+            let items: Vec<_> = deks
+                .iter()
+                .map(|(id, dek)| {
+                    (
+                        dek,
+                        DekContext {
+                            tenant_id: tenant,
+                            dek_id: *id,
+                        },
+                    )
+                })
+                .collect();
+            let wrapped = kms.wrap_many(key_ref, None, &items).await.expect("wrap");
+            let ids: Vec<Uuid> = deks.iter().map(|(id, _)| *id).collect();
+            let kcvs: Vec<String> = deks.iter().map(|(_, d)| d.kcv()).collect();
+            let versions: Vec<String> = wrapped.iter().map(|w| w.version.clone()).collect();
+            let blobs: Vec<Vec<u8>> = wrapped.into_iter().map(|w| w.ciphertext).collect();
+            sqlx::query(
+                "INSERT INTO deks (id, tenant_id, kek_id, kek_version, wrapped, kcv)
+                 SELECT u.id, $1, $2, u.v, u.w, u.k
+                 FROM UNNEST($3::uuid[], $4::text[], $5::bytea[], $6::text[]) AS u(id, v, w, k)",
+            )
+            .bind(tenant)
+            .bind(kek_id)
+            .bind(&ids)
+            .bind(&versions)
+            .bind(&blobs)
+            .bind(&kcvs)
+            .execute(&self.pool)
+            .await
+            .expect("insert deks");
+            out.extend(ids.into_iter().zip(kcvs));
+        }
+        out
     }
 }

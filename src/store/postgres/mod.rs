@@ -15,6 +15,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 use uuid::Uuid;
 
+mod kms;
+mod rewrap;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// A PostgreSQL connection pool.
@@ -146,7 +149,8 @@ impl PgStore {
         .ok_or_else(|| StoreError::NotFound(format!("tenant {id:?}")))?;
         let keks = sqlx::query(
             "SELECT provider, key_ref, state, revoked, current_version, expires_at,
-                    state_changed_at, version_changed_at, expiry_changed_at, is_primary
+                    state_changed_at, version_changed_at, expiry_changed_at, is_primary,
+                    retired_at
              FROM keks WHERE tenant_id = $1 ORDER BY is_primary DESC, id",
         )
         .bind(id)
@@ -163,6 +167,7 @@ impl PgStore {
                 current_version: s.current_version,
                 expires_at: s.expires_at,
                 primary: r.try_get("is_primary")?,
+                retired_at: r.try_get("retired_at")?,
             })
         })
         .collect::<Result<_, StoreError>>()?;
@@ -183,7 +188,8 @@ impl PgStore {
         s: &KekStatus,
         access: &AccessUpdate,
         audit: &AuditRow,
-    ) -> Result<(), StoreError> {
+        replace: bool,
+    ) -> Result<Option<i64>, StoreError> {
         let mut tx = PgTx {
             tx: self.pool.begin().await?,
         };
@@ -194,20 +200,34 @@ impl PgStore {
         if locked.is_none() {
             return Err(StoreError::NotFound(format!("tenant {tenant_id:?}")));
         }
-        let has_primary = sqlx::query("SELECT 1 FROM keks WHERE tenant_id = $1 AND is_primary")
-            .bind(tenant_id)
-            .fetch_optional(&mut *tx.tx)
-            .await?;
-        if has_primary.is_some() {
-            return Err(StoreError::Conflict(format!(
-                "tenant {tenant_id:?} already has a key; replacing it is a separate operation"
-            )));
+        let primary: Option<(i64, String, String)> = sqlx::query_as(
+            "SELECT id, provider, key_ref FROM keks WHERE tenant_id = $1 AND is_primary",
+        )
+        .bind(tenant_id)
+        .fetch_optional(&mut *tx.tx)
+        .await?;
+        if let Some((_, provider, key_ref)) = &primary {
+            if !replace {
+                return Err(StoreError::Conflict(format!(
+                    "tenant {tenant_id:?} already has a key; register the new one with \"replace\": true"
+                )));
+            }
+            if *provider == s.provider.as_str() && *key_ref == s.key_ref {
+                return Err(StoreError::Conflict(format!(
+                    "{provider} key {key_ref:?} is already the tenant's key"
+                )));
+            }
+            sqlx::query("UPDATE keks SET is_primary = FALSE, updated_at = now() WHERE tenant_id = $1 AND is_primary")
+                .bind(tenant_id)
+                .execute(&mut *tx.tx)
+                .await?;
         }
-        let inserted = sqlx::query(
+        let new_id: Option<i64> = sqlx::query_scalar(
             "INSERT INTO keks (tenant_id, provider, key_ref, state, revoked, current_version,
                                expires_at, state_changed_at, version_changed_at, expiry_changed_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-             ON CONFLICT (provider, key_ref) DO NOTHING",
+             ON CONFLICT (provider, key_ref) DO NOTHING
+             RETURNING id",
         )
         .bind(tenant_id)
         .bind(s.provider.as_str())
@@ -219,17 +239,33 @@ impl PgStore {
         .bind(s.state_changed_at)
         .bind(s.version_changed_at)
         .bind(s.expiry_changed_at)
-        .execute(&mut *tx.tx)
+        .fetch_optional(&mut *tx.tx)
         .await?;
-        if inserted.rows_affected() == 0 {
+        let Some(new_id) = new_id else {
             return Err(StoreError::Conflict(format!(
                 "{} key {:?} is already registered",
                 s.provider, s.key_ref
             )));
+        };
+        let mut job_id = None;
+        if let (Some((old_id, _, _)), Some(version)) = (&primary, &s.current_version) {
+            job_id = Some(
+                sqlx::query_scalar(
+                    "INSERT INTO rewrap_jobs (tenant_id, kind, kek_id, target_kek_id, target_version)
+                     VALUES ($1, 'replacement', $2, $3, $4) RETURNING id",
+                )
+                .bind(tenant_id)
+                .bind(old_id)
+                .bind(new_id)
+                .bind(version)
+                .fetch_one(&mut *tx.tx)
+                .await?,
+            );
         }
         tx.update_access(std::slice::from_ref(access)).await?;
         tx.audit(std::slice::from_ref(audit)).await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(job_id)
     }
 }
 

@@ -1,0 +1,414 @@
+//! Key management: the provider trait, the dispatch enum, and the envelope-encryption types.
+//!
+//! A DEK is 256 random bits that only ever leave this module wrapped by a tenant's KEK. Every
+//! wrap binds the tenant id and the DEK id as additional authenticated data, so a wrapped DEK
+//! copied to another row or tenant fails to unwrap. [`Kms`] routes each call to the provider
+//! of the KEK; providers implement [`KmsProvider`], whose batch `rewrap` defaults to unwrap +
+//! wrap and may be overridden by a provider with a native re-wrap.
+
+pub mod local;
+
+pub use local::LocalKms;
+
+use crate::domain::{KeyState, Provider};
+use crate::store::StoreError;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+/// A plaintext data-encryption key. Zeroized on drop; its `Debug` shows only the KCV.
+pub struct Dek(Zeroizing<[u8; 32]>);
+
+impl Dek {
+    /// A fresh random DEK.
+    pub fn generate() -> Dek {
+        let mut key = Zeroizing::new([0u8; 32]);
+        rand::rng().fill_bytes(key.as_mut());
+        Dek(key)
+    }
+
+    /// Takes ownership of 32 bytes (zeroizing the source is the caller's business).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Dek> {
+        let array: [u8; 32] = bytes.try_into().ok()?;
+        Some(Dek(Zeroizing::new(array)))
+    }
+
+    /// The key bytes, for a cipher.
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Key check value: the first 6 bytes of HMAC-SHA256(dek, "byokd-kcv"), hex. Lets anyone
+    /// confirm a DEK survived a re-wrap without seeing it.
+    pub fn kcv(&self) -> String {
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_ref()).expect("any key length");
+        mac.update(b"byokd-kcv");
+        let digest = mac.finalize().into_bytes();
+        digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Debug for Dek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Dek(kcv={})", self.kcv())
+    }
+}
+
+/// What a wrap is bound to: the owning tenant and the DEK's own id.
+#[derive(Debug, Clone, Copy)]
+pub struct DekContext<'a> {
+    /// Owning tenant.
+    pub tenant_id: &'a str,
+    /// The DEK's id.
+    pub dek_id: Uuid,
+}
+
+impl DekContext<'_> {
+    /// Additional authenticated data: unambiguous (length-prefixed tenant id) and versioned.
+    pub fn aad(&self) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(16 + self.tenant_id.len() + 16);
+        aad.extend_from_slice(b"byokd/dek/v1");
+        aad.extend_from_slice(&(self.tenant_id.len() as u32).to_be_bytes());
+        aad.extend_from_slice(self.tenant_id.as_bytes());
+        aad.extend_from_slice(self.dek_id.as_bytes());
+        aad
+    }
+
+    /// AWS-style encryption context (string map) carrying the same binding.
+    pub fn encryption_context(&self) -> [(&'static str, String); 2] {
+        [
+            ("byokd:tenant", self.tenant_id.to_owned()),
+            ("byokd:dek", self.dek_id.to_string()),
+        ]
+    }
+}
+
+/// A DEK wrapped under one KEK version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wrapped {
+    /// The KEK version it is wrapped under.
+    pub version: String,
+    /// Provider-specific ciphertext.
+    pub ciphertext: Vec<u8>,
+}
+
+/// One wrapped DEK to unwrap or re-wrap.
+#[derive(Debug, Clone, Copy)]
+pub struct WrappedRef<'a> {
+    /// What the wrap is bound to.
+    pub ctx: DekContext<'a>,
+    /// The KEK version it is wrapped under.
+    pub version: &'a str,
+    /// The ciphertext.
+    pub ciphertext: &'a [u8],
+}
+
+/// What a provider says about a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Provider-side state (expiry is reported through `expires_at`).
+    pub state: KeyState,
+    /// Version new wraps use.
+    pub current_version: String,
+    /// Expiry, if any.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Why a KMS call failed. [`KmsError::is_transient`] decides retry vs give up; a definitive
+/// answer about the key (not found, unusable, access denied) is never transient.
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    /// No such key at the provider.
+    #[error("{provider} key {key_ref:?} does not exist")]
+    NotFound {
+        /// Provider.
+        provider: Provider,
+        /// Key.
+        key_ref: String,
+    },
+    /// The key exists but refuses the operation in its current state.
+    #[error("{provider} key {key_ref:?} is {state} and refuses to {operation}")]
+    Unusable {
+        /// Provider.
+        provider: Provider,
+        /// Key.
+        key_ref: String,
+        /// Its state.
+        state: KeyState,
+        /// What was refused (`wrap`, `unwrap`).
+        operation: &'static str,
+    },
+    /// The provider denied byokd access to the key.
+    #[error("access to {provider} key {key_ref:?} was denied: {detail}")]
+    AccessDenied {
+        /// Provider.
+        provider: Provider,
+        /// Key.
+        key_ref: String,
+        /// Provider's message.
+        detail: String,
+    },
+    /// Timeout, connection failure or server error: says nothing about the key.
+    #[error("{provider} KMS unreachable: {detail}")]
+    Unreachable {
+        /// Provider.
+        provider: Provider,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The ciphertext does not authenticate under this key, version and binding.
+    #[error(
+        "wrapped DEK does not authenticate (wrong key or version, moved to another row, or tampered)"
+    )]
+    Integrity,
+    /// The requested key version does not exist.
+    #[error("{provider} key {key_ref:?} has no version {version:?}")]
+    NoSuchVersion {
+        /// Provider.
+        provider: Provider,
+        /// Key.
+        key_ref: String,
+        /// The version asked for.
+        version: String,
+    },
+    /// byokd has no configuration for this provider.
+    #[error("the {0} KMS provider is not configured")]
+    NotConfigured(Provider),
+    /// The local keyring's storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl KmsError {
+    /// Whether the same call may succeed later without anyone changing the key.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            KmsError::Unreachable { .. } => true,
+            KmsError::Store(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// A KMS back end. Batch methods fail as a whole when the key itself refuses (state, access,
+/// reachability) and per item when one ciphertext is bad.
+#[allow(async_fn_in_trait)]
+pub trait KmsProvider {
+    /// The key's state, current version and expiry.
+    async fn describe(&self, key_ref: &str) -> Result<KeyInfo, KmsError>;
+
+    /// Wraps each DEK under `version` (`None`: the current version).
+    async fn wrap_many(
+        &self,
+        key_ref: &str,
+        version: Option<&str>,
+        items: &[(&Dek, DekContext<'_>)],
+    ) -> Result<Vec<Wrapped>, KmsError>;
+
+    /// Unwraps each item.
+    async fn unwrap_many(
+        &self,
+        key_ref: &str,
+        items: &[WrappedRef<'_>],
+    ) -> Result<Vec<Result<Dek, KmsError>>, KmsError>;
+
+    /// Re-wraps each item under `target_version` of the same key. The default unwraps and
+    /// wraps; providers with a native re-wrap (AWS ReEncrypt, Vault rewrap) override it so
+    /// plaintext never leaves the KMS.
+    async fn rewrap(
+        &self,
+        key_ref: &str,
+        items: &[WrappedRef<'_>],
+        target_version: &str,
+    ) -> Result<Vec<Result<Wrapped, KmsError>>, KmsError> {
+        let plain = self.unwrap_many(key_ref, items).await?;
+        rewrap_via(self, key_ref, items, plain, target_version).await
+    }
+}
+
+/// Wraps the successfully unwrapped `plain[i]` (bound to `items[i].ctx`) under `target`,
+/// keeping per-item errors in place.
+async fn rewrap_via<P: KmsProvider + ?Sized>(
+    target: &P,
+    target_key: &str,
+    items: &[WrappedRef<'_>],
+    plain: Vec<Result<Dek, KmsError>>,
+    target_version: &str,
+) -> Result<Vec<Result<Wrapped, KmsError>>, KmsError> {
+    let ok: Vec<(&Dek, DekContext<'_>)> = plain
+        .iter()
+        .zip(items)
+        .filter_map(|(p, item)| p.as_ref().ok().map(|dek| (dek, item.ctx)))
+        .collect();
+    let mut wrapped = target
+        .wrap_many(target_key, Some(target_version), &ok)
+        .await?
+        .into_iter();
+    Ok(plain
+        .into_iter()
+        .map(|p| match p {
+            Ok(_) => wrapped.next().ok_or(KmsError::Integrity),
+            Err(e) => Err(e),
+        })
+        .collect())
+}
+
+/// The configured providers, by name.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// byokd's own keyring.
+    Local(LocalKms),
+}
+
+macro_rules! backend {
+    ($self:ident, $b:ident => $call:expr) => {
+        match $self {
+            Backend::Local($b) => $call,
+        }
+    };
+}
+
+impl KmsProvider for Backend {
+    async fn describe(&self, key_ref: &str) -> Result<KeyInfo, KmsError> {
+        backend!(self, b => b.describe(key_ref).await)
+    }
+
+    async fn wrap_many(
+        &self,
+        key_ref: &str,
+        version: Option<&str>,
+        items: &[(&Dek, DekContext<'_>)],
+    ) -> Result<Vec<Wrapped>, KmsError> {
+        backend!(self, b => b.wrap_many(key_ref, version, items).await)
+    }
+
+    async fn unwrap_many(
+        &self,
+        key_ref: &str,
+        items: &[WrappedRef<'_>],
+    ) -> Result<Vec<Result<Dek, KmsError>>, KmsError> {
+        backend!(self, b => b.unwrap_many(key_ref, items).await)
+    }
+
+    async fn rewrap(
+        &self,
+        key_ref: &str,
+        items: &[WrappedRef<'_>],
+        target_version: &str,
+    ) -> Result<Vec<Result<Wrapped, KmsError>>, KmsError> {
+        backend!(self, b => b.rewrap(key_ref, items, target_version).await)
+    }
+}
+
+/// Every configured provider; routes a call to the KEK's provider.
+#[derive(Debug, Clone, Default)]
+pub struct Kms {
+    local: Option<Backend>,
+}
+
+impl Kms {
+    /// A registry with the local keyring.
+    pub fn with_local(local: LocalKms) -> Kms {
+        Kms {
+            local: Some(Backend::Local(local)),
+        }
+    }
+
+    /// The back end for `provider`.
+    ///
+    /// # Errors
+    ///
+    /// [`KmsError::NotConfigured`] when byokd has no settings for it.
+    pub fn provider(&self, provider: Provider) -> Result<&Backend, KmsError> {
+        match provider {
+            Provider::Local => self.local.as_ref(),
+            _ => None,
+        }
+        .ok_or(KmsError::NotConfigured(provider))
+    }
+
+    /// Checks that the platform can use a key: a wrap and unwrap round trip of a throwaway
+    /// DEK, then describes it.
+    pub async fn test_key(&self, provider: Provider, key_ref: &str) -> Result<KeyInfo, KmsError> {
+        let kms = self.provider(provider)?;
+        let dek = Dek::generate();
+        let ctx = DekContext {
+            tenant_id: "byokd-key-test",
+            dek_id: Uuid::now_v7(),
+        };
+        let wrapped = kms
+            .wrap_many(key_ref, None, &[(&dek, ctx)])
+            .await?
+            .pop()
+            .ok_or(KmsError::Integrity)?;
+        let back = kms
+            .unwrap_many(
+                key_ref,
+                &[WrappedRef {
+                    ctx,
+                    version: &wrapped.version,
+                    ciphertext: &wrapped.ciphertext,
+                }],
+            )
+            .await?
+            .pop()
+            .ok_or(KmsError::Integrity)??;
+        if back.expose() != dek.expose() {
+            return Err(KmsError::Integrity);
+        }
+        kms.describe(key_ref).await
+    }
+
+    /// Moves DEKs from one key to another (key replacement): unwrap with the source, wrap
+    /// with the target's current version.
+    pub async fn transfer(
+        &self,
+        from: (Provider, &str),
+        to: (Provider, &str),
+        items: &[WrappedRef<'_>],
+        target_version: &str,
+    ) -> Result<Vec<Result<Wrapped, KmsError>>, KmsError> {
+        let plain = self.provider(from.0)?.unwrap_many(from.1, items).await?;
+        rewrap_via(self.provider(to.0)?, to.1, items, plain, target_version).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kcv_is_stable_and_short() {
+        let dek = Dek::from_bytes(&[7u8; 32]).expect("32 bytes");
+        assert_eq!(dek.kcv(), Dek::from_bytes(&[7u8; 32]).expect("32").kcv());
+        assert_eq!(dek.kcv().len(), 12);
+        assert_ne!(dek.kcv(), Dek::from_bytes(&[8u8; 32]).expect("32").kcv());
+        assert!(!format!("{dek:?}").contains("7, 7"));
+    }
+
+    #[test]
+    fn aad_binds_tenant_and_dek_unambiguously() {
+        let id = Uuid::now_v7();
+        let a = DekContext {
+            tenant_id: "ab",
+            dek_id: id,
+        }
+        .aad();
+        let b = DekContext {
+            tenant_id: "a",
+            dek_id: id,
+        }
+        .aad();
+        let c = DekContext {
+            tenant_id: "ab",
+            dek_id: Uuid::now_v7(),
+        }
+        .aad();
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+    }
+}

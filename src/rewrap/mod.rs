@@ -1,0 +1,384 @@
+//! DEK re-wrap jobs: rotation (every DEK of a KEK moves to its new version) and replacement
+//! (every DEK moves to another KEK).
+//!
+//! Jobs are created by the lifecycle transaction (a `rotated` event) or the admin API (key
+//! replacement) and worked by [`Rewrapper::run_once`], called in a loop by each of
+//! `rewrap.concurrency` workers on every replica. A step claims a batch of DEKs with
+//! `FOR UPDATE SKIP LOCKED`, re-wraps it through the KMS, and writes the batch back with a
+//! compare-and-swap on the old KEK and version in the same transaction, so a crash at any
+//! point rolls the batch back and a restarted worker picks it up again: no DEK is skipped,
+//! wrapped twice or lost. A DEK that fails is recorded with its reason and retried with
+//! backoff without holding up the rest; a key the KMS refuses puts the job in `waiting` until
+//! the key is usable again.
+
+use crate::domain::Provider;
+use crate::kms::{DekContext, Kms, KmsError, KmsProvider, Wrapped, WrappedRef};
+use crate::notify::tenant_notifications;
+use crate::store::{JobKind, RewrapJob, RewrappedDek, Store, StoreError};
+use chrono::{DateTime, Utc};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+
+/// Re-wrap tuning (`[rewrap]` in the config file, `BYOKD_REWRAP__*`).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewrapSettings {
+    /// DEKs per claimed batch (one transaction each).
+    pub batch_size: i64,
+    /// Worker tasks per replica.
+    pub concurrency: usize,
+    /// Attempts before a failing DEK counts as failed for good.
+    pub max_attempts: i32,
+    /// Most DEK operations per second per provider (0: unlimited). Remote KMSs throttle.
+    pub rate_limits: HashMap<Provider, u32>,
+}
+
+impl Default for RewrapSettings {
+    fn default() -> Self {
+        RewrapSettings {
+            batch_size: 1000,
+            concurrency: 2,
+            max_attempts: 5,
+            rate_limits: HashMap::new(),
+        }
+    }
+}
+
+/// Why a step failed; the loop retries after a pause either way.
+#[derive(Debug, thiserror::Error)]
+pub enum RewrapError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// No job is due.
+    Idle,
+    /// Re-wrapped a batch: `done` swapped, `failed` recorded.
+    Batch {
+        /// DEKs re-wrapped.
+        done: u64,
+        /// DEKs that failed this time.
+        failed: usize,
+    },
+    /// The job's remaining DEKs are held by other workers or backing off.
+    Busy,
+    /// The KMS refused or could not be reached; the job waits.
+    Deferred,
+    /// The job finished.
+    Finished,
+}
+
+/// Whether a DEK under `version` must move to `target`. Providers with numbered versions
+/// (local, Vault) only move older DEKs, so a DEK already wrapped under a newer version by the
+/// KMS's current key is never rolled back; opaque versions (AWS) move whatever differs.
+pub fn needs_rewrap(kind: JobKind, version: &str, target: &str) -> bool {
+    if kind == JobKind::Replacement {
+        return true;
+    }
+    if version == target {
+        return false;
+    }
+    match (version.parse::<u64>(), target.parse::<u64>()) {
+        (Ok(v), Ok(t)) => v < t,
+        _ => true,
+    }
+}
+
+/// The re-wrap engine shared by a replica's workers.
+#[derive(Clone)]
+pub struct Rewrapper {
+    store: Store,
+    kms: Kms,
+    settings: RewrapSettings,
+    limiters: Arc<HashMap<Provider, DefaultDirectRateLimiter>>,
+    wake: Arc<Notify>,
+}
+
+impl Rewrapper {
+    /// An engine; `wake` is notified by whoever creates or resumes a job.
+    pub fn new(store: Store, kms: Kms, settings: RewrapSettings, wake: Arc<Notify>) -> Rewrapper {
+        let limiters = settings
+            .rate_limits
+            .iter()
+            .filter_map(|(p, rate)| {
+                let rate = NonZeroU32::new(*rate)?;
+                let burst = NonZeroU32::new(
+                    u32::try_from(settings.batch_size)
+                        .unwrap_or(u32::MAX)
+                        .max(rate.get()),
+                )?;
+                Some((
+                    *p,
+                    RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+                ))
+            })
+            .collect();
+        Rewrapper {
+            store,
+            kms,
+            settings,
+            limiters: Arc::new(limiters),
+            wake,
+        }
+    }
+
+    /// Works one batch of the oldest due job.
+    ///
+    /// # Errors
+    ///
+    /// Database failures; KMS failures defer the job instead.
+    pub async fn run_once(&self, now: DateTime<Utc>) -> Result<Step, RewrapError> {
+        let Some(mut job) = self.store.next_rewrap_job(now).await? else {
+            return Ok(Step::Idle);
+        };
+        if !job.planned {
+            self.plan(&mut job).await?;
+        }
+        let mut tx = self.store.begin().await?;
+        let claimed = tx.claim_deks(&job, self.settings.batch_size, now).await?;
+        if claimed.is_empty() {
+            drop(tx);
+            return self.try_finish(&job, now).await;
+        }
+        if let Some(limiter) = self.limiters.get(&job.kek.1)
+            && let Some(n) = NonZeroU32::new(u32::try_from(claimed.len()).unwrap_or(u32::MAX))
+        {
+            // `n` never exceeds the burst (batch size), so this only waits.
+            let _ = limiter.until_n_ready(n).await;
+        }
+        let items: Vec<WrappedRef<'_>> = claimed
+            .iter()
+            .map(|d| WrappedRef {
+                ctx: DekContext {
+                    tenant_id: &d.tenant_id,
+                    dek_id: d.id,
+                },
+                version: &d.kek_version,
+                ciphertext: &d.wrapped,
+            })
+            .collect();
+        let results = match self.rewrap(&job, &items).await {
+            Ok(r) => r,
+            Err(e) => {
+                drop(tx);
+                return self.defer(&job, &e, now).await;
+            }
+        };
+        let mut swapped = Vec::with_capacity(claimed.len());
+        let mut failures = Vec::new();
+        for (dek, result) in claimed.iter().zip(results) {
+            match result {
+                Ok(Wrapped {
+                    version,
+                    ciphertext,
+                }) => swapped.push(RewrappedDek {
+                    id: dek.id,
+                    old_version: dek.kek_version.clone(),
+                    version,
+                    wrapped: ciphertext,
+                }),
+                Err(e) => failures.push((dek.id, e.to_string())),
+            }
+        }
+        let done = tx.store_rewrapped(&job, &swapped).await?;
+        let failed_for_good = tx
+            .record_rewrap_failures(job.id, &failures, now, self.settings.max_attempts)
+            .await?;
+        tx.add_rewrap_progress(
+            job.id,
+            i64::try_from(done).unwrap_or(i64::MAX),
+            failed_for_good,
+        )
+        .await?;
+        tx.commit().await?;
+        metrics::counter!("byokd_rewrap_deks_total", "outcome" => "rewrapped").increment(done);
+        metrics::counter!("byokd_rewrap_deks_total", "outcome" => "failed")
+            .increment(failures.len() as u64);
+        if !failures.is_empty() {
+            tracing::warn!(job = job.id, failed = failures.len(), first = %failures[0].1,
+                "DEKs failed to re-wrap; will retry");
+        }
+        tracing::debug!(job = job.id, done, "re-wrapped a batch");
+        Ok(Step::Batch {
+            done,
+            failed: failures.len(),
+        })
+    }
+
+    async fn rewrap(
+        &self,
+        job: &RewrapJob,
+        items: &[WrappedRef<'_>],
+    ) -> Result<Vec<Result<Wrapped, KmsError>>, KmsError> {
+        match job.kind {
+            JobKind::Rotation => {
+                self.kms
+                    .provider(job.kek.1)?
+                    .rewrap(&job.kek.2, items, &job.target_version)
+                    .await
+            }
+            JobKind::Replacement => {
+                self.kms
+                    .transfer(
+                        (job.kek.1, &job.kek.2),
+                        (job.target.1, &job.target.2),
+                        items,
+                        &job.target_version,
+                    )
+                    .await
+            }
+        }
+    }
+
+    async fn plan(&self, job: &mut RewrapJob) -> Result<(), RewrapError> {
+        let versions = self.store.dek_versions(job.kek.0).await?;
+        let (from, total): (Vec<String>, i64) = versions
+            .into_iter()
+            .filter(|(v, _)| needs_rewrap(job.kind, v, &job.target_version))
+            .fold((Vec::new(), 0), |(mut vs, n), (v, c)| {
+                vs.push(v);
+                (vs, n + c)
+            });
+        self.store.plan_rewrap_job(job.id, &from, total).await?;
+        tracing::info!(job = job.id, tenant = %job.tenant_id, key = %job.kek.2,
+            to = %job.target_version, total, "re-wrap job planned");
+        job.from_versions = from;
+        job.planned = true;
+        Ok(())
+    }
+
+    async fn defer(
+        &self,
+        job: &RewrapJob,
+        e: &KmsError,
+        now: DateTime<Utc>,
+    ) -> Result<Step, RewrapError> {
+        // A refusal waits for the key to come back (an `enabled` event resumes the job at
+        // once); an outage retries sooner.
+        let (waiting, delay) = if e.is_transient() {
+            (false, chrono::Duration::seconds(5))
+        } else {
+            (true, chrono::Duration::seconds(60))
+        };
+        tracing::warn!(job = job.id, error = %e, "re-wrap job deferred");
+        self.store
+            .defer_rewrap_job(job.id, waiting, now + delay, &e.to_string())
+            .await?;
+        Ok(Step::Deferred)
+    }
+
+    /// Completes the job if nothing is left to re-wrap; otherwise picks up DEKs that appeared
+    /// under versions the plan did not know, or reports that other workers hold the rest.
+    async fn try_finish(&self, job: &RewrapJob, now: DateTime<Utc>) -> Result<Step, RewrapError> {
+        let mut tx = self.store.begin().await?;
+        let Some(job) = tx.lock_active_job(job.id).await? else {
+            return Ok(Step::Busy);
+        };
+        let except = (job.kind == JobKind::Rotation).then_some(job.target_version.as_str());
+        let remaining: Vec<(String, i64)> = tx
+            .remaining_versions(job.kek.0, except)
+            .await?
+            .into_iter()
+            .filter(|(v, _)| needs_rewrap(job.kind, v, &job.target_version))
+            .collect();
+        let new: Vec<(String, i64)> = remaining
+            .iter()
+            .filter(|(v, _)| !job.from_versions.contains(v))
+            .cloned()
+            .collect();
+        if !new.is_empty() {
+            let versions: Vec<String> = new.iter().map(|(v, _)| v.clone()).collect();
+            let more = new.iter().map(|(_, n)| n).sum();
+            tx.extend_rewrap_job(job.id, &versions, more).await?;
+            tx.commit().await?;
+            return Ok(Step::Busy);
+        }
+        let left: i64 = remaining.iter().map(|(_, n)| n).sum();
+        let failed = tx.permanent_failures(job.id).await?;
+        if left > failed {
+            return Ok(Step::Busy);
+        }
+        let state = if failed > 0 { "failed" } else { "completed" };
+        let reason = (failed > 0).then(|| format!("{failed} DEKs could not be re-wrapped"));
+        let (done, _) = tx.finish_rewrap_job(&job, state, reason.as_deref()).await?;
+        if state == "completed" {
+            let tenant = tx.tenant_recipients(&job.tenant_id).await?;
+            let from = job.from_versions.join(",");
+            let mut data = json!({
+                "tenant_id": job.tenant_id,
+                "provider": job.target.1,
+                "key_ref": job.target.2,
+                "dek_count": done,
+                "from_version": from,
+                "to_version": job.target_version,
+            });
+            if job.kind == JobKind::Replacement {
+                data["previous_key_ref"] = job.kek.2.clone().into();
+            }
+            let rows = tenant_notifications(
+                &tenant,
+                "key.rotated",
+                &format!("rewrap-job:{}", job.id),
+                data,
+                now,
+            );
+            tx.enqueue(&rows).await?;
+        }
+        tx.commit().await?;
+        metrics::counter!("byokd_rewrap_jobs_finished_total", "state" => state).increment(1);
+        tracing::info!(job = job.id, tenant = %job.tenant_id, state, done, failed,
+            "re-wrap job finished");
+        Ok(Step::Finished)
+    }
+}
+
+/// One worker: runs [`Rewrapper::run_once`] until shutdown, pausing when idle (woken early
+/// when a job is created or resumed) and after errors.
+pub async fn rewrap_loop(engine: Rewrapper, mut shutdown: watch::Receiver<bool>) {
+    let wake = engine.wake.clone();
+    while !*shutdown.borrow() {
+        let pause = match engine.run_once(Utc::now()).await {
+            Ok(Step::Batch { .. } | Step::Finished) => continue,
+            Ok(Step::Busy) => Duration::from_millis(200),
+            Ok(Step::Idle | Step::Deferred) => Duration::from_secs(2),
+            Err(e) => {
+                tracing::warn!(error = %e, "re-wrap step failed; retrying");
+                Duration::from_secs(2)
+            }
+        };
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_versions_only_move_forward() {
+        assert!(needs_rewrap(JobKind::Rotation, "1", "2"));
+        assert!(
+            needs_rewrap(JobKind::Rotation, "9", "10"),
+            "numeric, not lexical"
+        );
+        assert!(!needs_rewrap(JobKind::Rotation, "3", "2"));
+        assert!(!needs_rewrap(JobKind::Rotation, "2", "2"));
+        assert!(needs_rewrap(JobKind::Rotation, "mat-a", "mat-b"));
+        assert!(!needs_rewrap(JobKind::Rotation, "mat-b", "mat-b"));
+        assert!(needs_rewrap(JobKind::Replacement, "2", "2"));
+    }
+}

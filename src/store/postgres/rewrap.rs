@@ -1,0 +1,553 @@
+//! PostgreSQL SQL of DEKs and re-wrap jobs.
+
+use super::{PgStore, PgTx, parse};
+use crate::store::{
+    ClaimedDek, DekRow, DekTarget, JobKind, NewDek, NewRewrapJob, RewrapJob, RewrapJobView,
+    RewrappedDek, StoreError, TenantRow,
+};
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use uuid::Uuid;
+
+fn kind(r: &PgRow) -> Result<JobKind, StoreError> {
+    let text: String = r.try_get("kind")?;
+    Ok(if text == "replacement" {
+        JobKind::Replacement
+    } else {
+        JobKind::Rotation
+    })
+}
+
+fn kind_str(k: JobKind) -> &'static str {
+    match k {
+        JobKind::Rotation => "rotation",
+        JobKind::Replacement => "replacement",
+    }
+}
+
+fn dek_row(r: &PgRow) -> Result<DekRow, StoreError> {
+    Ok(DekRow {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        provider: parse(r, "provider")?,
+        key_ref: r.try_get("key_ref")?,
+        kek_state: parse(r, "state")?,
+        kek_version: r.try_get("kek_version")?,
+        wrapped: r.try_get("wrapped")?,
+        kcv: r.try_get("kcv")?,
+    })
+}
+
+/// Columns of an active job joined with both KEKs (`j`, `s` source, `t` target).
+const JOB_SELECT: &str =
+    "SELECT j.id, j.tenant_id, j.kind, j.target_version, j.from_versions, j.planned,
+        j.kek_id, s.provider AS s_provider, s.key_ref AS s_key_ref,
+        j.target_kek_id, t.provider AS t_provider, t.key_ref AS t_key_ref
+ FROM rewrap_jobs j JOIN keks s ON s.id = j.kek_id JOIN keks t ON t.id = j.target_kek_id";
+
+fn job(r: &PgRow) -> Result<RewrapJob, StoreError> {
+    Ok(RewrapJob {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        kind: kind(r)?,
+        kek: (
+            r.try_get("kek_id")?,
+            parse(r, "s_provider")?,
+            r.try_get("s_key_ref")?,
+        ),
+        target: (
+            r.try_get("target_kek_id")?,
+            parse(r, "t_provider")?,
+            r.try_get("t_key_ref")?,
+        ),
+        target_version: r.try_get("target_version")?,
+        from_versions: r.try_get("from_versions")?,
+        planned: r.try_get("planned")?,
+    })
+}
+
+impl PgStore {
+    pub(crate) async fn dek_target(&self, tenant_id: &str) -> Result<DekTarget, StoreError> {
+        let r = sqlx::query(
+            "SELECT t.access, t.access_reason, k.id AS kek_id, k.provider, k.key_ref
+             FROM tenants t LEFT JOIN keks k ON k.tenant_id = t.id AND k.is_primary
+             WHERE t.id = $1",
+        )
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("tenant {tenant_id:?}")))?;
+        let kek_id: Option<i64> = r.try_get("kek_id")?;
+        let kek = match kek_id {
+            Some(id) => Some((id, parse(&r, "provider")?, r.try_get("key_ref")?)),
+            None => None,
+        };
+        Ok(DekTarget {
+            access: parse(&r, "access")?,
+            reason: r.try_get("access_reason")?,
+            kek,
+        })
+    }
+
+    pub(crate) async fn insert_dek(&self, d: &NewDek) -> Result<(), StoreError> {
+        // The tenant's access and primary KEK are re-checked in the insert itself, so a
+        // revocation committed while the DEK was being wrapped wins.
+        let inserted = sqlx::query(
+            "INSERT INTO deks (id, tenant_id, kek_id, kek_version, wrapped, kcv)
+             SELECT $1, $2, $3, $4, $5, $6
+             WHERE EXISTS (SELECT 1 FROM tenants t JOIN keks k ON k.tenant_id = t.id
+                           WHERE t.id = $2 AND t.access = 'accessible'
+                             AND k.id = $3 AND k.is_primary)",
+        )
+        .bind(d.id)
+        .bind(&d.tenant_id)
+        .bind(d.kek_id)
+        .bind(&d.kek_version)
+        .bind(&d.wrapped)
+        .bind(&d.kcv)
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!(
+                "tenant {:?} stopped being accessible while the DEK was created",
+                d.tenant_id
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn dek(&self, tenant_id: &str, id: Uuid) -> Result<DekRow, StoreError> {
+        let r = sqlx::query(
+            "SELECT d.id, d.tenant_id, k.provider, k.key_ref, k.state, d.kek_version, d.wrapped,
+                    d.kcv
+             FROM deks d JOIN keks k ON k.id = d.kek_id
+             WHERE d.tenant_id = $1 AND d.id = $2",
+        )
+        .bind(tenant_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("DEK {id} of tenant {tenant_id:?}")))?;
+        dek_row(&r)
+    }
+
+    pub(crate) async fn deks_page(
+        &self,
+        tenant_id: &str,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<DekRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT d.id, d.tenant_id, k.provider, k.key_ref, k.state, d.kek_version, d.wrapped,
+                    d.kcv
+             FROM deks d JOIN keks k ON k.id = d.kek_id
+             WHERE d.tenant_id = $1 AND ($2::uuid IS NULL OR d.id > $2)
+             ORDER BY d.id LIMIT $3",
+        )
+        .bind(tenant_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(dek_row).collect()
+    }
+
+    pub(crate) async fn rewrap_jobs(
+        &self,
+        tenant_id: &str,
+    ) -> Result<Vec<RewrapJobView>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT j.id, j.kind, s.provider, s.key_ref, t.key_ref AS target_key_ref,
+                    j.from_versions, j.target_version, j.state, j.total, j.done, j.failed,
+                    j.last_error, j.created_at, j.completed_at
+             FROM rewrap_jobs j JOIN keks s ON s.id = j.kek_id JOIN keks t ON t.id = j.target_kek_id
+             WHERE j.tenant_id = $1 ORDER BY j.id DESC",
+        )
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RewrapJobView {
+                    id: r.try_get("id")?,
+                    kind: kind(r)?,
+                    provider: parse(r, "provider")?,
+                    key_ref: r.try_get("key_ref")?,
+                    target_key_ref: r.try_get("target_key_ref")?,
+                    from_versions: r.try_get("from_versions")?,
+                    target_version: r.try_get("target_version")?,
+                    state: r.try_get("state")?,
+                    total: r.try_get("total")?,
+                    done: r.try_get("done")?,
+                    failed: r.try_get("failed")?,
+                    last_error: r.try_get("last_error")?,
+                    created_at: r.try_get("created_at")?,
+                    completed_at: r.try_get("completed_at")?,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) async fn next_rewrap_job(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Option<RewrapJob>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{JOB_SELECT} WHERE j.state IN ('pending', 'running', 'waiting') AND j.not_before <= $1
+             ORDER BY j.id LIMIT 1"
+        ));
+        let r = sqlx::query(sql)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+        r.as_ref().map(job).transpose()
+    }
+
+    pub(crate) async fn dek_versions(&self, kek_id: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kek_version, count(*) AS n FROM deks WHERE kek_id = $1 GROUP BY kek_version",
+        )
+        .bind(kek_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("kek_version")?, r.try_get("n")?)))
+            .collect()
+    }
+
+    pub(crate) async fn plan_rewrap_job(
+        &self,
+        job_id: i64,
+        from_versions: &[String],
+        total: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE rewrap_jobs SET from_versions = $2, total = $3, planned = TRUE,
+                    state = 'running', updated_at = now()
+             WHERE id = $1 AND NOT planned",
+        )
+        .bind(job_id)
+        .bind(from_versions)
+        .bind(total)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn defer_rewrap_job(
+        &self,
+        job_id: i64,
+        waiting: bool,
+        until: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE rewrap_jobs
+             SET state = CASE WHEN $2 THEN 'waiting' ELSE state END,
+                 not_before = $3, last_error = $4, updated_at = now()
+             WHERE id = $1 AND state IN ('pending', 'running', 'waiting')",
+        )
+        .bind(job_id)
+        .bind(waiting)
+        .bind(until)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+impl PgTx {
+    pub(crate) async fn create_rewrap_jobs(
+        &mut self,
+        jobs: &[NewRewrapJob],
+    ) -> Result<(), StoreError> {
+        for j in jobs {
+            if j.kind == JobKind::Rotation {
+                // A newer rotation takes over: it re-wraps everything the older one had left.
+                sqlx::query(
+                    "UPDATE rewrap_jobs SET state = 'superseded', updated_at = now(),
+                            completed_at = now()
+                     WHERE kek_id = $1 AND kind = 'rotation' AND target_version <> $2
+                       AND state IN ('pending', 'running', 'waiting')",
+                )
+                .bind(j.kek_id)
+                .bind(&j.target_version)
+                .execute(&mut *self.tx)
+                .await?;
+            }
+            sqlx::query(
+                "INSERT INTO rewrap_jobs (tenant_id, kind, kek_id, target_kek_id, target_version)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (kek_id, target_kek_id, target_version) DO NOTHING",
+            )
+            .bind(&j.tenant_id)
+            .bind(kind_str(j.kind))
+            .bind(j.kek_id)
+            .bind(j.target_kek_id)
+            .bind(&j.target_version)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn resume_rewrap_jobs(&mut self, kek_ids: &[i64]) -> Result<(), StoreError> {
+        if kek_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE rewrap_jobs SET not_before = now(), updated_at = now()
+             WHERE state = 'waiting' AND (kek_id = ANY($1) OR target_kek_id = ANY($1))",
+        )
+        .bind(kek_ids)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn claim_deks(
+        &mut self,
+        job: &RewrapJob,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ClaimedDek>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT d.id, d.tenant_id, d.kek_version, d.wrapped FROM deks d
+             WHERE d.kek_id = $1 AND d.kek_version = ANY($2)
+               AND NOT EXISTS (SELECT 1 FROM rewrap_failures f
+                               WHERE f.job_id = $3 AND f.dek_id = d.id AND f.next_attempt_at > $4)
+             LIMIT $5
+             FOR UPDATE OF d SKIP LOCKED",
+        )
+        .bind(job.kek.0)
+        .bind(&job.from_versions)
+        .bind(job.id)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ClaimedDek {
+                    id: r.try_get("id")?,
+                    tenant_id: r.try_get("tenant_id")?,
+                    kek_version: r.try_get("kek_version")?,
+                    wrapped: r.try_get("wrapped")?,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) async fn store_rewrapped(
+        &mut self,
+        job: &RewrapJob,
+        deks: &[RewrappedDek],
+    ) -> Result<u64, StoreError> {
+        if deks.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = deks.iter().map(|d| d.id).collect();
+        let old: Vec<&str> = deks.iter().map(|d| d.old_version.as_str()).collect();
+        let versions: Vec<&str> = deks.iter().map(|d| d.version.as_str()).collect();
+        let wrapped: Vec<&[u8]> = deks.iter().map(|d| d.wrapped.as_slice()).collect();
+        let done = sqlx::query(
+            "UPDATE deks d SET kek_id = $1, kek_version = u.version, wrapped = u.wrapped,
+                    updated_at = now()
+             FROM UNNEST($3::uuid[], $4::text[], $5::text[], $6::bytea[])
+                 AS u(id, old_version, version, wrapped)
+             WHERE d.id = u.id AND d.kek_id = $2 AND d.kek_version = u.old_version",
+        )
+        .bind(job.target.0)
+        .bind(job.kek.0)
+        .bind(&ids)
+        .bind(&old)
+        .bind(&versions)
+        .bind(&wrapped)
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query("DELETE FROM rewrap_failures WHERE job_id = $1 AND dek_id = ANY($2)")
+            .bind(job.id)
+            .bind(&ids)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(crate) async fn record_rewrap_failures(
+        &mut self,
+        job_id: i64,
+        failures: &[(Uuid, String)],
+        now: DateTime<Utc>,
+        max_attempts: i32,
+    ) -> Result<i64, StoreError> {
+        if failures.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = failures.iter().map(|f| f.0).collect();
+        let reasons: Vec<&str> = failures.iter().map(|f| f.1.as_str()).collect();
+        // Backoff doubles from 5 s; at `max_attempts` the DEK waits forever (failed for good).
+        let rows = sqlx::query(
+            "INSERT INTO rewrap_failures AS f (job_id, dek_id, reason, attempts, next_attempt_at)
+             SELECT $1, u.id, u.reason, 1, $3 + interval '5 seconds'
+             FROM UNNEST($2::uuid[], $5::text[]) AS u(id, reason)
+             ON CONFLICT (job_id, dek_id) DO UPDATE
+             SET attempts = f.attempts + 1, reason = EXCLUDED.reason,
+                 next_attempt_at = CASE WHEN f.attempts + 1 >= $4 THEN 'infinity'::timestamptz
+                     ELSE $3 + interval '5 seconds' * power(2, f.attempts) END
+             RETURNING attempts",
+        )
+        .bind(job_id)
+        .bind(&ids)
+        .bind(now)
+        .bind(max_attempts)
+        .bind(&reasons)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut permanent = 0;
+        for r in &rows {
+            let attempts: i32 = r.try_get("attempts")?;
+            if attempts >= max_attempts {
+                permanent += 1;
+            }
+        }
+        Ok(permanent)
+    }
+
+    pub(crate) async fn add_rewrap_progress(
+        &mut self,
+        job_id: i64,
+        done: i64,
+        failed: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE rewrap_jobs SET done = done + $2, failed = failed + $3, state = 'running',
+                    last_error = NULL, updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(job_id)
+        .bind(done)
+        .bind(failed)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn lock_active_job(
+        &mut self,
+        job_id: i64,
+    ) -> Result<Option<RewrapJob>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{JOB_SELECT} WHERE j.id = $1 AND j.state IN ('pending', 'running', 'waiting')
+             FOR UPDATE OF j"
+        ));
+        let r = sqlx::query(sql)
+            .bind(job_id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        r.as_ref().map(job).transpose()
+    }
+
+    pub(crate) async fn remaining_versions(
+        &mut self,
+        kek_id: i64,
+        except_version: Option<&str>,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        // Two index ranges around the target version, so a finished job does not scan the
+        // DEKs it already moved.
+        let rows = sqlx::query(
+            "SELECT kek_version, count(*) AS n FROM deks
+             WHERE kek_id = $1
+               AND ($2::text IS NULL OR kek_version < $2 OR kek_version > $2)
+             GROUP BY kek_version",
+        )
+        .bind(kek_id)
+        .bind(except_version)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("kek_version")?, r.try_get("n")?)))
+            .collect()
+    }
+
+    pub(crate) async fn permanent_failures(&mut self, job_id: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM rewrap_failures
+             WHERE job_id = $1 AND next_attempt_at = 'infinity'::timestamptz",
+        )
+        .bind(job_id)
+        .fetch_one(&mut *self.tx)
+        .await?)
+    }
+
+    pub(crate) async fn extend_rewrap_job(
+        &mut self,
+        job_id: i64,
+        versions: &[String],
+        more: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE rewrap_jobs SET from_versions = from_versions || $2, total = total + $3,
+                    updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(job_id)
+        .bind(versions)
+        .bind(more)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn finish_rewrap_job(
+        &mut self,
+        job: &RewrapJob,
+        state: &str,
+        reason: Option<&str>,
+    ) -> Result<(i64, i64), StoreError> {
+        let r = sqlx::query(
+            "UPDATE rewrap_jobs SET state = $2, last_error = $3, completed_at = now(),
+                    updated_at = now()
+             WHERE id = $1 RETURNING done, failed",
+        )
+        .bind(job.id)
+        .bind(state)
+        .bind(reason)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        if job.kind == JobKind::Replacement && state == "completed" {
+            sqlx::query("UPDATE keks SET retired_at = now(), updated_at = now() WHERE id = $1")
+                .bind(job.kek.0)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        Ok((r.try_get("done")?, r.try_get("failed")?))
+    }
+
+    pub(crate) async fn tenant_recipients(
+        &mut self,
+        tenant_id: &str,
+    ) -> Result<TenantRow, StoreError> {
+        let r = sqlx::query(
+            "SELECT t.id, t.access, t.access_reason,
+                    ARRAY(SELECT email FROM tenant_contacts c WHERE c.tenant_id = t.id
+                          ORDER BY email) AS contacts,
+                    ARRAY(SELECT w.id FROM webhook_endpoints w
+                          WHERE w.tenant_id = t.id AND w.enabled ORDER BY w.created_at, w.id)
+                        AS webhooks
+             FROM tenants t WHERE t.id = $1",
+        )
+        .bind(tenant_id)
+        .fetch_optional(&mut *self.tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("tenant {tenant_id:?}")))?;
+        Ok(TenantRow {
+            id: r.try_get("id")?,
+            access: parse(&r, "access")?,
+            access_reason: r.try_get("access_reason")?,
+            contacts: r.try_get("contacts")?,
+            webhooks: r.try_get("webhooks")?,
+        })
+    }
+}

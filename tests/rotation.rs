@@ -1,0 +1,458 @@
+//! Envelope encryption with the local KMS and the DEK re-wrap engine: rotation, concurrent
+//! workers and replicas, crashes (SIGKILL) mid-job, DEKs created during a rotation, key
+//! replacement, and a rotation the KMS refuses until the key is enabled again.
+
+mod common;
+
+use base64::Engine;
+use byokd::kms::{Dek, DekContext, KmsError, KmsProvider, WrappedRef};
+use common::{TestApp, at, byokd_command, wait_for, with_service_env};
+use rand::Rng;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Rotates a local key and publishes the `rotated` event, as `byokd kms local rotate` does.
+async fn rotate(app: &TestApp, key: &str, when: i64) -> String {
+    let info = app.local_kms().await.rotate(key).await.expect("rotate");
+    app.publish(
+        "rotated",
+        key,
+        at(when),
+        json!({ "version": info.current_version }),
+    )
+    .await;
+    info.current_version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_kms_round_trips_binds_aad_detects_tampering_and_never_reuses_nonces() {
+    let app = TestApp::spawn().await;
+    let kms = app.local_kms().await;
+    kms.create("k", None).await.expect("create");
+    let dek = Dek::generate();
+    let ctx = DekContext {
+        tenant_id: "t1",
+        dek_id: Uuid::now_v7(),
+    };
+    let wrapped = kms
+        .wrap_many("k", None, &[(&dek, ctx)])
+        .await
+        .expect("wrap")
+        .remove(0);
+    assert_eq!(wrapped.version, "1");
+    let unwrap = |c: DekContext<'static>, ct: Vec<u8>, v: &'static str| {
+        let kms = kms.clone();
+        async move {
+            kms.unwrap_many(
+                "k",
+                &[WrappedRef {
+                    ctx: c,
+                    version: v,
+                    ciphertext: &ct,
+                }],
+            )
+            .await
+            .expect("key usable")
+            .remove(0)
+        }
+    };
+    let ct = wrapped.ciphertext.clone();
+    let ctx_static = DekContext {
+        tenant_id: "t1",
+        dek_id: ctx.dek_id,
+    };
+    let back = unwrap(ctx_static, ct.clone(), "1")
+        .await
+        .expect("round trip");
+    assert_eq!(back.kcv(), dek.kcv());
+
+    // Moved to another DEK row or another tenant: the binding no longer matches.
+    let other_row = DekContext {
+        tenant_id: "t1",
+        dek_id: Uuid::now_v7(),
+    };
+    assert!(matches!(
+        unwrap(other_row, ct.clone(), "1").await,
+        Err(KmsError::Integrity)
+    ));
+    let other_tenant = DekContext {
+        tenant_id: "t2",
+        dek_id: ctx.dek_id,
+    };
+    assert!(matches!(
+        unwrap(other_tenant, ct.clone(), "1").await,
+        Err(KmsError::Integrity)
+    ));
+    // Every single flipped byte is detected.
+    for i in 0..ct.len() {
+        let mut tampered = ct.clone();
+        tampered[i] ^= 0x01;
+        assert!(
+            matches!(
+                unwrap(ctx_static, tampered, "1").await,
+                Err(KmsError::Integrity)
+            ),
+            "byte {i}"
+        );
+    }
+    // Nonces are never reused across many wraps of the same DEK.
+    let items: Vec<_> = (0..2000).map(|_| (&dek, ctx)).collect();
+    let many = kms.wrap_many("k", None, &items).await.expect("wrap many");
+    let nonces: HashSet<Vec<u8>> = many.iter().map(|w| w.ciphertext[..12].to_vec()).collect();
+    assert_eq!(nonces.len(), 2000);
+    // After a rotation the old version still unwraps; a disabled key refuses both ways.
+    kms.rotate("k").await.expect("rotate");
+    assert!(unwrap(ctx_static, ct.clone(), "1").await.is_ok());
+    use byokd::domain::KeyState::{Disabled, Enabled};
+    kms.transition("k", &[Enabled], Disabled)
+        .await
+        .expect("disable");
+    let refused = kms
+        .unwrap_many(
+            "k",
+            &[WrappedRef {
+                ctx,
+                version: "1",
+                ciphertext: &ct,
+            }],
+        )
+        .await
+        .expect_err("disabled key refuses");
+    assert!(refused.to_string().contains("disabled"), "{refused}");
+    assert!(kms.wrap_many("k", None, &[(&dek, ctx)]).await.is_err());
+    // The key material is stored sealed, never in plaintext.
+    let sealed: Vec<Vec<u8>> = sqlx::query_scalar("SELECT material_sealed FROM local_key_versions")
+        .fetch_all(&app.pool)
+        .await
+        .expect("rows");
+    assert!(sealed.iter().all(|m| m.len() == 1 + 12 + 32 + 16));
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dek_api_wraps_stores_only_ciphertext_and_refuses_when_not_accessible() {
+    let app = TestApp::spawn().await;
+    app.tenant_with_key("d", "key-d").await;
+    let r = app.post("/v1/tenants/d/deks", json!({})).await;
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.expect("json");
+    assert_eq!(created["kek_version"], "1");
+    let kcv = created["kcv"].as_str().expect("kcv").to_owned();
+    let id = created["dek_id"].as_str().expect("id").to_owned();
+    let got: Value = app
+        .get(&format!("/v1/tenants/d/deks/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(got["kcv"], kcv.as_str());
+    assert_eq!(got["unrecoverable"], false);
+    let wrapped = base64::engine::general_purpose::STANDARD
+        .decode(got["wrapped"].as_str().expect("wrapped"))
+        .expect("base64");
+    assert_eq!(wrapped.len(), 12 + 32 + 16, "nonce + ciphertext + tag");
+    assert!(got.get("plaintext").is_none() && got.get("dek").is_none());
+    assert_eq!(app.get("/v1/tenants/d/deks/not-a-uuid").await.status(), 404);
+    assert_eq!(
+        app.get(&format!("/v1/tenants/x/deks/{id}")).await.status(),
+        404
+    );
+
+    app.publish("disabled", "key-d", at(0), json!({})).await;
+    app.wait_processed(1).await;
+    let r = app.post("/v1/tenants/d/deks", json!({})).await;
+    assert_eq!(r.status(), 409);
+    let body: Value = r.json().await.expect("json");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("inaccessible")),
+        "{body}"
+    );
+    let (report, ok) = app.verify_deks("d");
+    assert!(ok, "{report}");
+    assert_eq!(report["total"], 1);
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_rewraps_thousands_of_deks_across_workers_and_replicas_with_kcvs_intact() {
+    let app = TestApp::spawn_with(|c| {
+        c.rewrap.batch_size = 100;
+        c.rewrap.concurrency = 3;
+    })
+    .await;
+    app.tenant_with_key("r", "key-r").await;
+    let deks = app.bulk_deks("r", "key-r", 4000).await;
+    // A second replica on the same database and queue shares the job.
+    let second = app.replica().await;
+
+    let v2 = rotate(&app, "key-r", 0).await;
+    let job = app
+        .wait_job("r", "completed", Duration::from_secs(120))
+        .await;
+    assert_eq!(
+        (
+            job["total"].as_i64(),
+            job["done"].as_i64(),
+            job["failed"].as_i64()
+        ),
+        (Some(4000), Some(4000), Some(0))
+    );
+    assert_eq!(job["from_versions"], json!(["1"]));
+    assert_eq!(job["target_version"], v2.as_str());
+
+    // Every DEK moved to the new version with its kcv unchanged.
+    let (report, ok) = app.verify_deks("r");
+    assert!(ok, "{report}");
+    assert_eq!(report["total"], 4000);
+    assert_eq!(report["by_version"], json!({ "2": 4000 }));
+    let stored: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, kcv FROM deks ORDER BY id")
+        .fetch_all(&app.pool)
+        .await
+        .expect("deks");
+    let mut expected = deks.clone();
+    expected.sort();
+    assert_eq!(stored, expected);
+    assert_eq!(app.tenant("r").await["access"], "accessible");
+
+    // key.rotated is in the outbox once per recipient, with the counts.
+    let payloads: Vec<Value> =
+        sqlx::query_scalar("SELECT payload FROM outbox WHERE kind = 'key.rotated'")
+            .fetch_all(&app.pool)
+            .await
+            .expect("outbox");
+    assert_eq!(payloads.len(), 2, "one email, one webhook");
+    assert_eq!(payloads[0]["data"]["dek_count"], 4000);
+    assert_eq!(payloads[0]["data"]["from_version"], "1");
+    assert_eq!(payloads[0]["data"]["to_version"], "2");
+
+    // A duplicate rotation event creates no second job.
+    app.publish("rotated", "key-r", at(1), json!({ "version": "2" }))
+        .await;
+    app.wait_processed(2).await;
+    assert_eq!(app.rewrap_jobs("r").await.len(), 1);
+    second.stop().await;
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrap_killed_repeatedly_resumes_to_completion_with_every_dek_intact() {
+    let app = TestApp::spawn().await;
+    app.tenant_with_key("k9", "key-k9").await;
+    let total = 12_000;
+    app.bulk_deks("k9", "key-k9", total).await;
+    let mut app = app;
+    // The in-process daemon only set things up; the re-wrap runs in a child process we kill.
+    app.stop().await;
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port()
+    };
+    let spawn = |port: u16| {
+        let mut cmd = byokd_command();
+        with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
+        cmd.arg("run")
+            .env("BYOKD_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("BYOKD_REWRAP__BATCH_SIZE", "150")
+            .env("BYOKD_REWRAP__CONCURRENCY", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn daemon")
+    };
+    let done = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM deks WHERE kek_version = '2'")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0)
+    };
+    let mut child = spawn(port());
+    rotate(&app, "key-k9", 0).await;
+    let mut kills = 0;
+    let mut rng = rand::rng();
+    let mut last = 0;
+    while kills < 4 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
+        let now = done(app.pool.clone()).await;
+        if now >= total as i64 {
+            break;
+        }
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+        if now > last {
+            kills += 1;
+        }
+        last = now;
+        child = spawn(port());
+    }
+    assert!(
+        kills >= 2,
+        "the daemon must die mid-job at least twice (killed {kills} times)"
+    );
+    let pool = app.pool.clone();
+    wait_for(
+        "job completed after restarts",
+        Duration::from_secs(180),
+        || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, String>("SELECT state FROM rewrap_jobs")
+                    .fetch_one(&pool)
+                    .await
+                    .is_ok_and(|s| s == "completed")
+            }
+        },
+    )
+    .await;
+    child.kill().expect("stop");
+    child.wait().expect("reap");
+    let (report, ok) = app.verify_deks("k9");
+    assert!(ok, "{report}");
+    assert_eq!(report["by_version"], json!({ "2": total }));
+    let (job_total, job_done): (i64, i64) = sqlx::query_as("SELECT total, done FROM rewrap_jobs")
+        .fetch_one(&app.pool)
+        .await
+        .expect("job");
+    assert_eq!(
+        (job_total, job_done),
+        (total as i64, total as i64),
+        "no DEK counted twice or skipped"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deks_created_during_a_rotation_all_end_on_the_new_version() {
+    let app = TestApp::spawn_with(|c| c.rewrap.batch_size = 50).await;
+    app.tenant_with_key("c", "key-c").await;
+    app.bulk_deks("c", "key-c", 1500).await;
+    let creator = {
+        let http = app.http.clone();
+        let url = app.url("/v1/tenants/c/deks");
+        tokio::spawn(async move {
+            let mut created = 0;
+            for _ in 0..150 {
+                let r = http
+                    .post(&url)
+                    .bearer_auth(common::TOKEN)
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(r.status(), 201);
+                created += 1;
+            }
+            created
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    rotate(&app, "key-c", 0).await;
+    let created = creator.await.expect("creator");
+    app.wait_job("c", "completed", Duration::from_secs(120))
+        .await;
+    let (report, ok) = app.verify_deks("c");
+    assert!(ok, "{report}");
+    assert_eq!(report["total"], 1500 + created);
+    assert_eq!(report["by_version"], json!({ "2": 1500 + created }));
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_a_key_moves_every_dek_then_retires_the_old_one() {
+    let app = TestApp::spawn().await;
+    app.tenant_with_key("rp", "old-key").await;
+    let deks = app.bulk_deks("rp", "old-key", 800).await;
+    app.create_local_key("new-key").await;
+    let r = app
+        .post(
+            "/v1/tenants/rp/keks",
+            json!({ "provider": "local", "key_ref": "new-key", "replace": true }),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let view: Value = r.json().await.expect("json");
+    assert!(view["rewrap_job"].is_i64(), "{view}");
+    // New DEKs use the new key at once.
+    let fresh: Value = app
+        .post("/v1/tenants/rp/deks", json!({}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let fresh_id = fresh["dek_id"].as_str().expect("id").to_owned();
+    let job = app
+        .wait_job("rp", "completed", Duration::from_secs(120))
+        .await;
+    assert_eq!(job["kind"], "replacement");
+    assert_eq!(job["done"], 800);
+    let tenant = app.tenant("rp").await;
+    let keks = tenant["keks"].as_array().expect("keks");
+    assert_eq!(keks[0]["key_ref"], "new-key");
+    assert_eq!(keks[0]["primary"], true);
+    assert_eq!(keks[1]["key_ref"], "old-key");
+    assert!(keks[1]["retired_at"].is_string(), "{tenant}");
+    for id in [deks[0].0.to_string(), fresh_id] {
+        let d: Value = app
+            .get(&format!("/v1/tenants/rp/deks/{id}"))
+            .await
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(d["key_ref"], "new-key");
+    }
+    let (report, ok) = app.verify_deks("rp");
+    assert!(ok, "{report}");
+    assert_eq!(report["total"], 801);
+    // The old key's lifecycle no longer decides the tenant's access.
+    app.publish("disabled", "old-key", at(0), json!({})).await;
+    app.wait_processed(1).await;
+    assert_eq!(app.tenant("rp").await["access"], "accessible");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_a_disabled_key_waits_and_resumes_when_it_is_enabled() {
+    let app = TestApp::spawn().await;
+    app.tenant_with_key("w", "key-w").await;
+    app.bulk_deks("w", "key-w", 300).await;
+    use byokd::domain::KeyState::{Disabled, Enabled};
+    let kms = app.local_kms().await;
+    kms.transition("key-w", &[Enabled], Disabled)
+        .await
+        .expect("disable");
+    app.publish("disabled", "key-w", at(0), json!({})).await;
+    rotate(&app, "key-w", 10).await;
+    let job = app.wait_job("w", "waiting", Duration::from_secs(60)).await;
+    assert!(
+        job["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("disabled")),
+        "{job}"
+    );
+    assert_eq!(job["done"], 0);
+    // Reads of existing DEKs are what the KMS refuses too; nothing was lost meanwhile.
+    let (report, ok) = app.verify_deks("w");
+    assert!(
+        !ok && report["failed"] == 300,
+        "a disabled key cannot unwrap: {report}"
+    );
+
+    kms.transition("key-w", &[Disabled], Enabled)
+        .await
+        .expect("enable");
+    app.publish("enabled", "key-w", at(20), json!({})).await;
+    let job = app
+        .wait_job("w", "completed", Duration::from_secs(30))
+        .await;
+    assert_eq!(job["done"], 300);
+    let (report, ok) = app.verify_deks("w");
+    assert!(ok, "{report}");
+    assert_eq!(report["by_version"], json!({ "2": 300 }));
+    app.shutdown().await;
+}
