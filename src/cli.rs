@@ -49,6 +49,11 @@ pub enum Command {
     },
     /// Load and validate the configuration, print it with secrets redacted, and exit.
     CheckConfig,
+    /// Run one sweep schedule now and print what it did.
+    Sweep {
+        /// Schedule name (from `schedules/*.toml`).
+        name: String,
+    },
     /// Operate a KMS provider directly.
     Kms {
         /// Which provider.
@@ -166,6 +171,7 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             raw,
             routing_key: key,
         } => publish(cli.json, &config, file, raw, key).await,
+        Command::Sweep { name } => sweep(cli.json, &config, &name).await,
         Command::Kms {
             provider: KmsCommand::Local { op },
         } => kms_local(cli.json, &config, op).await,
@@ -286,6 +292,31 @@ fn read_stdin() -> anyhow::Result<Vec<u8>> {
     Ok(body)
 }
 
+async fn sweep(json: bool, config: &Config, name: &str) -> anyhow::Result<()> {
+    let schedules = crate::sweeps::load_dir(&config.schedules_dir)?;
+    let root = config.require_root_key()?;
+    let store = Store::connect(config.require_database_url()?, 4).await?;
+    store.migrate().await?;
+    let sweeper = crate::sweeps::Sweeper {
+        kms: crate::daemon::build_kms(&store, &root),
+        store,
+        schedules: Arc::new(schedules),
+        wake: crate::sweeps::Wakers::default(),
+    };
+    let Some(report) = sweeper.run_now(name, Utc::now()).await? else {
+        bail!("schedule {name:?} is running on another replica right now; try again shortly");
+    };
+    let text = format!(
+        "{} ({}) {}: {}",
+        report.schedule, report.job, report.status, report.details
+    );
+    print(json, &serde_json::to_value(&report)?, &text);
+    if report.status != "ok" {
+        bail!("sweep {name:?} failed");
+    }
+    Ok(())
+}
+
 async fn local_kms(config: &Config) -> anyhow::Result<LocalKms> {
     let root = config.require_root_key()?;
     let store = Store::connect(config.require_database_url()?, 2).await?;
@@ -358,6 +389,7 @@ async fn kms_local(json: bool, config: &Config, op: LocalOp) -> anyhow::Result<(
             expires_at: info.expires_at,
             time: Utc::now(),
             source: "byokd://local-kms".to_owned(),
+            origin: crate::domain::Origin::Event,
         };
         let body = canonical::to_json(&event).to_string();
         let publisher = Publisher::new(config.require_amqp_url()?);

@@ -38,6 +38,10 @@ pub struct AmqpSettings {
     pub lifecycle_exchange: String,
     /// Quorum queue byokd consumes.
     pub lifecycle_queue: String,
+    /// Quorum queue of the urgent lane (revocations skip the backlog); empty disables it.
+    pub urgent_queue: String,
+    /// Routing keys bound to the urgent lane.
+    pub urgent_routing_keys: Vec<String>,
     /// Exchange dead-lettered events go to.
     pub dead_letter_exchange: String,
     /// Queue that keeps dead-lettered events.
@@ -59,6 +63,16 @@ impl Default for AmqpSettings {
         AmqpSettings {
             lifecycle_exchange: "byok.lifecycle".into(),
             lifecycle_queue: "byokd.lifecycle".into(),
+            urgent_queue: "byokd.lifecycle.urgent".into(),
+            urgent_routing_keys: [
+                "*.disabled",
+                "*.deletion_scheduled",
+                "*.destroyed",
+                "*.access_revoked",
+                "*.expired",
+            ]
+            .map(String::from)
+            .to_vec(),
             dead_letter_exchange: "byok.lifecycle.dlx".into(),
             dead_letter_queue: "byokd.lifecycle.dead".into(),
             access_exchange: "byok.access".into(),

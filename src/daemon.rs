@@ -12,6 +12,7 @@ use crate::notify::access::{self, Relay};
 use crate::rewrap::{self, Rewrapper};
 use crate::seal::Sealer;
 use crate::store::{Store, StoreError};
+use crate::sweeps::{self, Sweeper, Wakers};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,9 +33,20 @@ pub enum RunError {
     /// The database could not be reached or migrated at start.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A schedule file is unusable.
+    #[error(transparent)]
+    Schedule(#[from] crate::sweeps::ScheduleError),
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
+}
+
+/// The KMS providers byokd is configured for.
+pub fn build_kms(store: &Store, root_key: &crate::config::RootKey) -> Kms {
+    Kms::with_local(LocalKms::new(
+        store.clone(),
+        Arc::new(Sealer::new(root_key, LOCAL_KMS_PURPOSE)),
+    ))
 }
 
 /// Runs the daemon until `shutdown` resolves, then stops consuming, lets in-flight batches
@@ -51,6 +63,7 @@ pub async fn run(
     let database_url = config.require_database_url()?.to_owned();
     let amqp_url = config.require_amqp_url()?.to_owned();
     let root_key = config.require_root_key()?;
+    let schedules = Arc::new(sweeps::load_dir(&config.schedules_dir)?);
 
     let store = Store::connect(&database_url, config.database_max_connections).await?;
     store.migrate().await?;
@@ -58,33 +71,45 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let health = Arc::new(ConsumerHealth::default());
+    let urgent_health = Arc::new(ConsumerHealth::default());
     let access_changed = Arc::new(Notify::new());
     let publisher = Arc::new(Publisher::new(amqp_url.clone()));
     let rewrap_work = Arc::new(Notify::new());
-    let kms = Kms::with_local(LocalKms::new(
-        store.clone(),
-        Arc::new(Sealer::new(&root_key, LOCAL_KMS_PURPOSE)),
-    ));
+    let kms = build_kms(&store, &root_key);
 
-    let consumer = tokio::spawn(amqp::consume_loop(
-        Intake {
-            store: store.clone(),
-            url: amqp_url,
-            settings: config.amqp.clone(),
-            health: health.clone(),
-            access_changed: access_changed.clone(),
-            rewrap_work: rewrap_work.clone(),
-            publisher: publisher.clone(),
-        },
+    let intake = Intake {
+        queue: config.amqp.lifecycle_queue.clone(),
+        store: store.clone(),
+        url: amqp_url,
+        settings: config.amqp.clone(),
+        health: health.clone(),
+        access_changed: access_changed.clone(),
+        rewrap_work: rewrap_work.clone(),
+        publisher: publisher.clone(),
+    };
+    let mut consumers = vec![tokio::spawn(amqp::consume_loop(
+        intake.clone(),
         stop_rx.clone(),
-    ));
+    ))];
+    if !config.amqp.urgent_queue.is_empty() {
+        consumers.push(tokio::spawn(amqp::consume_loop(
+            Intake {
+                queue: config.amqp.urgent_queue.clone(),
+                health: urgent_health.clone(),
+                ..intake
+            },
+            stop_rx.clone(),
+        )));
+    } else {
+        urgent_health.disable();
+    }
     let relay = tokio::spawn(access::relay_loop(
         Relay {
             store: store.clone(),
             publisher: publisher.clone(),
             exchange: config.amqp.access_exchange.clone(),
         },
-        access_changed,
+        access_changed.clone(),
         stop_rx.clone(),
     ));
 
@@ -98,10 +123,22 @@ pub async fn run(
         .map(|_| tokio::spawn(rewrap::rewrap_loop(rewrapper.clone(), stop_rx.clone())))
         .collect();
 
+    let sweeper = Sweeper {
+        store: store.clone(),
+        kms: kms.clone(),
+        schedules,
+        wake: Wakers {
+            access: access_changed.clone(),
+            rewrap: rewrap_work.clone(),
+        },
+    };
+    let sweeps = tokio::spawn(sweeps::sweep_loop(sweeper, stop_rx.clone()));
+
     let state = AppState {
         store,
         admin_token: config.admin_token.clone(),
         consumer: health,
+        urgent_consumer: urgent_health,
         sealer: Arc::new(Sealer::new(&root_key, WEBHOOK_SECRET_PURPOSE)),
         publisher,
         kms,
@@ -123,8 +160,11 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let all = async {
-        let _ = consumer.await;
+        for consumer in consumers {
+            let _ = consumer.await;
+        }
         let _ = relay.await;
+        let _ = sweeps.await;
         for worker in rewrap_workers {
             let _ = worker.await;
         }

@@ -16,6 +16,8 @@
 //! * `notify`: delivery of outbox rows; `access` relays access changes to `byok.access`.
 //! * `kms`: the KMS provider trait and dispatch; `local` is byokd's own keyring.
 //! * `rewrap`: re-wrap jobs (rotation, key replacement), worked in resumable batches.
+//! * `sweeps`: cron schedules (`schedules/*.toml`) and their jobs: expiry scan, key probe,
+//!   outbox prune; one replica at a time per schedule.
 //! * `http`: health, metrics and the admin API.
 //! * `store`: all SQL, behind a back-end-neutral API.
 //! * `seal`: encryption of secrets at rest under the root key.
@@ -36,4 +38,5 @@ pub mod notify;
 pub mod rewrap;
 pub mod seal;
 pub mod store;
+pub mod sweeps;
 pub mod telemetry;

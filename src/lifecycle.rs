@@ -187,7 +187,7 @@ pub fn plan(
             key_ref: Some(event.key_ref.clone()),
             action: event.kind.as_str().to_owned(),
             outcome: String::new(),
-            source: "event".to_owned(),
+            source: event.origin.as_str().to_owned(),
             event_id: Some(event.event_id.clone()),
             detail: json!({ "source": event.source, "time": event.time }),
         };

@@ -177,7 +177,7 @@ async fn migrate_then_publish_then_sigterm_acks_exactly_what_committed() {
             let mut publish = byokd();
             with_service_env(&mut publish, &db.url, &amqp);
             let out = publish
-                .args(["publish", "--json"])
+                .args(["publish", "--json", "--routing-key", "local.test"])
                 .arg(&file)
                 .output()
                 .expect("publish");
@@ -250,7 +250,11 @@ async fn migrate_then_publish_then_sigterm_acks_exactly_what_committed() {
     );
     pool.close().await;
     let _ = std::fs::remove_dir_all(&dir);
-    for queue in [&amqp.lifecycle_queue, &amqp.dead_letter_queue] {
+    for queue in [
+        &amqp.lifecycle_queue,
+        &amqp.urgent_queue,
+        &amqp.dead_letter_queue,
+    ] {
         let _ = ch
             .queue_delete(queue.as_str().into(), Default::default())
             .await;

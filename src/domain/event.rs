@@ -50,4 +50,18 @@ pub struct LifecycleEvent {
     pub time: DateTime<Utc>,
     /// Who reported it (CloudEvents `source`), kept for the audit trail.
     pub source: String,
+    /// How byokd learned of it.
+    pub origin: Origin,
 }
+
+named_enum!(
+    /// How byokd learned of a change; the audit log's `source`.
+    Origin, "origin" {
+        /// A lifecycle event from the KMS (AMQP or HTTP intake).
+        Event => "event",
+        /// byokd's expiry sweep found it.
+        Sweep => "sweep",
+        /// byokd's key probe asked the KMS and found it.
+        Probe => "probe",
+    }
+);

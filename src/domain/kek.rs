@@ -249,6 +249,7 @@ mod tests {
             expires_at: None,
             time: t(at),
             source: "test".into(),
+            origin: crate::domain::Origin::Event,
         }
     }
 

@@ -89,5 +89,5 @@ impl Provider {
 pub mod event;
 pub mod kek;
 
-pub use event::{EventKind, LifecycleEvent};
+pub use event::{EventKind, LifecycleEvent, Origin};
 pub use kek::{Access, KekStatus, KeyState, Transition};

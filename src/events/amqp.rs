@@ -7,6 +7,12 @@
 //! so good events never burn their quorum-queue delivery limit on an outage. A message that
 //! can never succeed is published to the dead-letter exchange with the reason in the
 //! `x-byokd-error` header and then acked; the consumer goes on with the next one.
+//!
+//! Revocations must not wait behind a backlog: an urgent lane (a second quorum queue bound to
+//! the lifecycle exchange with the revocation routing keys, `<provider>.disabled` etc.) gets
+//! its own copy of those events and its own consumer. Whichever copy is applied first wins;
+//! the other is a duplicate. Events are ordered by their own time, not by arrival, so the
+//! lane cannot reorder a key's history.
 
 use crate::config::AmqpSettings;
 use crate::events::normalize::normalize;
@@ -63,6 +69,8 @@ pub enum ConsumerState {
     DatabaseUnavailable = 3,
     /// Shut down.
     Stopped = 4,
+    /// Not configured (an urgent lane switched off).
+    Disabled = 5,
 }
 
 impl ConsumerState {
@@ -74,6 +82,7 @@ impl ConsumerState {
             ConsumerState::Reconnecting => "reconnecting",
             ConsumerState::DatabaseUnavailable => "database_unavailable",
             ConsumerState::Stopped => "stopped",
+            ConsumerState::Disabled => "disabled",
         }
     }
 }
@@ -90,8 +99,15 @@ impl ConsumerHealth {
             2 => ConsumerState::Reconnecting,
             3 => ConsumerState::DatabaseUnavailable,
             4 => ConsumerState::Stopped,
+            5 => ConsumerState::Disabled,
             _ => ConsumerState::Starting,
         }
+    }
+
+    /// Marks a consumer that is not configured.
+    pub fn disable(&self) {
+        self.0
+            .store(ConsumerState::Disabled as u8, Ordering::Relaxed);
     }
 
     fn set(&self, state: ConsumerState) {
@@ -173,9 +189,29 @@ pub async fn declare_topology(channel: &Channel, s: &AmqpSettings) -> Result<(),
         .queue_declare(
             s.lifecycle_queue.as_str().into(),
             QueueDeclareOptions::durable(),
-            args,
+            args.clone(),
         )
         .await?;
+    if !s.urgent_queue.is_empty() {
+        channel
+            .queue_declare(
+                s.urgent_queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                args,
+            )
+            .await?;
+        for key in &s.urgent_routing_keys {
+            channel
+                .queue_bind(
+                    s.urgent_queue.as_str().into(),
+                    s.lifecycle_exchange.as_str().into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
     let mut dead_args = FieldTable::default();
     dead_args.insert(
         "x-queue-type".into(),
@@ -334,6 +370,8 @@ impl Publisher {
 /// What the consumer needs.
 #[derive(Clone)]
 pub struct Intake {
+    /// The queue this consumer drains (the lifecycle queue or the urgent lane).
+    pub queue: String,
     /// Where events are applied.
     pub store: Store,
     /// Broker URL.
@@ -388,7 +426,7 @@ async fn session(
     let tag = format!("byokd-{}", uuid::Uuid::new_v4());
     let mut consumer = channel
         .basic_consume(
-            s.lifecycle_queue.as_str().into(),
+            intake.queue.as_str().into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -396,7 +434,7 @@ async fn session(
         .await?;
     intake.health.set(ConsumerState::Consuming);
     backoff.reset();
-    tracing::info!(queue = %s.lifecycle_queue, prefetch = s.prefetch, "consuming lifecycle events");
+    tracing::info!(queue = %intake.queue, prefetch = s.prefetch, "consuming lifecycle events");
 
     loop {
         let first = tokio::select! {

@@ -34,6 +34,8 @@ pub struct AppState {
     pub admin_token: Option<SecretString>,
     /// The consumer's state, for `/readyz`.
     pub consumer: Arc<ConsumerHealth>,
+    /// The urgent lane consumer's state.
+    pub urgent_consumer: Arc<ConsumerHealth>,
     /// Seals webhook secrets.
     pub sealer: Arc<Sealer>,
     /// Publishes events accepted over HTTP.
@@ -170,7 +172,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .await
         .is_ok_and(|r| r.is_ok());
     let consumer = state.consumer.get();
-    let ready = db && consumer == ConsumerState::Consuming;
+    let urgent = state.urgent_consumer.get();
+    let ready = db
+        && consumer == ConsumerState::Consuming
+        && matches!(urgent, ConsumerState::Consuming | ConsumerState::Disabled);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -182,6 +187,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
             "ready": ready,
             "database": if db { "ok" } else { "unavailable" },
             "consumer": consumer.as_str(),
+            "urgent_consumer": urgent.as_str(),
         })),
     )
         .into_response()

@@ -17,6 +17,7 @@ macro_rules! dispatch {
 mod kms;
 mod postgres;
 mod rewrap;
+mod sweeps;
 
 pub use kms::LocalKeyRow;
 pub use postgres::PgStore;
@@ -24,6 +25,7 @@ pub use rewrap::{
     ClaimedDek, DekRow, DekTarget, JobKind, NewDek, NewRewrapJob, RewrapJob, RewrapJobView,
     RewrappedDek,
 };
+pub use sweeps::{ExpiringKek, ProbeRecord, ProbeTarget, ScheduleLock};
 
 use crate::domain::{Access, KekStatus, Provider};
 use chrono::{DateTime, Utc};
@@ -367,8 +369,8 @@ impl StoreTx {
         dispatch!(self, t => t.audit(rows).await)
     }
 
-    /// Inserts outbox rows, skipping those whose dedupe key exists.
-    pub async fn enqueue(&mut self, rows: &[NewOutbox]) -> Result<(), StoreError> {
+    /// Inserts outbox rows, skipping those whose dedupe key exists; returns how many were new.
+    pub async fn enqueue(&mut self, rows: &[NewOutbox]) -> Result<u64, StoreError> {
         dispatch!(self, t => t.enqueue(rows).await)
     }
 

@@ -80,6 +80,7 @@ pub fn unique_amqp() -> AmqpSettings {
     AmqpSettings {
         lifecycle_exchange: format!("{p}.byok.lifecycle"),
         lifecycle_queue: format!("{p}.byokd.lifecycle"),
+        urgent_queue: format!("{p}.byokd.lifecycle.urgent"),
         dead_letter_exchange: format!("{p}.byok.lifecycle.dlx"),
         dead_letter_queue: format!("{p}.byokd.lifecycle.dead"),
         access_exchange: format!("{p}.byok.access"),
@@ -87,8 +88,16 @@ pub fn unique_amqp() -> AmqpSettings {
     }
 }
 
+/// An empty schedules directory: tests run sweeps explicitly, not on the shipped crons.
+pub fn no_schedules() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join("byokd-test-no-schedules");
+    std::fs::create_dir_all(&dir).expect("create empty schedules dir");
+    dir
+}
+
 pub fn test_config(db_url: &str, amqp: AmqpSettings) -> Config {
     Config {
+        schedules_dir: no_schedules(),
         database_url: Some(db_url.to_owned()),
         amqp_url: Some(amqp_url()),
         admin_token: Some(SecretString::from(TOKEN)),
@@ -218,7 +227,7 @@ impl TestApp {
         self.stop().await;
         self.pool.close().await;
         let s = &self.config.amqp;
-        for q in [&s.lifecycle_queue, &s.dead_letter_queue] {
+        for q in [&s.lifecycle_queue, &s.urgent_queue, &s.dead_letter_queue] {
             let _ = self
                 .channel
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -520,12 +529,14 @@ pub fn with_service_env(cmd: &mut std::process::Command, db_url: &str, amqp: &Am
         .env("BYOKD_LOCAL_KMS_ROOT_KEY", ROOT_KEY)
         .env("BYOKD_AMQP__LIFECYCLE_EXCHANGE", &amqp.lifecycle_exchange)
         .env("BYOKD_AMQP__LIFECYCLE_QUEUE", &amqp.lifecycle_queue)
+        .env("BYOKD_AMQP__URGENT_QUEUE", &amqp.urgent_queue)
         .env(
             "BYOKD_AMQP__DEAD_LETTER_EXCHANGE",
             &amqp.dead_letter_exchange,
         )
         .env("BYOKD_AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue)
-        .env("BYOKD_AMQP__ACCESS_EXCHANGE", &amqp.access_exchange);
+        .env("BYOKD_AMQP__ACCESS_EXCHANGE", &amqp.access_exchange)
+        .env("BYOKD_SCHEDULES_DIR", no_schedules());
 }
 
 impl TestApp {

@@ -1,7 +1,7 @@
 //! byokd's canonical format: CloudEvents 1.0 structured JSON with type `byok.key.<kind>`.
 
 use super::NormalizeError;
-use crate::domain::{EventKind, LifecycleEvent, Provider};
+use crate::domain::{EventKind, LifecycleEvent, Origin, Provider};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
@@ -106,6 +106,7 @@ pub fn parse(value: serde_json::Value) -> Result<LifecycleEvent, NormalizeError>
         expires_at,
         time,
         source: envelope.source,
+        origin: Origin::Event,
     })
 }
 

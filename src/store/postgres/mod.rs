@@ -17,6 +17,9 @@ use uuid::Uuid;
 
 mod kms;
 mod rewrap;
+mod sweeps;
+
+pub(crate) use sweeps::PgScheduleLock;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -470,9 +473,9 @@ impl PgTx {
         Ok(())
     }
 
-    pub(super) async fn enqueue(&mut self, rows: &[NewOutbox]) -> Result<(), StoreError> {
+    pub(super) async fn enqueue(&mut self, rows: &[NewOutbox]) -> Result<u64, StoreError> {
         if rows.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let tenants: Vec<Option<&str>> = rows.iter().map(|r| r.tenant_id.as_deref()).collect();
@@ -482,7 +485,7 @@ impl PgTx {
         let dedupe: Vec<&str> = rows.iter().map(|r| r.dedupe_key.as_str()).collect();
         let payloads: Vec<String> = rows.iter().map(|r| r.payload.to_string()).collect();
         // WITH ORDINALITY keeps `seq` in the order the rows were decided.
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO outbox (id, tenant_id, channel, recipient, kind, dedupe_key, payload)
              SELECT u.id, u.tenant_id, u.channel, u.recipient, u.kind, u.dedupe_key,
                     u.payload::jsonb
@@ -501,7 +504,7 @@ impl PgTx {
         .bind(&payloads)
         .execute(&mut *self.tx)
         .await?;
-        Ok(())
+        Ok(inserted.rows_affected())
     }
 
     pub(super) async fn claim_outbox(

@@ -1,0 +1,196 @@
+//! Re-wrap benchmark (issue 3): DEKs/s of a rotation of one tenant's DEKs with the local KMS
+//! against PostgreSQL, the daemon's peak RSS, and, in the same run, the rate of a plain
+//! batched `UPDATE` rewriting the same rows' `wrapped` column (the database's own ceiling).
+//! Runs at 100k and 1M DEKs to show memory stays flat as the count grows.
+//!
+//! `cargo bench --bench rewrap` (local RabbitMQ and PostgreSQL). `BYOKD_BENCH_DEKS=100000,1000000`
+//! sets the sizes. Prints figures; asserts none.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use byokd::kms::{Dek, DekContext, KmsProvider};
+use common::{TestApp, at, byokd_command, with_service_env};
+use serde_json::json;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+const BATCH: usize = 1000;
+
+fn sizes() -> Vec<usize> {
+    std::env::var("BYOKD_BENCH_DEKS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![100_000, 1_000_000])
+}
+
+/// Seeds `n` DEKs wrapped (for real) under version 1 of `key`; returns their ids.
+async fn seed(app: &TestApp, tenant: &str, key: &str, n: usize) -> Vec<Uuid> {
+    let kms = app.local_kms().await;
+    let kek_id: i64 = sqlx::query_scalar("SELECT id FROM keks WHERE key_ref = $1")
+        .bind(key)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let mut all = Vec::with_capacity(n);
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(10_000);
+        left -= chunk;
+        let deks: Vec<(Uuid, Dek)> = (0..chunk)
+            .map(|_| (Uuid::now_v7(), Dek::generate()))
+            .collect();
+        let items: Vec<_> = deks
+            .iter()
+            .map(|(id, d)| {
+                (
+                    d,
+                    DekContext {
+                        tenant_id: tenant,
+                        dek_id: *id,
+                    },
+                )
+            })
+            .collect();
+        let wrapped = kms.wrap_many(key, None, &items).await.unwrap();
+        let ids: Vec<Uuid> = deks.iter().map(|(id, _)| *id).collect();
+        let kcvs: Vec<String> = deks.iter().map(|(_, d)| d.kcv()).collect();
+        let blobs: Vec<Vec<u8>> = wrapped.into_iter().map(|w| w.ciphertext).collect();
+        sqlx::query(
+            "INSERT INTO deks (id, tenant_id, kek_id, kek_version, wrapped, kcv)
+             SELECT u.id, $1, $2, '1', u.w, u.k FROM UNNEST($3::uuid[], $4::bytea[], $5::text[]) AS u(id, w, k)",
+        )
+        .bind(tenant)
+        .bind(kek_id)
+        .bind(&ids)
+        .bind(&blobs)
+        .bind(&kcvs)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+        all.extend(ids);
+    }
+    all
+}
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn run(n: usize) {
+    let mut app = TestApp::spawn().await;
+    let tenant = format!("bench{n}");
+    app.tenant_with_key(&tenant, "bench-key").await;
+    app.stop().await;
+    let t = Instant::now();
+    let ids = seed(&app, &tenant, "bench-key", n).await;
+    sqlx::query("VACUUM ANALYZE deks")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    println!(
+        "[{n}] seeded {n} wrapped DEKs in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // The daemon in its own process, so its peak RSS is its own.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = byokd_command();
+    with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
+    let mut child = cmd
+        .arg("run")
+        .env("BYOKD_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("BYOKD_REWRAP__BATCH_SIZE", BATCH.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    common::wait_for("daemon ready", Duration::from_secs(30), || {
+        let url = format!("{base}/readyz");
+        async move { reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    let rss_idle = peak_rss_mb(child.id());
+
+    let info = app.local_kms().await.rotate("bench-key").await.unwrap();
+    let start = Instant::now();
+    app.publish(
+        "rotated",
+        "bench-key",
+        at(0),
+        json!({ "version": info.current_version }),
+    )
+    .await;
+    loop {
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM rewrap_jobs LIMIT 1")
+            .fetch_optional(&app.pool)
+            .await
+            .unwrap();
+        if state.as_deref() == Some("completed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rewrap = start.elapsed();
+    let rss = peak_rss_mb(child.id());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let rate = n as f64 / rewrap.as_secs_f64();
+    println!(
+        "[{n}] byokd re-wrap (local KMS, 2 workers, batch {BATCH}): {:.1} s = {rate:.0} DEKs/s; daemon peak RSS {rss:.1} MB (idle {rss_idle:.1} MB)",
+        rewrap.as_secs_f64()
+    );
+
+    // The database's own ceiling: the same rows' wrapped column rewritten by plain batched
+    // UPDATEs of the same batch size, one transaction each.
+    sqlx::query("VACUUM ANALYZE deks")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    for chunk in ids.chunks(BATCH) {
+        let blobs: Vec<Vec<u8>> = chunk
+            .iter()
+            .map(|_| rand::random::<[u8; 60]>().to_vec())
+            .collect();
+        sqlx::query(
+            "UPDATE deks d SET wrapped = u.w FROM UNNEST($1::uuid[], $2::bytea[]) AS u(id, w) WHERE d.id = u.id",
+        )
+        .bind(chunk)
+        .bind(&blobs)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    }
+    let plain = start.elapsed();
+    let plain_rate = n as f64 / plain.as_secs_f64();
+    println!(
+        "[{n}] plain batched UPDATE: {:.1} s = {plain_rate:.0} rows/s",
+        plain.as_secs_f64()
+    );
+    println!(
+        "[{n}] ratio re-wrap / plain UPDATE = {:.2} (target >= 0.5)",
+        rate / plain_rate
+    );
+    app.shutdown().await;
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    for n in sizes() {
+        run(n).await;
+    }
+}

@@ -1,0 +1,211 @@
+//! PostgreSQL SQL of the sweeps.
+
+use super::{PgStore, PgTx, parse};
+use crate::store::{ExpiringKek, NewOutbox, ProbeRecord, ProbeTarget, StoreError, TenantRow};
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnection, PgRow};
+use sqlx::{Connection, Row};
+
+/// An advisory lock on a connection taken out of the pool for it.
+pub(crate) struct PgScheduleLock {
+    conn: PgConnection,
+}
+
+impl PgScheduleLock {
+    pub(crate) async fn release(self) {
+        // Ending the session releases every advisory lock it holds.
+        let _ = self.conn.close().await;
+    }
+}
+
+const RECIPIENTS: &str = "ARRAY(SELECT email FROM tenant_contacts c WHERE c.tenant_id = t.id
+                               ORDER BY email) AS contacts,
+                         ARRAY(SELECT w.id FROM webhook_endpoints w
+                               WHERE w.tenant_id = t.id AND w.enabled
+                               ORDER BY w.created_at, w.id) AS webhooks";
+
+fn tenant(r: &PgRow) -> Result<TenantRow, StoreError> {
+    Ok(TenantRow {
+        id: r.try_get("tenant_id")?,
+        access: parse(r, "access")?,
+        access_reason: r.try_get("access_reason")?,
+        contacts: r.try_get("contacts")?,
+        webhooks: r.try_get("webhooks")?,
+    })
+}
+
+impl PgStore {
+    pub(crate) async fn try_lock_schedule(
+        &self,
+        name: &str,
+    ) -> Result<Option<PgScheduleLock>, StoreError> {
+        let mut conn = self.pool.acquire().await?.detach();
+        let locked: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_lock(hashtextextended('byokd-schedule:' || $1, 0))",
+        )
+        .bind(name)
+        .fetch_one(&mut conn)
+        .await?;
+        if locked {
+            Ok(Some(PgScheduleLock { conn }))
+        } else {
+            let _ = conn.close().await;
+            Ok(None)
+        }
+    }
+
+    pub(crate) async fn last_tick(&self, name: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT last_tick_at FROM schedule_runs WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    pub(crate) async fn record_schedule_run(
+        &self,
+        name: &str,
+        tick: DateTime<Utc>,
+        started_at: DateTime<Utc>,
+        status: &str,
+        report: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO schedule_runs (name, last_tick_at, last_started_at, last_finished_at,
+                                        last_status, last_report)
+             VALUES ($1, $2, $3, now(), $4, $5::jsonb)
+             ON CONFLICT (name) DO UPDATE
+             SET last_tick_at = GREATEST(schedule_runs.last_tick_at, EXCLUDED.last_tick_at),
+                 last_started_at = EXCLUDED.last_started_at,
+                 last_finished_at = EXCLUDED.last_finished_at,
+                 last_status = EXCLUDED.last_status, last_report = EXCLUDED.last_report",
+        )
+        .bind(name)
+        .bind(tick)
+        .bind(started_at)
+        .bind(status)
+        .bind(report.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn expiring_keks(
+        &self,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<ExpiringKek>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT k.id, k.provider, k.key_ref, k.expires_at, t.id AS tenant_id, t.access,
+                    t.access_reason, {RECIPIENTS}
+             FROM keks k JOIN tenants t ON t.id = k.tenant_id
+             WHERE k.state = 'enabled' AND k.is_primary AND k.expires_at IS NOT NULL
+               AND k.expires_at <= $1"
+        ));
+        let rows = sqlx::query(sql).bind(until).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ExpiringKek {
+                    kek_id: r.try_get("id")?,
+                    provider: parse(r, "provider")?,
+                    key_ref: r.try_get("key_ref")?,
+                    expires_at: r.try_get("expires_at")?,
+                    tenant: tenant(r)?,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) async fn probe_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT k.id, k.provider, k.key_ref, k.state, k.revoked, k.current_version,
+                    k.unreachable_since, k.unreachable_notified_at IS NOT NULL AS notified,
+                    t.id AS tenant_id, t.access, t.access_reason, {RECIPIENTS}
+             FROM keks k JOIN tenants t ON t.id = k.tenant_id
+             WHERE k.state <> 'destroyed' AND k.retired_at IS NULL
+             ORDER BY k.id"
+        ));
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ProbeTarget {
+                    kek_id: r.try_get("id")?,
+                    tenant: tenant(r)?,
+                    provider: parse(r, "provider")?,
+                    key_ref: r.try_get("key_ref")?,
+                    state: parse(r, "state")?,
+                    revoked: r.try_get("revoked")?,
+                    current_version: r.try_get("current_version")?,
+                    unreachable_since: r.try_get("unreachable_since")?,
+                    unreachable_notified: r.try_get("notified")?,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) async fn record_probe(
+        &self,
+        kek_id: i64,
+        record: &ProbeRecord,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        match record {
+            ProbeRecord::Answered => {
+                sqlx::query(
+                    "UPDATE keks SET probed_at = $2, probe_error = NULL, unreachable_since = NULL,
+                            unreachable_notified_at = NULL
+                     WHERE id = $1",
+                )
+                .bind(kek_id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(None)
+            }
+            ProbeRecord::Unreachable { error } => Ok(sqlx::query_scalar(
+                "UPDATE keks SET probed_at = $2, probe_error = $3,
+                        unreachable_since = COALESCE(unreachable_since, $2)
+                 WHERE id = $1 RETURNING unreachable_since",
+            )
+            .bind(kek_id)
+            .bind(now)
+            .bind(error)
+            .fetch_optional(&self.pool)
+            .await?),
+        }
+    }
+
+    pub(crate) async fn prune_outbox(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done =
+            sqlx::query("DELETE FROM outbox WHERE status = 'delivered' AND delivered_at < $1")
+                .bind(older_than)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(crate) async fn notify_unreachable(
+        &self,
+        kek_id: i64,
+        rows: &[NewOutbox],
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = PgTx {
+            tx: self.pool.begin().await?,
+        };
+        let marked = sqlx::query(
+            "UPDATE keks SET unreachable_notified_at = $2
+             WHERE id = $1 AND unreachable_since IS NOT NULL AND unreachable_notified_at IS NULL",
+        )
+        .bind(kek_id)
+        .bind(now)
+        .execute(&mut *tx.tx)
+        .await?;
+        if marked.rows_affected() == 0 {
+            return Ok(false);
+        }
+        tx.enqueue(rows).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+}

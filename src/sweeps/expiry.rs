@@ -1,0 +1,130 @@
+//! `expiry_scan`: tiered warnings before a key expires, and expiry when its date has passed.
+
+use crate::domain::{EventKind, LifecycleEvent, Origin};
+use crate::lifecycle;
+use crate::notify::tenant_notifications;
+use crate::store::{Store, StoreError};
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+/// What a scan did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExpiryReport {
+    /// Enabled primary keys inside the largest threshold.
+    pub keys_in_window: usize,
+    /// Keys inside one of the thresholds.
+    pub keys_warned: usize,
+    /// Notifications queued now (one already queued for the same key, expiry date and
+    /// threshold is not queued again).
+    pub notifications_queued: u64,
+    /// Keys that became expired.
+    pub expired: usize,
+}
+
+/// The tightest threshold (days) `left` is within, from thresholds sorted high to low.
+pub fn threshold_for(left: chrono::Duration, thresholds_days: &[u32]) -> Option<u32> {
+    thresholds_days
+        .iter()
+        .copied()
+        .filter(|t| left <= chrono::Duration::days(i64::from(*t)))
+        .min()
+}
+
+/// Scans keys expiring within the largest threshold of `now`.
+///
+/// Warnings are outbox rows whose dedupe key holds the key, its expiry date and the
+/// threshold, so each threshold fires once per expiry date however often the scan runs (and
+/// on however many replicas), and a new date re-arms them. A key past its date goes through
+/// the lifecycle code as an `expired` event with a deterministic id, so it expires once and
+/// notifies `key.expired` once.
+pub async fn expiry_scan(
+    store: &Store,
+    thresholds_days: &[u32],
+    now: DateTime<Utc>,
+) -> Result<ExpiryReport, StoreError> {
+    let widest = thresholds_days.iter().copied().max().unwrap_or(0);
+    let keys = store
+        .expiring_keks(now + chrono::Duration::days(i64::from(widest)))
+        .await?;
+    let mut report = ExpiryReport {
+        keys_in_window: keys.len(),
+        ..ExpiryReport::default()
+    };
+    let mut warnings = Vec::new();
+    let mut expired = Vec::new();
+    for key in &keys {
+        let left = key.expires_at - now;
+        if left <= chrono::Duration::zero() {
+            expired.push(LifecycleEvent {
+                provider: key.provider,
+                event_id: format!(
+                    "sweep:expired:{}:{}",
+                    key.kek_id,
+                    key.expires_at.timestamp_millis()
+                ),
+                kind: EventKind::Expired,
+                key_ref: key.key_ref.clone(),
+                version: None,
+                expires_at: Some(key.expires_at),
+                time: key.expires_at,
+                source: "byokd://sweep/expiry_scan".to_owned(),
+                origin: Origin::Sweep,
+            });
+            continue;
+        }
+        let Some(threshold) = threshold_for(left, thresholds_days) else {
+            continue;
+        };
+        report.keys_warned += 1;
+        let days_left = (left.num_hours() + 23) / 24;
+        let data = json!({
+            "tenant_id": key.tenant.id,
+            "provider": key.provider,
+            "key_ref": key.key_ref,
+            "expires_at": key.expires_at,
+            "days_left": days_left,
+            "threshold_days": threshold,
+        });
+        let cause = format!(
+            "kek:{}:{}:{threshold}d",
+            key.kek_id,
+            key.expires_at.timestamp_millis()
+        );
+        warnings.extend(tenant_notifications(
+            &key.tenant,
+            "key.expiring",
+            &cause,
+            data,
+            now,
+        ));
+    }
+    for chunk in warnings.chunks(2000) {
+        report.notifications_queued += store.enqueue_outbox(chunk).await?;
+    }
+    for chunk in expired.chunks(500) {
+        let result = lifecycle::apply_batch(store, chunk, now).await?;
+        report.expired += result
+            .outcomes
+            .iter()
+            .filter(|o| **o == lifecycle::Outcome::Applied)
+            .count();
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_tightest_threshold_crossed() {
+        let t = [30, 14, 7, 1];
+        let d = chrono::Duration::days;
+        assert_eq!(threshold_for(d(31), &t), None);
+        assert_eq!(threshold_for(d(30), &t), Some(30));
+        assert_eq!(threshold_for(d(20), &t), Some(30));
+        assert_eq!(threshold_for(d(14), &t), Some(14));
+        assert_eq!(threshold_for(d(3), &t), Some(7));
+        assert_eq!(threshold_for(chrono::Duration::hours(5), &t), Some(1));
+    }
+}
