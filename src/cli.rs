@@ -5,7 +5,7 @@ use crate::domain::{EventKind, KeyState, LifecycleEvent, Provider};
 use crate::events::amqp::{Outgoing, Publisher, routing_key};
 use crate::events::normalize::canonical;
 use crate::events::normalize::normalize;
-use crate::kms::{DekContext, Kms, KmsProvider, LocalKms, WrappedRef};
+use crate::kms::{DekContext, KmsProvider, LocalKms, WrappedRef};
 use crate::seal::Sealer;
 use crate::store::Store;
 use anyhow::{Context, bail};
@@ -144,6 +144,7 @@ pub enum DeksCommand {
 /// Whatever made the command fail; `main` prints it as one line.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    crate::install_crypto_provider();
     let config = Config::load()?;
     crate::telemetry::init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -298,7 +299,7 @@ async fn sweep(json: bool, config: &Config, name: &str) -> anyhow::Result<()> {
     let store = Store::connect(config.require_database_url()?, 4).await?;
     store.migrate().await?;
     let sweeper = crate::sweeps::Sweeper {
-        kms: crate::daemon::build_kms(&store, &root),
+        kms: crate::daemon::build_kms(&store, &root, &config.kms)?,
         store,
         schedules: Arc::new(schedules),
         wake: crate::sweeps::Wakers::default(),
@@ -442,10 +443,10 @@ struct Verification {
 }
 
 async fn verify_deks(json: bool, config: &Config, tenant: &str) -> anyhow::Result<()> {
-    let local = local_kms(config).await?;
+    let root = config.require_root_key()?;
     let store = Store::connect(config.require_database_url()?, 2).await?;
     store.tenant(tenant).await?;
-    let kms = Kms::with_local(local);
+    let kms = crate::daemon::build_kms(&store, &root, &config.kms)?;
     let mut report = Verification {
         tenant: tenant.to_owned(),
         ..Verification::default()

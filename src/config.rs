@@ -118,6 +118,8 @@ pub struct Config {
     pub amqp: AmqpSettings,
     /// DEK re-wrap tuning.
     pub rewrap: crate::rewrap::RewrapSettings,
+    /// Remote KMS providers (`[kms.vault]`, ...).
+    pub kms: crate::kms::KmsSettings,
 }
 
 impl Default for Config {
@@ -138,6 +140,7 @@ impl Default for Config {
             shutdown_grace_secs: 20,
             amqp: AmqpSettings::default(),
             rewrap: crate::rewrap::RewrapSettings::default(),
+            kms: crate::kms::KmsSettings::default(),
         }
     }
 }
@@ -175,6 +178,7 @@ impl std::fmt::Debug for Config {
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)
             .field("amqp", &self.amqp)
             .field("rewrap", &self.rewrap)
+            .field("kms", &self.kms)
             .finish()
     }
 }

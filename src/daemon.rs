@@ -36,17 +36,35 @@ pub enum RunError {
     /// A schedule file is unusable.
     #[error(transparent)]
     Schedule(#[from] crate::sweeps::ScheduleError),
+    /// A KMS provider cannot be set up.
+    #[error("{0}")]
+    Kms(String),
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
 }
 
 /// The KMS providers byokd is configured for.
-pub fn build_kms(store: &Store, root_key: &crate::config::RootKey) -> Kms {
-    Kms::with_local(LocalKms::new(
+///
+/// # Errors
+///
+/// A provider's client cannot be built.
+pub fn build_kms(
+    store: &Store,
+    root_key: &crate::config::RootKey,
+    settings: &crate::kms::KmsSettings,
+) -> Result<Kms, RunError> {
+    let mut kms = Kms::with_local(LocalKms::new(
         store.clone(),
         Arc::new(Sealer::new(root_key, LOCAL_KMS_PURPOSE)),
-    ))
+    ));
+    if let Some(vault) = &settings.vault {
+        kms = kms.with_vault(
+            crate::kms::VaultKms::new(vault)
+                .map_err(|e| RunError::Kms(format!("cannot build the Vault client: {e}")))?,
+        );
+    }
+    Ok(kms)
 }
 
 /// Runs the daemon until `shutdown` resolves, then stops consuming, lets in-flight batches
@@ -75,7 +93,7 @@ pub async fn run(
     let access_changed = Arc::new(Notify::new());
     let publisher = Arc::new(Publisher::new(amqp_url.clone()));
     let rewrap_work = Arc::new(Notify::new());
-    let kms = build_kms(&store, &root_key);
+    let kms = build_kms(&store, &root_key, &config.kms)?;
 
     let intake = Intake {
         queue: config.amqp.lifecycle_queue.clone(),

@@ -40,3 +40,9 @@ pub mod seal;
 pub mod store;
 pub mod sweeps;
 pub mod telemetry;
+
+/// Installs ring as the process's TLS crypto provider (lapin, reqwest and lettre all use
+/// rustls, built without a provider of their own). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

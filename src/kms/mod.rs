@@ -7,8 +7,10 @@
 //! wrap and may be overridden by a provider with a native re-wrap.
 
 pub mod local;
+pub mod vault;
 
 pub use local::LocalKms;
+pub use vault::{VaultKms, VaultSettings};
 
 use crate::domain::{KeyState, Provider};
 use crate::store::StoreError;
@@ -262,12 +264,15 @@ async fn rewrap_via<P: KmsProvider + ?Sized>(
 pub enum Backend {
     /// byokd's own keyring.
     Local(LocalKms),
+    /// Vault / OpenBao Transit.
+    Vault(VaultKms),
 }
 
 macro_rules! backend {
     ($self:ident, $b:ident => $call:expr) => {
         match $self {
             Backend::Local($b) => $call,
+            Backend::Vault($b) => $call,
         }
     };
 }
@@ -308,6 +313,15 @@ impl KmsProvider for Backend {
 #[derive(Debug, Clone, Default)]
 pub struct Kms {
     local: Option<Backend>,
+    vault: Option<Backend>,
+}
+
+/// `[kms]` settings: one optional table per remote provider.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KmsSettings {
+    /// `[kms.vault]`.
+    pub vault: Option<VaultSettings>,
 }
 
 impl Kms {
@@ -315,7 +329,14 @@ impl Kms {
     pub fn with_local(local: LocalKms) -> Kms {
         Kms {
             local: Some(Backend::Local(local)),
+            vault: None,
         }
+    }
+
+    /// Adds the Vault provider.
+    pub fn with_vault(mut self, vault: VaultKms) -> Kms {
+        self.vault = Some(Backend::Vault(vault));
+        self
     }
 
     /// The back end for `provider`.
@@ -326,6 +347,7 @@ impl Kms {
     pub fn provider(&self, provider: Provider) -> Result<&Backend, KmsError> {
         match provider {
             Provider::Local => self.local.as_ref(),
+            Provider::Vault => self.vault.as_ref(),
             _ => None,
         }
         .ok_or(KmsError::NotConfigured(provider))
@@ -335,6 +357,16 @@ impl Kms {
     /// DEK, then describes it.
     pub async fn test_key(&self, provider: Provider, key_ref: &str) -> Result<KeyInfo, KmsError> {
         let kms = self.provider(provider)?;
+        // Describe first: some KMSs (Vault Transit) create a missing key on encrypt.
+        let info = kms.describe(key_ref).await?;
+        if info.state != KeyState::Enabled {
+            return Err(KmsError::Unusable {
+                provider,
+                key_ref: key_ref.to_owned(),
+                state: info.state,
+                operation: "wrap",
+            });
+        }
         let dek = Dek::generate();
         let ctx = DekContext {
             tenant_id: "byokd-key-test",
@@ -360,7 +392,7 @@ impl Kms {
         if back.expose() != dek.expose() {
             return Err(KmsError::Integrity);
         }
-        kms.describe(key_ref).await
+        Ok(info)
     }
 
     /// Moves DEKs from one key to another (key replacement): unwrap with the source, wrap

@@ -45,6 +45,7 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn create() -> TestDb {
+        byokd::install_crypto_provider();
         let name = format!("byokd_t_{}", Uuid::new_v4().simple());
         let admin = PgPool::connect(&pg_admin_url())
             .await

@@ -1,0 +1,536 @@
+//! Expiry and revocation: cron sweeps driven with an injected clock, tiered warnings once per
+//! threshold across sweeps and replicas, expiry and its extension, every revocation kind and
+//! its reversal, and key probes that catch what no event said (a disabled key, a missed
+//! rotation) while never taking an unreachable KMS (OpenBao behind a proxy) for a revoked key.
+
+mod common;
+
+use byokd::sweeps::{Schedule, Sweeper, Wakers, parse_schedule};
+use chrono::{DateTime, Duration as Days, Utc};
+use common::proxy::Proxy;
+use common::{TestApp, at, next_json};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+const EXPIRY: &str = "name = \"expiry-scan\"\ncron = \"0 */15 * * * *\"\njob = \"expiry_scan\"\n[params]\nthresholds_days = [30, 14, 7, 1]\n";
+const PROBE: &str = "name = \"key-probe\"\ncron = \"0 */5 * * * *\"\njob = \"key_probe\"\n[params]\nunreachable_grace_minutes = 30\ntimeout_seconds = 2\n";
+
+fn schedules() -> Vec<Schedule> {
+    vec![
+        parse_schedule("expiry.toml", EXPIRY).expect("expiry schedule"),
+        parse_schedule("probe.toml", PROBE).expect("probe schedule"),
+    ]
+}
+
+async fn sweeper(app: &TestApp) -> Sweeper {
+    let store = byokd::store::Store::connect(&app.db.url, 4)
+        .await
+        .expect("store");
+    let root = app.config.require_root_key().expect("root");
+    Sweeper {
+        kms: byokd::daemon::build_kms(&store, &root, &app.config.kms).expect("kms"),
+        store,
+        schedules: Arc::new(schedules()),
+        wake: Wakers::default(),
+    }
+}
+
+async fn run(s: &Sweeper, name: &str, now: DateTime<Utc>) -> Value {
+    let report = s
+        .run_now(name, now)
+        .await
+        .expect("sweep")
+        .expect("not locked");
+    assert_eq!(report.status, "ok", "{:?}", report.details);
+    report.details
+}
+
+async fn outbox_count(app: &TestApp, tenant: &str, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE tenant_id = $1 AND kind = $2")
+        .bind(tenant)
+        .bind(kind)
+        .fetch_one(&app.pool)
+        .await
+        .expect("count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_expiry_threshold_fires_once_then_the_key_expires_and_an_extension_rearms() {
+    let app = TestApp::spawn().await;
+    app.create_local_key("exp-key").await;
+    app.post(
+        "/v1/tenants",
+        json!({ "id": "exp", "name": "Exp", "contacts": ["ops@exp.example"] }),
+    )
+    .await;
+    let t0 = Utc::now();
+    let expires = t0 + Days::days(20);
+    let r = app
+        .post(
+            "/v1/tenants/exp/keks",
+            json!({ "provider": "local", "key_ref": "exp-key",
+            "expires_at": expires.to_rfc3339() }),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let (a, b) = (sweeper(&app).await, sweeper(&app).await);
+
+    // 20 days left: the 30-day warning, once, however often and wherever the scan runs.
+    let first = run(&a, "expiry-scan", t0).await;
+    assert_eq!(first["notifications_queued"], 1, "{first}");
+    run(&a, "expiry-scan", t0 + Days::minutes(15)).await;
+    run(&b, "expiry-scan", t0 + Days::minutes(30)).await;
+    assert_eq!(outbox_count(&app, "exp", "key.expiring").await, 1);
+
+    // Two replicas at the same tick: one runs it, the other finds it done or locked.
+    let tick = t0 + Days::hours(1);
+    let (ra, rb) = tokio::join!(a.run_due(tick), b.run_due(tick));
+    let ran = ra
+        .expect("a")
+        .into_iter()
+        .chain(rb.expect("b"))
+        .filter(|r| r.schedule == "expiry-scan")
+        .count();
+    assert_eq!(ran, 1, "exactly one replica runs a tick");
+
+    for (day, total) in [(7, 2), (8, 2), (13, 3), (19, 4), (19, 4)] {
+        run(&a, "expiry-scan", t0 + Days::days(day) + Days::minutes(1)).await;
+        assert_eq!(
+            outbox_count(&app, "exp", "key.expiring").await,
+            total,
+            "day {day}"
+        );
+    }
+    let warning: Value = sqlx::query_scalar(
+        "SELECT payload FROM outbox WHERE tenant_id = 'exp' AND kind = 'key.expiring' ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("payload");
+    assert_eq!(warning["data"]["threshold_days"], 1);
+    assert_eq!(warning["data"]["days_left"], 1);
+
+    // Past the date: expired, encrypt_blocked, key.expired once.
+    let after = expires + Days::minutes(5);
+    let report = run(&a, "expiry-scan", after).await;
+    assert_eq!(report["expired"], 1, "{report}");
+    run(&b, "expiry-scan", after + Days::minutes(15)).await;
+    let tenant = app.tenant("exp").await;
+    assert_eq!(tenant["access"], "encrypt_blocked");
+    assert_eq!(outbox_count(&app, "exp", "key.expired").await, 1);
+    assert_eq!(
+        app.post("/v1/tenants/exp/deks", json!({})).await.status(),
+        409
+    );
+    let source: String = sqlx::query_scalar(
+        "SELECT source FROM audit_log WHERE key_ref = 'exp-key' AND action = 'expired'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("audit");
+    assert_eq!(source, "sweep");
+
+    // Extending the expiry restores access and re-arms the warnings for the new date.
+    let new_date = after + Days::days(60);
+    app.local_kms()
+        .await
+        .set_expiry("exp-key", Some(new_date))
+        .await
+        .expect("extend");
+    app.publish(
+        "expiry_changed",
+        "exp-key",
+        at(0),
+        json!({ "expires_at": new_date.to_rfc3339() }),
+    )
+    .await;
+    app.wait_processed(2).await;
+    assert_eq!(app.tenant("exp").await["access"], "accessible");
+    assert_eq!(outbox_count(&app, "exp", "tenant.restored").await, 1);
+    run(&a, "expiry-scan", new_date - Days::days(25)).await;
+    assert_eq!(
+        outbox_count(&app, "exp", "key.expiring").await,
+        5,
+        "re-armed for the new date"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_revocation_kind_blocks_at_once_and_its_reversal_restores() {
+    let app = TestApp::spawn().await;
+    let mut access = app.access_listener().await;
+    let cases: [(&str, &[&str]); 4] = [
+        ("disabled", &["enabled"]),
+        ("deletion_scheduled", &["deletion_cancelled", "enabled"]),
+        ("access_revoked", &["access_restored"]),
+        ("destroyed", &[]),
+    ];
+    let mut published = 0;
+    for (i, (kind, reversal)) in cases.iter().enumerate() {
+        let tenant = format!("rv{i}");
+        let key = format!("rv-key-{i}");
+        app.tenant_with_key(&tenant, &key).await;
+        let dek: Value = app
+            .post(&format!("/v1/tenants/{tenant}/deks"), json!({}))
+            .await
+            .json()
+            .await
+            .expect("dek");
+        app.publish(kind, &key, at(0), json!({})).await;
+        published += 1;
+        app.wait_processed(published).await;
+        let (routing, body) = next_json(&mut access, Duration::from_secs(10))
+            .await
+            .expect("access message");
+        assert_eq!(routing, "tenant.access.inaccessible", "{kind}");
+        assert_eq!(body["tenant_id"], tenant.as_str());
+        assert_eq!(
+            app.tenant(&tenant).await["access"],
+            "inaccessible",
+            "{kind}"
+        );
+        assert_eq!(
+            app.post(&format!("/v1/tenants/{tenant}/deks"), json!({}))
+                .await
+                .status(),
+            409,
+            "{kind}"
+        );
+        assert_eq!(
+            outbox_count(&app, &tenant, "tenant.inaccessible").await,
+            2,
+            "{kind}"
+        );
+        let got: Value = app
+            .get(&format!(
+                "/v1/tenants/{tenant}/deks/{}",
+                dek["dek_id"].as_str().expect("id")
+            ))
+            .await
+            .json()
+            .await
+            .expect("dek");
+        assert_eq!(got["unrecoverable"], *kind == "destroyed", "{kind}");
+
+        for (j, back) in reversal.iter().enumerate() {
+            app.publish(back, &key, at(10 + j as i64), json!({})).await;
+            published += 1;
+        }
+        app.wait_processed(published).await;
+        let expected = if reversal.is_empty() {
+            "inaccessible"
+        } else {
+            "accessible"
+        };
+        assert_eq!(
+            app.tenant(&tenant).await["access"],
+            expected,
+            "{kind} reversed"
+        );
+        if !reversal.is_empty() {
+            let (routing, _) = next_json(&mut access, Duration::from_secs(10))
+                .await
+                .expect("restored");
+            assert_eq!(routing, "tenant.access.accessible", "{kind}");
+            assert_eq!(
+                outbox_count(&app, &tenant, "tenant.restored").await,
+                2,
+                "{kind}"
+            );
+            assert_eq!(
+                app.post(&format!("/v1/tenants/{tenant}/deks"), json!({}))
+                    .await
+                    .status(),
+                201
+            );
+        }
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_catches_a_disabled_key_and_a_missed_rotation_no_event_told_of() {
+    use byokd::domain::KeyState::{Disabled, Enabled};
+    let app = TestApp::spawn().await;
+    let mut access = app.access_listener().await;
+    app.tenant_with_key("pr", "pr-key").await;
+    app.bulk_deks("pr", "pr-key", 200).await;
+    let s = sweeper(&app).await;
+    let quiet = run(&s, "key-probe", Utc::now()).await;
+    assert_eq!(
+        (quiet["probed"].as_i64(), quiet["changes"].as_i64()),
+        (Some(1), Some(0)),
+        "{quiet}"
+    );
+
+    // Disabled at the KMS; the event never came.
+    let kms = app.local_kms().await;
+    kms.transition("pr-key", &[Enabled], Disabled)
+        .await
+        .expect("disable");
+    let found = run(&s, "key-probe", Utc::now()).await;
+    assert_eq!(found["changes"], 1, "{found}");
+    assert_eq!(app.tenant("pr").await["access"], "inaccessible");
+    let (routing, _) = next_json(&mut access, Duration::from_secs(10))
+        .await
+        .expect("access message");
+    assert_eq!(routing, "tenant.access.inaccessible");
+    let source: String = sqlx::query_scalar(
+        "SELECT source FROM audit_log WHERE key_ref = 'pr-key' AND action = 'disabled'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("audit");
+    assert_eq!(source, "probe");
+
+    // Enabled and rotated at the KMS, silently: the probe restores access and starts the
+    // re-wrap the lost rotation event would have.
+    kms.transition("pr-key", &[Disabled], Enabled)
+        .await
+        .expect("enable");
+    kms.rotate("pr-key").await.expect("rotate");
+    let found = run(&s, "key-probe", Utc::now()).await;
+    assert_eq!(found["changes"], 2, "{found}");
+    assert_eq!(app.tenant("pr").await["access"], "accessible");
+    let job = app
+        .wait_job("pr", "completed", Duration::from_secs(60))
+        .await;
+    assert_eq!(job["done"], 200);
+    let (report, ok) = app.verify_deks("pr");
+    assert!(ok, "{report}");
+    assert_eq!(report["by_version"], json!({ "2": 200 }));
+    app.shutdown().await;
+}
+
+/// A transit mount of this test's own on the shared OpenBao dev server, a key in it, and a
+/// token that may use only that mount.
+struct Vault {
+    addr: String,
+    mount: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Vault {
+    async fn new() -> Vault {
+        byokd::install_crypto_provider();
+        let addr = std::env::var("BYOKD_TEST_VAULT_ADDR")
+            .unwrap_or_else(|_| "http://127.0.0.1:8200".to_owned());
+        let mount = format!(
+            "transit-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let http = reqwest::Client::new();
+        let root = |r: reqwest::RequestBuilder| r.header("X-Vault-Token", "root");
+        let ok = |r: reqwest::Response| {
+            assert!(r.status().is_success(), "vault: {}", r.status());
+            r
+        };
+        ok(root(http.post(format!("{addr}/v1/sys/mounts/{mount}")))
+            .json(&json!({ "type": "transit" }))
+            .send()
+            .await
+            .expect("mount"));
+        let policy = format!("path \"{mount}/*\" {{ capabilities = [\"read\", \"update\"] }}");
+        ok(
+            root(http.put(format!("{addr}/v1/sys/policies/acl/{mount}")))
+                .json(&json!({ "policy": policy }))
+                .send()
+                .await
+                .expect("policy"),
+        );
+        let token: Value = ok(root(http.post(format!("{addr}/v1/auth/token/create")))
+            .json(&json!({ "policies": [mount], "no_default_policy": true }))
+            .send()
+            .await
+            .expect("token"))
+        .json()
+        .await
+        .expect("json");
+        let token = token["auth"]["client_token"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+        Vault {
+            addr,
+            mount,
+            token,
+            http,
+        }
+    }
+
+    async fn create_key(&self, name: &str) {
+        let r = self
+            .http
+            .post(format!("{}/v1/{}/keys/{name}", self.addr, self.mount))
+            .header("X-Vault-Token", "root")
+            .send()
+            .await
+            .expect("create key");
+        assert!(r.status().is_success());
+    }
+
+    async fn revoke_token(&self) {
+        let r = self
+            .http
+            .post(format!("{}/v1/auth/token/revoke", self.addr))
+            .header("X-Vault-Token", "root")
+            .json(&json!({ "token": self.token }))
+            .send()
+            .await
+            .expect("revoke");
+        assert!(r.status().is_success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_kms_is_never_taken_for_a_revoked_key() {
+    let vault = Vault::new().await;
+    vault.create_key("tenant-kek").await;
+    let proxy = Proxy::start(vault.addr.trim_start_matches("http://")).await;
+    let settings: byokd::kms::VaultSettings = serde_json::from_value(json!({
+        "address": format!("http://{}", proxy.addr),
+        "token": vault.token,
+        "mount": vault.mount,
+        "timeout_secs": 2,
+    }))
+    .expect("settings");
+    let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
+    app.post(
+        "/v1/tenants",
+        json!({ "id": "v", "name": "V", "contacts": ["ops@v.example"] }),
+    )
+    .await;
+    let r = app
+        .post(
+            "/v1/tenants/v/keks",
+            json!({ "provider": "vault", "key_ref": "tenant-kek" }),
+        )
+        .await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    let r = app
+        .post(
+            "/v1/tenants/v/keks",
+            json!({ "provider": "vault", "key_ref": "no-such-key", "replace": true }),
+        )
+        .await;
+    assert_eq!(
+        r.status(),
+        422,
+        "a key that does not exist is refused, not created"
+    );
+    let dek: Value = app
+        .post("/v1/tenants/v/deks", json!({}))
+        .await
+        .json()
+        .await
+        .expect("dek");
+    assert_eq!(dek["kek_version"], "1");
+    let s = sweeper(&app).await;
+    let t0 = Utc::now();
+    let quiet = run(&s, "key-probe", t0).await;
+    assert_eq!(quiet["unchanged"], 1, "{quiet}");
+
+    // The KMS goes away: unreachable, not revoked; after the grace period, one notification.
+    proxy.set_down(true);
+    let down = run(&s, "key-probe", t0 + Days::minutes(5)).await;
+    assert_eq!(
+        (down["unreachable"].as_i64(), down["changes"].as_i64()),
+        (Some(1), Some(0)),
+        "{down}"
+    );
+    assert_eq!(app.tenant("v").await["access"], "accessible");
+    assert_eq!(
+        outbox_count(&app, "v", "key.unreachable").await,
+        0,
+        "within the grace period"
+    );
+    run(&s, "key-probe", t0 + Days::minutes(40)).await;
+    run(&s, "key-probe", t0 + Days::minutes(45)).await;
+    assert_eq!(
+        outbox_count(&app, "v", "key.unreachable").await,
+        1,
+        "once per outage"
+    );
+    assert_eq!(app.tenant("v").await["access"], "accessible");
+    proxy.set_down(false);
+    run(&s, "key-probe", t0 + Days::minutes(50)).await;
+
+    // byokd's access is revoked at the KMS: a definitive answer.
+    vault.revoke_token().await;
+    let revoked = run(&s, "key-probe", t0 + Days::minutes(55)).await;
+    assert_eq!(revoked["changes"], 1, "{revoked}");
+    let tenant = app.tenant("v").await;
+    assert_eq!(tenant["access"], "inaccessible");
+    assert!(
+        tenant["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("revoked")),
+        "{tenant}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byokd_sweep_runs_one_schedule_and_prints_what_it_did() {
+    let app = TestApp::spawn().await;
+    let mut cmd = common::byokd_command();
+    common::with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
+    let out = cmd
+        .args(["sweep", "expiry-scan", "--json"])
+        .env(
+            "BYOKD_SCHEDULES_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/schedules"),
+        )
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["schedule"], "expiry-scan");
+    assert_eq!(report["status"], "ok");
+    assert_eq!(report["details"]["keys_in_window"], 0);
+
+    let mut cmd = common::byokd_command();
+    common::with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
+    let out = cmd
+        .args(["sweep", "nope"])
+        .env(
+            "BYOKD_SCHEDULES_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/schedules"),
+        )
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1);
+    assert!(err.contains("no schedule named \"nope\""), "{err}");
+
+    let dir = std::env::temp_dir().join(format!("byokd-bad-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("broken.toml"),
+        "name = \"x\"\ncron = \"sometimes\"\njob = \"expiry_scan\"\n",
+    )
+    .expect("write");
+    let mut cmd = common::byokd_command();
+    common::with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
+    let out = cmd
+        .arg("run")
+        .env("BYOKD_SCHEDULES_DIR", &dir)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("broken.toml") && err.contains("cron \"sometimes\""),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    app.shutdown().await;
+}
