@@ -9,11 +9,18 @@ use sqlx::{Connection, Row};
 /// An advisory lock on a connection taken out of the pool for it.
 pub(crate) struct PgScheduleLock {
     conn: PgConnection,
+    name: String,
 }
 
 impl PgScheduleLock {
-    pub(crate) async fn release(self) {
-        // Ending the session releases every advisory lock it holds.
+    pub(crate) async fn release(mut self) {
+        // Unlock explicitly so the next claimant finds it free at once (the server ends a
+        // closed session asynchronously); ending the session releases it in any case.
+        let _ =
+            sqlx::query("SELECT pg_advisory_unlock(hashtextextended('byokd-schedule:' || $1, 0))")
+                .bind(&self.name)
+                .execute(&mut self.conn)
+                .await;
         let _ = self.conn.close().await;
     }
 }
@@ -47,7 +54,10 @@ impl PgStore {
         .fetch_one(&mut conn)
         .await?;
         if locked {
-            Ok(Some(PgScheduleLock { conn }))
+            Ok(Some(PgScheduleLock {
+                conn,
+                name: name.to_owned(),
+            }))
         } else {
             let _ = conn.close().await;
             Ok(None)
