@@ -8,6 +8,7 @@ use crate::config::{Config, ConfigError};
 use crate::events::amqp::{self, ConsumerHealth, Intake, Publisher};
 use crate::http::{self, AppState};
 use crate::notify::access::{self, Relay};
+use crate::notify::outbox::{self as notify_outbox, Dispatcher, NotifyError};
 use crate::seal::Sealer;
 use crate::store::{Store, StoreError};
 use std::future::Future;
@@ -25,6 +26,9 @@ pub enum RunError {
     /// The database could not be reached or migrated at start.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Notification delivery could not be set up (SMTP URL, sender, allowlist).
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
@@ -48,6 +52,9 @@ pub async fn run(
     let store = Store::connect(&database_url, config.database_max_connections).await?;
     store.migrate().await?;
     crate::telemetry::metrics();
+
+    let sealer = Arc::new(Sealer::new(&root_key, "webhook-secret"));
+    let dispatcher = Dispatcher::new(store.clone(), &config, sealer.clone())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let health = Arc::new(ConsumerHealth::default());
@@ -74,12 +81,13 @@ pub async fn run(
         access_changed,
         stop_rx.clone(),
     ));
+    let notifier = tokio::spawn(notify_outbox::outbox_loop(dispatcher, stop_rx.clone()));
 
     let state = AppState {
         store,
         admin_token: config.admin_token.clone(),
         consumer: health,
-        sealer: Arc::new(Sealer::new(&root_key, "webhook-secret")),
+        sealer,
         publisher,
         amqp: config.amqp.clone(),
     };
@@ -100,6 +108,7 @@ pub async fn run(
     let all = async {
         let _ = consumer.await;
         let _ = relay.await;
+        let _ = notifier.await;
         server.await
     };
     match tokio::time::timeout(grace, all).await {

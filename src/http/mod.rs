@@ -5,6 +5,7 @@
 //! everyone. Errors are `{"error": "<one sentence>"}` with a meaningful status.
 
 mod admin;
+mod notifications;
 
 use crate::config::AmqpSettings;
 use crate::events::amqp::{ConsumerHealth, ConsumerState, Publisher};
@@ -86,6 +87,8 @@ pub fn router(state: AppState) -> Router {
         .route("/tenants/{id}", get(admin::get_tenant))
         .route("/tenants/{id}/keks", post(admin::register_kek))
         .route("/events", post(admin::post_event))
+        .route("/notifications", get(notifications::list))
+        .route("/notifications/{id}/retry", post(notifications::retry))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route(

@@ -14,6 +14,7 @@ macro_rules! dispatch {
     };
 }
 
+pub mod outbox;
 mod postgres;
 
 pub use postgres::PgStore;

@@ -15,6 +15,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 use uuid::Uuid;
 
+mod outbox;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// A PostgreSQL connection pool.

@@ -1,0 +1,2 @@
+//! Notification delivery benchmark (written in a following commit).
+fn main() {}
