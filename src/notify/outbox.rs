@@ -232,7 +232,8 @@ impl Dispatcher {
         let attempt_at = now.unwrap_or_else(Utc::now);
         let result = match row.channel {
             Channel::Email => self.send_email(&row).await,
-            _ => self.send_webhook(&row, attempt_at).await,
+            // The header carries the real attempt time: receivers check it against their clock.
+            _ => self.send_webhook(&row, Utc::now()).await,
         };
         let elapsed = started.elapsed();
         let now = now.unwrap_or_else(Utc::now);

@@ -2,6 +2,7 @@
 //! AMQP exchange and queue names on the real broker, and an in-process daemon on port 0.
 #![allow(dead_code, missing_docs)]
 
+pub mod notify;
 pub mod proxy;
 
 use byokd::config::{AmqpSettings, Config};
@@ -35,6 +36,13 @@ pub fn pg_admin_url() -> String {
 pub fn amqp_url() -> String {
     std::env::var("BYOKD_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// An HTTP client for tests. reqwest is built without a default TLS crypto provider (byokd
+/// uses ring, avoiding aws-lc-sys), so the process needs one installed before any client.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }
 
 /// A fresh, empty database; dropped by [`TestDb::drop_db`].
@@ -94,6 +102,8 @@ pub fn test_config(db_url: &str, amqp: AmqpSettings) -> Config {
         admin_token: Some(SecretString::from(TOKEN)),
         local_kms_root_key: Some(SecretString::from(ROOT_KEY)),
         shutdown_grace_secs: 10,
+        // No SMTP server configured: the daemon writes emails here, not into the work tree.
+        mail_dir: std::env::temp_dir().join("byokd-test-mail"),
         amqp,
         ..Config::default()
     }
@@ -136,7 +146,7 @@ impl TestApp {
             db,
             pool,
             config,
-            http: reqwest::Client::new(),
+            http: http_client(),
             amqp,
             channel,
             stop: None,
