@@ -91,6 +91,9 @@ pub struct NotifySettings {
     pub max_in_flight: usize,
     /// Deliveries in flight at once to one endpoint or mailbox.
     pub max_in_flight_per_recipient: usize,
+    /// Database connections of delivery's own pool, kept apart from the consumer's so a
+    /// delivery backlog never starves event intake of connections.
+    pub database_connections: u32,
     /// How long a claim lasts; a worker that dies mid-delivery loses its rows after this.
     /// Longer than either timeout.
     pub lease_secs: u64,
@@ -112,6 +115,7 @@ impl Default for NotifySettings {
             smtp_timeout_ms: 30_000,
             max_in_flight: 64,
             max_in_flight_per_recipient: 4,
+            database_connections: 4,
             lease_secs: 120,
             poll_ms: 500,
             disable_endpoint_after_secs: 5 * 24 * 3600,
@@ -338,6 +342,9 @@ impl Config {
                 "notify.max_in_flight and max_in_flight_per_recipient must be at least 1"
                     .to_owned(),
             );
+        }
+        if n.database_connections == 0 {
+            errors.push("notify.database_connections must be at least 1".to_owned());
         }
         if n.lease_secs * 1000 <= n.webhook_timeout_ms.max(n.smtp_timeout_ms) {
             errors.push(

@@ -54,7 +54,8 @@ pub async fn run(
     crate::telemetry::metrics();
 
     let sealer = Arc::new(Sealer::new(&root_key, "webhook-secret"));
-    let dispatcher = Dispatcher::new(store.clone(), &config, sealer.clone())?;
+    let notify_store = Store::connect(&database_url, config.notify.database_connections).await?;
+    let dispatcher = Dispatcher::new(notify_store, &config, sealer.clone())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let health = Arc::new(ConsumerHealth::default());

@@ -13,7 +13,9 @@
 //! * `events`: intake. `normalize` turns messages into events; `amqp` owns the broker.
 //! * `lifecycle`: applies a batch of events in one transaction (dedupe, transition, access,
 //!   audit, outbox).
-//! * `notify`: delivery of outbox rows; `access` relays access changes to `byok.access`.
+//! * `notify`: delivery of outbox rows; `access` relays access changes to `byok.access`,
+//!   `outbox` delivers tenant notifications by `email` (lettre) and `webhook` (Standard
+//!   Webhooks, SSRF-guarded), rendered by `render` from `templates/email/`.
 //! * `http`: health, metrics and the admin API.
 //! * `store`: all SQL, behind a back-end-neutral API.
 //! * `seal`: encryption of secrets at rest under the root key.

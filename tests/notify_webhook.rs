@@ -419,6 +419,11 @@ async fn a_stale_lease_cannot_overwrite_the_new_owner() {
             .expect("claim")
             .is_empty()
     );
+    // A manual retry does not steal a row from the worker delivering it.
+    assert!(matches!(
+        env.store.retry_notification(id, t0).await,
+        Err(byokd::store::StoreError::Conflict(_))
+    ));
     let second = env
         .store
         .claim_notifications(&claim(t0 + Chrono::seconds(31)))

@@ -473,9 +473,22 @@ pub async fn outbox_loop(dispatcher: Dispatcher, mut shutdown: watch::Receiver<b
     let poll = Duration::from_millis(dispatcher.inner.settings.poll_ms.max(10));
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut failures: u32 = 0;
+    // Claim in batches: waiting for a quarter of the slots to free up costs little latency
+    // and saves a claim query per completed delivery.
+    let batch_min = (dispatcher.inner.settings.max_in_flight / 4).max(1);
     while !*shutdown.borrow() {
         let mut wait = poll;
-        match dispatcher.claim(Utc::now()).await {
+        let free = dispatcher
+            .inner
+            .settings
+            .max_in_flight
+            .saturating_sub(dispatcher.in_flight_total());
+        let claimed = if free < batch_min && !tasks.is_empty() {
+            Ok(Vec::new())
+        } else {
+            dispatcher.claim(Utc::now()).await
+        };
+        match claimed {
             Ok(batch) => {
                 failures = 0;
                 for (row, slot) in batch {

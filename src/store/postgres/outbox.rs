@@ -255,7 +255,9 @@ impl PgStore {
         let row = sqlx::query(
             "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $2,
                     locked_until = NULL, lease_id = NULL, dead_at = NULL
-             WHERE id = $1 AND status <> 'delivered' RETURNING id",
+             WHERE id = $1 AND status <> 'delivered'
+               AND (locked_until IS NULL OR locked_until <= $2)
+             RETURNING id",
         )
         .bind(id)
         .bind(now)
@@ -264,13 +266,16 @@ impl PgStore {
         if row.is_some() {
             return Ok(());
         }
-        let exists = sqlx::query("SELECT 1 FROM outbox WHERE id = $1")
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM outbox WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        match exists {
-            Some(_) => Err(StoreError::Conflict(format!(
+        match status.as_deref() {
+            Some("delivered") => Err(StoreError::Conflict(format!(
                 "notification {id} was delivered already; it is not sent twice"
+            ))),
+            Some(_) => Err(StoreError::Conflict(format!(
+                "notification {id} is being delivered right now"
             ))),
             None => Err(StoreError::NotFound(format!("notification {id}"))),
         }
