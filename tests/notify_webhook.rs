@@ -62,6 +62,20 @@ async fn signed_deliveries_verify_with_both_verifiers() {
         assert_eq!(body["data"]["tenant_id"], "acme");
         assert!(KINDS.contains(&body["type"].as_str().expect("type")));
     }
+    // The secret is nowhere in plaintext: not in the endpoint row, not in any log line.
+    let sealed: Vec<u8> = sqlx::query_scalar("SELECT secret_sealed FROM webhook_endpoints")
+        .fetch_one(&env.pool)
+        .await
+        .expect("endpoint");
+    let raw = SECRET.strip_prefix("whsec_").expect("prefix").as_bytes();
+    assert!(!sealed.windows(raw.len()).any(|w| w == raw));
+    let texts: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT detail FROM notification_attempts UNION ALL SELECT last_error FROM outbox",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("texts");
+    assert!(texts.iter().flatten().all(|t| !t.contains(&SECRET[6..])));
     for id in ids {
         assert_eq!(env.row(id).await.status, "delivered");
         let log = env.attempts(id).await;

@@ -208,16 +208,24 @@ impl Dispatcher {
             let this = self.clone();
             tasks.spawn(async move { this.process(row, slot, Some(now)).await });
         }
+        // Every delivery finishes even if recording one failed: returning early would drop
+        // the set and abort deliveries in flight.
+        let mut first_error = None;
         while let Some(done) = tasks.join_next().await {
             match done {
                 Ok(Ok(Resolution::Delivered)) => report.delivered += 1,
                 Ok(Ok(Resolution::Retry(_))) => report.retried += 1,
                 Ok(Ok(Resolution::Dead)) => report.dead += 1,
-                Ok(Err(e)) => return Err(e.into()),
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
                 Err(join) => tracing::error!(error = %join, "delivery task failed"),
             }
         }
-        Ok(report)
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(report),
+        }
     }
 
     /// Delivers one row and records the outcome. `now` is fixed in tests, else read when the

@@ -238,3 +238,26 @@ impl StoreTx {
         dispatch!(self, t => t.disable_endpoint(id, reason).await)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_debug_output_leaves_the_sealed_secret_out() {
+        let endpoint = WebhookEndpoint {
+            id: Uuid::nil(),
+            tenant_id: "acme".into(),
+            url: "https://hooks.acme.example/byok".into(),
+            secret_sealed: vec![0xAB; 40],
+            enabled: true,
+            failing_since: None,
+        };
+        let debug = format!("{endpoint:?}");
+        assert!(debug.contains("hooks.acme.example"));
+        assert!(
+            !debug.contains("secret") && !debug.contains("171"),
+            "{debug}"
+        );
+    }
+}
