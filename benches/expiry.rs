@@ -36,7 +36,7 @@ async fn run(n: i64) {
         "INSERT INTO keks (tenant_id, provider, key_ref, state, current_version, expires_at,
                            state_changed_at, version_changed_at, expiry_changed_at)
          SELECT 't' || g, 'local', 'k' || g, 'enabled', '1',
-                CASE WHEN g % 100 = 0 THEN now() + (g % 20 + 1) * interval '1 day'
+                CASE WHEN g % 100 = 0 THEN now() + (g / 100 % 20 + 1) * interval '1 day'
                      WHEN g % 3 = 0 THEN NULL
                      ELSE now() + (365 + g % 730) * interval '1 day' END,
                 now(), now(), now()

@@ -84,6 +84,60 @@ impl Default for AmqpSettings {
     }
 }
 
+/// Notification delivery (`[notify]`): retry schedule, timeouts, concurrency, endpoint
+/// health and retention. Defaults follow Svix's schedule and limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifySettings {
+    /// Seconds to wait after each failed attempt, in order; once exhausted the notification
+    /// is dead (so `len + 1` attempts in all).
+    pub retry_schedule_secs: Vec<u64>,
+    /// Each delay is drawn uniformly from `delay * (1 +- jitter)`, so a burst of failures
+    /// does not retry in lockstep.
+    pub retry_jitter: f64,
+    /// Upper bound on a peer's `Retry-After`, in seconds.
+    pub retry_after_max_secs: u64,
+    /// Per-request timeout of a webhook POST, in milliseconds.
+    pub webhook_timeout_ms: u64,
+    /// Timeout of one SMTP send (connect to end of DATA), in milliseconds.
+    pub smtp_timeout_ms: u64,
+    /// Deliveries in flight at once, over all recipients.
+    pub max_in_flight: usize,
+    /// Deliveries in flight at once to one endpoint or mailbox.
+    pub max_in_flight_per_recipient: usize,
+    /// Database connections of delivery's own pool, kept apart from the consumer's so a
+    /// delivery backlog never starves event intake of connections.
+    pub database_connections: u32,
+    /// How long a claim lasts; a worker that dies mid-delivery loses its rows after this.
+    /// Longer than either timeout.
+    pub lease_secs: u64,
+    /// How often to look for due rows when idle, in milliseconds.
+    pub poll_ms: u64,
+    /// A webhook endpoint failing without a success for this long is disabled.
+    pub disable_endpoint_after_secs: u64,
+    /// Delivered rows older than this are pruned (dead rows are kept).
+    pub retention_days: u64,
+}
+
+impl Default for NotifySettings {
+    fn default() -> Self {
+        NotifySettings {
+            retry_schedule_secs: vec![5, 300, 1800, 7200, 18000, 36000, 36000],
+            retry_jitter: 0.2,
+            retry_after_max_secs: 3600,
+            webhook_timeout_ms: 15_000,
+            smtp_timeout_ms: 30_000,
+            max_in_flight: 64,
+            max_in_flight_per_recipient: 4,
+            database_connections: 4,
+            lease_secs: 120,
+            poll_ms: 500,
+            disable_endpoint_after_secs: 5 * 24 * 3600,
+            retention_days: 30,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Deserialize)]
 #[serde(default)]
@@ -120,6 +174,8 @@ pub struct Config {
     pub rewrap: crate::rewrap::RewrapSettings,
     /// Remote KMS providers (`[kms.vault]`, ...).
     pub kms: crate::kms::KmsSettings,
+    /// Notification delivery.
+    pub notify: NotifySettings,
 }
 
 impl Default for Config {
@@ -141,6 +197,7 @@ impl Default for Config {
             amqp: AmqpSettings::default(),
             rewrap: crate::rewrap::RewrapSettings::default(),
             kms: crate::kms::KmsSettings::default(),
+            notify: NotifySettings::default(),
         }
     }
 }
@@ -179,6 +236,7 @@ impl std::fmt::Debug for Config {
             .field("amqp", &self.amqp)
             .field("rewrap", &self.rewrap)
             .field("kms", &self.kms)
+            .field("notify", &self.notify)
             .finish()
     }
 }
@@ -302,6 +360,29 @@ impl Config {
         }
         if self.rewrap.batch_size < 1 || self.rewrap.concurrency < 1 {
             errors.push("rewrap.batch_size and rewrap.concurrency must be at least 1".to_owned());
+        }
+        let n = &self.notify;
+        if n.max_in_flight == 0 || n.max_in_flight_per_recipient == 0 {
+            errors.push(
+                "notify.max_in_flight and max_in_flight_per_recipient must be at least 1"
+                    .to_owned(),
+            );
+        }
+        if n.database_connections == 0 {
+            errors.push("notify.database_connections must be at least 1".to_owned());
+        }
+        if n.lease_secs * 1000 <= n.webhook_timeout_ms.max(n.smtp_timeout_ms) {
+            errors.push(
+                "notify.lease_secs must be longer than the webhook and SMTP timeouts".to_owned(),
+            );
+        }
+        if !(0.0..1.0).contains(&n.retry_jitter) {
+            errors.push("notify.retry_jitter must be in [0, 1)".to_owned());
+        }
+        if let Some(cidrs) = &self.webhook_allow_cidrs
+            && let Err(e) = crate::notify::webhook::AddressGuard::parse(cidrs)
+        {
+            errors.push(format!("BYOKD_WEBHOOK_ALLOW_CIDRS: {e}"));
         }
         if self.database_max_connections < 2 {
             errors.push("database_max_connections must be at least 2".to_owned());

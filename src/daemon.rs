@@ -9,6 +9,7 @@ use crate::events::amqp::{self, ConsumerHealth, Intake, Publisher};
 use crate::http::{self, AppState};
 use crate::kms::{Kms, LocalKms};
 use crate::notify::access::{self, Relay};
+use crate::notify::outbox::{self as notify_outbox, Dispatcher, NotifyError};
 use crate::rewrap::{self, Rewrapper};
 use crate::seal::Sealer;
 use crate::store::{Store, StoreError};
@@ -39,6 +40,9 @@ pub enum RunError {
     /// A KMS provider cannot be set up.
     #[error("{0}")]
     Kms(String),
+    /// Notification delivery could not be set up (SMTP URL, sender, allowlist).
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
@@ -87,6 +91,10 @@ pub async fn run(
     store.migrate().await?;
     crate::telemetry::metrics();
 
+    let sealer = Arc::new(Sealer::new(&root_key, WEBHOOK_SECRET_PURPOSE));
+    let notify_store = Store::connect(&database_url, config.notify.database_connections).await?;
+    let dispatcher = Dispatcher::new(notify_store, &config, sealer.clone())?;
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let health = Arc::new(ConsumerHealth::default());
     let urgent_health = Arc::new(ConsumerHealth::default());
@@ -130,6 +138,7 @@ pub async fn run(
         access_changed.clone(),
         stop_rx.clone(),
     ));
+    let notifier = tokio::spawn(notify_outbox::outbox_loop(dispatcher, stop_rx.clone()));
 
     let rewrapper = Rewrapper::new(
         store.clone(),
@@ -157,7 +166,7 @@ pub async fn run(
         admin_token: config.admin_token.clone(),
         consumer: health,
         urgent_consumer: urgent_health,
-        sealer: Arc::new(Sealer::new(&root_key, WEBHOOK_SECRET_PURPOSE)),
+        sealer,
         publisher,
         kms,
         rewrap_work,
@@ -186,6 +195,7 @@ pub async fn run(
         for worker in rewrap_workers {
             let _ = worker.await;
         }
+        let _ = notifier.await;
         server.await
     };
     match tokio::time::timeout(grace, all).await {

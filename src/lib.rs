@@ -18,6 +18,9 @@
 //! * `rewrap`: re-wrap jobs (rotation, key replacement), worked in resumable batches.
 //! * `sweeps`: cron schedules (`schedules/*.toml`) and their jobs: expiry scan, key probe,
 //!   outbox prune; one replica at a time per schedule.
+//! * `notify`: delivery of outbox rows; `access` relays access changes to `byok.access`,
+//!   `outbox` delivers tenant notifications by `email` (lettre) and `webhook` (Standard
+//!   Webhooks, SSRF-guarded), rendered by `render` from `templates/email/`.
 //! * `http`: health, metrics and the admin API.
 //! * `store`: all SQL, behind a back-end-neutral API.
 //! * `seal`: encryption of secrets at rest under the root key.

@@ -119,7 +119,7 @@ async fn migrate_then_publish_then_sigterm_acks_exactly_what_committed() {
         .spawn()
         .expect("spawn daemon");
     let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    let http = common::http_client();
     wait_for("daemon ready", Duration::from_secs(30), || {
         let http = http.clone();
         let url = format!("{base}/readyz");

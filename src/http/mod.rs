@@ -6,6 +6,7 @@
 
 mod admin;
 mod deks;
+mod notifications;
 
 use crate::config::AmqpSettings;
 use crate::events::amqp::{ConsumerHealth, ConsumerState, Publisher};
@@ -120,6 +121,8 @@ pub fn router(state: AppState) -> Router {
         .route("/tenants/{id}/deks/{dek_id}", get(deks::get_dek))
         .route("/rewrap-jobs", get(deks::rewrap_jobs))
         .route("/events", post(admin::post_event))
+        .route("/notifications", get(notifications::list))
+        .route("/notifications/{id}/retry", post(notifications::retry))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route(

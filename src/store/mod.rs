@@ -15,6 +15,7 @@ macro_rules! dispatch {
 }
 
 mod kms;
+pub mod outbox;
 mod postgres;
 mod rewrap;
 mod sweeps;

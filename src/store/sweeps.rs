@@ -125,11 +125,6 @@ impl Store {
         dispatch!(self, s => s.notify_unreachable(kek_id, rows, now).await)
     }
 
-    /// Deletes delivered outbox rows older than `older_than` (dead rows are kept).
-    pub async fn prune_outbox(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.prune_outbox(older_than).await)
-    }
-
     /// Inserts outbox rows in a transaction of their own (dedupe keys make repeats no-ops);
     /// returns how many were new.
     pub async fn enqueue_outbox(&self, rows: &[NewOutbox]) -> Result<u64, StoreError> {

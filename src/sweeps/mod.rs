@@ -372,7 +372,7 @@ impl Sweeper {
             Job::OutboxPrune { retention } => {
                 let older_than = now
                     - chrono::Duration::from_std(*retention).unwrap_or(chrono::Duration::days(30));
-                let deleted = self.store.prune_outbox(older_than).await?;
+                let deleted = crate::notify::outbox::prune(&self.store, older_than).await?;
                 serde_json::json!({ "deleted": deleted, "older_than": older_than })
             }
         };

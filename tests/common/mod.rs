@@ -2,6 +2,7 @@
 //! AMQP exchange and queue names on the real broker, and an in-process daemon on port 0.
 #![allow(dead_code, missing_docs)]
 
+pub mod notify;
 pub mod proxy;
 
 use byokd::config::{AmqpSettings, Config};
@@ -37,6 +38,13 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// An HTTP client for tests. reqwest is built without a default TLS crypto provider (byokd
+/// uses ring, avoiding aws-lc-sys), so the process needs one installed before any client.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 /// A fresh, empty database; dropped by [`TestDb::drop_db`].
 pub struct TestDb {
     pub name: String,
@@ -46,7 +54,13 @@ pub struct TestDb {
 impl TestDb {
     pub async fn create() -> TestDb {
         byokd::install_crypto_provider();
-        let name = format!("byokd_t_{}", Uuid::new_v4().simple());
+        // The creation time in the name lets scripts/test drop leftovers of interrupted runs
+        // without touching the databases of a run still going on.
+        let name = format!(
+            "byokd_t_{}_{}",
+            Utc::now().timestamp(),
+            &Uuid::new_v4().simple().to_string()[..16]
+        );
         let admin = PgPool::connect(&pg_admin_url())
             .await
             .expect("admin connection");
@@ -104,6 +118,8 @@ pub fn test_config(db_url: &str, amqp: AmqpSettings) -> Config {
         admin_token: Some(SecretString::from(TOKEN)),
         local_kms_root_key: Some(SecretString::from(ROOT_KEY)),
         shutdown_grace_secs: 10,
+        // No SMTP server configured: the daemon writes emails here, not into the work tree.
+        mail_dir: std::env::temp_dir().join("byokd-test-mail"),
         amqp,
         ..Config::default()
     }
@@ -162,7 +178,7 @@ impl TestApp {
             db,
             pool,
             config,
-            http: reqwest::Client::new(),
+            http: http_client(),
             amqp,
             channel,
             stop: None,

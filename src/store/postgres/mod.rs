@@ -20,6 +20,7 @@ mod rewrap;
 mod sweeps;
 
 pub(crate) use sweeps::PgScheduleLock;
+mod outbox;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 

@@ -185,15 +185,6 @@ impl PgStore {
         }
     }
 
-    pub(crate) async fn prune_outbox(&self, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
-        let done =
-            sqlx::query("DELETE FROM outbox WHERE status = 'delivered' AND delivered_at < $1")
-                .bind(older_than)
-                .execute(&self.pool)
-                .await?;
-        Ok(done.rows_affected())
-    }
-
     pub(crate) async fn notify_unreachable(
         &self,
         kek_id: i64,
