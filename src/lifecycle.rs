@@ -162,6 +162,29 @@ pub async fn apply_batch(
     })
 }
 
+/// Applies events byokd itself found (sweeps, probes) in transactions of up to 500 and
+/// returns how many changed something.
+///
+/// # Errors
+///
+/// A [`StoreError`]; batches applied before it stay applied.
+pub async fn apply_found(
+    store: &Store,
+    events: &[LifecycleEvent],
+    now: DateTime<Utc>,
+) -> Result<usize, StoreError> {
+    let mut applied = 0;
+    for chunk in events.chunks(500) {
+        let result = apply_batch(store, chunk, now).await?;
+        applied += result
+            .outcomes
+            .iter()
+            .filter(|o| **o == Outcome::Applied)
+            .count();
+    }
+    Ok(applied)
+}
+
 /// Decides what `events` (fresh, in delivery order) do to `keks` and their `tenants`.
 pub fn plan(
     events: &[&LifecycleEvent],

@@ -101,14 +101,7 @@ pub async fn expiry_scan(
     for chunk in warnings.chunks(2000) {
         report.notifications_queued += store.enqueue_outbox(chunk).await?;
     }
-    for chunk in expired.chunks(500) {
-        let result = lifecycle::apply_batch(store, chunk, now).await?;
-        report.expired += result
-            .outcomes
-            .iter()
-            .filter(|o| **o == lifecycle::Outcome::Applied)
-            .count();
-    }
+    report.expired = lifecycle::apply_found(store, &expired, now).await?;
     Ok(report)
 }
 

@@ -233,14 +233,7 @@ pub async fn key_probe(
             }
         }
     }
-    for chunk in events.chunks(500) {
-        let result = lifecycle::apply_batch(store, chunk, now).await?;
-        report.changes += result
-            .outcomes
-            .iter()
-            .filter(|o| **o == lifecycle::Outcome::Applied)
-            .count();
-    }
+    report.changes = lifecycle::apply_found(store, &events, now).await?;
     Ok(report)
 }
 

@@ -20,6 +20,22 @@ fn missing(key_ref: &str) -> StoreError {
     StoreError::NotFound(format!("local key {key_ref:?}"))
 }
 
+/// Locks a key's row for the rest of the transaction.
+async fn lock_key(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    key_ref: &str,
+) -> Result<LocalKeyRow, StoreError> {
+    let current = sqlx::query(
+        "SELECT key_ref, state, current_version, expires_at FROM local_keys
+         WHERE key_ref = $1 FOR UPDATE",
+    )
+    .bind(key_ref)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| missing(key_ref))?;
+    row(&current)
+}
+
 impl PgStore {
     pub(crate) async fn local_key_create(
         &self,
@@ -55,15 +71,7 @@ impl PgStore {
         material_sealed: &[u8],
     ) -> Result<LocalKeyRow, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let current = sqlx::query(
-            "SELECT key_ref, state, current_version, expires_at FROM local_keys
-             WHERE key_ref = $1 FOR UPDATE",
-        )
-        .bind(key_ref)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| missing(key_ref))?;
-        let current = row(&current)?;
+        let current = lock_key(&mut tx, key_ref).await?;
         if matches!(
             current.state,
             KeyState::PendingDeletion | KeyState::Destroyed
@@ -101,15 +109,7 @@ impl PgStore {
         to: KeyState,
     ) -> Result<LocalKeyRow, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let current = sqlx::query(
-            "SELECT key_ref, state, current_version, expires_at FROM local_keys
-             WHERE key_ref = $1 FOR UPDATE",
-        )
-        .bind(key_ref)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| missing(key_ref))?;
-        let current = row(&current)?;
+        let current = lock_key(&mut tx, key_ref).await?;
         if !from.contains(&current.state) {
             return Err(StoreError::Conflict(format!(
                 "local key {key_ref:?} is {}; cannot make it {to}",
