@@ -456,3 +456,127 @@ async fn rotating_a_disabled_key_waits_and_resumes_when_it_is_enabled() {
     assert_eq!(report["by_version"], json!({ "2": 300 }));
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the_rest() {
+    use byokd::rewrap::{RewrapSettings, Rewrapper, Step};
+    let mut app = TestApp::spawn().await;
+    app.tenant_with_key("f", "key-f").await;
+    let deks = app.bulk_deks("f", "key-f", 300).await;
+    let broken = [deks[0].0, deks[1].0];
+    sqlx::query("UPDATE deks SET wrapped = set_byte(wrapped, 20, get_byte(wrapped, 20) # 1) WHERE id = ANY($1)")
+        .bind(&broken[..])
+        .execute(&app.pool)
+        .await
+        .expect("corrupt two DEKs");
+    // The test drives the engine itself, with its own clock.
+    app.stop().await;
+    let store = byokd::store::Store::connect(&app.db.url, 4)
+        .await
+        .expect("store");
+    let root = app.config.require_root_key().expect("root");
+    let kms = byokd::daemon::build_kms(&store, &root, &app.config.kms).expect("kms");
+    let info = app.local_kms().await.rotate("key-f").await.expect("rotate");
+    let event = byokd::domain::LifecycleEvent {
+        provider: byokd::domain::Provider::Local,
+        event_id: "rot-f".into(),
+        kind: byokd::domain::EventKind::Rotated,
+        key_ref: "key-f".into(),
+        version: Some(info.current_version),
+        expires_at: None,
+        time: at(0),
+        source: "test".into(),
+        origin: byokd::domain::Origin::Event,
+    };
+    byokd::lifecycle::apply_batch(&store, &[event], chrono::Utc::now())
+        .await
+        .expect("apply");
+    // The engine's clock starts after the job was created (it is due from its creation).
+    let t0 = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let settings = RewrapSettings {
+        batch_size: 100,
+        max_attempts: 3,
+        ..RewrapSettings::default()
+    };
+    let engine = Rewrapper::new(
+        store,
+        kms,
+        settings,
+        std::sync::Arc::new(tokio::sync::Notify::new()),
+    );
+    let drain = |now| {
+        let engine = engine.clone();
+        async move {
+            let mut failed = 0;
+            loop {
+                match engine.run_once(now).await.expect("step") {
+                    Step::Batch { failed: f, .. } => failed += f,
+                    other => return (other, failed),
+                }
+            }
+        }
+    };
+    let job = |pool: sqlx::PgPool| async move {
+        sqlx::query_as::<_, (String, i64, i64)>("SELECT state, done, failed FROM rewrap_jobs")
+            .fetch_one(&pool)
+            .await
+            .expect("job")
+    };
+
+    // Everything else moves at once; the two bad DEKs are recorded and wait their backoff.
+    let (step, failed) = drain(t0).await;
+    assert_eq!((step, failed), (Step::Busy, 2));
+    assert_eq!(job(app.pool.clone()).await, ("running".to_owned(), 298, 0));
+    let reasons: Vec<(String, i32)> =
+        sqlx::query_as("SELECT reason, attempts FROM rewrap_failures ORDER BY dek_id")
+            .fetch_all(&app.pool)
+            .await
+            .expect("failures");
+    assert_eq!(reasons.len(), 2);
+    assert!(
+        reasons
+            .iter()
+            .all(|(r, n)| r.contains("does not authenticate") && *n == 1),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        drain(t0 + chrono::Duration::seconds(1)).await,
+        (Step::Busy, 0),
+        "backing off"
+    );
+
+    // Retried after each backoff; after max_attempts they count as failed for good.
+    assert_eq!(drain(t0 + chrono::Duration::seconds(6)).await.1, 2);
+    // The third failure is the last: with nothing else left, the job ends.
+    assert_eq!(
+        drain(t0 + chrono::Duration::seconds(17)).await,
+        (Step::Finished, 2)
+    );
+    assert_eq!(
+        drain(t0 + chrono::Duration::seconds(3600)).await,
+        (Step::Idle, 0)
+    );
+    let (state, done, failed) = job(app.pool.clone()).await;
+    assert_eq!((state.as_str(), done, failed), ("failed", 298, 2));
+    let jobs = app.rewrap_jobs_offline("f").await;
+    assert!(
+        jobs[0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("2 DEKs")),
+        "{jobs:?}"
+    );
+    // Only a completed job announces key.rotated.
+    let rotated: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'key.rotated'")
+        .fetch_one(&app.pool)
+        .await
+        .expect("count");
+    assert_eq!(rotated, 0);
+    let (report, ok) = app.verify_deks("f");
+    assert!(!ok);
+    assert_eq!(
+        (report["ok"].as_i64(), report["failed"].as_i64()),
+        (Some(298), Some(2))
+    );
+    assert_eq!(report["by_version"], json!({ "1": 2, "2": 298 }));
+    app.shutdown().await;
+}

@@ -601,6 +601,18 @@ impl TestApp {
         r.json().await.expect("json")
     }
 
+    /// The tenant's re-wrap jobs straight from the store (the daemon may be stopped).
+    pub async fn rewrap_jobs_offline(&self, tenant: &str) -> Vec<Value> {
+        let store = byokd::store::Store::connect(&self.db.url, 2)
+            .await
+            .expect("store");
+        let jobs = store.rewrap_jobs(tenant).await.expect("jobs");
+        serde_json::to_value(jobs)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
     /// Waits until the newest job of `tenant` reaches `state`.
     pub async fn wait_job(&self, tenant: &str, state: &str, limit: Duration) -> Value {
         let start = Instant::now();
