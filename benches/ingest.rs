@@ -219,7 +219,12 @@ async fn main() {
     seed(&app).await;
     app.stop().await;
     println!(
-        "ingest benchmark: {n} canonical events over {KEYS} keys (each changes state and access)"
+        "ingest benchmark: {n} canonical events over {KEYS} keys (each changes state and access); tenant contacts: {}",
+        if contacts() {
+            "one each (their emails are delivered meanwhile)"
+        } else {
+            "none"
+        }
     );
 
     // 1. The broker's own ceiling on this machine, now: a consumer that only acks.

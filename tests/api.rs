@@ -162,6 +162,41 @@ async fn tenants_and_keks_have_clear_errors() {
         .expect("send");
     assert_eq!(error_of(not_json).await.0, 400);
 
+    // Rotating the webhook secret shows the new one once; the old keeps signing a while.
+    let hook = created["webhooks"][0]["id"]
+        .as_str()
+        .expect("webhook id")
+        .to_owned();
+    let r = app
+        .post(
+            &format!("/v1/tenants/acme/webhooks/{hook}/rotate-secret"),
+            json!({ "overlap_hours": 2 }),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let rotated: Value = r.json().await.expect("json");
+    let new_secret = rotated["secret"].as_str().expect("new secret shown once");
+    assert!(new_secret.starts_with("whsec_") && new_secret != secret);
+    assert!(rotated["previous_secret_valid_until"].is_string());
+    let (s, _) = error_of(
+        app.post(
+            &format!("/v1/tenants/other/webhooks/{hook}/rotate-secret"),
+            json!({}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 404, "another tenant's endpoint");
+    let (s, m) = error_of(
+        app.post(
+            &format!("/v1/tenants/acme/webhooks/{hook}/rotate-secret"),
+            json!({ "overlap_hours": 1000 }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((s, m.contains("168")), (422, true), "{m}");
+
     let (s, m) = error_of(app.get("/v1/tenants/ghost").await).await;
     assert_eq!((s, m.contains("ghost")), (404, true));
 

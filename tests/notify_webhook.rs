@@ -563,3 +563,62 @@ async fn a_success_resets_the_failure_clock() {
     assert!(enabled);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn while_a_secret_rotates_requests_carry_both_signatures_until_the_grace_ends() {
+    const NEW: &str = "whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=";
+    let env = NotifyEnv::new().await;
+    let rx = Receiver::start().await;
+    let ep = env.tenant("rot", &[], &[rx.url("/h")]).await[0];
+    let t0 = Utc::now();
+    env.store
+        .rotate_webhook_secret(
+            "rot",
+            ep,
+            &env.sealer.seal(&secrecy::SecretString::from(NEW)),
+            t0 + Chrono::hours(24),
+        )
+        .await
+        .expect("rotate");
+    assert!(
+        env.store
+            .rotate_webhook_secret("other", ep, &[], t0)
+            .await
+            .is_err(),
+        "another tenant's endpoint is not found"
+    );
+    let d = env.dispatcher(|_| {});
+    env.enqueue("rot", Channel::Webhook, &ep.to_string(), "key.rotated")
+        .await;
+    assert_eq!(
+        d.run_once(Utc::now()).await.expect("step").delivered,
+        1,
+        "due from its creation"
+    );
+    // After the grace period only the new secret signs.
+    env.enqueue("rot", Channel::Webhook, &ep.to_string(), "key.expired")
+        .await;
+    assert_eq!(
+        d.run_once(t0 + Chrono::hours(25))
+            .await
+            .expect("step")
+            .delivered,
+        1
+    );
+    let got = rx.received();
+    assert_eq!(got.len(), 2);
+    let during = &got[0];
+    assert_eq!(during.header("webhook-signature").split(' ').count(), 2);
+    for secret in [SECRET, NEW] {
+        assert!(verify_signature(during, secret), "own verifier, {secret}");
+        verify_with_python(during, secret).expect("standardwebhooks verifies either secret");
+    }
+    let after = &got[1];
+    assert_eq!(after.header("webhook-signature").split(' ').count(), 1);
+    assert!(verify_signature(after, NEW));
+    assert!(
+        !verify_signature(after, SECRET),
+        "the old secret no longer signs"
+    );
+    env.cleanup().await;
+}

@@ -253,6 +253,58 @@ pub(super) async fn register_kek(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RotateSecretRequest {
+    secret: Option<SecretString>,
+    overlap_hours: Option<u32>,
+}
+
+/// Gives a webhook endpoint a new signing secret (generated unless given, shown once). The
+/// previous secret keeps signing alongside for `overlap_hours` (default 24, at most 168), so
+/// the tenant can switch its receiver without dropping a notification.
+pub(super) async fn rotate_webhook_secret(
+    State(state): State<AppState>,
+    Path((tenant_id, endpoint)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: RotateSecretRequest = if body.is_empty() {
+        RotateSecretRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("webhook endpoint {endpoint:?} of tenant {tenant_id:?} not found"),
+        )
+    };
+    let endpoint_id = Uuid::parse_str(&endpoint).map_err(|_| not_found())?;
+    let overlap = req.overlap_hours.unwrap_or(24);
+    if overlap > 168 {
+        return Err(unprocessable("overlap_hours must be at most 168"));
+    }
+    let (secret, generated) = match req.secret {
+        Some(s) if valid_webhook_secret(s.expose_secret()) => (s, false),
+        Some(_) => {
+            return Err(unprocessable(
+                "webhook secret must be whsec_ followed by base64 of 24 to 64 bytes",
+            ));
+        }
+        None => (generate_webhook_secret(), true),
+    };
+    let until = Utc::now() + chrono::Duration::hours(i64::from(overlap));
+    state
+        .store
+        .rotate_webhook_secret(&tenant_id, endpoint_id, &state.sealer.seal(&secret), until)
+        .await?;
+    let mut view = json!({ "id": endpoint_id, "previous_secret_valid_until": until });
+    if generated {
+        view["secret"] = secret.expose_secret().into();
+    }
+    Ok(Json(view))
+}
+
 /// Accepts one lifecycle event in any supported format and publishes it to the lifecycle
 /// exchange (with confirms), so it takes the same path as events from a KMS.
 pub(super) async fn post_event(

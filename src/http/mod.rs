@@ -117,6 +117,10 @@ pub fn router(state: AppState) -> Router {
         .route("/tenants", post(admin::create_tenant))
         .route("/tenants/{id}", get(admin::get_tenant))
         .route("/tenants/{id}/keks", post(admin::register_kek))
+        .route(
+            "/tenants/{id}/webhooks/{webhook_id}/rotate-secret",
+            post(admin::rotate_webhook_secret),
+        )
         .route("/tenants/{id}/deks", post(deks::create_dek))
         .route("/tenants/{id}/deks/{dek_id}", get(deks::get_dek))
         .route("/rewrap-jobs", get(deks::rewrap_jobs))

@@ -2,7 +2,7 @@
 //!
 //! The lifecycle transaction writes the access message into the outbox together with the
 //! state change, so a broker outage or a crash between commit and publish cannot lose it:
-//! the relay publishes with confirms and marks the row delivered only after the broker acks.
+//! the relay publishes with confirms and removes the row only after the broker acks.
 //! Rows are claimed with `FOR UPDATE SKIP LOCKED`, so replicas never publish one row twice
 //! concurrently (a crash after publish but before commit can repeat a message; consumers
 //! dedupe on `event_id`).
@@ -82,7 +82,7 @@ impl Relay {
                 }
             }
         }
-        tx.mark_delivered(&delivered).await?;
+        tx.remove_published(&delivered).await?;
         tx.commit().await?;
         metrics::counter!("byokd_access_messages_published_total")
             .increment(delivered.len() as u64);

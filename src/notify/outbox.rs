@@ -241,7 +241,7 @@ impl Dispatcher {
         let result = match row.channel {
             Channel::Email => self.send_email(&row).await,
             // The header carries the real attempt time: receivers check it against their clock.
-            _ => self.send_webhook(&row, Utc::now()).await,
+            _ => self.send_webhook(&row, attempt_at, Utc::now()).await,
         };
         let elapsed = started.elapsed();
         let now = now.unwrap_or_else(Utc::now);
@@ -410,10 +410,13 @@ impl Dispatcher {
         Ok((receipt.code, receipt.detail))
     }
 
+    /// `now` is the dispatcher's clock (secret grace periods); `sent_at` the real time the
+    /// `webhook-timestamp` header carries.
     async fn send_webhook(
         &self,
         row: &ClaimedNotification,
         now: DateTime<Utc>,
+        sent_at: DateTime<Utc>,
     ) -> Result<(Option<u16>, String), DeliveryError> {
         let id = row
             .recipient
@@ -429,10 +432,16 @@ impl Dispatcher {
         if !endpoint.enabled {
             return Err(DeliveryError::EndpointGone("is disabled"));
         }
-        let secret = self
-            .inner
-            .sealer
-            .open(&endpoint.secret_sealed)
+        // The previous secret signs too while its grace period lasts (secret rotation).
+        let previous = endpoint.previous_secret_sealed.as_deref().filter(|_| {
+            endpoint
+                .previous_secret_expires_at
+                .is_some_and(|at| at > now)
+        });
+        let secrets = std::iter::once(endpoint.secret_sealed.as_slice())
+            .chain(previous)
+            .map(|sealed| self.inner.sealer.open(sealed))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| DeliveryError::Invalid(e.to_string()))?;
         let body = row.payload.to_string().into_bytes();
         let receipt = self
@@ -440,9 +449,9 @@ impl Dispatcher {
             .webhooks
             .deliver(
                 &endpoint.url,
-                &secret,
+                &secrets,
                 &row.id.to_string(),
-                now.timestamp(),
+                sent_at.timestamp(),
                 body,
             )
             .await?;

@@ -212,11 +212,12 @@ impl WebhookClient {
         })
     }
 
-    /// POSTs `body` to `url`, signed with `secret`, as message `msg_id`.
+    /// POSTs `body` to `url`, signed with each of `secrets` (the current one first; more
+    /// while the tenant rotates its secret), as message `msg_id`.
     pub async fn deliver(
         &self,
         url: &str,
-        secret: &SecretString,
+        secrets: &[SecretString],
         msg_id: &str,
         timestamp: i64,
         body: Vec<u8>,
@@ -232,8 +233,12 @@ impl WebhookClient {
             Some(url::Host::Domain(_)) => {} // checked by the resolver, on the resolved addresses
             None => return Err(DeliveryError::Invalid("endpoint URL has no host".into())),
         }
-        let signature = sign(secret, msg_id, timestamp, &body)
-            .map_err(|e| DeliveryError::Invalid(e.to_string()))?;
+        let signature = secrets
+            .iter()
+            .map(|secret| sign(secret, msg_id, timestamp, &body))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| DeliveryError::Invalid(e.to_string()))?
+            .join(" ");
         let response = self
             .http
             .post(parsed)

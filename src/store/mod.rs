@@ -386,9 +386,11 @@ impl StoreTx {
         dispatch!(self, t => t.claim_outbox(channel, limit, now).await)
     }
 
-    /// Marks rows delivered.
-    pub async fn mark_delivered(&mut self, ids: &[Uuid]) -> Result<(), StoreError> {
-        dispatch!(self, t => t.mark_delivered(ids).await)
+    /// Removes published access messages. They are not kept like tenant notifications: the
+    /// audit log records every access change, and deleting costs far less than updating a
+    /// row that half a dozen indexes cover, on the path every revocation takes.
+    pub async fn remove_published(&mut self, ids: &[Uuid]) -> Result<(), StoreError> {
+        dispatch!(self, t => t.remove_published(ids).await)
     }
 
     /// Records a failed attempt and when to try again.

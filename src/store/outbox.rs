@@ -57,6 +57,10 @@ pub struct WebhookEndpoint {
     pub url: String,
     /// The signing secret, sealed.
     pub secret_sealed: Vec<u8>,
+    /// The secret it replaced, sealed, while a rotation's grace period lasts.
+    pub previous_secret_sealed: Option<Vec<u8>>,
+    /// When the previous secret stops signing.
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
     /// Disabled endpoints get nothing.
     pub enabled: bool,
     /// First failure since the last success.
@@ -168,6 +172,18 @@ pub struct DisabledEndpoint {
 }
 
 impl Store {
+    /// Replaces an endpoint's signing secret; the old one keeps signing (alongside) until
+    /// `keep_previous_until`. [`StoreError::NotFound`] unless the endpoint is the tenant's.
+    pub async fn rotate_webhook_secret(
+        &self,
+        tenant_id: &str,
+        endpoint_id: Uuid,
+        secret_sealed: &[u8],
+        keep_previous_until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.rotate_webhook_secret(tenant_id, endpoint_id, secret_sealed, keep_previous_until).await)
+    }
+
     /// Leases due email/webhook rows, oldest first, skipping rows another worker holds and
     /// recipients already at their concurrency limit.
     pub async fn claim_notifications(
@@ -250,6 +266,8 @@ mod tests {
             tenant_id: "acme".into(),
             url: "https://hooks.acme.example/byok".into(),
             secret_sealed: vec![0xAB; 40],
+            previous_secret_sealed: Some(vec![0xCD; 40]),
+            previous_secret_expires_at: None,
             enabled: true,
             failing_since: None,
         };

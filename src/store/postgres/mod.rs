@@ -539,15 +539,11 @@ impl PgTx {
             .collect()
     }
 
-    pub(super) async fn mark_delivered(&mut self, ids: &[Uuid]) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE outbox SET status = 'delivered', delivered_at = now(),
-                    attempts = attempts + 1, last_error = NULL
-             WHERE id = ANY($1)",
-        )
-        .bind(ids)
-        .execute(&mut *self.tx)
-        .await?;
+    pub(super) async fn remove_published(&mut self, ids: &[Uuid]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1) AND channel = 'amqp'")
+            .bind(ids)
+            .execute(&mut *self.tx)
+            .await?;
         Ok(())
     }
 

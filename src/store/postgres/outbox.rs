@@ -88,12 +88,40 @@ impl PgStore {
         Ok(claimed.into_iter().map(|(_, c)| c).collect())
     }
 
+    pub(in crate::store) async fn rotate_webhook_secret(
+        &self,
+        tenant_id: &str,
+        endpoint_id: Uuid,
+        secret_sealed: &[u8],
+        keep_previous_until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE webhook_endpoints
+             SET previous_secret_sealed = secret_sealed, previous_secret_expires_at = $4,
+                 secret_sealed = $3
+             WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(tenant_id)
+        .bind(endpoint_id)
+        .bind(secret_sealed)
+        .bind(keep_previous_until)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!(
+                "webhook endpoint {endpoint_id} of tenant {tenant_id:?}"
+            )));
+        }
+        Ok(())
+    }
+
     pub(in crate::store) async fn webhook_endpoint(
         &self,
         id: Uuid,
     ) -> Result<Option<WebhookEndpoint>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, tenant_id, url, secret_sealed, enabled, failing_since
+            "SELECT id, tenant_id, url, secret_sealed, previous_secret_sealed,
+                    previous_secret_expires_at, enabled, failing_since
              FROM webhook_endpoints WHERE id = $1",
         )
         .bind(id)
@@ -105,6 +133,8 @@ impl PgStore {
                 tenant_id: r.try_get("tenant_id")?,
                 url: r.try_get("url")?,
                 secret_sealed: r.try_get("secret_sealed")?,
+                previous_secret_sealed: r.try_get("previous_secret_sealed")?,
+                previous_secret_expires_at: r.try_get("previous_secret_expires_at")?,
                 enabled: r.try_get("enabled")?,
                 failing_since: r.try_get("failing_since")?,
             })
