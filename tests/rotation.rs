@@ -580,3 +580,76 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
     assert_eq!(report["by_version"], json!({ "1": 2, "2": 298 }));
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_moves_on_to_the_next_job_while_others_hold_the_rest_of_one() {
+    use byokd::rewrap::{RewrapSettings, Rewrapper, Step};
+    let mut app = TestApp::spawn().await;
+    for t in ["ja", "jb"] {
+        app.tenant_with_key(t, &format!("key-{t}")).await;
+        app.bulk_deks(t, &format!("key-{t}"), 50).await;
+    }
+    app.stop().await;
+    let store = byokd::store::Store::connect(&app.db.url, 4)
+        .await
+        .expect("store");
+    let root = app.config.require_root_key().expect("root");
+    let kms = byokd::daemon::build_kms(&store, &root, &app.config.kms).expect("kms");
+    let mut events = Vec::new();
+    for t in ["ja", "jb"] {
+        let key = format!("key-{t}");
+        let info = app.local_kms().await.rotate(&key).await.expect("rotate");
+        events.push(byokd::domain::LifecycleEvent {
+            provider: byokd::domain::Provider::Local,
+            event_id: format!("rot-{t}"),
+            kind: byokd::domain::EventKind::Rotated,
+            key_ref: key,
+            version: Some(info.current_version),
+            expires_at: None,
+            time: at(0),
+            source: "test".into(),
+            origin: byokd::domain::Origin::Event,
+        });
+    }
+    byokd::lifecycle::apply_batch(&store, &events, chrono::Utc::now())
+        .await
+        .expect("apply");
+    let now = chrono::Utc::now() + chrono::Duration::seconds(1);
+    // Another worker holds every DEK of the older job.
+    let mut held = app.pool.begin().await.expect("tx");
+    let locked: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM deks WHERE tenant_id = 'ja' FOR UPDATE")
+            .fetch_all(&mut *held)
+            .await
+            .expect("lock");
+    assert_eq!(locked.len(), 50);
+    let engine = Rewrapper::new(
+        store,
+        kms,
+        RewrapSettings::default(),
+        std::sync::Arc::new(tokio::sync::Notify::new()),
+    );
+    assert_eq!(
+        engine.run_once(now).await.expect("step"),
+        Step::Batch {
+            done: 50,
+            failed: 0
+        }
+    );
+    let moved: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM deks WHERE tenant_id = 'jb' AND kek_version = '2'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(moved, 50, "the newer job progressed");
+    held.rollback().await.expect("release");
+    assert_eq!(
+        engine.run_once(now).await.expect("step"),
+        Step::Batch {
+            done: 50,
+            failed: 0
+        }
+    );
+    app.shutdown().await;
+}

@@ -50,6 +50,9 @@ pub enum AmqpError {
     /// A mandatory publish matched no queue.
     #[error("no queue is bound to exchange {0:?} for this routing key")]
     Unroutable(String),
+    /// No channel to the broker could be opened.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
     /// The server cancelled our consumer (queue deleted?).
     #[error("the broker cancelled the consumer")]
     ConsumerCancelled,
@@ -308,7 +311,7 @@ impl Publisher {
                 let text = e.to_string();
                 return messages
                     .iter()
-                    .map(|_| Err(AmqpError::Nacked(text.clone())))
+                    .map(|_| Err(AmqpError::Unavailable(text.clone())))
                     .collect();
             }
         };

@@ -138,18 +138,38 @@ impl Rewrapper {
     ///
     /// Database failures; KMS failures defer the job instead.
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<Step, RewrapError> {
-        let Some(mut job) = self.store.next_rewrap_job(now).await? else {
+        // Several due jobs, oldest first: when other workers hold the rest of one job, this
+        // worker moves on to the next instead of idling behind it.
+        let jobs = self.store.due_rewrap_jobs(now, 8).await?;
+        if jobs.is_empty() {
             return Ok(Step::Idle);
-        };
-        if !job.planned {
-            self.plan(&mut job).await?;
         }
-        let mut tx = self.store.begin().await?;
-        let claimed = tx.claim_deks(&job, self.settings.batch_size, now).await?;
-        if claimed.is_empty() {
-            drop(tx);
-            return self.try_finish(&job, now).await;
+        for mut job in jobs {
+            if !job.planned {
+                self.plan(&mut job).await?;
+            }
+            let mut tx = self.store.begin().await?;
+            let claimed = tx.claim_deks(&job, self.settings.batch_size, now).await?;
+            if claimed.is_empty() {
+                drop(tx);
+                match self.try_finish(&job, now).await? {
+                    Step::Busy => continue,
+                    step => return Ok(step),
+                }
+            }
+            return self.work(&job, tx, claimed, now).await;
         }
+        Ok(Step::Busy)
+    }
+
+    /// Re-wraps one claimed batch and commits it.
+    async fn work(
+        &self,
+        job: &RewrapJob,
+        mut tx: crate::store::StoreTx,
+        claimed: Vec<crate::store::ClaimedDek>,
+        now: DateTime<Utc>,
+    ) -> Result<Step, RewrapError> {
         if let Some(limiter) = self.limiters.get(&job.kek.1)
             && let Some(n) = NonZeroU32::new(u32::try_from(claimed.len()).unwrap_or(u32::MAX))
         {
@@ -167,11 +187,11 @@ impl Rewrapper {
                 ciphertext: &d.wrapped,
             })
             .collect();
-        let results = match self.rewrap(&job, &items).await {
+        let results = match self.rewrap(job, &items).await {
             Ok(r) => r,
             Err(e) => {
                 drop(tx);
-                return self.defer(&job, &e, now).await;
+                return self.defer(job, &e, now).await;
             }
         };
         let mut swapped = Vec::with_capacity(claimed.len());
@@ -190,7 +210,7 @@ impl Rewrapper {
                 Err(e) => failures.push((dek.id, e.to_string())),
             }
         }
-        let done = tx.store_rewrapped(&job, &swapped).await?;
+        let done = tx.store_rewrapped(job, &swapped).await?;
         let failed_for_good = tx
             .record_rewrap_failures(job.id, &failures, now, self.settings.max_attempts)
             .await?;

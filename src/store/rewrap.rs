@@ -192,12 +192,13 @@ impl Store {
         dispatch!(self, s => s.rewrap_jobs(tenant_id).await)
     }
 
-    /// The oldest active job due at `now`.
-    pub async fn next_rewrap_job(
+    /// Up to `limit` active jobs due at `now`, oldest first.
+    pub async fn due_rewrap_jobs(
         &self,
         now: DateTime<Utc>,
-    ) -> Result<Option<RewrapJob>, StoreError> {
-        dispatch!(self, s => s.next_rewrap_job(now).await)
+        limit: i64,
+    ) -> Result<Vec<RewrapJob>, StoreError> {
+        dispatch!(self, s => s.due_rewrap_jobs(now, limit).await)
     }
 
     /// DEK counts per version under a KEK.

@@ -189,19 +189,21 @@ impl PgStore {
             .collect()
     }
 
-    pub(crate) async fn next_rewrap_job(
+    pub(crate) async fn due_rewrap_jobs(
         &self,
         now: DateTime<Utc>,
-    ) -> Result<Option<RewrapJob>, StoreError> {
+        limit: i64,
+    ) -> Result<Vec<RewrapJob>, StoreError> {
         let sql = sqlx::AssertSqlSafe(format!(
             "{JOB_SELECT} WHERE j.state IN ('pending', 'running', 'waiting') AND j.not_before <= $1
-             ORDER BY j.id LIMIT 1"
+             ORDER BY j.id LIMIT $2"
         ));
-        let r = sqlx::query(sql)
+        let rows = sqlx::query(sql)
             .bind(now)
-            .fetch_optional(&self.pool)
+            .bind(limit)
+            .fetch_all(&self.pool)
             .await?;
-        r.as_ref().map(job).transpose()
+        rows.iter().map(job).collect()
     }
 
     pub(crate) async fn dek_versions(&self, kek_id: i64) -> Result<Vec<(String, i64)>, StoreError> {
