@@ -534,3 +534,69 @@ async fn byokd_sweep_runs_one_schedule_and_prints_what_it_did() {
     let _ = std::fs::remove_dir_all(&dir);
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vault_key_rotated_at_the_kms_is_found_by_the_probe_and_every_dek_rewrapped() {
+    let vault = Vault::new().await;
+    vault.create_key("kek").await;
+    let settings: byokd::kms::VaultSettings = serde_json::from_value(json!({
+        "address": vault.addr,
+        "token": vault.token,
+        "mount": vault.mount,
+    }))
+    .expect("settings");
+    let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
+    app.post("/v1/tenants", json!({ "id": "vr", "name": "VR" }))
+        .await;
+    let r = app
+        .post(
+            "/v1/tenants/vr/keks",
+            json!({ "provider": "vault", "key_ref": "kek" }),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let mut kcvs = Vec::new();
+    for _ in 0..40 {
+        let dek: Value = app
+            .post("/v1/tenants/vr/deks", json!({}))
+            .await
+            .json()
+            .await
+            .expect("dek");
+        assert_eq!(dek["kek_version"], "1");
+        kcvs.push(dek["kcv"].as_str().expect("kcv").to_owned());
+    }
+    // Rotated in Vault; no event (Vault has none for transit keys): the probe finds it.
+    let r = vault
+        .http
+        .post(format!("{}/v1/{}/keys/kek/rotate", vault.addr, vault.mount))
+        .header("X-Vault-Token", "root")
+        .send()
+        .await
+        .expect("rotate");
+    assert!(r.status().is_success());
+    let s = sweeper(&app).await;
+    let found = run(&s, "key-probe", Utc::now()).await;
+    assert_eq!(found["changes"], 1, "{found}");
+    let job = app
+        .wait_job("vr", "completed", Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        (job["done"].as_i64(), job["target_version"].as_str()),
+        (Some(40), Some("2"))
+    );
+    let (report, ok) = app.verify_deks("vr");
+    assert!(ok, "{report}");
+    assert_eq!(report["by_version"], json!({ "2": 40 }));
+    let stored: Vec<String> = sqlx::query_scalar("SELECT kcv FROM deks ORDER BY id")
+        .fetch_all(&app.pool)
+        .await
+        .expect("kcvs");
+    assert_eq!(stored, kcvs, "every DEK survived, kcv unchanged");
+    let wrapped: Vec<Vec<u8>> = sqlx::query_scalar("SELECT wrapped FROM deks")
+        .fetch_all(&app.pool)
+        .await
+        .expect("wrapped");
+    assert!(wrapped.iter().all(|w| w.starts_with(b"vault:v2:")));
+    app.shutdown().await;
+}

@@ -581,6 +581,12 @@ impl TestApp {
     pub fn verify_deks(&self, tenant: &str) -> (Value, bool) {
         let mut cmd = byokd_command();
         with_service_env(&mut cmd, &self.db.url, &self.config.amqp);
+        if let Some(vault) = &self.config.kms.vault {
+            use secrecy::ExposeSecret;
+            cmd.env("BYOKD_KMS__VAULT__ADDRESS", &vault.address)
+                .env("BYOKD_KMS__VAULT__TOKEN", vault.token.expose_secret())
+                .env("BYOKD_KMS__VAULT__MOUNT", &vault.mount);
+        }
         let out = cmd
             .args(["deks", "verify", "--json", "--tenant", tenant])
             .output()
