@@ -113,10 +113,10 @@ impl ConsumerHealth {
             .store(ConsumerState::Disabled as u8, Ordering::Relaxed);
     }
 
-    fn set(&self, state: ConsumerState) {
+    fn set(&self, state: ConsumerState, queue: &str) {
         let previous = self.0.swap(state as u8, Ordering::Relaxed);
         if previous != state as u8 {
-            metrics::gauge!("byokd_consumer_up")
+            metrics::gauge!("byokd_consumer_up", "queue" => queue.to_owned())
                 .set(f64::from(u8::from(state == ConsumerState::Consuming)));
         }
     }
@@ -399,7 +399,9 @@ pub async fn consume_loop(intake: Intake, mut shutdown: watch::Receiver<bool>) {
         match session(&intake, &mut shutdown, &mut backoff).await {
             Ok(()) => break,
             Err(e) => {
-                intake.health.set(ConsumerState::Reconnecting);
+                intake
+                    .health
+                    .set(ConsumerState::Reconnecting, &intake.queue);
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, ?delay, "AMQP consumer lost its session; reconnecting");
                 tokio::select! {
@@ -409,7 +411,7 @@ pub async fn consume_loop(intake: Intake, mut shutdown: watch::Receiver<bool>) {
             }
         }
     }
-    intake.health.set(ConsumerState::Stopped);
+    intake.health.set(ConsumerState::Stopped, &intake.queue);
     tracing::info!("consumer stopped");
 }
 
@@ -435,7 +437,7 @@ async fn session(
             FieldTable::default(),
         )
         .await?;
-    intake.health.set(ConsumerState::Consuming);
+    intake.health.set(ConsumerState::Consuming, &intake.queue);
     backoff.reset();
     tracing::info!(queue = %intake.queue, prefetch = s.prefetch, "consuming lifecycle events");
 
@@ -504,11 +506,13 @@ async fn apply_with_retry(
     loop {
         match lifecycle::apply_batch(&intake.store, events, chrono::Utc::now()).await {
             Ok(result) => {
-                intake.health.set(ConsumerState::Consuming);
+                intake.health.set(ConsumerState::Consuming, &intake.queue);
                 return Applied::Ok(result);
             }
             Err(e) if e.is_transient() => {
-                intake.health.set(ConsumerState::DatabaseUnavailable);
+                intake
+                    .health
+                    .set(ConsumerState::DatabaseUnavailable, &intake.queue);
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, ?delay, held = events.len(),
                     "database unavailable; holding the batch and retrying");
