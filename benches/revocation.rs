@@ -11,13 +11,12 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{TestApp, at, byokd_command, canonical, with_service_env};
+use common::{TestApp, at, canonical};
 use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use serde_json::json;
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -189,20 +188,7 @@ async fn main() {
         t.elapsed().as_secs_f64()
     );
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut cmd = byokd_command();
-    with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
-    let mut child = cmd
-        .arg("run")
-        .env("BYOKD_HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, port) = app.daemon_process(&[]);
     common::wait_for("daemon ready", Duration::from_secs(30), || {
         let url = format!("http://127.0.0.1:{port}/readyz");
         async move { reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) }

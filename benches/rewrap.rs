@@ -11,9 +11,8 @@
 mod common;
 
 use byokd::kms::{Dek, DekContext, KmsProvider};
-use common::{TestApp, at, byokd_command, with_service_env};
+use common::{TestApp, at};
 use serde_json::json;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -102,21 +101,8 @@ async fn run(n: usize) {
     );
 
     // The daemon in its own process, so its peak RSS is its own.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut cmd = byokd_command();
-    with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
-    let mut child = cmd
-        .arg("run")
-        .env("BYOKD_HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("BYOKD_REWRAP__BATCH_SIZE", BATCH.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let batch = BATCH.to_string();
+    let (mut child, port) = app.daemon_process(&[("BYOKD_REWRAP__BATCH_SIZE", &batch)]);
     let base = format!("http://127.0.0.1:{port}");
     common::wait_for("daemon ready", Duration::from_secs(30), || {
         let url = format!("{base}/readyz");

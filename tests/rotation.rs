@@ -6,13 +6,27 @@ mod common;
 
 use base64::Engine;
 use byokd::kms::{Dek, DekContext, KmsError, KmsProvider, WrappedRef};
-use common::{TestApp, at, byokd_command, wait_for, with_service_env};
+use common::{TestApp, at, wait_for};
 use rand::Rng;
 use serde_json::{Value, json};
 use std::collections::HashSet;
-use std::process::Stdio;
 use std::time::Duration;
 use uuid::Uuid;
+
+/// A `rotated` event as the KMS would send it, for tests that apply events themselves.
+fn rotated(id: &str, key: &str, version: String) -> byokd::domain::LifecycleEvent {
+    byokd::domain::LifecycleEvent {
+        provider: byokd::domain::Provider::Local,
+        event_id: id.into(),
+        kind: byokd::domain::EventKind::Rotated,
+        key_ref: key.into(),
+        version: Some(version),
+        expires_at: None,
+        time: at(0),
+        source: "test".into(),
+        origin: byokd::domain::Origin::Event,
+    }
+}
 
 /// Rotates a local key and publishes the `rotated` event, as `byokd kms local rotate` does.
 async fn rotate(app: &TestApp, key: &str, when: i64) -> String {
@@ -248,24 +262,12 @@ async fn a_rewrap_killed_repeatedly_resumes_to_completion_with_every_dek_intact(
     let mut app = app;
     // The in-process daemon only set things up; the re-wrap runs in a child process we kill.
     app.stop().await;
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port()
-    };
-    let spawn = |port: u16| {
-        let mut cmd = byokd_command();
-        with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
-        cmd.arg("run")
-            .env("BYOKD_HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("BYOKD_REWRAP__BATCH_SIZE", "150")
-            .env("BYOKD_REWRAP__CONCURRENCY", "2")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn daemon")
+    let spawn = || {
+        app.daemon_process(&[
+            ("BYOKD_REWRAP__BATCH_SIZE", "150"),
+            ("BYOKD_REWRAP__CONCURRENCY", "2"),
+        ])
+        .0
     };
     let done = |pool: sqlx::PgPool| async move {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM deks WHERE kek_version = '2'")
@@ -273,7 +275,7 @@ async fn a_rewrap_killed_repeatedly_resumes_to_completion_with_every_dek_intact(
             .await
             .unwrap_or(0)
     };
-    let mut child = spawn(port());
+    let mut child = spawn();
     rotate(&app, "key-k9", 0).await;
     let mut kills = 0;
     let mut rng = rand::rng();
@@ -290,7 +292,7 @@ async fn a_rewrap_killed_repeatedly_resumes_to_completion_with_every_dek_intact(
             kills += 1;
         }
         last = now;
-        child = spawn(port());
+        child = spawn();
     }
     assert!(
         kills >= 2,
@@ -477,17 +479,7 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
     let root = app.config.require_root_key().expect("root");
     let kms = byokd::daemon::build_kms(&store, &root, &app.config.kms).expect("kms");
     let info = app.local_kms().await.rotate("key-f").await.expect("rotate");
-    let event = byokd::domain::LifecycleEvent {
-        provider: byokd::domain::Provider::Local,
-        event_id: "rot-f".into(),
-        kind: byokd::domain::EventKind::Rotated,
-        key_ref: "key-f".into(),
-        version: Some(info.current_version),
-        expires_at: None,
-        time: at(0),
-        source: "test".into(),
-        origin: byokd::domain::Origin::Event,
-    };
+    let event = rotated("rot-f", "key-f", info.current_version);
     byokd::lifecycle::apply_batch(&store, &[event], chrono::Utc::now())
         .await
         .expect("apply");
@@ -599,17 +591,7 @@ async fn a_worker_moves_on_to_the_next_job_while_others_hold_the_rest_of_one() {
     for t in ["ja", "jb"] {
         let key = format!("key-{t}");
         let info = app.local_kms().await.rotate(&key).await.expect("rotate");
-        events.push(byokd::domain::LifecycleEvent {
-            provider: byokd::domain::Provider::Local,
-            event_id: format!("rot-{t}"),
-            kind: byokd::domain::EventKind::Rotated,
-            key_ref: key,
-            version: Some(info.current_version),
-            expires_at: None,
-            time: at(0),
-            source: "test".into(),
-            origin: byokd::domain::Origin::Event,
-        });
+        events.push(rotated(&format!("rot-{t}"), &key, info.current_version));
     }
     byokd::lifecycle::apply_batch(&store, &events, chrono::Utc::now())
         .await

@@ -576,7 +576,31 @@ pub fn with_service_env(cmd: &mut std::process::Command, db_url: &str, amqp: &Am
         .env("BYOKD_SCHEDULES_DIR", no_schedules());
 }
 
+/// A free loopback port (bound, then released for a child process to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 impl TestApp {
+    /// Starts `byokd run` as a child process on this test's database and queues, with
+    /// extra environment; returns it and its HTTP port (not yet ready).
+    pub fn daemon_process(&self, env: &[(&str, &str)]) -> (std::process::Child, u16) {
+        let port = free_port();
+        let mut cmd = byokd_command();
+        with_service_env(&mut cmd, &self.db.url, &self.config.amqp);
+        cmd.arg("run")
+            .env("BYOKD_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        (cmd.spawn().expect("spawn byokd run"), port)
+    }
+
     /// Runs `byokd deks verify --tenant T --json` and returns its report and success.
     pub fn verify_deks(&self, tenant: &str) -> (Value, bool) {
         let mut cmd = byokd_command();
