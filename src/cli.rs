@@ -2,7 +2,7 @@
 
 use crate::config::Config;
 use crate::domain::{EventKind, KeyState, LifecycleEvent, Provider};
-use crate::events::amqp::{Outgoing, Publisher, routing_key};
+use crate::events::amqp::{Outgoing, Publisher, message_routing_key, routing_key};
 use crate::events::normalize::canonical;
 use crate::events::normalize::normalize;
 use crate::kms::{DekContext, KmsProvider, LocalKms, WrappedRef};
@@ -243,8 +243,12 @@ async fn publish(
     let (event_id, default_key) = if raw {
         (None, "raw".to_owned())
     } else {
-        let event = normalize(&body, config.amqp.max_message_bytes)?;
-        (Some(event.event_id.clone()), routing_key(&event))
+        // Several events (an Event Grid array) go out as the one message they came in.
+        let events = normalize(&body, config.amqp.max_message_bytes)?;
+        (
+            events.first().map(|e| e.event_id.clone()),
+            message_routing_key(&events),
+        )
     };
     let routing_key = key.unwrap_or(default_key);
     let publisher = Publisher::new(config.require_amqp_url()?);

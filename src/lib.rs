@@ -10,7 +10,8 @@
 //! * `config`: defaults, then a TOML file, then `BYOKD_*` variables, validated once.
 //! * `telemetry`: tracing subscriber and the Prometheus registry.
 //! * `domain`: pure types and the KEK state machine / access derivation; no I/O.
-//! * `events`: intake. `normalize` turns messages into events; `amqp` owns the broker.
+//! * `events`: intake. `normalize` turns messages (canonical, AWS, Azure, GCP) into events;
+//!   `amqp` owns the broker.
 //! * `lifecycle`: applies a batch of events in one transaction (dedupe, transition, access,
 //!   audit, outbox).
 //! * `notify`: delivery of outbox rows; `access` relays access changes to `byok.access`.

@@ -531,13 +531,22 @@ async fn process_batch(
     batch: Vec<Delivery>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<BatchEnd, AmqpError> {
+    // A delivery may hold several events (an Event Grid array); `good[i]` owns the next
+    // `counts[i]` events, so a delivery's events are applied, acked or dead-lettered together.
     let mut events = Vec::with_capacity(batch.len());
     let mut good = Vec::with_capacity(batch.len());
+    let mut counts = Vec::with_capacity(batch.len());
     for delivery in batch {
         match normalize(&delivery.data, intake.settings.max_message_bytes) {
-            Ok(event) => {
-                events.push(event);
+            Ok(parsed) => {
+                counts.push(parsed.len());
+                events.extend(parsed);
                 good.push(delivery);
+            }
+            Err(e) if e.is_ignored() => {
+                metrics::counter!("byokd_events_total", "outcome" => "ignored").increment(1);
+                tracing::debug!(reason = %e, "acking a provider event that changes nothing");
+                delivery.acker.ack(BasicAckOptions::default()).await?;
             }
             Err(e) => dead_letter(intake, &delivery, &e.to_string()).await?,
         }
@@ -555,12 +564,15 @@ async fn process_batch(
         }
         Applied::Shutdown => return Ok(BatchEnd::Shutdown),
         Applied::Permanent(e) => {
-            // Something in the batch cannot be written; find it by applying one at a time
-            // so the rest still goes through.
+            // Something in the batch cannot be written; find it by applying one delivery at a
+            // time so the rest still goes through.
             tracing::error!(error = %e, size = events.len(),
-                "batch failed permanently; applying its events one by one");
-            for (event, delivery) in events.into_iter().zip(good) {
-                match apply_with_retry(intake, std::slice::from_ref(&event), shutdown).await {
+                "batch failed permanently; applying its deliveries one by one");
+            let mut rest = events.as_slice();
+            for (delivery, count) in good.into_iter().zip(counts) {
+                let (mine, after) = rest.split_at(count.min(rest.len()));
+                rest = after;
+                match apply_with_retry(intake, mine, shutdown).await {
                     Applied::Ok(result) => {
                         record(intake, &result);
                         delivery.acker.ack(BasicAckOptions::default()).await?;
@@ -632,4 +644,22 @@ async fn dead_letter(intake: &Intake, delivery: &Delivery, reason: &str) -> Resu
 /// Routing key for a lifecycle event published by byokd itself: `<provider>.<kind>`.
 pub fn routing_key(event: &crate::domain::LifecycleEvent) -> String {
     format!("{}.{}", event.provider, event.kind)
+}
+
+/// Routing key for a message holding `events` (several for an Event Grid array): that of its
+/// most urgent event, so a revocation inside a batch still reaches the urgent lane.
+pub fn message_routing_key(events: &[crate::domain::LifecycleEvent]) -> String {
+    use crate::domain::EventKind::{
+        AccessRevoked, DeletionScheduled, Destroyed, Disabled, Expired,
+    };
+    events
+        .iter()
+        .find(|e| {
+            matches!(
+                e.kind,
+                Disabled | DeletionScheduled | Destroyed | AccessRevoked | Expired
+            )
+        })
+        .or(events.first())
+        .map_or_else(|| "unknown".to_owned(), routing_key)
 }

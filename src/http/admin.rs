@@ -3,8 +3,8 @@
 use super::{ApiError, AppState};
 use crate::domain::kek::derive_access;
 use crate::domain::{KekStatus, KeyState, Provider};
-use crate::events::amqp::{Outgoing, routing_key};
-use crate::events::normalize::normalize;
+use crate::events::amqp::{Outgoing, message_routing_key};
+use crate::events::normalize::{NormalizeError, normalize};
 use crate::seal::generate_webhook_secret;
 use crate::store::{AccessUpdate, AuditRow, NewTenant, NewWebhook};
 use axum::Json;
@@ -305,20 +305,35 @@ pub(super) async fn rotate_webhook_secret(
     Ok(Json(view))
 }
 
-/// Accepts one lifecycle event in any supported format and publishes it to the lifecycle
-/// exchange (with confirms), so it takes the same path as events from a KMS.
+/// Accepts one lifecycle message in any supported format and publishes it to the lifecycle
+/// exchange (with confirms), so it takes the same path as events from a KMS. A message may
+/// hold several events (an Event Grid array); it is published once, as received. A provider
+/// event that changes nothing (a failed API call, a secret's expiry) is answered 200 with the
+/// reason and not published.
 pub(super) async fn post_event(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let event = normalize(&body, state.amqp.max_message_bytes).map_err(|e| {
-        let status = match e {
-            crate::events::normalize::NormalizeError::NotJson(_) => StatusCode::BAD_REQUEST,
-            _ => StatusCode::UNPROCESSABLE_ENTITY,
-        };
-        ApiError::new(status, e.to_string())
-    })?;
-    let key = routing_key(&event);
+    let events = match normalize(&body, state.amqp.max_message_bytes) {
+        Ok(events) => events,
+        Err(NormalizeError::Ignored(reason)) => {
+            return Ok((StatusCode::OK, Json(json!({ "ignored": reason }))));
+        }
+        Err(e) => {
+            let status = match e {
+                NormalizeError::NotJson(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            return Err(ApiError::new(status, e.to_string()));
+        }
+    };
+    let Some(first) = events.first() else {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the message holds no events",
+        ));
+    };
+    let key = message_routing_key(&events);
     state
         .publisher
         .publish(Outgoing {
@@ -327,7 +342,7 @@ pub(super) async fn post_event(
             body: &body,
             properties: BasicProperties::default()
                 .with_content_type("application/json".into())
-                .with_message_id(event.event_id.as_str().into()),
+                .with_message_id(first.event_id.as_str().into()),
             mandatory: true,
         })
         .await
@@ -338,9 +353,18 @@ pub(super) async fn post_event(
                 "the message broker did not accept the event; retry later",
             )
         })?;
+    let all: Vec<Value> = events
+        .iter()
+        .map(|e| json!({ "id": e.event_id, "provider": e.provider, "kind": e.kind }))
+        .collect();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "id": event.event_id, "provider": event.provider, "kind": event.kind })),
+        Json(json!({
+            "id": first.event_id,
+            "provider": first.provider,
+            "kind": first.kind,
+            "events": all,
+        })),
     ))
 }
 

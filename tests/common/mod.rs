@@ -330,6 +330,28 @@ impl TestApp {
         .expect("kek");
     }
 
+    /// Creates a tenant whose primary KEK lives at a cloud provider, straight in SQL: the
+    /// API's registration test-wraps against the KMS, which tests cannot reach. The attribute
+    /// times are in the past so provider events with fixture timestamps are not stale.
+    pub async fn tenant_with_native_key(&self, tenant: &str, provider: &str, key_ref: &str) {
+        sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $1)")
+            .bind(tenant)
+            .execute(&self.pool)
+            .await
+            .expect("tenant");
+        sqlx::query(
+            "INSERT INTO keks (tenant_id, provider, key_ref, state, current_version,
+                               state_changed_at, version_changed_at, expiry_changed_at)
+             VALUES ($1, $2, $3, 'enabled', '1', '2000-01-01Z', '2000-01-01Z', '2000-01-01Z')",
+        )
+        .bind(tenant)
+        .bind(provider)
+        .bind(key_ref)
+        .execute(&self.pool)
+        .await
+        .expect("kek");
+    }
+
     /// Creates a tenant with one contact and one webhook, and registers a new local KEK.
     pub async fn tenant_with_key(&self, tenant: &str, key_ref: &str) {
         self.create_local_key(key_ref).await;

@@ -141,7 +141,9 @@ mod tests {
     const LIMIT: usize = 64 * 1024;
 
     fn parse_str(s: &str) -> Result<LifecycleEvent, NormalizeError> {
-        normalize(s.as_bytes(), LIMIT)
+        let mut events = normalize(s.as_bytes(), LIMIT)?;
+        assert_eq!(events.len(), 1, "one canonical event per message");
+        Ok(events.remove(0))
     }
 
     #[test]
@@ -160,8 +162,7 @@ mod tests {
                 event.expires_at.map(|t| t.to_rfc3339()),
                 Some("2026-12-31T23:00:00+00:00".to_owned())
             );
-            let again =
-                normalize(to_json(&event).to_string().as_bytes(), LIMIT).expect("round trip");
+            let again = parse_str(&to_json(&event).to_string()).expect("round trip");
             assert_eq!(again, event);
         }
     }
@@ -170,7 +171,8 @@ mod tests {
     fn rejects_what_is_not_an_event_with_a_reason() {
         let cases = [
             ("not json", "not valid JSON"),
-            ("[1,2]", "expected a JSON object"),
+            ("[1,2]", "element [0]"),
+            ("true", "expected a JSON object"),
             (r#"{"hello":"world"}"#, "no \"specversion\""),
             (
                 r#"{"specversion":"1.0","id":"1","source":"s","type":"byok.key.melted","data":{"provider":"local","key_ref":"k"}}"#,
@@ -205,6 +207,13 @@ mod tests {
             let err = parse_str(body).expect_err(body).to_string();
             assert!(err.contains(expected), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        super::super::tests::never_panics(
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"byok.key.rotated","time":"2026-11-28T10:00:00Z","data":{"provider":"local","key_ref":"k","version":"2","expires_at":"2027-01-01T00:00:00Z"}}"#,
+        );
     }
 
     #[test]
