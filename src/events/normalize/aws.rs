@@ -275,8 +275,7 @@ fn is_bare_key_id(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::never_panics;
-    use super::super::{NormalizeError, normalize};
+    use super::super::tests::{err, never_panics, one};
     use super::*;
 
     const ARN: &str = "arn:aws:kms:us-west-2:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
@@ -316,16 +315,6 @@ mod tests {
             "resources":[{{"ARN":"{ARN}","accountId":"111122223333"}}],
             "eventType":"AwsApiCall","recipientAccountId":"111122223333"{extra}}}}}"#
         )
-    }
-
-    fn one(body: &str) -> LifecycleEvent {
-        let mut events = normalize(body.as_bytes(), 1 << 20).expect(body);
-        assert_eq!(events.len(), 1);
-        events.remove(0)
-    }
-
-    fn err(body: &str) -> NormalizeError {
-        normalize(body.as_bytes(), 1 << 20).expect_err(body)
     }
 
     #[test]

@@ -216,8 +216,8 @@ fn key_id(data: &Map<String, Value>) -> Result<(String, Option<String>), Normali
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::never_panics;
-    use super::super::{NormalizeError, normalize};
+    use super::super::normalize;
+    use super::super::tests::{err, never_panics};
     use super::*;
 
     const KEY: &str = "https://sample-kv.vault.azure.net/keys/tenant-kek";
@@ -246,10 +246,6 @@ mod tests {
 
     fn all(body: &str) -> Vec<LifecycleEvent> {
         normalize(body.as_bytes(), 1 << 20).expect(body)
-    }
-
-    fn err(body: &str) -> NormalizeError {
-        normalize(body.as_bytes(), 1 << 20).expect_err(body)
     }
 
     #[test]

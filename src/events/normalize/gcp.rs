@@ -226,8 +226,7 @@ fn rotated_version(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::never_panics;
-    use super::super::{NormalizeError, normalize};
+    use super::super::tests::{err, never_panics, one};
     use super::*;
 
     const KEY: &str =
@@ -255,16 +254,6 @@ mod tests {
             response,
             "{}",
         )
-    }
-
-    fn one(body: &str) -> LifecycleEvent {
-        let mut events = normalize(body.as_bytes(), 1 << 20).expect(body);
-        assert_eq!(events.len(), 1);
-        events.remove(0)
-    }
-
-    fn err(body: &str) -> NormalizeError {
-        normalize(body.as_bytes(), 1 << 20).expect_err(body)
     }
 
     #[test]

@@ -171,6 +171,18 @@ pub(crate) fn rfc3339(
 mod tests {
     use super::*;
 
+    /// Normalizes a fixture that must hold exactly one event.
+    pub(crate) fn one(body: &str) -> LifecycleEvent {
+        let mut events = normalize(body.as_bytes(), 1 << 20).expect(body);
+        assert_eq!(events.len(), 1);
+        events.remove(0)
+    }
+
+    /// The error a fixture must produce.
+    pub(crate) fn err(body: &str) -> NormalizeError {
+        normalize(body.as_bytes(), 1 << 20).expect_err(body)
+    }
+
     /// Feeds every prefix and a few byte-mangled variants of each fixture to [`normalize`]:
     /// whatever comes in, the answer is a value, never a panic.
     pub(crate) fn never_panics(fixture: &str) {
