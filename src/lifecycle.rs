@@ -113,11 +113,15 @@ pub async fn apply_batch(
     for (pos, &i) in order.iter().enumerate() {
         fresh[i] = fresh_sorted[pos];
     }
-    let mut keys: Vec<(Provider, String)> = events
+    let fresh_events: Vec<&LifecycleEvent> = events
         .iter()
         .zip(&fresh)
         .filter(|(_, f)| **f)
-        .map(|(e, _)| (e.provider, e.key_ref.clone()))
+        .map(|(e, _)| e)
+        .collect();
+    let mut keys: Vec<(Provider, String)> = fresh_events
+        .iter()
+        .map(|e| (e.provider, e.key_ref.clone()))
         .collect();
     keys.sort();
     keys.dedup();
@@ -128,13 +132,6 @@ pub async fn apply_batch(
         let keks = tx.keks(&keys).await?;
         (tenants, keks)
     };
-
-    let fresh_events: Vec<&LifecycleEvent> = events
-        .iter()
-        .zip(&fresh)
-        .filter(|(_, f)| **f)
-        .map(|(e, _)| e)
-        .collect();
     let plan = plan(&fresh_events, keks, tenants, now);
     tx.update_keks(&plan.keks).await?;
     tx.update_access(&plan.access).await?;
