@@ -323,6 +323,44 @@ async fn an_older_event_does_not_override_a_newer_state() {
         .await
         .expect("audit");
     assert_eq!(outcome, "stale");
+
+    // The audit trail, as an operator reads it: newest first, paged.
+    let r = app.get("/v1/audit?tenant=ooo").await;
+    assert_eq!(r.status(), 200);
+    let trail: Value = r.json().await.expect("json");
+    let entries = trail["entries"].as_array().expect("entries");
+    let summary: Vec<(&str, &str, &str)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap_or(""),
+                e["outcome"].as_str().unwrap_or(""),
+                e["source"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("disabled", "stale", "event"),
+            ("enabled", "applied", "event"),
+            ("disabled", "applied", "event"),
+            ("kek_registered", "applied", "api"),
+        ]
+    );
+    assert_eq!(entries[1]["detail"]["before"]["state"], "disabled");
+    assert_eq!(entries[1]["detail"]["after"]["state"], "enabled");
+    let first_id = entries[0]["id"].as_i64().expect("id");
+    let page: Value = app
+        .get(&format!("/v1/audit?tenant=ooo&before={first_id}&limit=1"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(page["entries"].as_array().map(Vec::len), Some(1));
+    assert_eq!(page["entries"][0]["action"], "enabled");
+    assert_eq!(app.get("/v1/audit").await.status(), 400);
+    assert_eq!(app.get("/v1/audit?tenant=ghost").await.status(), 404);
     app.shutdown().await;
 }
 

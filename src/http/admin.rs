@@ -305,6 +305,31 @@ pub(super) async fn rotate_webhook_secret(
     Ok(Json(view))
 }
 
+#[derive(Deserialize)]
+pub(super) struct AuditQuery {
+    tenant: Option<String>,
+    before: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// A tenant's audit trail, newest first: every key operation and access decision, with
+/// where it came from (event, api, probe, sweep). Page with `before=<id>`.
+pub(super) async fn audit(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = q.tenant.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the tenant query parameter is required",
+        )
+    })?;
+    state.store.tenant(&tenant).await?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let entries = state.store.audit_trail(&tenant, q.before, limit).await?;
+    Ok(Json(json!({ "tenant": tenant, "entries": entries })))
+}
+
 /// Accepts one lifecycle message in any supported format and publishes it to the lifecycle
 /// exchange (with confirms), so it takes the same path as events from a KMS. A message may
 /// hold several events (an Event Grid array); it is published once, as received. A provider

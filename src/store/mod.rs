@@ -14,12 +14,14 @@ macro_rules! dispatch {
     };
 }
 
+mod audit;
 mod kms;
 pub mod outbox;
 mod postgres;
 mod rewrap;
 mod sweeps;
 
+pub use audit::AuditEntry;
 pub use kms::LocalKeyRow;
 pub use postgres::PgStore;
 pub use rewrap::{

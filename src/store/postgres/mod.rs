@@ -15,6 +15,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 use uuid::Uuid;
 
+mod audit;
 mod kms;
 mod rewrap;
 mod sweeps;
@@ -452,14 +453,16 @@ impl PgTx {
         let sources: Vec<&str> = rows.iter().map(|r| r.source.as_str()).collect();
         let events: Vec<Option<&str>> = rows.iter().map(|r| r.event_id.as_deref()).collect();
         let details: Vec<String> = rows.iter().map(|r| r.detail.to_string()).collect();
+        // WITH ORDINALITY keeps the ids in the order the entries were decided.
         sqlx::query(
             "INSERT INTO audit_log (tenant_id, provider, key_ref, action, outcome, source,
                                     event_id, detail)
              SELECT u.tenant_id, u.provider, u.key_ref, u.action, u.outcome, u.source,
                     u.event_id, u.detail::jsonb
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::text[])
-                 AS u(tenant_id, provider, key_ref, action, outcome, source, event_id, detail)",
+                         $7::text[], $8::text[]) WITH ORDINALITY
+                 AS u(tenant_id, provider, key_ref, action, outcome, source, event_id, detail, n)
+             ORDER BY u.n",
         )
         .bind(&tenants)
         .bind(&providers)
