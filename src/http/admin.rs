@@ -318,13 +318,7 @@ pub(super) async fn audit(
     State(state): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<AuditQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = q.tenant.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "the tenant query parameter is required",
-        )
-    })?;
-    state.store.tenant(&tenant).await?;
+    let tenant = super::tenant_param(&state, q.tenant).await?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let entries = state.store.audit_trail(&tenant, q.before, limit).await?;
     Ok(Json(json!({ "tenant": tenant, "entries": entries })))

@@ -97,13 +97,7 @@ pub(super) async fn rewrap_jobs(
     State(state): State<AppState>,
     Query(q): Query<JobsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = q.tenant.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "the tenant query parameter is required",
-        )
-    })?;
-    state.store.tenant(&tenant).await?;
+    let tenant = super::tenant_param(&state, q.tenant).await?;
     let jobs = state.store.rewrap_jobs(&tenant).await?;
     Ok(Json(serde_json::to_value(jobs).unwrap_or_default()))
 }

@@ -111,6 +111,22 @@ impl From<KmsError> for ApiError {
     }
 }
 
+/// The `tenant` query parameter of a listing route, checked to name an existing tenant
+/// (400 when missing, 404 when unknown).
+pub(crate) async fn tenant_param(
+    state: &AppState,
+    tenant: Option<String>,
+) -> Result<String, ApiError> {
+    let tenant = tenant.filter(|t| !t.is_empty()).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the tenant query parameter is required",
+        )
+    })?;
+    state.store.tenant(&tenant).await?;
+    Ok(tenant)
+}
+
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()

@@ -25,12 +25,6 @@ pub(super) async fn list(
     State(state): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = q.tenant.filter(|t| !t.is_empty()).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "query parameter tenant is required",
-        )
-    })?;
     if let Some(status) = &q.status
         && !matches!(status.as_str(), "pending" | "delivered" | "dead")
     {
@@ -40,7 +34,7 @@ pub(super) async fn list(
         ));
     }
     // 404 for an unknown tenant rather than an empty list that hides a typo.
-    state.store.tenant(&tenant).await?;
+    let tenant = super::tenant_param(&state, q.tenant).await?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     let mut rows = state.store.notifications(&tenant, limit).await?;
     if let Some(status) = &q.status {

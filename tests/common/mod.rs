@@ -313,21 +313,7 @@ impl TestApp {
     /// Creates a tenant and a local KEK straight in the database (the daemon may be stopped).
     pub async fn tenant_with_key_offline(&self, tenant: &str, key_ref: &str) {
         self.create_local_key(key_ref).await;
-        sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $1)")
-            .bind(tenant)
-            .execute(&self.pool)
-            .await
-            .expect("tenant");
-        sqlx::query(
-            "INSERT INTO keks (tenant_id, provider, key_ref, state, current_version,
-                               state_changed_at, version_changed_at, expiry_changed_at)
-             VALUES ($1, 'local', $2, 'enabled', '1', now(), now(), now())",
-        )
-        .bind(tenant)
-        .bind(key_ref)
-        .execute(&self.pool)
-        .await
-        .expect("kek");
+        self.tenant_with_native_key(tenant, "local", key_ref).await;
     }
 
     /// Creates a tenant whose primary KEK lives at a cloud provider, straight in SQL: the

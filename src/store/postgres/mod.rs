@@ -46,6 +46,24 @@ where
     })
 }
 
+/// Select-list of a tenant (`t`) with whom to notify, read back by [`tenant_row`].
+const TENANT_RECIPIENTS: &str = "t.id AS tenant_id, t.access, t.access_reason,
+    ARRAY(SELECT email FROM tenant_contacts c WHERE c.tenant_id = t.id ORDER BY email)
+        AS contacts,
+    ARRAY(SELECT w.id FROM webhook_endpoints w
+          WHERE w.tenant_id = t.id AND w.enabled ORDER BY w.created_at, w.id) AS webhooks";
+
+/// A row selected with [`TENANT_RECIPIENTS`].
+fn tenant_row(r: &PgRow) -> Result<TenantRow, StoreError> {
+    Ok(TenantRow {
+        id: r.try_get("tenant_id")?,
+        access: parse(r, "access")?,
+        access_reason: r.try_get("access_reason")?,
+        contacts: r.try_get("contacts")?,
+        webhooks: r.try_get("webhooks")?,
+    })
+}
+
 fn key_columns(keys: &[(Provider, String)]) -> (Vec<&'static str>, Vec<&str>) {
     keys.iter().map(|(p, k)| (p.as_str(), k.as_str())).unzip()
 }
@@ -313,35 +331,21 @@ impl PgTx {
         keys: &[(Provider, String)],
     ) -> Result<Vec<TenantRow>, StoreError> {
         let (providers, refs) = key_columns(keys);
-        let rows = sqlx::query(
-            "SELECT t.id, t.access, t.access_reason,
-                    ARRAY(SELECT email FROM tenant_contacts c WHERE c.tenant_id = t.id
-                          ORDER BY email) AS contacts,
-                    ARRAY(SELECT w.id FROM webhook_endpoints w
-                          WHERE w.tenant_id = t.id AND w.enabled ORDER BY w.created_at, w.id)
-                        AS webhooks
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {TENANT_RECIPIENTS}
              FROM tenants t
              WHERE t.id IN (SELECT k.tenant_id FROM keks k
                             JOIN UNNEST($1::text[], $2::text[]) AS u(provider, key_ref)
                               ON k.provider = u.provider AND k.key_ref = u.key_ref)
              ORDER BY t.id
-             FOR UPDATE OF t",
-        )
-        .bind(&providers)
-        .bind(&refs)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(TenantRow {
-                    id: r.try_get("id")?,
-                    access: parse(r, "access")?,
-                    access_reason: r.try_get("access_reason")?,
-                    contacts: r.try_get("contacts")?,
-                    webhooks: r.try_get("webhooks")?,
-                })
-            })
-            .collect()
+             FOR UPDATE OF t"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(&providers)
+            .bind(&refs)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        rows.iter().map(tenant_row).collect()
     }
 
     pub(super) async fn keks(

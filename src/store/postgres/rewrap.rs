@@ -1,6 +1,6 @@
 //! PostgreSQL SQL of DEKs and re-wrap jobs.
 
-use super::{PgStore, PgTx, parse};
+use super::{PgStore, PgTx, TENANT_RECIPIENTS, parse, tenant_row};
 use crate::store::{
     ClaimedDek, DekRow, DekTarget, JobKind, NewDek, NewRewrapJob, RewrapJob, RewrapJobView,
     RewrappedDek, StoreError, TenantRow,
@@ -531,25 +531,14 @@ impl PgTx {
         &mut self,
         tenant_id: &str,
     ) -> Result<TenantRow, StoreError> {
-        let r = sqlx::query(
-            "SELECT t.id, t.access, t.access_reason,
-                    ARRAY(SELECT email FROM tenant_contacts c WHERE c.tenant_id = t.id
-                          ORDER BY email) AS contacts,
-                    ARRAY(SELECT w.id FROM webhook_endpoints w
-                          WHERE w.tenant_id = t.id AND w.enabled ORDER BY w.created_at, w.id)
-                        AS webhooks
-             FROM tenants t WHERE t.id = $1",
-        )
-        .bind(tenant_id)
-        .fetch_optional(&mut *self.tx)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("tenant {tenant_id:?}")))?;
-        Ok(TenantRow {
-            id: r.try_get("id")?,
-            access: parse(&r, "access")?,
-            access_reason: r.try_get("access_reason")?,
-            contacts: r.try_get("contacts")?,
-            webhooks: r.try_get("webhooks")?,
-        })
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {TENANT_RECIPIENTS} FROM tenants t WHERE t.id = $1"
+        ));
+        let r = sqlx::query(sql)
+            .bind(tenant_id)
+            .fetch_optional(&mut *self.tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("tenant {tenant_id:?}")))?;
+        tenant_row(&r)
     }
 }

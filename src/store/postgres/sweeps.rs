@@ -1,9 +1,9 @@
 //! PostgreSQL SQL of the sweeps.
 
-use super::{PgStore, PgTx, parse};
-use crate::store::{ExpiringKek, NewOutbox, ProbeRecord, ProbeTarget, StoreError, TenantRow};
+use super::{PgStore, PgTx, TENANT_RECIPIENTS, parse, tenant_row};
+use crate::store::{ExpiringKek, NewOutbox, ProbeRecord, ProbeTarget, StoreError};
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnection, PgRow};
+use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
 
 /// An advisory lock on a connection taken out of the pool for it.
@@ -23,22 +23,6 @@ impl PgScheduleLock {
                 .await;
         let _ = self.conn.close().await;
     }
-}
-
-const RECIPIENTS: &str = "ARRAY(SELECT email FROM tenant_contacts c WHERE c.tenant_id = t.id
-                               ORDER BY email) AS contacts,
-                         ARRAY(SELECT w.id FROM webhook_endpoints w
-                               WHERE w.tenant_id = t.id AND w.enabled
-                               ORDER BY w.created_at, w.id) AS webhooks";
-
-fn tenant(r: &PgRow) -> Result<TenantRow, StoreError> {
-    Ok(TenantRow {
-        id: r.try_get("tenant_id")?,
-        access: parse(r, "access")?,
-        access_reason: r.try_get("access_reason")?,
-        contacts: r.try_get("contacts")?,
-        webhooks: r.try_get("webhooks")?,
-    })
 }
 
 impl PgStore {
@@ -106,8 +90,7 @@ impl PgStore {
         until: DateTime<Utc>,
     ) -> Result<Vec<ExpiringKek>, StoreError> {
         let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT k.id, k.provider, k.key_ref, k.expires_at, t.id AS tenant_id, t.access,
-                    t.access_reason, {RECIPIENTS}
+            "SELECT k.id, k.provider, k.key_ref, k.expires_at, {TENANT_RECIPIENTS}
              FROM keks k JOIN tenants t ON t.id = k.tenant_id
              WHERE k.state = 'enabled' AND k.is_primary AND k.expires_at IS NOT NULL
                AND k.expires_at <= $1"
@@ -120,7 +103,7 @@ impl PgStore {
                     provider: parse(r, "provider")?,
                     key_ref: r.try_get("key_ref")?,
                     expires_at: r.try_get("expires_at")?,
-                    tenant: tenant(r)?,
+                    tenant: tenant_row(r)?,
                 })
             })
             .collect()
@@ -130,7 +113,7 @@ impl PgStore {
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT k.id, k.provider, k.key_ref, k.state, k.revoked, k.current_version,
                     k.unreachable_since, k.unreachable_notified_at IS NOT NULL AS notified,
-                    t.id AS tenant_id, t.access, t.access_reason, {RECIPIENTS}
+                    {TENANT_RECIPIENTS}
              FROM keks k JOIN tenants t ON t.id = k.tenant_id
              WHERE k.state <> 'destroyed' AND k.retired_at IS NULL
              ORDER BY k.id"
@@ -140,7 +123,7 @@ impl PgStore {
             .map(|r| {
                 Ok(ProbeTarget {
                     kek_id: r.try_get("id")?,
-                    tenant: tenant(r)?,
+                    tenant: tenant_row(r)?,
                     provider: parse(r, "provider")?,
                     key_ref: r.try_get("key_ref")?,
                     state: parse(r, "state")?,
