@@ -177,6 +177,15 @@ pub enum KmsError {
         /// The version asked for.
         version: String,
     },
+    /// The key reference cannot name a key of this provider. Checked before any request, so a
+    /// reference never reaches a provider's URL or API as anything but one key name.
+    #[error("invalid {provider} key_ref: {reason}")]
+    InvalidKeyRef {
+        /// Provider.
+        provider: Provider,
+        /// Why it was refused.
+        reason: String,
+    },
     /// byokd has no configuration for this provider.
     #[error("the {0} KMS provider is not configured")]
     NotConfigured(Provider),
@@ -194,6 +203,56 @@ impl KmsError {
             _ => false,
         }
     }
+}
+
+/// Checks a key reference for `provider` and returns its canonical form, the one byokd stores
+/// and sends. Refused references are [`KmsError::InvalidKeyRef`].
+///
+/// A reference becomes part of a URL path (Vault) or a file-like name (local), so anything that
+/// could address another key or another path (`/`, `..`, whitespace) is refused rather than
+/// escaped: two spellings of one key would let two tenants bind it. Vault Transit names are
+/// 1-128 of `[A-Za-z0-9_.-]` and never `.` or `..`; local names 1-256 of `[A-Za-z0-9_.:/-]`.
+/// AWS, Azure and GCP references (ARNs, key URLs, resource names) are only checked for length,
+/// whitespace and control characters until those providers canonicalise their own aliases.
+pub fn canonical_key_ref(provider: Provider, key_ref: &str) -> Result<String, KmsError> {
+    let refuse = |reason: String| KmsError::InvalidKeyRef { provider, reason };
+    let (max, allowed, allowed_text): (usize, fn(char) -> bool, &str) = match provider {
+        Provider::Vault => (
+            128,
+            |c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'),
+            "letters, digits, '_', '.' and '-'",
+        ),
+        Provider::Local => (
+            256,
+            |c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '/' | '-'),
+            "letters, digits, '_', '.', ':', '/' and '-'",
+        ),
+        Provider::Aws | Provider::Azure | Provider::Gcp => (
+            2048,
+            |c| !c.is_whitespace() && !c.is_control(),
+            "characters other than whitespace and control characters",
+        ),
+    };
+    if key_ref.is_empty() {
+        return Err(refuse("it is empty".to_owned()));
+    }
+    let len = key_ref.chars().count();
+    if len > max {
+        return Err(refuse(format!(
+            "it is {len} characters long and the limit is {max}"
+        )));
+    }
+    if let Some(c) = key_ref.chars().find(|c| !allowed(*c)) {
+        return Err(refuse(format!(
+            "it contains {c:?}, and only {allowed_text} are allowed"
+        )));
+    }
+    if provider == Provider::Vault && matches!(key_ref, "." | "..") {
+        return Err(refuse(format!(
+            "{key_ref:?} is a relative path segment, not a key name"
+        )));
+    }
+    Ok(key_ref.to_owned())
 }
 
 /// A KMS back end. Batch methods fail as a whole when the key itself refuses (state, access,
@@ -420,6 +479,102 @@ mod tests {
         assert_eq!(dek.kcv().len(), 12);
         assert_ne!(dek.kcv(), Dek::from_bytes(&[8u8; 32]).expect("32").kcv());
         assert!(!format!("{dek:?}").contains("7, 7"));
+    }
+
+    fn refused(provider: Provider, key_ref: &str) -> String {
+        match canonical_key_ref(provider, key_ref) {
+            Err(e @ KmsError::InvalidKeyRef { .. }) => {
+                assert!(!e.is_transient());
+                e.to_string()
+            }
+            other => panic!("{provider} {key_ref:?}: expected InvalidKeyRef, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn vault_key_refs_are_single_transit_names() {
+        for ok in [
+            "acme-kek",
+            "a",
+            "A_b.c-9",
+            ".hidden",
+            "a..b",
+            &"k".repeat(128),
+        ] {
+            assert_eq!(
+                canonical_key_ref(Provider::Vault, ok).expect(ok),
+                ok,
+                "{ok:?}"
+            );
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "x/../acme-kek",
+            "../../sys/mounts",
+            "a/b",
+            "a b",
+            " a",
+            "a\n",
+            "a%2Fb",
+            "a?b",
+            "a#b",
+            "a:b",
+            "kék",
+            &"k".repeat(129),
+        ] {
+            let e = refused(Provider::Vault, bad);
+            assert!(e.starts_with("invalid vault key_ref: "), "{e}");
+        }
+        assert_eq!(
+            refused(Provider::Vault, "x/../k"),
+            "invalid vault key_ref: it contains '/', and only letters, digits, '_', '.' \
+             and '-' are allowed"
+        );
+        assert!(refused(Provider::Vault, "..").contains("relative path segment"));
+        assert!(refused(Provider::Vault, "").contains("empty"));
+        assert!(refused(Provider::Vault, &"k".repeat(129)).contains("limit is 128"));
+    }
+
+    #[test]
+    fn local_key_refs_allow_paths_but_not_whitespace() {
+        for ok in ["pr-key", "tenant:a/kek-1", "a.b_c", &"k".repeat(256)] {
+            assert_eq!(canonical_key_ref(Provider::Local, ok).expect(ok), ok);
+        }
+        for bad in [
+            "",
+            " pr-key",
+            "pr-key ",
+            "a b",
+            "a\tb",
+            "a\u{0}",
+            "k\u{e9}",
+            &"k".repeat(257),
+        ] {
+            refused(Provider::Local, bad);
+        }
+    }
+
+    #[test]
+    fn cloud_key_refs_are_only_checked_for_length_and_whitespace() {
+        let arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        let azure = "https://acme.vault.azure.net/keys/kek/0123456789abcdef";
+        let gcp = "projects/p/locations/global/keyRings/r/cryptoKeys/k";
+        for (provider, ok) in [
+            (Provider::Aws, arn),
+            (Provider::Aws, "alias/acme"),
+            (Provider::Azure, azure),
+            (Provider::Gcp, gcp),
+            (Provider::Gcp, &*"k".repeat(2048)),
+        ] {
+            assert_eq!(canonical_key_ref(provider, ok).expect(ok), ok);
+        }
+        for provider in [Provider::Aws, Provider::Azure, Provider::Gcp] {
+            for bad in ["", "a b", "a\nb", "\u{7f}", " alias/x", &"k".repeat(2049)] {
+                refused(provider, bad);
+            }
+        }
     }
 
     #[test]
