@@ -176,6 +176,8 @@ pub struct Config {
     pub kms: crate::kms::KmsSettings,
     /// Notification delivery.
     pub notify: NotifySettings,
+    /// `[state]`: event skew and confirmation of events at the KMS.
+    pub state: crate::reconcile::StateSettings,
 }
 
 impl Default for Config {
@@ -198,6 +200,7 @@ impl Default for Config {
             rewrap: crate::rewrap::RewrapSettings::default(),
             kms: crate::kms::KmsSettings::default(),
             notify: NotifySettings::default(),
+            state: crate::reconcile::StateSettings::default(),
         }
     }
 }
@@ -237,6 +240,7 @@ impl std::fmt::Debug for Config {
             .field("rewrap", &self.rewrap)
             .field("kms", &self.kms)
             .field("notify", &self.notify)
+            .field("state", &self.state)
             .finish()
     }
 }

@@ -10,6 +10,7 @@ use crate::http::{self, AppState};
 use crate::kms::{Kms, LocalKms};
 use crate::notify::access::{self, Relay};
 use crate::notify::outbox::{self as notify_outbox, Dispatcher, NotifyError};
+use crate::reconcile::{self, Confirmer};
 use crate::rewrap::{self, Rewrapper};
 use crate::seal::Sealer;
 use crate::store::{Store, StoreError};
@@ -101,6 +102,7 @@ pub async fn run(
     let access_changed = Arc::new(Notify::new());
     let publisher = Arc::new(Publisher::new(amqp_url.clone()));
     let rewrap_work = Arc::new(Notify::new());
+    let confirm_work = Arc::new(Notify::new());
     let kms = build_kms(&store, &root_key, &config.kms)?;
 
     let intake = Intake {
@@ -111,6 +113,8 @@ pub async fn run(
         health: health.clone(),
         access_changed: access_changed.clone(),
         rewrap_work: rewrap_work.clone(),
+        confirm_work: confirm_work.clone(),
+        max_skew: config.state.max_skew(),
         publisher: publisher.clone(),
     };
     let mut consumers = vec![tokio::spawn(amqp::consume_loop(
@@ -150,6 +154,16 @@ pub async fn run(
         .map(|_| tokio::spawn(rewrap::rewrap_loop(rewrapper.clone(), stop_rx.clone())))
         .collect();
 
+    let confirmer = Confirmer::new(
+        store.clone(),
+        kms.clone(),
+        config.state.clone(),
+        confirm_work.clone(),
+        access_changed.clone(),
+        rewrap_work.clone(),
+    );
+    let confirms = tokio::spawn(reconcile::confirm_loop(confirmer, stop_rx.clone()));
+
     let sweeper = Sweeper {
         store: store.clone(),
         kms: kms.clone(),
@@ -170,6 +184,9 @@ pub async fn run(
         publisher,
         kms,
         rewrap_work,
+        access_changed,
+        confirm_work,
+        state: config.state.clone(),
         amqp: config.amqp.clone(),
     };
     tracing::info!(addr = %listener.local_addr()?, "byokd listening");
@@ -192,6 +209,7 @@ pub async fn run(
         }
         let _ = relay.await;
         let _ = sweeps.await;
+        let _ = confirms.await;
         for worker in rewrap_workers {
             let _ = worker.await;
         }

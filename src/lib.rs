@@ -12,8 +12,10 @@
 //! * `domain`: pure types and the KEK state machine / access derivation; no I/O.
 //! * `events`: intake. `normalize` turns messages (canonical, AWS, Azure, GCP) into events;
 //!   `amqp` owns the broker.
-//! * `lifecycle`: applies a batch of events in one transaction (dedupe, transition, access,
-//!   audit, outbox).
+//! * `lifecycle`: applies events, KMS observations and the passing of time, one transaction
+//!   each (dedupe, key record, derived access, audit, outbox).
+//! * `reconcile`: asks a KMS what a key is (metadata and a test wrap/unwrap) and confirms
+//!   events off the consumer's path.
 //! * `notify`: delivery of outbox rows; `access` relays access changes to `byok.access`.
 //! * `kms`: the KMS provider trait and dispatch; `local` is byokd's own keyring.
 //! * `rewrap`: re-wrap jobs (rotation, key replacement), worked in resumable batches.
@@ -39,6 +41,7 @@ pub mod http;
 pub mod kms;
 pub mod lifecycle;
 pub mod notify;
+pub mod reconcile;
 pub mod rewrap;
 pub mod seal;
 pub mod store;

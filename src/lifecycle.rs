@@ -1,23 +1,41 @@
-//! Applying lifecycle events: dedupe, KEK transition, tenant access, audit and outbox, all in
-//! one database transaction per batch.
+//! Applying what byokd learns about keys: lifecycle events, observations of the KMS, and
+//! the passing of time. Each is one database transaction that locks the tenants concerned,
+//! updates their keys' records, recomputes their access, and writes the audit trail and the
+//! outbox (access messages and notifications) in the same commit.
 //!
-//! [`apply_batch`] does the I/O: it claims the events in the inbox, locks the tenants they
-//! touch, reads their KEKs, and writes what [`plan`] decided. [`plan`] is pure, so the rules
-//! for which notifications and access messages a change calls for are unit tested without a
-//! database. A batch is applied in delivery order, each event seeing the effect of the ones
-//! before it, exactly as if they had been applied one transaction each.
+//! * [`apply_batch`]: events from the broker or HTTP. A revoking event takes effect at once
+//!   as the key's claim; every event asks for the key to be observed (confirmed) off the
+//!   consumer's path, by [`crate::reconcile`].
+//! * [`apply_observations`]: what the KMS said. It replaces the key's observed record and
+//!   settles the claim; a revocation the KMS does not confirm is audited and raised.
+//! * [`refresh_access`]: recomputes access where nothing but the clock or the tenant's set
+//!   of keys changed (expiry, registration, replacement progress).
+//!
+//! Access is never carried over from the event that changed it: [`Ledger::settle`] derives it
+//! from the tenant's keys and the clock after every change, and emits exactly one access
+//! message and the tenant's notifications when it differs from the stored value.
 
-use crate::domain::kek::{self, AccessDecision};
-use crate::domain::{Access, EventKind, LifecycleEvent, Provider, Transition};
+use crate::domain::kek::{self, EventOutcome, Usability};
+use crate::domain::{Access, EventKind, LifecycleEvent, Observation, Provider};
 use crate::notify::tenant_notifications;
+use crate::rewrap::needs_rewrap;
 use crate::store::{
-    AccessUpdate, AuditRow, Channel, JobKind, KekRow, NewOutbox, NewRewrapJob, Store, StoreError,
-    TenantRow,
+    AccessUpdate, AuditRow, Channel, JobKind, KekRow, NewOutbox, NewRewrapJob, ObserveDone,
+    ObserveTarget, Store, StoreError, TenantRow,
 };
 use chrono::{DateTime, Utc};
-use serde_json::json;
+use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};
 use uuid::Uuid;
+
+/// How long after a revoking event its confirmation waits: KMS state changes are eventually
+/// consistent for a moment, and a confirmation that reads the old state would refute a true
+/// revocation.
+pub const CLAIM_SETTLE: chrono::Duration = chrono::Duration::seconds(2);
+
+/// After a revocation the KMS did not confirm, the key is looked at once more this much later,
+/// in case the first answer was a replica lagging behind.
+pub const RECHECK_UNCONFIRMED: chrono::Duration = chrono::Duration::seconds(30);
 
 /// What became of one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,14 +44,16 @@ pub enum Outcome {
     Duplicate,
     /// No tenant has registered this key: recorded, nothing else.
     UnknownKey,
-    /// Older than the key's last change of the same attribute: recorded, nothing changed.
+    /// Older than the last event that set the same attribute: recorded, nothing changed.
     Stale,
     /// Valid, but changed nothing.
     Unchanged,
-    /// The key is destroyed; nothing changes it any more.
+    /// The KMS said the key is destroyed; nothing changes it any more.
     IgnoredDestroyed,
-    /// Applied.
+    /// A revocation (or an expiry change byokd keeps itself) took effect.
     Applied,
+    /// Nothing changes until the KMS confirms (restoring events, rotations).
+    Confirming,
 }
 
 impl Outcome {
@@ -46,6 +66,19 @@ impl Outcome {
             Outcome::Unchanged => "unchanged",
             Outcome::IgnoredDestroyed => "ignored_destroyed",
             Outcome::Applied => "applied",
+            Outcome::Confirming => "confirming",
+        }
+    }
+}
+
+impl From<EventOutcome> for Outcome {
+    fn from(o: EventOutcome) -> Self {
+        match o {
+            EventOutcome::Applied => Outcome::Applied,
+            EventOutcome::Confirming => Outcome::Confirming,
+            EventOutcome::Unchanged => Outcome::Unchanged,
+            EventOutcome::Stale => Outcome::Stale,
+            EventOutcome::IgnoredDestroyed => Outcome::IgnoredDestroyed,
         }
     }
 }
@@ -59,30 +92,207 @@ pub struct BatchResult {
     pub access_changed: bool,
     /// Whether a re-wrap job was created or resumed.
     pub rewrap_work: bool,
+    /// Whether a key now waits for confirmation at its KMS.
+    pub confirm_work: bool,
 }
 
-/// Everything a batch writes, decided without I/O.
+/// Everything a transaction writes, decided without I/O.
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
-    /// Outcome per fresh event, in input order.
+    /// Outcome per fresh event, in input order (events only).
     pub outcomes: Vec<Outcome>,
-    /// KEKs whose status changed, final values.
+    /// KEKs whose record changed, final values.
     pub keks: Vec<KekRow>,
     /// Tenants whose access changed, final values.
     pub access: Vec<AccessUpdate>,
-    /// Audit rows, one per event.
+    /// Audit rows.
     pub audit: Vec<AuditRow>,
     /// Outbox rows: access messages and notifications.
     pub outbox: Vec<NewOutbox>,
-    /// Re-wrap jobs to create (rotations).
+    /// Re-wrap jobs to create (rotations the KMS confirmed).
     pub jobs: Vec<NewRewrapJob>,
     /// KEKs whose waiting re-wrap jobs can resume (the key is usable again).
     pub resume: Vec<i64>,
+    /// KEKs to observe now (restoring events, rotations).
+    pub confirm_now: Vec<i64>,
+    /// KEKs to observe after [`CLAIM_SETTLE`] (revocations).
+    pub confirm_settled: Vec<i64>,
 }
 
-/// The cause of notifications an event triggers, for their dedupe keys.
-fn cause(event: &LifecycleEvent) -> String {
-    format!("event:{}:{}", event.provider, event.event_id)
+/// Why a tenant's access is being recomputed: names the change in messages, notifications
+/// and their dedupe keys.
+#[derive(Debug, Clone)]
+pub struct Cause {
+    /// Unique per cause: dedupe keys of the outbox rows it produces.
+    pub id: String,
+    /// What kind of cause: `event`, `observation`, `expiry`, `registration`, `replacement`.
+    pub kind: &'static str,
+    /// The event id, for events.
+    pub event_id: Option<String>,
+    /// The key concerned, when one is.
+    pub key: Option<(Provider, String)>,
+}
+
+impl Cause {
+    /// A cause that is not an event, unique by a fresh id.
+    pub fn new(kind: &'static str, key: Option<(Provider, String)>) -> Cause {
+        Cause {
+            id: format!("{kind}:{}", Uuid::now_v7()),
+            kind,
+            event_id: None,
+            key,
+        }
+    }
+
+    fn event(e: &LifecycleEvent) -> Cause {
+        Cause {
+            id: format!("event:{}:{}:{}", e.provider, e.source, e.event_id),
+            kind: "event",
+            event_id: Some(e.event_id.clone()),
+            key: Some((e.provider, e.key_ref.clone())),
+        }
+    }
+}
+
+/// The tenants of one transaction with all their keys, and what is decided about them.
+struct Ledger {
+    now: DateTime<Utc>,
+    keks: HashMap<i64, KekRow>,
+    by_ref: HashMap<(Provider, String), i64>,
+    tenants: HashMap<String, TenantRow>,
+    changed_keks: BTreeSet<i64>,
+    changed_tenants: BTreeSet<String>,
+    plan: Plan,
+}
+
+impl Ledger {
+    fn new(keks: Vec<KekRow>, tenants: Vec<TenantRow>, now: DateTime<Utc>) -> Ledger {
+        let by_ref = keks
+            .iter()
+            .map(|k| ((k.status.provider, k.status.key_ref.clone()), k.id))
+            .collect();
+        Ledger {
+            now,
+            keks: keks.into_iter().map(|k| (k.id, k)).collect(),
+            by_ref,
+            tenants: tenants.into_iter().map(|t| (t.id.clone(), t)).collect(),
+            changed_keks: BTreeSet::new(),
+            changed_tenants: BTreeSet::new(),
+            plan: Plan::default(),
+        }
+    }
+
+    fn set_status(&mut self, kek_id: i64, status: crate::domain::KekStatus) {
+        if let Some(k) = self.keks.get_mut(&kek_id) {
+            k.status = status;
+            self.changed_keks.insert(kek_id);
+        }
+    }
+
+    /// Derives `tenant_id`'s access from its keys now; when it differs from the stored value,
+    /// records the change with one access message and the tenant's notifications.
+    fn settle(&mut self, tenant_id: &str, cause: &Cause) {
+        let mut keys: Vec<&KekRow> = self
+            .keks
+            .values()
+            .filter(|k| k.tenant_id == tenant_id)
+            .collect();
+        keys.sort_by_key(|k| k.id);
+        let view: Vec<_> = keys.iter().filter_map(|k| k.tenant_key()).collect();
+        let decision = kek::derive_access(&view, self.now);
+        let primary_expiry = keys
+            .iter()
+            .find(|k| k.is_primary)
+            .and_then(|k| k.status.expires_at);
+        let Some(tenant) = self.tenants.get_mut(tenant_id) else {
+            return;
+        };
+        if decision.access == tenant.access && decision.reason == tenant.access_reason {
+            return;
+        }
+        let previous = tenant.access;
+        tenant.access = decision.access;
+        tenant.access_reason = decision.reason.clone();
+        self.changed_tenants.insert(tenant.id.clone());
+        if decision.access == previous {
+            // Same access, new reason (e.g. disabled, then also revoked): record it quietly.
+            return;
+        }
+        let access = decision.access;
+        let (provider, key_ref) = cause.key.clone().unzip();
+        let message = json!({
+            "tenant_id": tenant.id,
+            "access": access,
+            "previous": previous,
+            "reason": decision.reason,
+            "provider": provider,
+            "key_ref": key_ref,
+            "event_id": cause.event_id,
+            "cause": cause.kind,
+            "at": self.now,
+        });
+        self.plan.outbox.push(NewOutbox {
+            id: Uuid::now_v7(),
+            tenant_id: Some(tenant.id.clone()),
+            channel: Channel::Amqp,
+            recipient: format!("tenant.access.{access}"),
+            kind: "tenant.access".to_owned(),
+            dedupe_key: format!("access:{}:{}", cause.id, tenant.id),
+            payload: message.clone(),
+        });
+        let kind = match access {
+            Access::Inaccessible => "tenant.inaccessible",
+            Access::EncryptBlocked => "key.expired",
+            Access::Accessible => "tenant.restored",
+        };
+        let mut data = message;
+        if let Some(obj) = data.as_object_mut() {
+            obj.remove("at");
+            obj.insert("expires_at".into(), json!(primary_expiry));
+        }
+        self.plan.outbox.extend(tenant_notifications(
+            tenant, kind, &cause.id, data, self.now,
+        ));
+    }
+
+    fn finish(mut self) -> Plan {
+        let mut keks: Vec<KekRow> = self
+            .keks
+            .into_values()
+            .filter(|k| self.changed_keks.contains(&k.id))
+            .collect();
+        keks.sort_by_key(|k| k.id);
+        self.plan.keks = keks;
+        self.plan.access = self
+            .changed_tenants
+            .iter()
+            .filter_map(|id| self.tenants.get(id))
+            .map(|t| AccessUpdate {
+                tenant_id: t.id.clone(),
+                access: t.access,
+                reason: t.access_reason.clone(),
+            })
+            .collect();
+        self.plan
+    }
+}
+
+/// Writes a plan inside `tx`.
+async fn write(
+    tx: &mut crate::store::StoreTx,
+    plan: &Plan,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    tx.update_keks(&plan.keks).await?;
+    tx.update_access(&plan.access).await?;
+    tx.audit(&plan.audit).await?;
+    tx.enqueue(&plan.outbox).await?;
+    tx.create_rewrap_jobs(&plan.jobs).await?;
+    tx.resume_rewrap_jobs(&plan.resume).await?;
+    tx.request_confirmation(&plan.confirm_now, now).await?;
+    tx.request_confirmation(&plan.confirm_settled, now + CLAIM_SETTLE)
+        .await?;
+    Ok(())
 }
 
 /// Applies `events` in one transaction and reports what became of each.
@@ -105,7 +315,11 @@ pub async fn apply_batch(
     // earlier delivery is the one `record_events` calls fresh.
     let mut order: Vec<usize> = (0..events.len()).collect();
     order.sort_by(|&a, &b| {
-        (events[a].provider, &events[a].event_id).cmp(&(events[b].provider, &events[b].event_id))
+        (events[a].provider, &events[a].source, &events[a].event_id).cmp(&(
+            events[b].provider,
+            &events[b].source,
+            &events[b].event_id,
+        ))
     });
     let sorted: Vec<&LifecycleEvent> = order.iter().map(|&i| &events[i]).collect();
     let fresh_sorted = tx.record_events(&sorted).await?;
@@ -129,16 +343,12 @@ pub async fn apply_batch(
         (Vec::new(), Vec::new())
     } else {
         let tenants = tx.lock_tenants_of(&keys).await?;
-        let keks = tx.keks(&keys).await?;
+        let ids: Vec<String> = tenants.iter().map(|t| t.id.clone()).collect();
+        let keks = tx.keks_of_tenants(&ids).await?;
         (tenants, keks)
     };
     let plan = plan(&fresh_events, keks, tenants, now);
-    tx.update_keks(&plan.keks).await?;
-    tx.update_access(&plan.access).await?;
-    tx.audit(&plan.audit).await?;
-    tx.enqueue(&plan.outbox).await?;
-    tx.create_rewrap_jobs(&plan.jobs).await?;
-    tx.resume_rewrap_jobs(&plan.resume).await?;
+    write(&mut tx, &plan, now).await?;
     tx.commit().await?;
 
     let mut planned = plan.outcomes.into_iter();
@@ -156,51 +366,21 @@ pub async fn apply_batch(
         outcomes,
         access_changed: !plan.access.is_empty(),
         rewrap_work: !plan.jobs.is_empty() || !plan.resume.is_empty(),
+        confirm_work: !plan.confirm_now.is_empty() || !plan.confirm_settled.is_empty(),
     })
 }
 
-/// Applies events byokd itself found (sweeps, probes) in transactions of up to 500 and
-/// returns how many changed something.
-///
-/// # Errors
-///
-/// A [`StoreError`]; batches applied before it stay applied.
-pub async fn apply_found(
-    store: &Store,
-    events: &[LifecycleEvent],
-    now: DateTime<Utc>,
-) -> Result<usize, StoreError> {
-    let mut applied = 0;
-    for chunk in events.chunks(500) {
-        let result = apply_batch(store, chunk, now).await?;
-        applied += result
-            .outcomes
-            .iter()
-            .filter(|o| **o == Outcome::Applied)
-            .count();
-    }
-    Ok(applied)
-}
-
-/// Decides what `events` (fresh, in delivery order) do to `keks` and their `tenants`.
+/// Decides what `events` (fresh, in delivery order) do to the `keks` of their `tenants`.
 pub fn plan(
     events: &[&LifecycleEvent],
     keks: Vec<KekRow>,
     tenants: Vec<TenantRow>,
     now: DateTime<Utc>,
 ) -> Plan {
-    let mut keks: HashMap<(Provider, String), KekRow> = keks
-        .into_iter()
-        .map(|k| ((k.status.provider, k.status.key_ref.clone()), k))
-        .collect();
-    let mut tenants: HashMap<String, TenantRow> =
-        tenants.into_iter().map(|t| (t.id.clone(), t)).collect();
-    let mut changed_keks: BTreeSet<i64> = BTreeSet::new();
-    let mut changed_tenants: BTreeSet<String> = BTreeSet::new();
-    let mut plan = Plan::default();
-
+    let mut ledger = Ledger::new(keks, tenants, now);
+    let mut confirm_now = BTreeSet::new();
+    let mut confirm_settled = BTreeSet::new();
     for event in events {
-        let key = (event.provider, event.key_ref.clone());
         let mut audit = AuditRow {
             tenant_id: None,
             provider: Some(event.provider),
@@ -211,61 +391,32 @@ pub fn plan(
             event_id: Some(event.event_id.clone()),
             detail: json!({ "source": event.source, "time": event.time }),
         };
-        let Some(kek) = keks.get_mut(&key) else {
+        let Some(kek) = ledger
+            .by_ref
+            .get(&(event.provider, event.key_ref.clone()))
+            .and_then(|id| ledger.keks.get(id))
+        else {
             audit.outcome = Outcome::UnknownKey.as_str().to_owned();
-            plan.outcomes.push(Outcome::UnknownKey);
-            plan.audit.push(audit);
+            ledger.plan.outcomes.push(Outcome::UnknownKey);
+            ledger.plan.audit.push(audit);
             continue;
         };
-        audit.tenant_id = Some(kek.tenant_id.clone());
-        let before = kek.status.clone();
-        let transition = kek::apply(&kek.status, event);
-        let outcome = match &transition {
-            Transition::Changed(next) => {
-                kek.status = next.clone();
-                changed_keks.insert(kek.id);
-                Outcome::Applied
-            }
-            Transition::Unchanged => Outcome::Unchanged,
-            Transition::Stale => Outcome::Stale,
-            Transition::Final => Outcome::IgnoredDestroyed,
-        };
+        let (kek_id, tenant_id) = (kek.id, kek.tenant_id.clone());
+        audit.tenant_id = Some(tenant_id.clone());
+        let effect = kek::apply_event(&kek.status, event, now);
+        let outcome = Outcome::from(effect.outcome);
         audit.outcome = outcome.as_str().to_owned();
-        audit.detail["before"] = json!({ "state": before.state, "revoked": before.revoked,
-            "version": before.current_version, "expires_at": before.expires_at });
-        if outcome == Outcome::Applied {
-            audit.detail["after"] = json!({ "state": kek.status.state,
-                "revoked": kek.status.revoked, "version": kek.status.current_version,
-                "expires_at": kek.status.expires_at });
-        }
-        plan.outcomes.push(outcome);
-        plan.audit.push(audit);
-        if outcome == Outcome::Applied {
-            if event.kind == EventKind::Rotated
-                && let Some(version) = &kek.status.current_version
-            {
-                plan.jobs.push(NewRewrapJob {
-                    tenant_id: kek.tenant_id.clone(),
-                    kind: JobKind::Rotation,
-                    kek_id: kek.id,
-                    target_kek_id: kek.id,
-                    target_version: version.clone(),
-                });
-            }
-            // A key usable again lets jobs that were refused by the KMS resume now.
-            let reenabling = matches!(
-                event.kind,
-                EventKind::Enabled | EventKind::AccessRestored | EventKind::ExpiryChanged
-            );
-            if reenabling && kek::derive_access(Some(&kek.status)).access != Access::Inaccessible {
-                plan.resume.push(kek.id);
+        audit.detail["before"] = record(&kek.status);
+        if effect.confirm {
+            if event.kind.is_revoking() || effect.next.as_ref().is_some_and(|n| n.claim.is_some()) {
+                confirm_settled.insert(kek_id);
+            } else {
+                confirm_now.insert(kek_id);
             }
         }
-
-        let Some(tenant) = tenants.get_mut(&kek.tenant_id) else {
-            continue;
-        };
-        if event.kind == EventKind::Expiring && outcome == Outcome::Unchanged {
+        if event.kind == EventKind::Expiring
+            && let Some(tenant) = ledger.tenants.get(&tenant_id)
+        {
             let expires_at = event.expires_at.or(kek.status.expires_at);
             let data = json!({
                 "tenant_id": tenant.id,
@@ -274,75 +425,277 @@ pub fn plan(
                 "expires_at": expires_at,
                 "days_left": expires_at.map(|at| (at - now).num_days().max(0)),
             });
-            plan.outbox.extend(tenant_notifications(
+            ledger.plan.outbox.extend(tenant_notifications(
                 tenant,
                 "key.expiring",
-                &cause(event),
+                &Cause::event(event).id,
                 data,
                 now,
             ));
         }
-        if outcome != Outcome::Applied || !kek.is_primary {
-            continue;
+        if let Some(next) = effect.next {
+            audit.detail["after"] = record(&next);
+            ledger.set_status(kek_id, next);
         }
-        let AccessDecision { access, reason } = kek::derive_access(Some(&kek.status));
-        if access == tenant.access && reason == tenant.access_reason {
-            continue;
-        }
-        let previous = tenant.access;
-        tenant.access = access;
-        tenant.access_reason = reason.clone();
-        changed_tenants.insert(tenant.id.clone());
-        if access == previous {
-            // Same access, new reason (e.g. disabled, then also revoked): record it quietly.
-            continue;
-        }
-        let message = json!({
-            "tenant_id": tenant.id,
-            "access": access,
-            "previous": previous,
-            "reason": reason,
-            "provider": event.provider,
-            "key_ref": event.key_ref,
-            "event_id": event.event_id,
-            "at": now,
-        });
-        plan.outbox.push(NewOutbox {
-            id: Uuid::now_v7(),
-            tenant_id: Some(tenant.id.clone()),
-            channel: Channel::Amqp,
-            recipient: format!("tenant.access.{access}"),
-            kind: "tenant.access".to_owned(),
-            dedupe_key: format!("access:{}:{}:{}", event.provider, event.event_id, tenant.id),
-            payload: message.clone(),
-        });
-        let kind = match access {
-            Access::Inaccessible => "tenant.inaccessible",
-            Access::EncryptBlocked => "key.expired",
-            Access::Accessible => "tenant.restored",
-        };
-        let mut data = message;
-        if let Some(obj) = data.as_object_mut() {
-            obj.remove("at");
-            obj.insert("expires_at".into(), json!(kek.status.expires_at));
-        }
-        plan.outbox
-            .extend(tenant_notifications(tenant, kind, &cause(event), data, now));
+        ledger.plan.outcomes.push(outcome);
+        ledger.plan.audit.push(audit);
+        ledger.settle(&tenant_id, &Cause::event(event));
     }
+    // A key asked about at once need not be asked again later.
+    ledger.plan.confirm_now = confirm_now.into_iter().collect();
+    ledger.plan.confirm_settled = confirm_settled
+        .into_iter()
+        .filter(|id| !ledger.plan.confirm_now.contains(id))
+        .collect();
+    ledger.finish()
+}
 
-    plan.keks = keks
-        .into_values()
-        .filter(|k| changed_keks.contains(&k.id))
-        .collect();
-    plan.keks.sort_by_key(|k| k.id);
-    plan.access = changed_tenants
-        .iter()
-        .filter_map(|id| tenants.get(id))
-        .map(|t| AccessUpdate {
-            tenant_id: t.id.clone(),
-            access: t.access,
-            reason: t.access_reason.clone(),
-        })
-        .collect();
-    plan
+/// A key's record, for audit details.
+fn record(s: &crate::domain::KekStatus) -> Value {
+    json!({ "state": s.state, "revoked": s.revoked, "version": s.current_version,
+            "expires_at": s.expires_at, "claim": s.claim })
+}
+
+/// What the KMS answered about one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A definitive answer.
+    Known(Observation),
+    /// No answer about the key (timeout, 5xx, a 404 that is not the KMS's own, TLS/DNS).
+    Indeterminate(String),
+    /// byokd has no settings for the provider.
+    NotConfigured,
+}
+
+/// What applying observations did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ObservedReport {
+    /// Keys whose record changed.
+    pub changed: usize,
+    /// Revocations the KMS did not confirm (raised to operators).
+    pub unconfirmed: usize,
+    /// Tenants whose access changed.
+    pub access_changed: usize,
+    /// Re-wrap jobs created or resumed.
+    pub rewrap_work: usize,
+}
+
+/// How an observation run reschedules keys it could not get an answer for.
+#[derive(Debug, Clone, Copy)]
+pub enum Unanswered {
+    /// Confirmations: try again at this time (the claim stays in force meanwhile).
+    RetryAt(DateTime<Utc>),
+    /// The probe: leave any pending confirmation as it is.
+    Leave,
+}
+
+/// Applies what the KMS said about keys, in one transaction: observed records replace the
+/// stored ones, claims are settled, rotations the KMS shows start re-wrap jobs, and access is
+/// recomputed. `origin` (`confirm`, `probe`) goes to the audit trail.
+///
+/// # Errors
+///
+/// A [`StoreError`]; nothing was written.
+pub async fn apply_observations(
+    store: &Store,
+    answers: &[(ObserveTarget, Answer)],
+    origin: &str,
+    unanswered: Unanswered,
+    now: DateTime<Utc>,
+) -> Result<ObservedReport, StoreError> {
+    let mut report = ObservedReport::default();
+    if answers.is_empty() {
+        return Ok(report);
+    }
+    // Answers arrive in whatever order the KMSs answered; apply them in key order so what
+    // they create (jobs, outbox rows) is ordered the same way on every run.
+    let mut answers: Vec<&(ObserveTarget, Answer)> = answers.iter().collect();
+    answers.sort_by_key(|(t, _)| t.kek_id);
+    let ids: Vec<i64> = answers.iter().map(|(t, _)| t.kek_id).collect();
+    let mut tx = store.begin().await?;
+    let tenants = tx.lock_tenants_of_keks(&ids).await?;
+    let tenant_ids: Vec<String> = tenants.iter().map(|t| t.id.clone()).collect();
+    let keks = tx.keks_of_tenants(&tenant_ids).await?;
+    let mut ledger = Ledger::new(keks, tenants, now);
+    let mut done = Vec::with_capacity(answers.len());
+    let mut destroyed = Vec::new();
+    for &(target, answer) in &answers {
+        let mut finish = ObserveDone {
+            kek_id: target.kek_id,
+            watch_gen: target.watch_gen,
+            answered: false,
+            next_due: match unanswered {
+                Unanswered::RetryAt(at) => Some(Some(at)),
+                Unanswered::Leave => None,
+            },
+        };
+        let observation = match answer {
+            Answer::Known(o) => o,
+            Answer::NotConfigured => {
+                // Nothing can confirm anything for this key: stop asking; the probe reports it.
+                finish.next_due = Some(None);
+                done.push(finish);
+                continue;
+            }
+            Answer::Indeterminate(_) => {
+                done.push(finish);
+                continue;
+            }
+        };
+        finish.answered = true;
+        finish.next_due = Some(None);
+        let Some(kek) = ledger.keks.get(&target.kek_id) else {
+            done.push(finish);
+            continue;
+        };
+        let (kek_id, tenant_id, is_primary) = (kek.id, kek.tenant_id.clone(), kek.is_primary);
+        let before = kek.status.clone();
+        let newer_claim = kek.watch_gen != target.watch_gen;
+        let effect = kek::apply_observation(&before, observation, newer_claim, now);
+        let key = (before.provider, before.key_ref.clone());
+        if let Some(claim) = effect.unconfirmed {
+            report.unconfirmed += 1;
+            metrics::counter!("byokd_revocations_unconfirmed_total").increment(1);
+            tracing::warn!(provider = %before.provider, key_ref = %before.key_ref, %claim,
+                "a revocation the KMS does not confirm: the key is usable at its KMS");
+            ledger.plan.audit.push(AuditRow {
+                tenant_id: Some(tenant_id.clone()),
+                provider: Some(before.provider),
+                key_ref: Some(before.key_ref.clone()),
+                action: "revocation_unconfirmed".into(),
+                outcome: "not_confirmed".into(),
+                source: origin.to_owned(),
+                event_id: None,
+                detail: json!({ "claim": claim, "observed": observation_json(observation),
+                                "alert": true }),
+            });
+            finish.next_due = Some(Some(now + RECHECK_UNCONFIRMED));
+        }
+        if let Some(next) = effect.next {
+            report.changed += 1;
+            ledger.plan.audit.push(AuditRow {
+                tenant_id: Some(tenant_id.clone()),
+                provider: Some(before.provider),
+                key_ref: Some(before.key_ref.clone()),
+                action: "observed".into(),
+                outcome: "applied".into(),
+                source: origin.to_owned(),
+                event_id: None,
+                detail: json!({ "before": record(&before), "after": record(&next) }),
+            });
+            if let (Some(old), Some(new)) = (&before.current_version, &next.current_version)
+                && needs_rewrap(JobKind::Rotation, old, new)
+            {
+                ledger.plan.jobs.push(NewRewrapJob {
+                    tenant_id: tenant_id.clone(),
+                    kind: JobKind::Rotation,
+                    kek_id,
+                    target_kek_id: kek_id,
+                    target_version: new.clone(),
+                });
+            }
+            // A key usable again lets jobs the KMS refused resume now.
+            let was_blocked = matches!(kek::usability(&before, now), Usability::Unusable(_));
+            if was_blocked && !matches!(kek::usability(&next, now), Usability::Unusable(_)) {
+                ledger.plan.resume.push(kek_id);
+            }
+            if effect.destroyed {
+                destroyed.push((kek_id, tenant_id.clone(), key.clone(), is_primary));
+            }
+            ledger.set_status(kek_id, next);
+        }
+        done.push(finish);
+        ledger.settle(&tenant_id, &Cause::new("observation", Some(key)));
+    }
+    // A key destroyed while it still wraps DEKs: those DEKs are lost; say how many.
+    if !destroyed.is_empty() {
+        let ids: Vec<i64> = destroyed.iter().map(|d| d.0).collect();
+        let counts: HashMap<i64, i64> = tx.dek_counts(&ids).await?.into_iter().collect();
+        for (kek_id, tenant_id, (provider, key_ref), primary) in destroyed {
+            let lost = counts.get(&kek_id).copied().unwrap_or(0);
+            if lost == 0 {
+                continue;
+            }
+            if let Some(tenant) = ledger.tenants.get(&tenant_id) {
+                let data = json!({ "tenant_id": tenant_id, "provider": provider,
+                    "key_ref": key_ref, "dek_count": lost, "primary": primary });
+                let rows = tenant_notifications(
+                    tenant,
+                    "key.destroyed_with_deks",
+                    &format!("destroyed:{kek_id}"),
+                    data,
+                    now,
+                );
+                ledger.plan.outbox.extend(rows);
+            }
+        }
+    }
+    let plan = ledger.finish();
+    report.access_changed = plan.access.len();
+    report.rewrap_work = plan.jobs.len() + plan.resume.len();
+    write(&mut tx, &plan, now).await?;
+    tx.finish_observations(&done, now).await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+fn observation_json(o: &Observation) -> Value {
+    json!({ "state": o.state, "revoked": o.revoked, "version": o.version,
+            "expires_at": o.expires_at.flatten() })
+}
+
+/// Recomputes the access of `tenant_ids` from their keys and the clock, in one transaction,
+/// and records any change with its message and notifications. Returns how many changed.
+///
+/// # Errors
+///
+/// A [`StoreError`]; nothing was written.
+pub async fn refresh_access(
+    store: &Store,
+    tenant_ids: &[String],
+    cause: &Cause,
+    now: DateTime<Utc>,
+) -> Result<usize, StoreError> {
+    if tenant_ids.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = store.begin().await?;
+    let tenants = tx.lock_tenants(tenant_ids).await?;
+    let ids: Vec<String> = tenants.iter().map(|t| t.id.clone()).collect();
+    let keks = tx.keks_of_tenants(&ids).await?;
+    let mut ledger = Ledger::new(keks, tenants, now);
+    for id in &ids {
+        ledger.settle(id, cause);
+    }
+    let plan = ledger.finish();
+    let changed = plan.access.len();
+    if changed > 0 {
+        write(&mut tx, &plan, now).await?;
+        tx.audit(
+            &plan
+                .access
+                .iter()
+                .map(|u| AuditRow {
+                    tenant_id: Some(u.tenant_id.clone()),
+                    provider: cause.key.as_ref().map(|k| k.0),
+                    key_ref: cause.key.as_ref().map(|k| k.1.clone()),
+                    action: "access_recomputed".into(),
+                    outcome: u.access.as_str().into(),
+                    source: cause.kind.into(),
+                    event_id: None,
+                    detail: json!({ "reason": u.reason }),
+                })
+                .collect::<Vec<_>>(),
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(changed)
+}
+
+/// A tenant's access derived now from its keys, as [`refresh_access`] would store it: what
+/// the API answers and enforces, so the two never disagree.
+pub fn derive_now(keks: &[KekRow], now: DateTime<Utc>) -> kek::AccessDecision {
+    let view: Vec<_> = keks.iter().filter_map(|k| k.tenant_key()).collect();
+    kek::derive_access(&view, now)
 }

@@ -86,22 +86,30 @@ fn cases() -> Vec<Case> {
             access: "accessible",
             messages: vec!["encrypt_blocked", "accessible"],
         },
+        // The local KMS has no permissions to revoke: its answer refutes the claim, which
+        // blocked the tenant only until the KMS was asked.
         Case {
             name: "revoked",
             events: vec![("access_revoked", json!({}))],
             state: "enabled",
-            access: "inaccessible",
-            messages: vec!["inaccessible"],
+            access: "accessible",
+            messages: vec!["inaccessible", "accessible"],
         },
+        // An event the KMS does not bear out: fail-safe at once, undone by the KMS's answer.
         Case {
-            name: "restored",
-            events: vec![
-                ("access_revoked", json!({})),
-                ("access_restored", json!({})),
-            ],
+            name: "lie-disabled",
+            events: vec![("disabled", json!({}))],
             state: "enabled",
             access: "accessible",
             messages: vec!["inaccessible", "accessible"],
+        },
+        // A restoring event changes nothing the KMS does not confirm.
+        Case {
+            name: "lie-enabled",
+            events: vec![("enabled", json!({}))],
+            state: "enabled",
+            access: "accessible",
+            messages: vec![],
         },
         Case {
             name: "rotated",
@@ -137,19 +145,34 @@ async fn every_event_kind_sets_state_and_derived_access() {
         app.tenant_with_key(case.name, &format!("key-{}", case.name))
             .await;
     }
-    for case in &cases {
-        for (i, (kind, data)) in case.events.iter().enumerate() {
-            app.publish(
-                kind,
-                &format!("key-{}", case.name),
-                at(i as i64 * 10),
-                data.clone(),
-            )
-            .await;
+    // Step by step across all cases: the KMS changes as the event says (except where a case
+    // lies), the event is published, and the next step waits for byokd to have looked at the
+    // KMS, as the confirmation of a real event would have.
+    let steps = cases.iter().map(|c| c.events.len()).max().unwrap_or(0);
+    for step in 0..steps {
+        let since = chrono::Utc::now();
+        for case in cases.iter().filter(|c| c.events.len() > step) {
+            let key = format!("key-{}", case.name);
+            let (kind, data) = &case.events[step];
+            // A destroyed key cannot be enabled: that `enabled` is a lie too.
+            let lie = case.name.starts_with("lie") || (case.name == "destroyed" && step == 1);
+            if !lie {
+                app.kms_do(&key, kind, data).await;
+            }
+            app.publish(kind, &key, at(step as i64 * 10), data.clone())
+                .await;
             total += 1;
         }
+        app.wait_processed(total).await;
+        // A key the KMS said is destroyed is final: nothing more to ask.
+        for case in cases
+            .iter()
+            .filter(|c| c.events.len() > step && !(c.name == "destroyed" && step > 0))
+        {
+            app.wait_observed(&format!("key-{}", case.name), since)
+                .await;
+        }
     }
-    app.wait_processed(total).await;
 
     let mut expected_messages: usize = 0;
     for case in &cases {
@@ -157,6 +180,11 @@ async fn every_event_kind_sets_state_and_derived_access() {
         assert_eq!(tenant["access"], case.access, "{}: {tenant}", case.name);
         assert_eq!(
             tenant["keks"][0]["state"], case.state,
+            "{}: {tenant}",
+            case.name
+        );
+        assert_eq!(
+            tenant["keks"][0]["confirmed"], true,
             "{}: {tenant}",
             case.name
         );
@@ -254,6 +282,18 @@ async fn every_event_kind_sets_state_and_derived_access() {
     .await
     .expect("audit");
     assert_eq!(outcome, "ignored_destroyed");
+    // Each refuted claim is on the audit trail as an alert for operators.
+    for key in ["key-revoked", "key-lie-disabled"] {
+        let alerts: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM audit_log WHERE key_ref = $1
+               AND action = 'revocation_unconfirmed' AND detail->>'alert' = 'true'",
+        )
+        .bind(key)
+        .fetch_one(&app.pool)
+        .await
+        .expect("audit");
+        assert_eq!(alerts, 1, "{key}");
+    }
     app.shutdown().await;
 }
 
@@ -262,6 +302,7 @@ async fn duplicates_and_redeliveries_change_nothing() {
     let app = TestApp::spawn().await;
     let mut access = app.access_listener().await;
     app.tenant_with_key("dup", "key-dup").await;
+    app.kms_do("key-dup", "disabled", &json!({})).await;
     for _ in 0..3 {
         app.publish_with_id("same-id", "disabled", "key-dup", at(0), json!({}))
             .await;
@@ -309,20 +350,25 @@ async fn duplicates_and_redeliveries_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_older_event_does_not_override_a_newer_state() {
+async fn events_out_of_order_end_where_the_kms_is() {
     let app = TestApp::spawn().await;
     app.tenant_with_key("ooo", "key-ooo").await;
-    app.publish("disabled", "key-ooo", at(10), json!({})).await;
+    // The key was disabled and enabled again; the events arrive enabled first, then the
+    // older disabled. The late revocation blocks at once (fail-safe) and the KMS undoes it.
+    app.kms_do("key-ooo", "disabled", &json!({})).await;
+    app.kms_do("key-ooo", "enabled", &json!({})).await;
+    let since = chrono::Utc::now();
     app.publish("enabled", "key-ooo", at(30), json!({})).await;
-    let late = app.publish("disabled", "key-ooo", at(20), json!({})).await;
-    app.wait_processed(3).await;
+    let late = app.publish("disabled", "key-ooo", at(10), json!({})).await;
+    app.wait_processed(2).await;
+    app.wait_observed("key-ooo", since).await;
     assert_eq!(app.tenant("ooo").await["access"], "accessible");
     let outcome: String = sqlx::query_scalar("SELECT outcome FROM audit_log WHERE event_id = $1")
         .bind(&late)
         .fetch_one(&app.pool)
         .await
         .expect("audit");
-    assert_eq!(outcome, "stale");
+    assert_eq!(outcome, "applied");
 
     // The audit trail, as an operator reads it: newest first, paged.
     let r = app.get("/v1/audit?tenant=ooo").await;
@@ -339,17 +385,25 @@ async fn an_older_event_does_not_override_a_newer_state() {
             )
         })
         .collect();
+    // The two events come through two queues (the revocation takes the urgent lane), so
+    // their order is the broker's; the set is what matters.
+    let mut newest: Vec<_> = summary[..4].to_vec();
+    newest.sort();
     assert_eq!(
-        summary,
+        newest,
         [
-            ("disabled", "stale", "event"),
-            ("enabled", "applied", "event"),
             ("disabled", "applied", "event"),
-            ("kek_registered", "applied", "api"),
+            ("enabled", "confirming", "event"),
+            ("observed", "applied", "confirm"),
+            ("revocation_unconfirmed", "not_confirmed", "confirm"),
         ]
     );
-    assert_eq!(entries[1]["detail"]["before"]["state"], "disabled");
-    assert_eq!(entries[1]["detail"]["after"]["state"], "enabled");
+    assert_eq!(summary[4], ("kek_registered", "applied", "api"));
+    let claimed = entries
+        .iter()
+        .find(|e| e["action"] == "disabled")
+        .expect("the disabled event");
+    assert_eq!(claimed["detail"]["after"]["claim"], "disabled");
     let first_id = entries[0]["id"].as_i64().expect("id");
     let page: Value = app
         .get(&format!("/v1/audit?tenant=ooo&before={first_id}&limit=1"))
@@ -358,7 +412,7 @@ async fn an_older_event_does_not_override_a_newer_state() {
         .await
         .expect("json");
     assert_eq!(page["entries"].as_array().map(Vec::len), Some(1));
-    assert_eq!(page["entries"][0]["action"], "enabled");
+    assert_eq!(page["entries"][0]["action"], entries[1]["action"]);
     assert_eq!(app.get("/v1/audit").await.status(), 400);
     assert_eq!(app.get("/v1/audit?tenant=ghost").await.status(), 404);
     app.shutdown().await;

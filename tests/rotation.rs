@@ -483,6 +483,8 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
     byokd::lifecycle::apply_batch(&store, &[event], chrono::Utc::now())
         .await
         .expect("apply");
+    // The event is a hint: the job starts once the KMS confirms the new version.
+    common::confirm_round(&store, &kms).await;
     // The engine's clock starts after the job was created (it is due from its creation).
     let t0 = chrono::Utc::now() + chrono::Duration::seconds(1);
     let settings = RewrapSettings {
@@ -596,6 +598,7 @@ async fn a_worker_moves_on_to_the_next_job_while_others_hold_the_rest_of_one() {
     byokd::lifecycle::apply_batch(&store, &events, chrono::Utc::now())
         .await
         .expect("apply");
+    common::confirm_round(&store, &kms).await;
     let now = chrono::Utc::now() + chrono::Duration::seconds(1);
     // Another worker holds every DEK of the older job.
     let mut held = app.pool.begin().await.expect("tx");

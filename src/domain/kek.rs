@@ -1,10 +1,19 @@
-//! The KEK state machine and the derivation of a tenant's access from its primary KEK.
+//! The state model of a KEK, and the derivation of a tenant's access from its keys.
+//!
+//! The tenant's KMS is the truth. byokd keeps, per KEK, what it last *observed* at the KMS
+//! (state, permission, version and, where the KMS holds one, expiry), stamped with byokd's
+//! own clock, plus at most one unconfirmed *claim*: a revoking event that took effect at once
+//! and waits for the KMS to confirm it. Events never write the observed part; an observation
+//! replaces it and settles the claim. Access is then a pure function of the tenant's keys and
+//! the clock ([`derive_access`]), so expiry needs no event to happen and no event time, order,
+//! skew or loss can keep a key the KMS refuses in use for longer than one confirmation.
 
 use super::{EventKind, LifecycleEvent, Provider};
 use chrono::{DateTime, Utc};
 
 named_enum!(
-    /// The provider-side state of a KEK as byokd last learned it.
+    /// The provider-side state of a KEK. Stored observations hold only the first four;
+    /// `expired` is computed from `expires_at` and the clock (see [`effective_state`]).
     KeyState, "key state" {
         /// Usable for wrap and unwrap.
         Enabled => "enabled",
@@ -12,7 +21,7 @@ named_enum!(
         Disabled => "disabled",
         /// Scheduled for deletion; refuses every operation.
         PendingDeletion => "pending_deletion",
-        /// Gone for good; final.
+        /// Gone for good; final once the KMS said so.
         Destroyed => "destroyed",
         /// Past its expiry: no new encryption (or nothing at all, see
         /// [`Provider::expiry_makes_unusable`]).
@@ -21,7 +30,7 @@ named_enum!(
 );
 
 named_enum!(
-    /// A tenant's access, always derived from its primary KEK, never set by hand.
+    /// A tenant's access, always derived from its keys, never set by hand.
     Access, "access" {
         /// DEKs may be created and used.
         Accessible => "accessible",
@@ -32,141 +41,176 @@ named_enum!(
     }
 );
 
-/// What byokd knows about one KEK: the part of a `keks` row the state machine reads and writes.
+/// What byokd knows about one KEK: the part of a `keks` row the state model reads and writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KekStatus {
     /// The provider the key lives in.
     pub provider: Provider,
-    /// The provider's name for the key.
+    /// The provider's name for the key (canonical form).
     pub key_ref: String,
-    /// Provider-side state.
+    /// Observed provider-side state (never `Expired`: expiry is computed).
     pub state: KeyState,
-    /// byokd's own access to the key was revoked (grant/policy), independent of `state`.
+    /// Observed: byokd's own access to the key is denied (grant/policy), whatever `state`.
     pub revoked: bool,
-    /// The primary version new DEKs are wrapped under.
+    /// Observed primary version new DEKs are wrapped under.
     pub current_version: Option<String>,
-    /// When the key expires, if it does.
+    /// When the key expires, if it does (observed where the KMS holds expiry).
     pub expires_at: Option<DateTime<Utc>>,
-    /// Time of the event that last set `state` or `revoked`.
-    pub state_changed_at: DateTime<Utc>,
-    /// Time of the event that last set `current_version`.
-    pub version_changed_at: DateTime<Utc>,
-    /// Time of the event that last set `expires_at`.
-    pub expiry_changed_at: DateTime<Utc>,
+    /// Provider time of the last event that set `expires_at` (providers whose KMS holds no
+    /// expiry only): orders those events among themselves.
+    pub expiry_event_at: Option<DateTime<Utc>>,
+    /// A revoking event that took effect before the KMS confirmed it.
+    pub claim: Option<EventKind>,
 }
 
-/// The result of applying one event to one KEK.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Transition {
-    /// The KEK changed; the new status is given.
-    Changed(KekStatus),
-    /// The event was valid but changes nothing (e.g. `enabled` on an enabled key, `expiring`).
-    Unchanged,
-    /// The event is older than the last change of what it would set; it must not override it.
-    Stale,
-    /// The key is destroyed; nothing brings it back.
-    Final,
-}
+impl EventKind {
+    /// Events that take effect at once, before any KMS call (fail-safe direction).
+    pub fn is_revoking(self) -> bool {
+        matches!(
+            self,
+            EventKind::Disabled
+                | EventKind::DeletionScheduled
+                | EventKind::Destroyed
+                | EventKind::AccessRevoked
+                | EventKind::Expired
+        )
+    }
 
-impl Transition {
-    /// The audit outcome name for this transition.
-    pub fn outcome(&self) -> &'static str {
+    /// How strong a revoking claim is: of two claims the stronger one is kept.
+    fn claim_rank(self) -> u8 {
         match self {
-            Transition::Changed(_) => "applied",
-            Transition::Unchanged => "unchanged",
-            Transition::Stale => "stale",
-            Transition::Final => "ignored_destroyed",
+            EventKind::Destroyed => 5,
+            EventKind::DeletionScheduled => 4,
+            EventKind::Disabled => 3,
+            EventKind::AccessRevoked => 2,
+            EventKind::Expired => 1,
+            _ => 0,
         }
     }
 }
 
-/// Applies `event` to `kek`.
-///
-/// Ordering is per attribute: a `disabled` event older than the last `enabled` is stale, but
-/// an old rotation does not make a newer expiry change stale. Events at the same instant
-/// apply in arrival order.
-pub fn apply(kek: &KekStatus, event: &LifecycleEvent) -> Transition {
-    if kek.state == KeyState::Destroyed {
-        return Transition::Final;
-    }
-    let mut next = kek.clone();
-    match event.kind {
-        EventKind::Rotated => {
-            if event.time < kek.version_changed_at {
-                return Transition::Stale;
-            }
-            if event.version.is_some() {
-                next.current_version = event.version.clone();
-            }
-            next.version_changed_at = event.time;
-        }
-        EventKind::ExpiryChanged => {
-            if event.time < kek.expiry_changed_at {
-                return Transition::Stale;
-            }
-            next.expires_at = event.expires_at;
-            next.expiry_changed_at = event.time;
-            // A new date in the future (or none) lifts an expiry; a date in the past applies it.
-            let still_expired = next.expires_at.is_some_and(|at| at <= event.time);
-            if kek.state == KeyState::Expired && !still_expired {
-                next.state = KeyState::Enabled;
-                next.state_changed_at = next.state_changed_at.max(event.time);
-            }
-        }
-        EventKind::Expiring => {
-            // A warning only; the notification is the whole effect.
-            return Transition::Unchanged;
-        }
-        kind => {
-            if event.time < kek.state_changed_at {
-                return Transition::Stale;
-            }
-            match kind {
-                EventKind::Disabled => next.state = KeyState::Disabled,
-                EventKind::Enabled => {
-                    let expired = kek.expires_at.is_some_and(|at| at <= event.time);
-                    next.state = if expired {
-                        KeyState::Expired
-                    } else {
-                        KeyState::Enabled
-                    };
-                }
-                EventKind::DeletionScheduled => next.state = KeyState::PendingDeletion,
-                // AWS brings a key back from PendingDeletion as Disabled; enabling is a
-                // separate, deliberate act.
-                EventKind::DeletionCancelled => next.state = KeyState::Disabled,
-                EventKind::Destroyed => next.state = KeyState::Destroyed,
-                EventKind::Expired => {
-                    // Only an enabled key becomes expired: a disabled key stays disabled (the
-                    // stronger restriction) and `enabled` later re-checks `expires_at`.
-                    if kek.state == KeyState::Enabled {
-                        next.state = KeyState::Expired;
-                    }
-                    if next.expires_at.is_none_or(|at| at > event.time) {
-                        next.expires_at = Some(event.time);
-                    }
-                }
-                EventKind::AccessRevoked => next.revoked = true,
-                EventKind::AccessRestored => next.revoked = false,
-                EventKind::Rotated | EventKind::ExpiryChanged | EventKind::Expiring => {
-                    unreachable!("handled above")
-                }
-            }
-            next.state_changed_at = event.time;
+impl KekStatus {
+    /// A key as a registration or observation found it: usable, no claim.
+    pub fn observed(
+        provider: Provider,
+        key_ref: impl Into<String>,
+        version: Option<String>,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> KekStatus {
+        KekStatus {
+            provider,
+            key_ref: key_ref.into(),
+            state: KeyState::Enabled,
+            revoked: false,
+            current_version: version,
+            expires_at,
+            expiry_event_at: None,
+            claim: None,
         }
     }
-    if next.state == kek.state
-        && next.revoked == kek.revoked
-        && next.current_version == kek.current_version
-        && next.expires_at == kek.expires_at
-    {
-        // Only timestamps moved; keep them so later stale checks see this event.
-        if next != *kek {
-            return Transition::Changed(next);
-        }
-        return Transition::Unchanged;
+
+    /// Whether `expires_at` has passed at `now`.
+    pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
     }
-    Transition::Changed(next)
+
+    /// The name `provider key key_ref` used in reasons.
+    fn name(&self) -> String {
+        format!("{} key {}", self.provider, self.key_ref)
+    }
+}
+
+/// The state to show for a key at `now`: the observed state, `expired` when an enabled key's
+/// date has passed.
+pub fn effective_state(kek: &KekStatus, now: DateTime<Utc>) -> KeyState {
+    if kek.state == KeyState::Enabled && kek.is_expired(now) {
+        KeyState::Expired
+    } else {
+        kek.state
+    }
+}
+
+/// The state to show for a key at `now`, a claim in force included: what access is derived
+/// from, so a reader of the API sees why a tenant is blocked before the KMS confirmed it.
+pub fn shown_state(kek: &KekStatus, now: DateTime<Utc>) -> KeyState {
+    let observed = effective_state(kek, now);
+    if observed != KeyState::Enabled {
+        return observed;
+    }
+    match kek.claim {
+        Some(EventKind::Disabled) => KeyState::Disabled,
+        Some(EventKind::DeletionScheduled) => KeyState::PendingDeletion,
+        Some(EventKind::Destroyed) => KeyState::Destroyed,
+        Some(EventKind::Expired) => KeyState::Expired,
+        _ => observed,
+    }
+}
+
+/// What the platform may do with one key at `now`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Usability {
+    /// Wrap and unwrap.
+    Usable,
+    /// Unwrap only (expired): the reason.
+    UnwrapOnly(String),
+    /// Nothing: the reason.
+    Unusable(String),
+}
+
+/// Decides what a key allows at `now`. A claim counts until an observation settles it.
+pub fn usability(kek: &KekStatus, now: DateTime<Utc>) -> Usability {
+    let key = kek.name();
+    let expired = |why: String| {
+        if kek.provider.expiry_makes_unusable() {
+            Usability::Unusable(format!("{why} and can no longer decrypt"))
+        } else {
+            Usability::UnwrapOnly(format!("{why}; existing data stays readable"))
+        }
+    };
+    match kek.state {
+        KeyState::Destroyed => return Usability::Unusable(format!("{key} was destroyed")),
+        KeyState::PendingDeletion => {
+            return Usability::Unusable(format!("{key} is scheduled for deletion"));
+        }
+        KeyState::Disabled => return Usability::Unusable(format!("{key} is disabled")),
+        KeyState::Enabled | KeyState::Expired => {}
+    }
+    if kek.revoked {
+        return Usability::Unusable(format!("byokd's access to {key} was revoked at the KMS"));
+    }
+    match kek.claim {
+        Some(EventKind::Expired) => {}
+        Some(kind) => {
+            let what = match kind {
+                EventKind::Disabled => "disabled",
+                EventKind::DeletionScheduled => "scheduled for deletion",
+                EventKind::Destroyed => "destroyed",
+                _ => "no longer accessible to byokd",
+            };
+            return Usability::Unusable(format!(
+                "{key} was reported {what}; blocked until the KMS says otherwise"
+            ));
+        }
+        None => {}
+    }
+    if kek.is_expired(now) {
+        return expired(format!("{key} expired"));
+    }
+    if kek.claim == Some(EventKind::Expired) {
+        return expired(format!("{key} was reported expired"));
+    }
+    Usability::Usable
+}
+
+/// One of a tenant's keys as access derivation sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct TenantKey<'a> {
+    /// The key.
+    pub status: &'a KekStatus,
+    /// New DEKs are wrapped under it; its usability decides encryption.
+    pub primary: bool,
+    /// DEKs still wrapped under it (non-primary keys during a replacement).
+    pub held_deks: i64,
 }
 
 /// A tenant's access and the human-readable reason for it.
@@ -178,40 +222,209 @@ pub struct AccessDecision {
     pub reason: Option<String>,
 }
 
-/// Derives a tenant's access from its primary KEK (`None`: the tenant has no key yet).
-pub fn derive_access(primary: Option<&KekStatus>) -> AccessDecision {
-    let Some(kek) = primary else {
-        return AccessDecision {
-            access: Access::Accessible,
-            reason: None,
-        };
-    };
-    let key = format!("{} key {}", kek.provider, kek.key_ref);
-    let (access, reason) = if kek.revoked {
-        (
-            Access::Inaccessible,
-            Some(format!("access to {key} was revoked")),
-        )
-    } else {
-        match kek.state {
-            KeyState::Enabled => (Access::Accessible, None),
-            KeyState::Disabled => (Access::Inaccessible, Some(format!("{key} is disabled"))),
-            KeyState::PendingDeletion => (
-                Access::Inaccessible,
-                Some(format!("{key} is scheduled for deletion")),
-            ),
-            KeyState::Destroyed => (Access::Inaccessible, Some(format!("{key} was destroyed"))),
-            KeyState::Expired if kek.provider.expiry_makes_unusable() => (
-                Access::Inaccessible,
-                Some(format!("{key} expired and can no longer decrypt")),
-            ),
-            KeyState::Expired => (
-                Access::EncryptBlocked,
-                Some(format!("{key} expired; existing data stays readable")),
-            ),
+/// Derives a tenant's access at `now` from its keys: the primary, and any key still holding
+/// DEKs during a replacement (its DEKs cannot be read while it is unusable, whatever the
+/// primary says). No key at all: nothing to block.
+pub fn derive_access(keys: &[TenantKey<'_>], now: DateTime<Utc>) -> AccessDecision {
+    for key in keys.iter().filter(|k| k.primary) {
+        match usability(key.status, now) {
+            Usability::Usable => {}
+            Usability::Unusable(reason) => {
+                return AccessDecision {
+                    access: Access::Inaccessible,
+                    reason: Some(reason),
+                };
+            }
+            Usability::UnwrapOnly(reason) => {
+                if let Some(held) = held_by_unusable(keys, now) {
+                    return held;
+                }
+                return AccessDecision {
+                    access: Access::EncryptBlocked,
+                    reason: Some(reason),
+                };
+            }
         }
+    }
+    held_by_unusable(keys, now).unwrap_or(AccessDecision {
+        access: Access::Accessible,
+        reason: None,
+    })
+}
+
+fn held_by_unusable(keys: &[TenantKey<'_>], now: DateTime<Utc>) -> Option<AccessDecision> {
+    keys.iter()
+        .filter(|k| !k.primary && k.held_deks > 0)
+        .find_map(|k| match usability(k.status, now) {
+            Usability::Unusable(why) => Some(AccessDecision {
+                access: Access::Inaccessible,
+                reason: Some(format!(
+                    "{} DEKs are still held by the key being replaced: {why}",
+                    k.held_deks
+                )),
+            }),
+            _ => None,
+        })
+}
+
+/// What one event does to one KEK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventEffect {
+    /// The KEK's new status, when the event changed it.
+    pub next: Option<KekStatus>,
+    /// The KMS must be asked to confirm (an observation follows, off the consumer's path).
+    pub confirm: bool,
+    /// The audit outcome.
+    pub outcome: EventOutcome,
+}
+
+/// What became of an event, for the audit trail and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventOutcome {
+    /// A revocation took effect at once; the KMS will be asked to confirm it.
+    Applied,
+    /// Nothing to change now; the KMS will be asked (restoring events, rotations).
+    Confirming,
+    /// Valid, changed nothing (a repeated claim, a warning).
+    Unchanged,
+    /// Older than the last event that set the same attribute.
+    Stale,
+    /// The KMS said the key is destroyed; nothing changes it any more.
+    IgnoredDestroyed,
+}
+
+impl EventOutcome {
+    /// The name used in the audit trail and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventOutcome::Applied => "applied",
+            EventOutcome::Confirming => "confirming",
+            EventOutcome::Unchanged => "unchanged",
+            EventOutcome::Stale => "stale",
+            EventOutcome::IgnoredDestroyed => "ignored_destroyed",
+        }
+    }
+}
+
+/// Applies one event to one KEK at byokd's `now`.
+///
+/// A revoking event becomes (or strengthens) the key's claim at once. A restoring event, a
+/// rotation or an expiry change on a provider whose KMS holds the expiry only asks for
+/// confirmation: the observation that follows sets what the KMS says. Only where the KMS
+/// holds no expiry (Vault) does an event set `expires_at`, ordered by the provider's times
+/// among such events; a date already past is a revocation and applies at once.
+pub fn apply_event(kek: &KekStatus, event: &LifecycleEvent, now: DateTime<Utc>) -> EventEffect {
+    let effect = |next: Option<KekStatus>, confirm, outcome| EventEffect {
+        next,
+        confirm,
+        outcome,
     };
-    AccessDecision { access, reason }
+    if kek.state == KeyState::Destroyed {
+        return effect(None, false, EventOutcome::IgnoredDestroyed);
+    }
+    match event.kind {
+        kind if kind.is_revoking() => {
+            if kek
+                .claim
+                .is_some_and(|c| c.claim_rank() >= kind.claim_rank())
+            {
+                return effect(None, true, EventOutcome::Unchanged);
+            }
+            let mut next = kek.clone();
+            next.claim = Some(kind);
+            effect(Some(next), true, EventOutcome::Applied)
+        }
+        // A warning; it may carry a date the KMS holds, so look.
+        EventKind::Expiring => effect(None, true, EventOutcome::Unchanged),
+        EventKind::ExpiryChanged if !event.provider.kms_holds_expiry() => {
+            if kek.expiry_event_at.is_some_and(|at| event.time < at) {
+                return effect(None, false, EventOutcome::Stale);
+            }
+            let mut next = kek.clone();
+            next.expires_at = event.expires_at;
+            next.expiry_event_at = Some(event.time);
+            effect(Some(next), false, EventOutcome::Applied)
+        }
+        EventKind::ExpiryChanged if event.expires_at.is_some_and(|at| at <= now) => {
+            // Shortened into the past: a revocation, at once.
+            let mut next = kek.clone();
+            if kek.claim.is_none() {
+                next.claim = Some(EventKind::Expired);
+            }
+            effect((next != *kek).then_some(next), true, EventOutcome::Applied)
+        }
+        _ => effect(None, true, EventOutcome::Confirming),
+    }
+}
+
+/// What a KMS said about a key, definitively.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    /// The key's state (`None`: the KMS would not say, e.g. byokd may no longer read it).
+    pub state: Option<KeyState>,
+    /// byokd's permission on the key is denied.
+    pub revoked: bool,
+    /// The primary version, when the KMS told.
+    pub version: Option<String>,
+    /// The expiry, where the KMS holds one (`Some(None)`: none set).
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+/// What an observation does to one KEK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservationEffect {
+    /// The KEK's new status (`None`: the observation matched the record).
+    pub next: Option<KekStatus>,
+    /// The claim the KMS did not confirm: it says the key is usable.
+    pub unconfirmed: Option<EventKind>,
+    /// The key now stands destroyed, as the KMS said (it was not before).
+    pub destroyed: bool,
+}
+
+/// Sets the observed part of `kek` to what the KMS said and settles the claim, unless a newer
+/// claim arrived while the KMS was being asked (`claim_is_newer`): that one waits for its own
+/// confirmation. A claim is confirmed when the KMS finds the key unusable (in whatever way:
+/// a `destroyed` claim on a key the KMS calls disabled still blocks, but only the KMS's own
+/// `destroyed` makes the key final).
+pub fn apply_observation(
+    kek: &KekStatus,
+    observed: &Observation,
+    claim_is_newer: bool,
+    now: DateTime<Utc>,
+) -> ObservationEffect {
+    if kek.state == KeyState::Destroyed {
+        return ObservationEffect {
+            next: None,
+            unconfirmed: None,
+            destroyed: false,
+        };
+    }
+    let mut next = kek.clone();
+    if let Some(state) = observed.state {
+        next.state = match state {
+            KeyState::Expired => KeyState::Enabled,
+            s => s,
+        };
+    }
+    next.revoked = observed.revoked;
+    if let Some(version) = &observed.version {
+        next.current_version = Some(version.clone());
+    }
+    if let Some(expires_at) = observed.expires_at {
+        next.expires_at = expires_at;
+    }
+    let mut unconfirmed = None;
+    if !claim_is_newer && let Some(claim) = kek.claim {
+        next.claim = None;
+        if usability(&next, now) == Usability::Usable {
+            unconfirmed = Some(claim);
+        }
+    }
+    ObservationEffect {
+        destroyed: next.state == KeyState::Destroyed,
+        next: (next != *kek).then_some(next),
+        unconfirmed,
+    }
 }
 
 #[cfg(test)]
@@ -226,17 +439,7 @@ mod tests {
     }
 
     fn kek(provider: Provider) -> KekStatus {
-        KekStatus {
-            provider,
-            key_ref: "k1".into(),
-            state: KeyState::Enabled,
-            revoked: false,
-            current_version: Some("1".into()),
-            expires_at: None,
-            state_changed_at: t(0),
-            version_changed_at: t(0),
-            expiry_changed_at: t(0),
-        }
+        KekStatus::observed(provider, "k1", Some("1".into()), None)
     }
 
     fn event(kind: EventKind, at: i64) -> LifecycleEvent {
@@ -253,167 +456,210 @@ mod tests {
         }
     }
 
-    fn changed(tr: Transition) -> KekStatus {
-        match tr {
-            Transition::Changed(k) => k,
-            other => panic!("expected a change, got {other:?}"),
+    fn primary(k: &KekStatus) -> [TenantKey<'_>; 1] {
+        [TenantKey {
+            status: k,
+            primary: true,
+            held_deks: 0,
+        }]
+    }
+
+    fn access(k: &KekStatus, now: i64) -> Access {
+        derive_access(&primary(k), t(now)).access
+    }
+
+    fn observe(state: KeyState, revoked: bool) -> Observation {
+        Observation {
+            state: Some(state),
+            revoked,
+            version: None,
+            expires_at: None,
         }
     }
 
     #[test]
-    fn every_kind_maps_to_the_documented_state_and_access() {
-        use Access::*;
-        let cases = [
-            (EventKind::Disabled, KeyState::Disabled, false, Inaccessible),
-            (
-                EventKind::DeletionScheduled,
-                KeyState::PendingDeletion,
-                false,
-                Inaccessible,
-            ),
-            (
-                EventKind::DeletionCancelled,
-                KeyState::Disabled,
-                false,
-                Inaccessible,
-            ),
-            (
-                EventKind::Destroyed,
-                KeyState::Destroyed,
-                false,
-                Inaccessible,
-            ),
-            (EventKind::Expired, KeyState::Expired, false, EncryptBlocked),
-            (
-                EventKind::AccessRevoked,
-                KeyState::Enabled,
-                true,
-                Inaccessible,
-            ),
-        ];
-        for (kind, state, revoked, access) in cases {
-            let next = changed(apply(&kek(Provider::Local), &event(kind, 10)));
-            assert_eq!((next.state, next.revoked), (state, revoked), "{kind}");
-            assert_eq!(derive_access(Some(&next)).access, access, "{kind}");
-            assert!(derive_access(Some(&next)).reason.is_some(), "{kind}");
+    fn a_revoking_event_blocks_at_once_whatever_its_time() {
+        for kind in EventKind::ALL.iter().filter(|k| k.is_revoking()) {
+            // Dated long before, or after, anything byokd knows: it still applies.
+            for at in [-1_000_000, 0, 250] {
+                let effect = apply_event(&kek(Provider::Local), &event(*kind, at), t(0));
+                let next = effect.next.expect("a claim");
+                assert!(effect.confirm, "{kind}");
+                let expected = if *kind == EventKind::Expired {
+                    Access::EncryptBlocked
+                } else {
+                    Access::Inaccessible
+                };
+                assert_eq!(access(&next, 0), expected, "{kind}");
+            }
         }
     }
 
     #[test]
-    fn reversals_restore_access() {
-        let disabled = changed(apply(
-            &kek(Provider::Local),
-            &event(EventKind::Disabled, 10),
-        ));
-        let enabled = changed(apply(&disabled, &event(EventKind::Enabled, 20)));
-        assert_eq!(derive_access(Some(&enabled)).access, Access::Accessible);
-
-        let revoked = changed(apply(
-            &kek(Provider::Local),
-            &event(EventKind::AccessRevoked, 10),
-        ));
-        let restored = changed(apply(&revoked, &event(EventKind::AccessRestored, 20)));
-        assert_eq!(derive_access(Some(&restored)).access, Access::Accessible);
-
-        let pending = changed(apply(
-            &kek(Provider::Local),
-            &event(EventKind::DeletionScheduled, 10),
-        ));
-        let cancelled = changed(apply(&pending, &event(EventKind::DeletionCancelled, 20)));
-        assert_eq!(cancelled.state, KeyState::Disabled);
-        let enabled = changed(apply(&cancelled, &event(EventKind::Enabled, 30)));
-        assert_eq!(derive_access(Some(&enabled)).access, Access::Accessible);
+    fn a_restoring_event_changes_nothing_until_the_kms_confirms() {
+        let mut disabled = kek(Provider::Local);
+        disabled.state = KeyState::Disabled;
+        for kind in [
+            EventKind::Enabled,
+            EventKind::DeletionCancelled,
+            EventKind::AccessRestored,
+            EventKind::Rotated,
+        ] {
+            let effect = apply_event(&disabled, &event(kind, 10), t(10));
+            assert_eq!(effect.next, None, "{kind}");
+            assert!(effect.confirm, "{kind}");
+            assert_eq!(effect.outcome, EventOutcome::Confirming);
+        }
+        let fine = apply_observation(&disabled, &observe(KeyState::Enabled, false), false, t(10));
+        assert_eq!(access(&fine.next.expect("changed"), 10), Access::Accessible);
     }
 
     #[test]
-    fn an_older_event_does_not_override_a_newer_state() {
-        let enabled_late = changed(apply(
-            &changed(apply(
-                &kek(Provider::Local),
-                &event(EventKind::Disabled, 10),
-            )),
-            &event(EventKind::Enabled, 30),
-        ));
+    fn the_kms_settles_a_claim_both_ways() {
+        let claimed = apply_event(&kek(Provider::Local), &event(EventKind::Disabled, 0), t(0))
+            .next
+            .expect("claim");
+        let confirmed =
+            apply_observation(&claimed, &observe(KeyState::Disabled, false), false, t(1));
+        assert_eq!(confirmed.unconfirmed, None);
         assert_eq!(
-            apply(&enabled_late, &event(EventKind::Disabled, 20)),
-            Transition::Stale
+            access(&confirmed.next.expect("changed"), 1),
+            Access::Inaccessible
         );
-        // ...but an old rotation is judged against rotations only.
-        let mut rotated = event(EventKind::Rotated, 20);
-        rotated.version = Some("2".into());
+        let refuted = apply_observation(&claimed, &observe(KeyState::Enabled, false), false, t(1));
+        assert_eq!(refuted.unconfirmed, Some(EventKind::Disabled));
         assert_eq!(
-            changed(apply(&enabled_late, &rotated))
-                .current_version
-                .as_deref(),
-            Some("2")
+            access(&refuted.next.expect("changed"), 1),
+            Access::Accessible
         );
+        // A claim that arrived while the KMS was being asked waits for its own answer.
+        let newer = apply_observation(&claimed, &observe(KeyState::Enabled, false), true, t(1));
+        assert_eq!(newer.unconfirmed, None);
+        assert_eq!(newer.next, None);
     }
 
     #[test]
-    fn an_older_rotation_does_not_roll_the_version_back() {
-        let mut newer = event(EventKind::Rotated, 20);
-        newer.version = Some("3".into());
-        let mut older = event(EventKind::Rotated, 10);
-        older.version = Some("2".into());
-        let at3 = changed(apply(&kek(Provider::Local), &newer));
-        assert_eq!(apply(&at3, &older), Transition::Stale);
+    fn claims_keep_the_strongest() {
+        let k = kek(Provider::Local);
+        let expired = apply_event(&k, &event(EventKind::Expired, 0), t(0))
+            .next
+            .expect("claim");
+        let destroyed = apply_event(&expired, &event(EventKind::Destroyed, 0), t(0))
+            .next
+            .expect("stronger");
+        assert_eq!(destroyed.claim, Some(EventKind::Destroyed));
+        let again = apply_event(&destroyed, &event(EventKind::Disabled, 0), t(0));
+        assert_eq!(again.next, None);
+        assert_eq!(again.outcome, EventOutcome::Unchanged);
     }
 
     #[test]
-    fn destroyed_is_final() {
-        let gone = changed(apply(
-            &kek(Provider::Local),
-            &event(EventKind::Destroyed, 10),
-        ));
-        for kind in EventKind::ALL {
-            assert_eq!(apply(&gone, &event(*kind, 20)), Transition::Final, "{kind}");
-        }
-    }
-
-    #[test]
-    fn extending_expiry_lifts_encrypt_blocked() {
-        let expired = changed(apply(&kek(Provider::Local), &event(EventKind::Expired, 10)));
-        assert_eq!(expired.expires_at, Some(t(10)));
-        let mut extend = event(EventKind::ExpiryChanged, 20);
-        extend.expires_at = Some(t(10_000));
-        let extended = changed(apply(&expired, &extend));
-        assert_eq!(extended.state, KeyState::Enabled);
-        assert_eq!(derive_access(Some(&extended)).access, Access::Accessible);
-
-        // Moving the date into the past does not lift it.
-        let mut past = event(EventKind::ExpiryChanged, 30);
-        past.expires_at = Some(t(5));
-        let still = changed(apply(&expired, &past));
-        assert_eq!(still.state, KeyState::Expired);
-    }
-
-    #[test]
-    fn enabling_an_expired_key_leaves_it_expired() {
+    fn expiry_is_computed_from_the_clock() {
         let mut k = kek(Provider::Local);
-        k.state = KeyState::Disabled;
-        k.expires_at = Some(t(5));
-        let next = changed(apply(&k, &event(EventKind::Enabled, 10)));
-        assert_eq!(next.state, KeyState::Expired);
+        k.expires_at = Some(t(100));
+        assert_eq!(access(&k, 99), Access::Accessible);
+        assert_eq!(access(&k, 100), Access::EncryptBlocked);
+        assert_eq!(effective_state(&k, t(100)), KeyState::Expired);
+        let mut aws = k.clone();
+        aws.provider = Provider::Aws;
+        assert_eq!(access(&aws, 100), Access::Inaccessible);
     }
 
     #[test]
-    fn expiry_of_aws_imported_material_makes_the_tenant_inaccessible() {
-        let next = changed(apply(&kek(Provider::Aws), &event(EventKind::Expired, 10)));
-        assert_eq!(derive_access(Some(&next)).access, Access::Inaccessible);
-    }
-
-    #[test]
-    fn repeated_and_warning_events_change_nothing() {
+    fn an_observed_extension_lifts_expiry_and_a_late_expired_event_is_refuted() {
+        let mut k = kek(Provider::Local);
+        k.expires_at = Some(t(100));
+        let late = apply_event(&k, &event(EventKind::Expired, 50), t(50))
+            .next
+            .expect("claim");
+        assert_eq!(access(&late, 50), Access::EncryptBlocked);
+        let obs = Observation {
+            expires_at: Some(Some(t(10_000))),
+            ..observe(KeyState::Enabled, false)
+        };
+        let settled = apply_observation(&late, &obs, false, t(60));
+        assert_eq!(settled.unconfirmed, Some(EventKind::Expired));
         assert_eq!(
-            apply(&kek(Provider::Local), &event(EventKind::Expiring, 10)),
-            Transition::Unchanged
+            access(&settled.next.expect("changed"), 200),
+            Access::Accessible
         );
-        let enabled = apply(&kek(Provider::Local), &event(EventKind::Enabled, 0));
-        assert_eq!(enabled, Transition::Unchanged);
+    }
+
+    #[test]
+    fn vault_expiry_events_order_among_themselves() {
+        let mut k = kek(Provider::Vault);
+        k.expires_at = Some(t(100));
+        let mut newer = event(EventKind::ExpiryChanged, 20);
+        newer.provider = Provider::Vault;
+        newer.expires_at = Some(t(10_000));
+        let extended = apply_event(&k, &newer, t(30)).next.expect("applied");
+        let mut older = newer.clone();
+        older.time = t(10);
+        older.expires_at = Some(t(40));
+        assert_eq!(
+            apply_event(&extended, &older, t(30)).outcome,
+            EventOutcome::Stale
+        );
+    }
+
+    #[test]
+    fn destroyed_is_final_once_the_kms_says_so() {
+        let claimed = apply_event(&kek(Provider::Local), &event(EventKind::Destroyed, 0), t(0))
+            .next
+            .expect("claim");
+        // The claim alone is not final: the KMS may refute it.
+        let refuted = apply_observation(&claimed, &observe(KeyState::Enabled, false), false, t(1));
+        assert_eq!(refuted.unconfirmed, Some(EventKind::Destroyed));
+        let gone = apply_observation(&claimed, &observe(KeyState::Destroyed, false), false, t(1));
+        assert!(gone.destroyed);
+        let gone = gone.next.expect("changed");
+        for kind in EventKind::ALL {
+            assert_eq!(
+                apply_event(&gone, &event(*kind, 20), t(20)).outcome,
+                EventOutcome::IgnoredDestroyed
+            );
+        }
+        let after = apply_observation(&gone, &observe(KeyState::Enabled, false), false, t(2));
+        assert_eq!(after.next, None);
+    }
+
+    #[test]
+    fn a_replaced_key_still_holding_deks_decides_access_while_unusable() {
+        let new = kek(Provider::Local);
+        let mut old = kek(Provider::Local);
+        old.key_ref = "old".into();
+        old.state = KeyState::Disabled;
+        let keys = |held| {
+            [
+                TenantKey {
+                    status: &new,
+                    primary: true,
+                    held_deks: 0,
+                },
+                TenantKey {
+                    status: &old,
+                    primary: false,
+                    held_deks: held,
+                },
+            ]
+        };
+        let blocked = derive_access(&keys(7), t(0));
+        assert_eq!(blocked.access, Access::Inaccessible);
+        assert!(blocked.reason.expect("reason").contains("7 DEKs"));
+        assert_eq!(derive_access(&keys(0), t(0)).access, Access::Accessible);
+    }
+
+    #[test]
+    fn revoked_permission_blocks_whatever_the_state() {
+        let fine = kek(Provider::Vault);
+        let denied = apply_observation(&fine, &observe(KeyState::Enabled, true), false, t(0))
+            .next
+            .expect("changed");
+        assert_eq!(access(&denied, 0), Access::Inaccessible);
     }
 
     #[test]
     fn no_key_means_nothing_to_block() {
-        assert_eq!(derive_access(None).access, Access::Accessible);
+        assert_eq!(derive_access(&[], t(0)).access, Access::Accessible);
     }
 }

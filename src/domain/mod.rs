@@ -1,8 +1,8 @@
 //! Pure domain types and the key/tenant state machine.
 //!
 //! Everything here is free of I/O so the rules that decide a tenant's access can be unit
-//! tested exhaustively: [`kek::apply`] moves one KEK through one lifecycle event, and
-//! [`kek::derive_access`] turns the primary KEK's status into the tenant's access.
+//! tested exhaustively: [`kek::apply_event`] and [`kek::apply_observation`] move one KEK's
+//! record, and [`kek::derive_access`] turns a tenant's keys and the clock into its access.
 
 /// A name that does not match any variant of a domain enum.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,10 +84,17 @@ impl Provider {
     pub fn expiry_makes_unusable(self) -> bool {
         matches!(self, Provider::Aws)
     }
+
+    /// Whether the KMS itself holds the key's expiry (and reports it when asked), so an
+    /// observation settles it. Elsewhere (Vault, GCP) expiry is byokd's own record, set at
+    /// registration and by expiry events.
+    pub fn kms_holds_expiry(self) -> bool {
+        matches!(self, Provider::Local | Provider::Aws | Provider::Azure)
+    }
 }
 
 pub mod event;
 pub mod kek;
 
 pub use event::{EventKind, LifecycleEvent, Origin};
-pub use kek::{Access, KekStatus, KeyState, Transition};
+pub use kek::{Access, KekStatus, KeyState, Observation};

@@ -15,7 +15,7 @@
 //! lane cannot reorder a key's history.
 
 use crate::config::AmqpSettings;
-use crate::events::normalize::normalize;
+use crate::events::normalize::{check_times, normalize};
 use crate::lifecycle::{self, BatchResult};
 use crate::store::{Store, StoreError};
 use futures_util::{FutureExt, StreamExt};
@@ -387,6 +387,10 @@ pub struct Intake {
     pub access_changed: Arc<Notify>,
     /// Woken after a commit that created or resumed a re-wrap job.
     pub rewrap_work: Arc<Notify>,
+    /// Woken after a commit that asked for keys to be confirmed at their KMS.
+    pub confirm_work: Arc<Notify>,
+    /// Events dated further ahead of byokd's clock than this are refused.
+    pub max_skew: chrono::Duration,
     /// Publishes dead letters.
     pub publisher: Arc<Publisher>,
 }
@@ -537,7 +541,11 @@ async fn process_batch(
     let mut good = Vec::with_capacity(batch.len());
     let mut counts = Vec::with_capacity(batch.len());
     for delivery in batch {
-        match normalize(&delivery.data, intake.settings.max_message_bytes) {
+        let parsed =
+            normalize(&delivery.data, intake.settings.max_message_bytes).and_then(|parsed| {
+                check_times(&parsed, chrono::Utc::now(), intake.max_skew).map(|()| parsed)
+            });
+        match parsed {
             Ok(parsed) => {
                 counts.push(parsed.len());
                 events.extend(parsed);
@@ -597,6 +605,9 @@ fn record(intake: &Intake, result: &BatchResult) {
     }
     if result.rewrap_work {
         intake.rewrap_work.notify_one();
+    }
+    if result.confirm_work {
+        intake.confirm_work.notify_one();
     }
 }
 

@@ -1,12 +1,12 @@
 //! `/v1` handlers: tenants, KEK registration, event intake.
 
 use super::{ApiError, AppState};
-use crate::domain::kek::derive_access;
-use crate::domain::{KekStatus, KeyState, Provider};
+use crate::domain::{KekStatus, Provider};
 use crate::events::amqp::{Outgoing, message_routing_key};
-use crate::events::normalize::{NormalizeError, normalize};
+use crate::events::normalize::{NormalizeError, check_times, normalize};
+use crate::lifecycle::{Cause, refresh_access};
 use crate::seal::generate_webhook_secret;
-use crate::store::{AccessUpdate, AuditRow, NewTenant, NewWebhook};
+use crate::store::{AuditRow, NewTenant, NewWebhook};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -156,6 +156,8 @@ pub(super) async fn get_tenant(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    state.store.tenant(&id).await?;
+    super::current_access(&state, &id).await?;
     let tenant = state.store.tenant(&id).await?;
     Ok(Json(serde_json::to_value(tenant).unwrap_or_default()))
 }
@@ -184,47 +186,39 @@ pub(super) async fn register_kek(
         .provider
         .parse()
         .map_err(|e: crate::domain::UnknownName| unprocessable(e.to_string()))?;
-    if req.key_ref.trim().is_empty() {
-        return Err(unprocessable("key_ref must not be empty"));
-    }
+    // Canonical before the one-key-one-tenant check, so two spellings cannot bind one key.
+    let key_ref = crate::kms::canonical_key_ref(provider, &req.key_ref)
+        .map_err(|e| unprocessable(e.to_string()))?;
     state.store.tenant(&tenant_id).await?;
-    let info = state
-        .kms
-        .test_key(provider, &req.key_ref)
-        .await
-        .map_err(|e| {
-            if e.is_transient() {
-                ApiError::from(e)
-            } else {
-                unprocessable(format!("the key failed a test wrap/unwrap: {e}"))
-            }
-        })?;
-    let now = Utc::now();
-    let expires_at = req.expires_at.or(info.expires_at);
-    let expired = expires_at.is_some_and(|at| at <= now);
-    // Registration time orders later events: anything the KMS reported before the platform
-    // registered the key does not override what the registration found.
-    let status = KekStatus {
-        provider,
-        key_ref: req.key_ref,
-        state: if expired {
-            KeyState::Expired
+    let mut info = state.kms.test_key(provider, &key_ref).await.map_err(|e| {
+        if e.is_transient() {
+            ApiError::from(e)
         } else {
-            KeyState::Enabled
-        },
-        revoked: false,
-        current_version: Some(info.current_version),
-        expires_at,
-        state_changed_at: now,
-        version_changed_at: now,
-        expiry_changed_at: now,
+            unprocessable(format!("the key failed a test wrap/unwrap: {e}"))
+        }
+    })?;
+    if provider.kms_holds_expiry() && req.expires_at.is_some() && req.expires_at != info.expires_at
+    {
+        // The KMS holds this key's expiry and the next observation would undo a date given
+        // here. byokd's own keyring takes it; another KMS must be told directly.
+        match state.kms.provider(provider)? {
+            crate::kms::Backend::Local(local) => {
+                info = local.set_expiry(&key_ref, req.expires_at).await?;
+            }
+            _ => {
+                return Err(unprocessable(format!(
+                    "the {provider} KMS holds this key's expiry; set it there, not here"
+                )));
+            }
+        }
+    }
+    let now = Utc::now();
+    let expires_at = if provider.kms_holds_expiry() {
+        info.expires_at
+    } else {
+        req.expires_at
     };
-    let decision = derive_access(Some(&status));
-    let access = AccessUpdate {
-        tenant_id: tenant_id.clone(),
-        access: decision.access,
-        reason: decision.reason,
-    };
+    let status = KekStatus::observed(provider, key_ref, Some(info.current_version), expires_at);
     let audit = AuditRow {
         tenant_id: Some(tenant_id.clone()),
         provider: Some(provider),
@@ -242,10 +236,22 @@ pub(super) async fn register_kek(
     };
     let job = state
         .store
-        .register_kek(&tenant_id, &status, &access, &audit, req.replace)
+        .register_kek(&tenant_id, &status, &audit, req.replace)
         .await?;
     if job.is_some() {
         state.rewrap_work.notify_one();
+    }
+    // A new key, or a replacement, changes what the tenant's access derives from.
+    let cause = Cause::new(
+        if req.replace {
+            "replacement"
+        } else {
+            "registration"
+        },
+        Some((provider, status.key_ref.clone())),
+    );
+    if refresh_access(&state.store, std::slice::from_ref(&tenant_id), &cause, now).await? > 0 {
+        state.access_changed.notify_one();
     }
     let tenant = state.store.tenant(&tenant_id).await?;
     let mut view = serde_json::to_value(tenant).unwrap_or_default();
@@ -333,7 +339,10 @@ pub(super) async fn post_event(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let events = match normalize(&body, state.amqp.max_message_bytes) {
+    let parsed = normalize(&body, state.amqp.max_message_bytes).and_then(|events| {
+        check_times(&events, Utc::now(), state.state.max_skew()).map(|()| events)
+    });
+    let events = match parsed {
         Ok(events) => events,
         Err(NormalizeError::Ignored(reason)) => {
             return Ok((StatusCode::OK, Json(json!({ "ignored": reason }))));

@@ -19,13 +19,14 @@ pub(super) async fn create_dek(
     Path(tenant_id): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let target = state.store.dek_target(&tenant_id).await?;
-    if target.access != Access::Accessible {
+    let access = super::current_access(&state, &tenant_id).await?;
+    if access.access != Access::Accessible {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
                 "tenant {tenant_id:?} is {}: {}; no new DEKs",
-                target.access,
-                target.reason.as_deref().unwrap_or("no reason recorded")
+                access.access,
+                access.reason.as_deref().unwrap_or("no reason recorded")
             ),
         ));
     }

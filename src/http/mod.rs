@@ -47,6 +47,36 @@ pub struct AppState {
     pub kms: Kms,
     /// Wakes re-wrap workers when a replacement job is created.
     pub rewrap_work: Arc<Notify>,
+    /// Wakes the access relay when the API recorded an access change.
+    pub access_changed: Arc<Notify>,
+    /// Wakes the confirmation loop (events applied directly).
+    pub confirm_work: Arc<Notify>,
+    /// Event skew and confirmation settings.
+    pub state: crate::reconcile::StateSettings,
+}
+
+/// A tenant's access derived now from its keys and the clock: what the API shows and
+/// enforces. When it differs from the stored value (a date passed since the last sweep, say),
+/// the change is recorded now, with its access message and notifications, so the API, the
+/// enforcement and the platform never disagree.
+pub async fn current_access(
+    state: &AppState,
+    tenant_id: &str,
+) -> Result<crate::domain::kek::AccessDecision, ApiError> {
+    let now = chrono::Utc::now();
+    let keks = state.store.tenant_keks(tenant_id).await?;
+    let decision = crate::lifecycle::derive_now(&keks, now);
+    let stored = state.store.tenant(tenant_id).await?;
+    if stored.access != decision.access || stored.reason != decision.reason {
+        let cause = crate::lifecycle::Cause::new("clock", None);
+        let changed =
+            crate::lifecycle::refresh_access(&state.store, &[tenant_id.to_owned()], &cause, now)
+                .await?;
+        if changed > 0 {
+            state.access_changed.notify_one();
+        }
+    }
+    Ok(decision)
 }
 
 /// An API error: a status and one sentence.
@@ -99,7 +129,7 @@ impl From<KmsError> for ApiError {
             );
         }
         match e {
-            KmsError::NotConfigured(_) => {
+            KmsError::NotConfigured(_) | KmsError::InvalidKeyRef { .. } => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
             }
             KmsError::Store(s) => s.into(),

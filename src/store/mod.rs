@@ -118,10 +118,57 @@ pub struct KekRow {
     pub id: i64,
     /// Owning tenant.
     pub tenant_id: String,
-    /// Whether this is the tenant's primary KEK (the one access derives from).
+    /// Whether this is the tenant's primary KEK (new DEKs are wrapped under it).
     pub is_primary: bool,
-    /// The state-machine part.
+    /// A replacement moved every DEK off it: it no longer counts for access.
+    pub retired: bool,
+    /// DEKs still wrapped under it (counted for non-primary, non-retired keys only).
+    pub held_deks: i64,
+    /// Bumped by every event that asks for confirmation (see [`ObserveTarget`]).
+    pub watch_gen: i64,
+    /// The state-model part.
     pub status: KekStatus,
+}
+
+impl KekRow {
+    /// The key as access derivation sees it; `None` once retired.
+    pub fn tenant_key(&self) -> Option<crate::domain::kek::TenantKey<'_>> {
+        (!self.retired).then_some(crate::domain::kek::TenantKey {
+            status: &self.status,
+            primary: self.is_primary,
+            held_deks: self.held_deks,
+        })
+    }
+}
+
+/// A KEK to observe at its KMS, and the `watch_gen` seen when it was picked: an observation
+/// settles the key's claim only if no event asked for confirmation meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObserveTarget {
+    /// KEK row id.
+    pub kek_id: i64,
+    /// Provider.
+    pub provider: Provider,
+    /// Key name.
+    pub key_ref: String,
+    /// `watch_gen` when picked.
+    pub watch_gen: i64,
+    /// Failed confirmation attempts in a row.
+    pub attempts: i32,
+}
+
+/// How an observation of one key ends, for its confirmation bookkeeping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObserveDone {
+    /// KEK row id.
+    pub kek_id: i64,
+    /// `watch_gen` when picked: if it moved, an event asked again and the key stays due.
+    pub watch_gen: i64,
+    /// The KMS answered definitively (resets the attempt count, stamps `observed_at`).
+    pub answered: bool,
+    /// `Some(due)`: set the next confirmation time (`None` inside: nothing due); `None`:
+    /// leave it as it is.
+    pub next_due: Option<Option<DateTime<Utc>>>,
 }
 
 /// A tenant row locked for a lifecycle transaction, with whom to notify.
@@ -234,9 +281,18 @@ pub struct KekView {
     pub provider: Provider,
     /// Provider's key name.
     pub key_ref: String,
-    /// State.
+    /// State access derives from: a revoking event in force, else what the KMS last said
+    /// (`expired` computed from the clock).
     pub state: crate::domain::KeyState,
-    /// Whether byokd's access to it was revoked.
+    /// What the KMS last said, whatever event is in force.
+    pub observed_state: crate::domain::KeyState,
+    /// `false` while a revoking event waits for the KMS to confirm it.
+    pub confirmed: bool,
+    /// The revoking event in force that the KMS has not confirmed yet.
+    pub claim: Option<crate::domain::EventKind>,
+    /// When byokd last had a definitive answer from the KMS about this key.
+    pub observed_at: Option<DateTime<Utc>>,
+    /// Whether byokd's access to it is revoked (observed, or claimed by an event in force).
     pub revoked: bool,
     /// Current version.
     pub current_version: Option<String>,
@@ -319,18 +375,35 @@ impl Store {
         dispatch!(self, s => s.tenant(id).await)
     }
 
-    /// Registers a KEK as the tenant's primary and writes the access it implies, with an
-    /// audit row. With `replace`, the current primary stays readable but stops being primary,
-    /// and a replacement job that moves its DEKs to the new KEK is created (its id returned).
+    /// Registers a KEK (as observed by the registration's test wrap/unwrap) as the tenant's
+    /// primary, with an audit row. With `replace`, the current primary stays readable but stops
+    /// being primary, and a replacement job that moves its DEKs to the new KEK is created (its
+    /// id returned). The tenant's access is recomputed by the caller
+    /// ([`crate::lifecycle::refresh_access`]).
     pub async fn register_kek(
         &self,
         tenant_id: &str,
         status: &KekStatus,
-        access: &AccessUpdate,
         audit: &AuditRow,
         replace: bool,
     ) -> Result<Option<i64>, StoreError> {
-        dispatch!(self, s => s.register_kek(tenant_id, status, access, audit, replace).await)
+        dispatch!(self, s => s.register_kek(tenant_id, status, audit, replace).await)
+    }
+
+    /// Every KEK of a tenant (retired ones included), for deriving its access at read time.
+    pub async fn tenant_keks(&self, tenant_id: &str) -> Result<Vec<KekRow>, StoreError> {
+        dispatch!(self, s => s.tenant_keks(tenant_id).await)
+    }
+
+    /// Picks up to `limit` KEKs whose confirmation is due at `now` and leases them until
+    /// `lease_until`, so another replica does not ask the KMS about the same key meanwhile.
+    pub async fn claim_confirmations(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<ObserveTarget>, StoreError> {
+        dispatch!(self, s => s.claim_confirmations(now, lease_until, limit).await)
     }
 }
 
@@ -352,14 +425,52 @@ impl StoreTx {
         dispatch!(self, t => t.lock_tenants_of(keys).await)
     }
 
-    /// Reads the KEKs named by `keys` (call after locking their tenants).
-    pub async fn keks(&mut self, keys: &[(Provider, String)]) -> Result<Vec<KekRow>, StoreError> {
-        dispatch!(self, t => t.keks(keys).await)
+    /// Locks (in id order) and reads the tenants owning any of the KEKs `kek_ids`.
+    pub async fn lock_tenants_of_keks(
+        &mut self,
+        kek_ids: &[i64],
+    ) -> Result<Vec<TenantRow>, StoreError> {
+        dispatch!(self, t => t.lock_tenants_of_keks(kek_ids).await)
     }
 
-    /// Writes the state-machine part of each KEK.
+    /// Locks (in id order) and reads the tenants `ids`.
+    pub async fn lock_tenants(&mut self, ids: &[String]) -> Result<Vec<TenantRow>, StoreError> {
+        dispatch!(self, t => t.lock_tenants(ids).await)
+    }
+
+    /// Reads every KEK of `tenants` (call after locking them), with the DEKs each
+    /// non-primary, non-retired key still holds.
+    pub async fn keks_of_tenants(&mut self, tenants: &[String]) -> Result<Vec<KekRow>, StoreError> {
+        dispatch!(self, t => t.keks_of_tenants(tenants).await)
+    }
+
+    /// Writes the state-model part of each KEK (observed fields, claim, expiry record).
     pub async fn update_keks(&mut self, keks: &[KekRow]) -> Result<(), StoreError> {
         dispatch!(self, t => t.update_keks(keks).await)
+    }
+
+    /// Asks for each KEK to be observed at `due` (or earlier, if already due earlier), and
+    /// bumps its `watch_gen` so an observation already in flight leaves its claim alone.
+    pub async fn request_confirmation(
+        &mut self,
+        kek_ids: &[i64],
+        due: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, t => t.request_confirmation(kek_ids, due).await)
+    }
+
+    /// Records the end of observations (see [`ObserveDone`]).
+    pub async fn finish_observations(
+        &mut self,
+        done: &[ObserveDone],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, t => t.finish_observations(done, now).await)
+    }
+
+    /// DEKs wrapped under each of `kek_ids` (any version).
+    pub async fn dek_counts(&mut self, kek_ids: &[i64]) -> Result<Vec<(i64, i64)>, StoreError> {
+        dispatch!(self, t => t.dek_counts(kek_ids).await)
     }
 
     /// Writes tenants' access.

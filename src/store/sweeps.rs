@@ -1,7 +1,7 @@
 //! Store API of the sweeps: schedule bookkeeping and locks, the expiry window, key probes.
 
 use super::{NewOutbox, Store, StoreError, TenantRow};
-use crate::domain::{KeyState, Provider};
+use crate::domain::Provider;
 use chrono::{DateTime, Utc};
 
 /// An exclusive claim on one schedule across replicas: a PostgreSQL advisory lock held by a
@@ -36,20 +36,10 @@ pub struct ExpiringKek {
 /// A KEK the key probe asks about.
 #[derive(Debug, Clone)]
 pub struct ProbeTarget {
-    /// KEK row id.
-    pub kek_id: i64,
+    /// The key, as the observation code sees it.
+    pub key: super::ObserveTarget,
     /// Owner and recipients.
     pub tenant: TenantRow,
-    /// Provider.
-    pub provider: Provider,
-    /// Key name.
-    pub key_ref: String,
-    /// Recorded state.
-    pub state: KeyState,
-    /// Recorded revocation.
-    pub revoked: bool,
-    /// Recorded version.
-    pub current_version: Option<String>,
     /// Start of the current outage episode, if any.
     pub unreachable_since: Option<DateTime<Utc>>,
     /// Whether this episode was notified.

@@ -1,7 +1,6 @@
 //! `expiry_scan`: tiered warnings before a key expires, and expiry when its date has passed.
 
-use crate::domain::{EventKind, LifecycleEvent, Origin};
-use crate::lifecycle;
+use crate::lifecycle::{self, Cause};
 use crate::notify::tenant_notifications;
 use crate::store::{Store, StoreError};
 use chrono::{DateTime, Utc};
@@ -17,7 +16,7 @@ pub struct ExpiryReport {
     /// Notifications queued now (one already queued for the same key, expiry date and
     /// threshold is not queued again).
     pub notifications_queued: u64,
-    /// Keys that became expired.
+    /// Tenants whose access changed because their key's date passed.
     pub expired: usize,
 }
 
@@ -34,9 +33,10 @@ pub fn threshold_for(left: chrono::Duration, thresholds_days: &[u32]) -> Option<
 ///
 /// Warnings are outbox rows whose dedupe key holds the key, its expiry date and the
 /// threshold, so each threshold fires once per expiry date however often the scan runs (and
-/// on however many replicas), and a new date re-arms them. A key past its date goes through
-/// the lifecycle code as an `expired` event with a deterministic id, so it expires once and
-/// notifies `key.expired` once.
+/// on however many replicas), and a new date re-arms them. Expiry itself needs no event: a
+/// key past its date is expired wherever the date came from. The scan recomputes the access
+/// of tenants whose key's date has passed, so the change is stored, broadcast and notified
+/// once (the API derives access from the clock too, so it never waits for the scan).
 pub async fn expiry_scan(
     store: &Store,
     thresholds_days: &[u32],
@@ -55,21 +55,7 @@ pub async fn expiry_scan(
     for key in &keys {
         let left = key.expires_at - now;
         if left <= chrono::Duration::zero() {
-            expired.push(LifecycleEvent {
-                provider: key.provider,
-                event_id: format!(
-                    "sweep:expired:{}:{}",
-                    key.kek_id,
-                    key.expires_at.timestamp_millis()
-                ),
-                kind: EventKind::Expired,
-                key_ref: key.key_ref.clone(),
-                version: None,
-                expires_at: Some(key.expires_at),
-                time: key.expires_at,
-                source: "byokd://sweep/expiry_scan".to_owned(),
-                origin: Origin::Sweep,
-            });
+            expired.push(key);
             continue;
         }
         let Some(threshold) = threshold_for(left, thresholds_days) else {
@@ -101,7 +87,16 @@ pub async fn expiry_scan(
     for chunk in warnings.chunks(2000) {
         report.notifications_queued += store.enqueue_outbox(chunk).await?;
     }
-    report.expired = lifecycle::apply_found(store, &expired, now).await?;
+    // A tenant already blocked has nothing to change (an expired key stays in the window).
+    for key in expired
+        .into_iter()
+        .filter(|k| k.tenant.access == crate::domain::Access::Accessible)
+    {
+        let cause = Cause::new("expiry", Some((key.provider, key.key_ref.clone())));
+        report.expired +=
+            lifecycle::refresh_access(store, std::slice::from_ref(&key.tenant.id), &cause, now)
+                .await?;
+    }
     Ok(report)
 }
 

@@ -310,6 +310,69 @@ impl TestApp {
             .expect("create local key");
     }
 
+    /// Does at the local KMS what an event of `kind` reports (as `byokd kms local` does),
+    /// without publishing anything. Kinds the local KMS has no operation for (permission
+    /// changes, warnings) do nothing: an event of that kind is then a claim the KMS refutes.
+    pub async fn kms_do(&self, key_ref: &str, kind: &str, data: &Value) {
+        use byokd::domain::KeyState::{Destroyed, Disabled, Enabled, PendingDeletion};
+        let kms = self.local_kms().await;
+        let date = |field: &str| {
+            data.get(field)
+                .and_then(Value::as_str)
+                .map(|d| d.parse::<DateTime<Utc>>().expect("RFC 3339 date"))
+        };
+        let result = match kind {
+            "disabled" => {
+                kms.transition(key_ref, &[Enabled, Disabled], Disabled)
+                    .await
+            }
+            "enabled" => kms.transition(key_ref, &[Enabled, Disabled], Enabled).await,
+            "deletion_scheduled" => {
+                kms.transition(key_ref, &[Enabled, Disabled], PendingDeletion)
+                    .await
+            }
+            "deletion_cancelled" => kms.transition(key_ref, &[PendingDeletion], Disabled).await,
+            "destroyed" => {
+                kms.transition(key_ref, &[Enabled, Disabled, PendingDeletion], Destroyed)
+                    .await
+            }
+            "rotated" => kms.rotate(key_ref).await,
+            "expired" => {
+                kms.set_expiry(key_ref, Some(Utc::now() - ChronoDuration::seconds(1)))
+                    .await
+            }
+            "expiry_changed" => kms.set_expiry(key_ref, date("expires_at")).await,
+            _ => return,
+        };
+        result.unwrap_or_else(|e| panic!("local KMS {kind} on {key_ref}: {e}"));
+    }
+
+    /// Waits until byokd has observed `key_ref` at its KMS after `since` with no claim left
+    /// in force: the confirmation of every event published before `since` is done.
+    pub async fn wait_observed(&self, key_ref: &str, since: DateTime<Utc>) {
+        let pool = self.pool.clone();
+        wait_for(
+            &format!("{key_ref} observed after {since}"),
+            Duration::from_secs(30),
+            || {
+                let pool = pool.clone();
+                async move {
+                    sqlx::query_scalar::<_, bool>(
+                        "SELECT observed_at > $2 AND claim IS NULL FROM keks WHERE key_ref = $1",
+                    )
+                    .bind(key_ref)
+                    .bind(since)
+                    .fetch_optional(&pool)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(false)
+                }
+            },
+        )
+        .await;
+    }
+
     /// Creates a tenant and a local KEK straight in the database (the daemon may be stopped).
     pub async fn tenant_with_key_offline(&self, tenant: &str, key_ref: &str) {
         self.create_local_key(key_ref).await;
@@ -528,10 +591,30 @@ pub fn canonical(id: &str, kind: &str, key_ref: &str, at: DateTime<Utc>, data: V
     })
 }
 
-/// A time `secs` seconds after the test's reference point (in the future of any key
-/// registration done at the start of the test).
+/// Runs one confirmation round as the daemon's loop would, for tests that drive the engine
+/// themselves: every key an event asked about (revocations' settle time included) is
+/// observed at its KMS and the answers applied.
+pub async fn confirm_round(store: &byokd::store::Store, kms: &byokd::kms::Kms) {
+    let notify = || std::sync::Arc::new(tokio::sync::Notify::new());
+    let confirmer = byokd::reconcile::Confirmer::new(
+        store.clone(),
+        kms.clone(),
+        byokd::reconcile::StateSettings::default(),
+        notify(),
+        notify(),
+        notify(),
+    );
+    confirmer
+        .run_once(Utc::now() + ChronoDuration::seconds(5))
+        .await
+        .expect("confirmation round");
+}
+
+/// A time `secs` seconds after the test's reference point, an hour ago: event times are
+/// hints and order only among themselves, and a time ahead of byokd's clock by more than
+/// the allowed skew is refused.
 pub fn at(secs: i64) -> DateTime<Utc> {
-    Utc::now() + ChronoDuration::seconds(3600 + secs)
+    Utc::now() + ChronoDuration::seconds(secs - 3600)
 }
 
 /// Polls `check` until it holds, failing the test after `limit`. A bounded wait for an

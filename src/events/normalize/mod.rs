@@ -49,6 +49,43 @@ pub enum NormalizeError {
     /// certificate or secret event). Acked, not dead-lettered.
     #[error("ignored: {0}")]
     Ignored(String),
+    /// Dated further ahead of byokd's clock than the allowed skew: a forged or broken clock.
+    /// Believed, it would not order anything (events are hints), but it is refused so the
+    /// sender hears of it.
+    #[error(
+        "event {id:?} is dated {time}, {ahead_secs} s ahead of byokd's clock (at most {max_secs} s allowed)"
+    )]
+    FromTheFuture {
+        /// The event id.
+        id: String,
+        /// Its claimed time.
+        time: DateTime<Utc>,
+        /// How far ahead.
+        ahead_secs: i64,
+        /// The allowed skew.
+        max_secs: i64,
+    },
+}
+
+/// Refuses a message any of whose events lies more than `max_skew` ahead of `now`.
+///
+/// # Errors
+///
+/// [`NormalizeError::FromTheFuture`] naming the first such event.
+pub fn check_times(
+    events: &[LifecycleEvent],
+    now: DateTime<Utc>,
+    max_skew: chrono::Duration,
+) -> Result<(), NormalizeError> {
+    match events.iter().find(|e| e.time > now + max_skew) {
+        Some(e) => Err(NormalizeError::FromTheFuture {
+            id: e.event_id.clone(),
+            time: e.time,
+            ahead_secs: (e.time - now).num_seconds(),
+            max_secs: max_skew.num_seconds(),
+        }),
+        None => Ok(()),
+    }
 }
 
 impl NormalizeError {

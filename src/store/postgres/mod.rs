@@ -4,8 +4,8 @@
 //! costs a fixed handful of round trips whatever its size.
 
 use super::{
-    AccessUpdate, AuditRow, Channel, KekRow, KekView, NewOutbox, NewTenant, OutboxRow, StoreError,
-    TenantRow, TenantView,
+    AccessUpdate, AuditRow, Channel, KekRow, KekView, NewOutbox, NewTenant, ObserveDone,
+    ObserveTarget, OutboxRow, StoreError, TenantRow, TenantView,
 };
 use crate::domain::{KekStatus, LifecycleEvent, Provider};
 use chrono::{DateTime, Utc};
@@ -68,7 +68,16 @@ fn key_columns(keys: &[(Provider, String)]) -> (Vec<&'static str>, Vec<&str>) {
     keys.iter().map(|(p, k)| (p.as_str(), k.as_str())).unzip()
 }
 
+/// Select-list of a KEK (`k`) read back by [`kek_row`]. Only keys a replacement is still
+/// moving DEKs off are counted: that count decides access while such a key is unusable.
+const KEK_COLUMNS: &str = "k.id, k.tenant_id, k.is_primary, k.retired_at IS NOT NULL AS retired,
+    k.provider, k.key_ref, k.state, k.revoked, k.current_version, k.expires_at,
+    k.expiry_event_at, k.claim, k.watch_gen,
+    CASE WHEN k.is_primary OR k.retired_at IS NOT NULL THEN 0
+         ELSE (SELECT count(*) FROM deks d WHERE d.kek_id = k.id) END AS held_deks";
+
 fn kek_status(row: &PgRow) -> Result<KekStatus, StoreError> {
+    let claim: Option<String> = row.try_get("claim")?;
     Ok(KekStatus {
         provider: parse(row, "provider")?,
         key_ref: row.try_get("key_ref")?,
@@ -76,9 +85,26 @@ fn kek_status(row: &PgRow) -> Result<KekStatus, StoreError> {
         revoked: row.try_get("revoked")?,
         current_version: row.try_get("current_version")?,
         expires_at: row.try_get("expires_at")?,
-        state_changed_at: row.try_get("state_changed_at")?,
-        version_changed_at: row.try_get("version_changed_at")?,
-        expiry_changed_at: row.try_get("expiry_changed_at")?,
+        expiry_event_at: row.try_get("expiry_event_at")?,
+        claim: claim
+            .map(|c| c.parse())
+            .transpose()
+            .map_err(|e: crate::domain::UnknownName| {
+                StoreError::Other(sqlx::Error::Decode(format!("column claim: {e}").into()))
+            })?,
+    })
+}
+
+/// A row selected with [`KEK_COLUMNS`].
+fn kek_row(r: &PgRow) -> Result<KekRow, StoreError> {
+    Ok(KekRow {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        is_primary: r.try_get("is_primary")?,
+        retired: r.try_get("retired")?,
+        held_deks: r.try_get("held_deks")?,
+        watch_gen: r.try_get("watch_gen")?,
+        status: kek_status(r)?,
     })
 }
 
@@ -170,10 +196,10 @@ impl PgStore {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("tenant {id:?}")))?;
+        let now = Utc::now();
         let keks = sqlx::query(
             "SELECT provider, key_ref, state, revoked, current_version, expires_at,
-                    state_changed_at, version_changed_at, expiry_changed_at, is_primary,
-                    retired_at
+                    expiry_event_at, claim, is_primary, retired_at, observed_at
              FROM keks WHERE tenant_id = $1 ORDER BY is_primary DESC, id",
         )
         .bind(id)
@@ -184,13 +210,17 @@ impl PgStore {
             let s = kek_status(r)?;
             Ok(KekView {
                 provider: s.provider,
+                state: crate::domain::kek::shown_state(&s, now),
+                observed_state: crate::domain::kek::effective_state(&s, now),
+                confirmed: s.claim.is_none(),
+                claim: s.claim,
                 key_ref: s.key_ref,
-                state: s.state,
-                revoked: s.revoked,
+                revoked: s.revoked || s.claim == Some(crate::domain::EventKind::AccessRevoked),
                 current_version: s.current_version,
                 expires_at: s.expires_at,
                 primary: r.try_get("is_primary")?,
                 retired_at: r.try_get("retired_at")?,
+                observed_at: r.try_get("observed_at")?,
             })
         })
         .collect::<Result<_, StoreError>>()?;
@@ -209,7 +239,6 @@ impl PgStore {
         &self,
         tenant_id: &str,
         s: &KekStatus,
-        access: &AccessUpdate,
         audit: &AuditRow,
         replace: bool,
     ) -> Result<Option<i64>, StoreError> {
@@ -247,8 +276,8 @@ impl PgStore {
         }
         let new_id: Option<i64> = sqlx::query_scalar(
             "INSERT INTO keks (tenant_id, provider, key_ref, state, revoked, current_version,
-                               expires_at, state_changed_at, version_changed_at, expiry_changed_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                               expires_at, observed_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, now())
              ON CONFLICT (provider, key_ref) DO NOTHING
              RETURNING id",
         )
@@ -259,9 +288,6 @@ impl PgStore {
         .bind(s.revoked)
         .bind(&s.current_version)
         .bind(s.expires_at)
-        .bind(s.state_changed_at)
-        .bind(s.version_changed_at)
-        .bind(s.expiry_changed_at)
         .fetch_optional(&mut *tx.tx)
         .await?;
         let Some(new_id) = new_id else {
@@ -285,11 +311,53 @@ impl PgStore {
                 .await?,
             );
         }
-        tx.update_access(std::slice::from_ref(access)).await?;
         tx.audit(std::slice::from_ref(audit)).await?;
         tx.commit().await?;
         Ok(job_id)
     }
+
+    pub(super) async fn tenant_keks(&self, tenant_id: &str) -> Result<Vec<KekRow>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {KEK_COLUMNS} FROM keks k WHERE k.tenant_id = $1 ORDER BY k.id"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(tenant_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(kek_row).collect()
+    }
+
+    pub(super) async fn claim_confirmations(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<ObserveTarget>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE keks k SET confirm_due_at = $2
+             WHERE k.id IN (SELECT id FROM keks
+                            WHERE confirm_due_at <= $1
+                            ORDER BY confirm_due_at LIMIT $3
+                            FOR UPDATE SKIP LOCKED)
+             RETURNING k.id, k.provider, k.key_ref, k.watch_gen, k.confirm_attempts",
+        )
+        .bind(now)
+        .bind(lease_until)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(observe_target).collect()
+    }
+}
+
+fn observe_target(r: &PgRow) -> Result<ObserveTarget, StoreError> {
+    Ok(ObserveTarget {
+        kek_id: r.try_get("id")?,
+        provider: parse(r, "provider")?,
+        key_ref: r.try_get("key_ref")?,
+        watch_gen: r.try_get("watch_gen")?,
+        attempts: r.try_get("confirm_attempts")?,
+    })
 }
 
 impl PgTx {
@@ -298,31 +366,45 @@ impl PgTx {
         events: &[&LifecycleEvent],
     ) -> Result<Vec<bool>, StoreError> {
         let providers: Vec<&str> = events.iter().map(|e| e.provider.as_str()).collect();
+        let sources: Vec<&str> = events.iter().map(|e| e.source.as_str()).collect();
         let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
         let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
         let keys: Vec<&str> = events.iter().map(|e| e.key_ref.as_str()).collect();
         let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.time).collect();
         let rows = sqlx::query(
-            "INSERT INTO processed_events (provider, event_id, kind, key_ref, event_time)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-                                  $5::timestamptz[])
+            "INSERT INTO processed_events (provider, source, event_id, kind, key_ref, event_time)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::timestamptz[])
              ON CONFLICT DO NOTHING
-             RETURNING provider, event_id",
+             RETURNING provider, source, event_id",
         )
         .bind(&providers)
+        .bind(&sources)
         .bind(&ids)
         .bind(&kinds)
         .bind(&keys)
         .bind(&times)
         .fetch_all(&mut *self.tx)
         .await?;
-        let mut fresh: HashSet<(String, String)> = rows
+        let mut fresh: HashSet<(String, String, String)> = rows
             .iter()
-            .map(|r| Ok((r.try_get("provider")?, r.try_get("event_id")?)))
+            .map(|r| {
+                Ok((
+                    r.try_get("provider")?,
+                    r.try_get("source")?,
+                    r.try_get("event_id")?,
+                ))
+            })
             .collect::<Result<_, sqlx::Error>>()?;
         Ok(events
             .iter()
-            .map(|e| fresh.remove(&(e.provider.as_str().to_owned(), e.event_id.clone())))
+            .map(|e| {
+                fresh.remove(&(
+                    e.provider.as_str().to_owned(),
+                    e.source.clone(),
+                    e.event_id.clone(),
+                ))
+            })
             .collect())
     }
 
@@ -348,33 +430,51 @@ impl PgTx {
         rows.iter().map(tenant_row).collect()
     }
 
-    pub(super) async fn keks(
+    pub(super) async fn lock_tenants_of_keks(
         &mut self,
-        keys: &[(Provider, String)],
+        kek_ids: &[i64],
+    ) -> Result<Vec<TenantRow>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {TENANT_RECIPIENTS}
+             FROM tenants t
+             WHERE t.id IN (SELECT k.tenant_id FROM keks k WHERE k.id = ANY($1))
+             ORDER BY t.id
+             FOR UPDATE OF t"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(kek_ids)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        rows.iter().map(tenant_row).collect()
+    }
+
+    pub(super) async fn lock_tenants(
+        &mut self,
+        ids: &[String],
+    ) -> Result<Vec<TenantRow>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {TENANT_RECIPIENTS}
+             FROM tenants t
+             WHERE t.id = ANY($1)
+             ORDER BY t.id
+             FOR UPDATE OF t"
+        ));
+        let rows = sqlx::query(sql).bind(ids).fetch_all(&mut *self.tx).await?;
+        rows.iter().map(tenant_row).collect()
+    }
+
+    pub(super) async fn keks_of_tenants(
+        &mut self,
+        tenants: &[String],
     ) -> Result<Vec<KekRow>, StoreError> {
-        let (providers, refs) = key_columns(keys);
-        let rows = sqlx::query(
-            "SELECT k.id, k.tenant_id, k.is_primary, k.provider, k.key_ref, k.state, k.revoked,
-                    k.current_version, k.expires_at, k.state_changed_at, k.version_changed_at,
-                    k.expiry_changed_at
-             FROM keks k
-             JOIN UNNEST($1::text[], $2::text[]) AS u(provider, key_ref)
-               ON k.provider = u.provider AND k.key_ref = u.key_ref",
-        )
-        .bind(&providers)
-        .bind(&refs)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(KekRow {
-                    id: r.try_get("id")?,
-                    tenant_id: r.try_get("tenant_id")?,
-                    is_primary: r.try_get("is_primary")?,
-                    status: kek_status(r)?,
-                })
-            })
-            .collect()
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {KEK_COLUMNS} FROM keks k WHERE k.tenant_id = ANY($1) ORDER BY k.id"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(tenants)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        rows.iter().map(kek_row).collect()
     }
 
     pub(super) async fn update_keks(&mut self, keks: &[KekRow]) -> Result<(), StoreError> {
@@ -390,20 +490,19 @@ impl PgTx {
             .collect();
         let expires: Vec<Option<DateTime<Utc>>> =
             keks.iter().map(|k| k.status.expires_at).collect();
-        let state_at: Vec<DateTime<Utc>> = keks.iter().map(|k| k.status.state_changed_at).collect();
-        let version_at: Vec<DateTime<Utc>> =
-            keks.iter().map(|k| k.status.version_changed_at).collect();
-        let expiry_at: Vec<DateTime<Utc>> =
-            keks.iter().map(|k| k.status.expiry_changed_at).collect();
+        let expiry_event: Vec<Option<DateTime<Utc>>> =
+            keks.iter().map(|k| k.status.expiry_event_at).collect();
+        let claims: Vec<Option<&str>> = keks
+            .iter()
+            .map(|k| k.status.claim.map(|c| c.as_str()))
+            .collect();
         sqlx::query(
             "UPDATE keks k SET state = u.state, revoked = u.revoked,
                     current_version = u.current_version, expires_at = u.expires_at,
-                    state_changed_at = u.state_at, version_changed_at = u.version_at,
-                    expiry_changed_at = u.expiry_at, updated_at = now()
+                    expiry_event_at = u.expiry_event_at, claim = u.claim, updated_at = now()
              FROM UNNEST($1::bigint[], $2::text[], $3::bool[], $4::text[], $5::timestamptz[],
-                         $6::timestamptz[], $7::timestamptz[], $8::timestamptz[])
-                 AS u(id, state, revoked, current_version, expires_at, state_at, version_at,
-                      expiry_at)
+                         $6::timestamptz[], $7::text[])
+                 AS u(id, state, revoked, current_version, expires_at, expiry_event_at, claim)
              WHERE k.id = u.id",
         )
         .bind(&ids)
@@ -411,12 +510,80 @@ impl PgTx {
         .bind(&revoked)
         .bind(&versions)
         .bind(&expires)
-        .bind(&state_at)
-        .bind(&version_at)
-        .bind(&expiry_at)
+        .bind(&expiry_event)
+        .bind(&claims)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
+    }
+
+    pub(super) async fn request_confirmation(
+        &mut self,
+        kek_ids: &[i64],
+        due: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        if kek_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE keks SET confirm_due_at = LEAST(COALESCE(confirm_due_at, $2), $2),
+                             watch_gen = watch_gen + 1
+             WHERE id = ANY($1)",
+        )
+        .bind(kek_ids)
+        .bind(due)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn finish_observations(
+        &mut self,
+        done: &[ObserveDone],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = done.iter().map(|d| d.kek_id).collect();
+        let gens: Vec<i64> = done.iter().map(|d| d.watch_gen).collect();
+        let answered: Vec<bool> = done.iter().map(|d| d.answered).collect();
+        let set_due: Vec<bool> = done.iter().map(|d| d.next_due.is_some()).collect();
+        let due: Vec<Option<DateTime<Utc>>> = done.iter().map(|d| d.next_due.flatten()).collect();
+        sqlx::query(
+            "UPDATE keks k SET
+                 confirm_due_at = CASE WHEN k.watch_gen <> u.gen OR NOT u.set_due
+                                       THEN k.confirm_due_at ELSE u.due END,
+                 confirm_attempts = CASE WHEN u.answered THEN 0 ELSE k.confirm_attempts + 1 END,
+                 observed_at = CASE WHEN u.answered THEN $6 ELSE k.observed_at END
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::bool[], $4::bool[], $5::timestamptz[])
+                 AS u(id, gen, answered, set_due, due)
+             WHERE k.id = u.id",
+        )
+        .bind(&ids)
+        .bind(&gens)
+        .bind(&answered)
+        .bind(&set_due)
+        .bind(&due)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn dek_counts(
+        &mut self,
+        kek_ids: &[i64],
+    ) -> Result<Vec<(i64, i64)>, StoreError> {
+        if kek_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_as(
+            "SELECT kek_id, count(*) FROM deks WHERE kek_id = ANY($1) GROUP BY kek_id",
+        )
+        .bind(kek_ids)
+        .fetch_all(&mut *self.tx)
+        .await?)
     }
 
     pub(super) async fn update_access(

@@ -1,7 +1,7 @@
 //! PostgreSQL SQL of the sweeps.
 
 use super::{PgStore, PgTx, TENANT_RECIPIENTS, parse, tenant_row};
-use crate::store::{ExpiringKek, NewOutbox, ProbeRecord, ProbeTarget, StoreError};
+use crate::store::{ExpiringKek, NewOutbox, ObserveTarget, ProbeRecord, ProbeTarget, StoreError};
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
@@ -111,7 +111,7 @@ impl PgStore {
 
     pub(crate) async fn probe_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
         let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT k.id, k.provider, k.key_ref, k.state, k.revoked, k.current_version,
+            "SELECT k.id, k.provider, k.key_ref, k.watch_gen, k.confirm_attempts,
                     k.unreachable_since, k.unreachable_notified_at IS NOT NULL AS notified,
                     {TENANT_RECIPIENTS}
              FROM keks k JOIN tenants t ON t.id = k.tenant_id
@@ -122,13 +122,14 @@ impl PgStore {
         rows.iter()
             .map(|r| {
                 Ok(ProbeTarget {
-                    kek_id: r.try_get("id")?,
+                    key: ObserveTarget {
+                        kek_id: r.try_get("id")?,
+                        provider: parse(r, "provider")?,
+                        key_ref: r.try_get("key_ref")?,
+                        watch_gen: r.try_get("watch_gen")?,
+                        attempts: r.try_get("confirm_attempts")?,
+                    },
                     tenant: tenant_row(r)?,
-                    provider: parse(r, "provider")?,
-                    key_ref: r.try_get("key_ref")?,
-                    state: parse(r, "state")?,
-                    revoked: r.try_get("revoked")?,
-                    current_version: r.try_get("current_version")?,
                     unreachable_since: r.try_get("unreachable_since")?,
                     unreachable_notified: r.try_get("notified")?,
                 })
