@@ -13,6 +13,7 @@
 
 use crate::domain::Provider;
 use crate::kms::{DekContext, Kms, KmsError, KmsProvider, Wrapped, WrappedRef};
+use crate::lifecycle;
 use crate::notify::tenant_notifications;
 use crate::store::{JobKind, RewrapJob, RewrappedDek, Store, StoreError};
 use chrono::{DateTime, Utc};
@@ -294,6 +295,13 @@ impl Rewrapper {
         self.store
             .defer_rewrap_job(job.id, waiting, now + delay, &e.to_string())
             .await?;
+        if waiting {
+            // The KMS refused a key: look at both ends now, so the tenant's access shows a
+            // key that cannot give up its DEKs (and the job resumes when it can).
+            self.store
+                .request_confirmation(&[job.kek.0, job.target.0], now)
+                .await?;
+        }
         Ok(Step::Deferred)
     }
 
@@ -355,6 +363,17 @@ impl Rewrapper {
             tx.enqueue(&rows).await?;
         }
         tx.commit().await?;
+        if job.kind == JobKind::Replacement && state == "completed" {
+            // The old key holds no DEK any more: it stops counting for the tenant's access.
+            let cause = lifecycle::Cause::new("replacement", Some((job.kek.1, job.kek.2.clone())));
+            lifecycle::refresh_access(
+                &self.store,
+                std::slice::from_ref(&job.tenant_id),
+                &cause,
+                now,
+            )
+            .await?;
+        }
         metrics::counter!("byokd_rewrap_jobs_finished_total", "state" => state).increment(1);
         tracing::info!(job = job.id, tenant = %job.tenant_id, state, done, failed,
             "re-wrap job finished");

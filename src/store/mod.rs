@@ -390,6 +390,18 @@ impl Store {
         dispatch!(self, s => s.register_kek(tenant_id, status, audit, replace).await)
     }
 
+    /// Asks for KEKs to be observed at their KMS at `due` (see
+    /// [`StoreTx::request_confirmation`]), in a transaction of its own.
+    pub async fn request_confirmation(
+        &self,
+        kek_ids: &[i64],
+        due: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        tx.request_confirmation(kek_ids, due).await?;
+        tx.commit().await
+    }
+
     /// Every KEK of a tenant (retired ones included), for deriving its access at read time.
     pub async fn tenant_keks(&self, tenant_id: &str) -> Result<Vec<KekRow>, StoreError> {
         dispatch!(self, s => s.tenant_keks(tenant_id).await)
