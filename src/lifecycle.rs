@@ -283,7 +283,7 @@ async fn write(
     plan: &Plan,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    tx.update_keks(&plan.keks).await?;
+    tx.update_keks(&plan.keks, now).await?;
     tx.update_access(&plan.access).await?;
     tx.audit(&plan.audit).await?;
     tx.enqueue(&plan.outbox).await?;
@@ -550,7 +550,16 @@ pub async fn apply_observations(
         };
         let (kek_id, tenant_id, is_primary) = (kek.id, kek.tenant_id.clone(), kek.is_primary);
         let before = kek.status.clone();
-        let newer_claim = kek.watch_gen != target.watch_gen;
+        // A claim made while the KMS was being asked, or too recently for the KMS to show
+        // it yet, waits for an answer of its own.
+        let young = kek
+            .claimed_at
+            .filter(|at| now - *at < CLAIM_SETTLE)
+            .map(|at| at + CLAIM_SETTLE);
+        let newer_claim = kek.watch_gen != target.watch_gen || young.is_some();
+        if let Some(settled) = young {
+            finish.next_due = Some(Some(settled));
+        }
         let effect = kek::apply_observation(&before, observation, newer_claim, now);
         let key = (before.provider, before.key_ref.clone());
         if let Some(claim) = effect.unconfirmed {

@@ -286,12 +286,17 @@ async fn late_and_lost_expiry_events_end_where_the_kms_is() {
         let key = format!("key-{tenant}");
         app.tenant_with_key(tenant, &key).await;
         app.kms_do(&key, "expired", &json!({})).await;
+        let since = Utc::now();
         app.publish("expired", &key, Utc::now(), json!({})).await;
         wait_access(&app, tenant, "encrypt_blocked").await;
+        // Confirmed by the KMS: from here on only the probe can learn what happens next.
+        app.wait_observed(&key, since).await;
         if let Some(kind) = extra {
             app.kms_do(&key, kind, &json!({})).await;
+            let since = Utc::now();
             app.publish(kind, &key, Utc::now(), json!({})).await;
             wait_access(&app, tenant, "inaccessible").await;
+            app.wait_observed(&key, since).await;
             app.kms_do(&key, "enabled", &json!({})).await;
         }
         app.kms_do(&key, "expiry_changed", &json!({ "expires_at": future }))

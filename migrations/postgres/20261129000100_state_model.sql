@@ -11,6 +11,9 @@ ALTER TABLE keks
     -- The unconfirmed revoking event in force, if any (the strongest of those received).
     ADD COLUMN claim TEXT
         CHECK (claim IN ('disabled', 'deletion_scheduled', 'destroyed', 'access_revoked', 'expired')),
+    -- When the claim in force was made (byokd's clock): a claim younger than the settle
+    -- time is not settled by an observation, which may still see the KMS's old state.
+    ADD COLUMN claimed_at TIMESTAMPTZ,
     -- When byokd last had a definitive answer from the KMS about this key (byokd's clock).
     ADD COLUMN observed_at TIMESTAMPTZ,
     -- Provider time of the last expiry event (providers whose KMS holds no expiry).

@@ -126,6 +126,8 @@ pub struct KekRow {
     pub held_deks: i64,
     /// Bumped by every event that asks for confirmation (see [`ObserveTarget`]).
     pub watch_gen: i64,
+    /// When the claim in force was made.
+    pub claimed_at: Option<DateTime<Utc>>,
     /// The state-model part.
     pub status: KekStatus,
 }
@@ -456,9 +458,14 @@ impl StoreTx {
         dispatch!(self, t => t.keks_of_tenants(tenants).await)
     }
 
-    /// Writes the state-model part of each KEK (observed fields, claim, expiry record).
-    pub async fn update_keks(&mut self, keks: &[KekRow]) -> Result<(), StoreError> {
-        dispatch!(self, t => t.update_keks(keks).await)
+    /// Writes the state-model part of each KEK (observed fields, claim, expiry record); a
+    /// claim that changed is stamped `now`.
+    pub async fn update_keks(
+        &mut self,
+        keks: &[KekRow],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, t => t.update_keks(keks, now).await)
     }
 
     /// Asks for each KEK to be observed at `due` (or earlier, if already due earlier), and

@@ -72,7 +72,7 @@ fn key_columns(keys: &[(Provider, String)]) -> (Vec<&'static str>, Vec<&str>) {
 /// moving DEKs off are counted: that count decides access while such a key is unusable.
 const KEK_COLUMNS: &str = "k.id, k.tenant_id, k.is_primary, k.retired_at IS NOT NULL AS retired,
     k.provider, k.key_ref, k.state, k.revoked, k.current_version, k.expires_at,
-    k.expiry_event_at, k.claim, k.watch_gen,
+    k.expiry_event_at, k.claim, k.claimed_at, k.watch_gen,
     CASE WHEN k.is_primary OR k.retired_at IS NOT NULL THEN 0
          ELSE (SELECT count(*) FROM deks d WHERE d.kek_id = k.id) END AS held_deks";
 
@@ -104,6 +104,7 @@ fn kek_row(r: &PgRow) -> Result<KekRow, StoreError> {
         retired: r.try_get("retired")?,
         held_deks: r.try_get("held_deks")?,
         watch_gen: r.try_get("watch_gen")?,
+        claimed_at: r.try_get("claimed_at")?,
         status: kek_status(r)?,
     })
 }
@@ -477,7 +478,11 @@ impl PgTx {
         rows.iter().map(kek_row).collect()
     }
 
-    pub(super) async fn update_keks(&mut self, keks: &[KekRow]) -> Result<(), StoreError> {
+    pub(super) async fn update_keks(
+        &mut self,
+        keks: &[KekRow],
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         if keks.is_empty() {
             return Ok(());
         }
@@ -499,7 +504,11 @@ impl PgTx {
         sqlx::query(
             "UPDATE keks k SET state = u.state, revoked = u.revoked,
                     current_version = u.current_version, expires_at = u.expires_at,
-                    expiry_event_at = u.expiry_event_at, claim = u.claim, updated_at = now()
+                    expiry_event_at = u.expiry_event_at, claim = u.claim,
+                    claimed_at = CASE WHEN u.claim IS NULL THEN NULL
+                                      WHEN k.claim IS DISTINCT FROM u.claim THEN $8
+                                      ELSE k.claimed_at END,
+                    updated_at = now()
              FROM UNNEST($1::bigint[], $2::text[], $3::bool[], $4::text[], $5::timestamptz[],
                          $6::timestamptz[], $7::text[])
                  AS u(id, state, revoked, current_version, expires_at, expiry_event_at, claim)
@@ -512,6 +521,7 @@ impl PgTx {
         .bind(&expires)
         .bind(&expiry_event)
         .bind(&claims)
+        .bind(now)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
