@@ -106,6 +106,15 @@ async fn seed(app: &TestApp) {
     .execute(&app.pool)
     .await
     .unwrap();
+    // The keys exist at the KMS (enabled), as they would: each event is confirmed there.
+    app.create_local_keys((0..KEYS + PROBES).map(|g| {
+        if g < KEYS {
+            format!("key-{g}")
+        } else {
+            format!("probe-{g}")
+        }
+    }))
+    .await;
 }
 
 async fn wait_count(app: &TestApp, n: i64) {

@@ -178,6 +178,13 @@ async fn main() {
     ] {
         sqlx::query(sql).execute(&app.pool).await.unwrap();
     }
+    // The keys exist at the KMS (enabled), as they would: each event is confirmed there.
+    app.create_local_keys(
+        (0..1000)
+            .map(|g| format!("key-{g}"))
+            .chain((0..2 * PROBES).map(|g| format!("probe-{g}"))),
+    )
+    .await;
     sqlx::query("VACUUM ANALYZE")
         .execute(&app.pool)
         .await

@@ -373,6 +373,16 @@ impl TestApp {
         .await;
     }
 
+    /// Creates many keys in the local KMS (benchmarks seed their KEK rows in SQL; the keys
+    /// must exist at the KMS too, or confirming an event would find them gone).
+    #[allow(dead_code)]
+    pub async fn create_local_keys(&self, names: impl IntoIterator<Item = String>) {
+        let kms = self.local_kms().await;
+        for name in names {
+            kms.create(&name, None).await.expect("create local key");
+        }
+    }
+
     /// Creates a tenant and a local KEK straight in the database (the daemon may be stopped).
     pub async fn tenant_with_key_offline(&self, tenant: &str, key_ref: &str) {
         self.create_local_key(key_ref).await;
