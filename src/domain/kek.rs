@@ -393,8 +393,12 @@ pub fn apply_observation(
     now: DateTime<Utc>,
 ) -> ObservationEffect {
     if kek.state == KeyState::Destroyed {
+        // Final: a claim on a destroyed key has nothing left to confirm.
         return ObservationEffect {
-            next: None,
+            next: kek.claim.map(|_| KekStatus {
+                claim: None,
+                ..kek.clone()
+            }),
             unconfirmed: None,
             destroyed: false,
         };
@@ -419,6 +423,10 @@ pub fn apply_observation(
         if usability(&next, now) == Usability::Usable {
             unconfirmed = Some(claim);
         }
+    }
+    if next.state == KeyState::Destroyed {
+        // Whatever claim came in meanwhile, the KMS's own `destroyed` outranks it for good.
+        next.claim = None;
     }
     ObservationEffect {
         destroyed: next.state == KeyState::Destroyed,
@@ -621,6 +629,13 @@ mod tests {
         }
         let after = apply_observation(&gone, &observe(KeyState::Enabled, false), false, t(2));
         assert_eq!(after.next, None);
+        // A claim that raced with the destroying observation does not outlive it.
+        let raced = apply_observation(&claimed, &observe(KeyState::Destroyed, false), true, t(1));
+        assert_eq!(raced.next.expect("changed").claim, None);
+        let mut late = gone.clone();
+        late.claim = Some(EventKind::Disabled);
+        let cleared = apply_observation(&late, &observe(KeyState::Destroyed, false), true, t(3));
+        assert_eq!(cleared.next.expect("changed").claim, None);
     }
 
     #[test]

@@ -602,8 +602,8 @@ pub fn canonical(id: &str, kind: &str, key_ref: &str, at: DateTime<Utc>, data: V
 }
 
 /// Runs one confirmation round as the daemon's loop would, for tests that drive the engine
-/// themselves: every key an event asked about (revocations' settle time included) is
-/// observed at its KMS and the answers applied.
+/// themselves: every key due within the next 5 s is observed at its KMS and the answers
+/// applied (a claim younger than `lifecycle::CLAIM_SETTLE` stays for a later answer).
 pub async fn confirm_round(store: &byokd::store::Store, kms: &byokd::kms::Kms) {
     let notify = || std::sync::Arc::new(tokio::sync::Notify::new());
     let confirmer = byokd::reconcile::Confirmer::new(
