@@ -98,7 +98,7 @@ async fn measure(
                     &format!("{round}-probe-{p}"),
                     "disabled",
                     &format!("probe-{p}"),
-                    at(1_000_000),
+                    chrono::Utc::now(),
                     json!({}),
                 );
                 sent.lock().await.insert(format!("p{p}"), Instant::now());

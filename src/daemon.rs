@@ -154,9 +154,13 @@ pub async fn run(
         .map(|_| tokio::spawn(rewrap::rewrap_loop(rewrapper.clone(), stop_rx.clone())))
         .collect();
 
+    // Confirmations and sweeps ask KMSs in bursts (the local KMS through the database): a
+    // pool of their own keeps them from taking the consumer's connections.
+    let reconcile_store = Store::connect(&database_url, config.state.database_connections).await?;
+    let reconcile_kms = build_kms(&reconcile_store, &root_key, &config.kms)?;
     let confirmer = Confirmer::new(
-        store.clone(),
-        kms.clone(),
+        reconcile_store.clone(),
+        reconcile_kms.clone(),
         config.state.clone(),
         confirm_work.clone(),
         access_changed.clone(),
@@ -165,8 +169,8 @@ pub async fn run(
     let confirms = tokio::spawn(reconcile::confirm_loop(confirmer, stop_rx.clone()));
 
     let sweeper = Sweeper {
-        store: store.clone(),
-        kms: kms.clone(),
+        store: reconcile_store,
+        kms: reconcile_kms,
         schedules,
         wake: Wakers {
             access: access_changed.clone(),

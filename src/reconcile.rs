@@ -13,7 +13,7 @@
 //! [`lifecycle::apply_observations`].
 
 use crate::domain::{KeyState, Observation};
-use crate::kms::{Dek, DekContext, Kms, KmsError, KmsProvider, WrappedRef};
+use crate::kms::{Kms, KmsError, KmsProvider, round_trip};
 use crate::lifecycle::{self, Answer, ObservedReport, Unanswered};
 use crate::store::{ObserveTarget, Store, StoreError};
 use chrono::{DateTime, Utc};
@@ -21,7 +21,6 @@ use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
-use uuid::Uuid;
 
 /// Asks `target`'s KMS about the key, within `timeout`.
 pub async fn observe(kms: &Kms, target: &ObserveTarget, timeout: Duration) -> Answer {
@@ -84,35 +83,7 @@ async fn observe_with<P: KmsProvider>(kms: &P, key_ref: &str) -> Answer {
         return Answer::Known(observed);
     }
     // Metadata says usable; only a real wrap and unwrap shows byokd may still use it.
-    let dek = Dek::generate();
-    let ctx = DekContext {
-        tenant_id: "byokd-key-probe",
-        dek_id: Uuid::now_v7(),
-    };
-    let round_trip = async {
-        let wrapped = kms
-            .wrap_many(key_ref, None, &[(&dek, ctx)])
-            .await?
-            .pop()
-            .ok_or(KmsError::Integrity)?;
-        let back = kms
-            .unwrap_many(
-                key_ref,
-                &[WrappedRef {
-                    ctx,
-                    version: &wrapped.version,
-                    ciphertext: &wrapped.ciphertext,
-                }],
-            )
-            .await?
-            .pop()
-            .ok_or(KmsError::Integrity)??;
-        if back.expose() != dek.expose() {
-            return Err(KmsError::Integrity);
-        }
-        Ok(())
-    };
-    match round_trip.await {
+    match round_trip(kms, key_ref).await {
         Ok(()) => Answer::Known(observed),
         Err(e) => match definitive(&e) {
             Some(refused) => {
@@ -160,6 +131,8 @@ pub struct StateSettings {
     pub poll_ms: u64,
     /// Longest wait between attempts while a KMS gives no answer.
     pub retry_max_secs: u64,
+    /// Database connections of the confirmation loop and the sweeps (a pool of their own).
+    pub database_connections: u32,
 }
 
 impl Default for StateSettings {
@@ -167,10 +140,11 @@ impl Default for StateSettings {
         StateSettings {
             max_event_skew_secs: 300,
             observe_timeout_secs: 10,
-            concurrency: 16,
+            concurrency: 4,
             batch: 256,
             poll_ms: 500,
             retry_max_secs: 60,
+            database_connections: 4,
         }
     }
 }

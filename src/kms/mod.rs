@@ -318,6 +318,43 @@ async fn rewrap_via<P: KmsProvider + ?Sized>(
         .collect())
 }
 
+/// Wraps a throwaway DEK bound to a throwaway context under `key_ref` and unwraps it again:
+/// the one way to know byokd may still use a key whose metadata says it is enabled (a
+/// revoked grant or policy does not show in the metadata).
+///
+/// # Errors
+///
+/// The provider's error for whichever call refused, or [`KmsError::Integrity`] when the
+/// key gave back something else.
+pub async fn round_trip<P: KmsProvider + ?Sized>(kms: &P, key_ref: &str) -> Result<(), KmsError> {
+    let dek = Dek::generate();
+    let ctx = DekContext {
+        tenant_id: "byokd-key-test",
+        dek_id: Uuid::now_v7(),
+    };
+    let wrapped = kms
+        .wrap_many(key_ref, None, &[(&dek, ctx)])
+        .await?
+        .pop()
+        .ok_or(KmsError::Integrity)?;
+    let back = kms
+        .unwrap_many(
+            key_ref,
+            &[WrappedRef {
+                ctx,
+                version: &wrapped.version,
+                ciphertext: &wrapped.ciphertext,
+            }],
+        )
+        .await?
+        .pop()
+        .ok_or(KmsError::Integrity)??;
+    if back.expose() != dek.expose() {
+        return Err(KmsError::Integrity);
+    }
+    Ok(())
+}
+
 /// The configured providers, by name.
 #[derive(Debug, Clone)]
 pub enum Backend {
@@ -426,31 +463,7 @@ impl Kms {
                 operation: "wrap",
             });
         }
-        let dek = Dek::generate();
-        let ctx = DekContext {
-            tenant_id: "byokd-key-test",
-            dek_id: Uuid::now_v7(),
-        };
-        let wrapped = kms
-            .wrap_many(key_ref, None, &[(&dek, ctx)])
-            .await?
-            .pop()
-            .ok_or(KmsError::Integrity)?;
-        let back = kms
-            .unwrap_many(
-                key_ref,
-                &[WrappedRef {
-                    ctx,
-                    version: &wrapped.version,
-                    ciphertext: &wrapped.ciphertext,
-                }],
-            )
-            .await?
-            .pop()
-            .ok_or(KmsError::Integrity)??;
-        if back.expose() != dek.expose() {
-            return Err(KmsError::Integrity);
-        }
+        round_trip(kms, key_ref).await?;
         Ok(info)
     }
 
