@@ -2,8 +2,8 @@
 //! answer into an [`Answer`], and the confirmation loop that does so after every event.
 //!
 //! An observation is the key's metadata plus, where metadata cannot tell (a revoked grant or
-//! policy leaves the key enabled), a test wrap and unwrap of a throwaway DEK bound to a
-//! throwaway context. Each provider classifies its own errors ([`KmsError`]); here a
+//! policy leaves the key enabled: every KMS but byokd's own keyring), a test wrap and unwrap
+//! of a throwaway DEK bound to a throwaway context. Each provider classifies its own errors ([`KmsError`]); here a
 //! definitive error becomes a fact about the key, and anything else ([`KmsError::is_transient`],
 //! or an answer that makes no sense) is indeterminate: it never revokes and never destroys.
 //!
@@ -77,7 +77,7 @@ async fn observe_with<P: KmsProvider>(kms: &P, key_ref: &str) -> Answer {
         version: Some(info.current_version.clone()),
         expires_at: Some(info.expires_at),
     };
-    if info.state != KeyState::Enabled {
+    if info.state != KeyState::Enabled || kms.describe_is_complete() {
         // Refuses wrapping already (expired keys still unwrap: expiry is computed from the
         // date the KMS reports).
         return Answer::Known(observed);
@@ -133,6 +133,8 @@ pub struct StateSettings {
     pub retry_max_secs: u64,
     /// Database connections of the confirmation loop and the sweeps (a pool of their own).
     pub database_connections: u32,
+    /// Pause between two busy confirmation rounds.
+    pub round_gap_ms: u64,
 }
 
 impl Default for StateSettings {
@@ -141,10 +143,11 @@ impl Default for StateSettings {
             max_event_skew_secs: 300,
             observe_timeout_secs: 10,
             concurrency: 4,
-            batch: 256,
+            batch: 64,
             poll_ms: 500,
             retry_max_secs: 60,
             database_connections: 4,
+            round_gap_ms: 100,
         }
     }
 }
@@ -240,9 +243,12 @@ fn backoff(attempts: i32, max_secs: u64) -> chrono::Duration {
 }
 
 /// Runs confirmations until shutdown: at once when woken, otherwise every `poll_ms` (a
-/// revocation's settle time, a retry, another replica's marks).
+/// revocation's settle time, a retry, another replica's marks). After a round that asked the
+/// KMS, the next waits `round_gap_ms`: a backlog keeps making keys due again, and the
+/// consumer shares the database.
 pub async fn confirm_loop(confirmer: Confirmer, mut shutdown: watch::Receiver<bool>) {
     let poll = Duration::from_millis(confirmer.settings.poll_ms.max(10));
+    let gap = Duration::from_millis(confirmer.settings.round_gap_ms);
     loop {
         if *shutdown.borrow() {
             return;
@@ -255,6 +261,10 @@ pub async fn confirm_loop(confirmer: Confirmer, mut shutdown: watch::Receiver<bo
             }
         };
         if busy {
+            tokio::select! {
+                _ = tokio::time::sleep(gap) => {}
+                _ = shutdown.changed() => {}
+            }
             continue;
         }
         tokio::select! {

@@ -33,6 +33,8 @@ ALTER TABLE keks
     ALTER COLUMN expiry_changed_at SET DEFAULT now();
 
 CREATE INDEX keks_confirm_due ON keks (confirm_due_at) WHERE confirm_due_at IS NOT NULL;
+-- Access derives from all of a tenant's keys (a replacement's old key too), read by tenant.
+CREATE INDEX keks_by_tenant ON keks (tenant_id);
 
 -- CloudEvents make (source, id) unique, not (provider, id): two KMS sources may both use
 -- id "evt-0001". Native formats carry a fixed source per provider, so their own id still

@@ -262,6 +262,13 @@ pub trait KmsProvider {
     /// The key's state, current version and expiry.
     async fn describe(&self, key_ref: &str) -> Result<KeyInfo, KmsError>;
 
+    /// Whether [`KmsProvider::describe`] alone tells whether byokd may use the key. A KMS with
+    /// grants or policies (every remote one) can deny byokd a key its metadata calls enabled,
+    /// so observing it takes a test wrap/unwrap as well.
+    fn describe_is_complete(&self) -> bool {
+        false
+    }
+
     /// Wraps each DEK under `version` (`None`: the current version).
     async fn wrap_many(
         &self,
@@ -376,6 +383,10 @@ macro_rules! backend {
 impl KmsProvider for Backend {
     async fn describe(&self, key_ref: &str) -> Result<KeyInfo, KmsError> {
         backend!(self, b => b.describe(key_ref).await)
+    }
+
+    fn describe_is_complete(&self) -> bool {
+        backend!(self, b => b.describe_is_complete())
     }
 
     async fn wrap_many(

@@ -68,13 +68,54 @@ fn key_columns(keys: &[(Provider, String)]) -> (Vec<&'static str>, Vec<&str>) {
     keys.iter().map(|(p, k)| (p.as_str(), k.as_str())).unzip()
 }
 
-/// Select-list of a KEK (`k`) read back by [`kek_row`]. Only keys a replacement is still
-/// moving DEKs off are counted: that count decides access while such a key is unusable.
+/// Select-list of a KEK (`k`) read back by [`kek_row`]; `held_deks` is filled in by
+/// [`count_held`].
 const KEK_COLUMNS: &str = "k.id, k.tenant_id, k.is_primary, k.retired_at IS NOT NULL AS retired,
     k.provider, k.key_ref, k.state, k.revoked, k.current_version, k.expires_at,
-    k.expiry_event_at, k.claim, k.claimed_at, k.watch_gen,
-    CASE WHEN k.is_primary OR k.retired_at IS NOT NULL THEN 0
-         ELSE (SELECT count(*) FROM deks d WHERE d.kek_id = k.id) END AS held_deks";
+    k.expiry_event_at, k.claim, k.claimed_at, k.watch_gen";
+
+/// DEKs wrapped under each of `kek_ids` (any version); keys with none are absent.
+async fn dek_counts<'c, E>(kek_ids: &[i64], db: E) -> Result<Vec<(i64, i64)>, StoreError>
+where
+    E: sqlx::Executor<'c, Database = Postgres>,
+{
+    Ok(
+        sqlx::query_as("SELECT kek_id, count(*) FROM deks WHERE kek_id = ANY($1) GROUP BY kek_id")
+            .bind(kek_ids)
+            .fetch_all(db)
+            .await?,
+    )
+}
+
+/// Counts the DEKs of keys a replacement is still moving DEKs off (not primary, not
+/// retired): that count decides access while such a key is unusable. A separate statement,
+/// run only when there are such keys: as a subquery in every read of a tenant's keys it made
+/// the planner's estimate for a key holding a million DEKs push each read into JIT
+/// compilation, on the path every event takes.
+async fn count_held<'c, E>(rows: &mut [KekRow], db: E) -> Result<(), StoreError>
+where
+    E: sqlx::Executor<'c, Database = Postgres>,
+{
+    let ids: Vec<i64> = rows
+        .iter()
+        .filter(|k| !k.is_primary && !k.retired)
+        .map(|k| k.id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let counts: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT kek_id, count(*) FROM deks WHERE kek_id = ANY($1) GROUP BY kek_id")
+            .bind(&ids)
+            .fetch_all(db)
+            .await?;
+    for (id, n) in counts {
+        if let Some(k) = rows.iter_mut().find(|k| k.id == id) {
+            k.held_deks = n;
+        }
+    }
+    Ok(())
+}
 
 fn kek_status(row: &PgRow) -> Result<KekStatus, StoreError> {
     let claim: Option<String> = row.try_get("claim")?;
@@ -102,7 +143,7 @@ fn kek_row(r: &PgRow) -> Result<KekRow, StoreError> {
         tenant_id: r.try_get("tenant_id")?,
         is_primary: r.try_get("is_primary")?,
         retired: r.try_get("retired")?,
-        held_deks: r.try_get("held_deks")?,
+        held_deks: 0,
         watch_gen: r.try_get("watch_gen")?,
         claimed_at: r.try_get("claimed_at")?,
         status: kek_status(r)?,
@@ -325,7 +366,9 @@ impl PgStore {
             .bind(tenant_id)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(kek_row).collect()
+        let mut keks = rows.iter().map(kek_row).collect::<Result<Vec<_>, _>>()?;
+        count_held(&mut keks, &self.pool).await?;
+        Ok(keks)
     }
 
     pub(super) async fn claim_confirmations(
@@ -475,7 +518,9 @@ impl PgTx {
             .bind(tenants)
             .fetch_all(&mut *self.tx)
             .await?;
-        rows.iter().map(kek_row).collect()
+        let mut keks = rows.iter().map(kek_row).collect::<Result<Vec<_>, _>>()?;
+        count_held(&mut keks, &mut *self.tx).await?;
+        Ok(keks)
     }
 
     pub(super) async fn update_keks(
@@ -562,8 +607,12 @@ impl PgTx {
         let due: Vec<Option<DateTime<Utc>>> = done.iter().map(|d| d.next_due.flatten()).collect();
         sqlx::query(
             "UPDATE keks k SET
-                 confirm_due_at = CASE WHEN k.watch_gen <> u.gen OR NOT u.set_due
-                                       THEN k.confirm_due_at ELSE u.due END,
+                 confirm_due_at = CASE
+                     -- Events came in while the KMS was asked: look again, after a moment
+                     -- for more of them to gather.
+                     WHEN k.watch_gen <> u.gen THEN GREATEST(k.confirm_due_at, $7)
+                     WHEN NOT u.set_due THEN k.confirm_due_at
+                     ELSE u.due END,
                  confirm_attempts = CASE WHEN u.answered THEN 0 ELSE k.confirm_attempts + 1 END,
                  observed_at = CASE WHEN u.answered THEN $6 ELSE k.observed_at END
              FROM UNNEST($1::bigint[], $2::bigint[], $3::bool[], $4::bool[], $5::timestamptz[])
@@ -576,6 +625,7 @@ impl PgTx {
         .bind(&set_due)
         .bind(&due)
         .bind(now)
+        .bind(now + chrono::Duration::milliseconds(250))
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -588,12 +638,7 @@ impl PgTx {
         if kek_ids.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(sqlx::query_as(
-            "SELECT kek_id, count(*) FROM deks WHERE kek_id = ANY($1) GROUP BY kek_id",
-        )
-        .bind(kek_ids)
-        .fetch_all(&mut *self.tx)
-        .await?)
+        dek_counts(kek_ids, &mut *self.tx).await
     }
 
     pub(super) async fn update_access(
