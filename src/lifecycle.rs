@@ -5,7 +5,7 @@
 //!
 //! * [`apply_batch`]: events from the broker or HTTP. A revoking event takes effect at once
 //!   as the key's claim; every event asks for the key to be observed (confirmed) off the
-//!   consumer's path, by [`crate::reconcile`].
+//!   consumer's path, by the confirmation loop (`reconcile`).
 //! * [`apply_observations`]: what the KMS said. It replaces the key's observed record and
 //!   settles the claim; a revocation the KMS does not confirm is audited and raised.
 //! * [`refresh_access`]: recomputes access where nothing but the clock or the tenant's set
@@ -18,7 +18,6 @@
 use crate::domain::kek::{self, EventOutcome, Usability};
 use crate::domain::{Access, EventKind, LifecycleEvent, Observation, Provider};
 use crate::notify::tenant_notifications;
-use crate::rewrap::needs_rewrap;
 use crate::store::{
     AccessUpdate, AuditRow, Channel, JobKind, KekRow, NewOutbox, NewRewrapJob, ObserveDone,
     ObserveTarget, Store, StoreError, TenantRow,
@@ -593,7 +592,7 @@ pub async fn apply_observations(
                 detail: json!({ "before": record(&before), "after": record(&next) }),
             });
             if let (Some(old), Some(new)) = (&before.current_version, &next.current_version)
-                && needs_rewrap(JobKind::Rotation, old, new)
+                && kek::is_newer_version(old, new)
             {
                 ledger.plan.jobs.push(NewRewrapJob {
                     tenant_id: tenant_id.clone(),

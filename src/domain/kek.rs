@@ -357,6 +357,19 @@ pub fn apply_event(kek: &KekStatus, event: &LifecycleEvent, now: DateTime<Utc>) 
     }
 }
 
+/// Whether `candidate` is a newer key version than `current`. Numbered versions (local, Vault)
+/// only move forward, so a DEK already under a newer version is never rolled back; opaque
+/// versions (AWS) are newer whenever they differ.
+pub fn is_newer_version(current: &str, candidate: &str) -> bool {
+    if current == candidate {
+        return false;
+    }
+    match (current.parse::<u64>(), candidate.parse::<u64>()) {
+        (Ok(c), Ok(n)) => c < n,
+        _ => true,
+    }
+}
+
 /// What a KMS said about a key, definitively.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {

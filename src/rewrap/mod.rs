@@ -12,6 +12,7 @@
 //! the key is usable again.
 
 use crate::domain::Provider;
+use crate::domain::kek::is_newer_version;
 use crate::kms::{DekContext, Kms, KmsError, KmsProvider, Wrapped, WrappedRef};
 use crate::lifecycle;
 use crate::notify::tenant_notifications;
@@ -79,20 +80,10 @@ pub enum Step {
     Finished,
 }
 
-/// Whether a DEK under `version` must move to `target`. Providers with numbered versions
-/// (local, Vault) only move older DEKs, so a DEK already wrapped under a newer version by the
-/// KMS's current key is never rolled back; opaque versions (AWS) move whatever differs.
+/// Whether a DEK under `version` must move to `target`: every DEK of a replaced key; in a
+/// rotation, those under an older version ([`is_newer_version`]), never rolling one back.
 pub fn needs_rewrap(kind: JobKind, version: &str, target: &str) -> bool {
-    if kind == JobKind::Replacement {
-        return true;
-    }
-    if version == target {
-        return false;
-    }
-    match (version.parse::<u64>(), target.parse::<u64>()) {
-        (Ok(v), Ok(t)) => v < t,
-        _ => true,
-    }
+    kind == JobKind::Replacement || is_newer_version(version, target)
 }
 
 /// The re-wrap engine shared by a replica's workers.
