@@ -9,7 +9,7 @@
 mod common;
 
 use chrono::{Duration as Days, Utc};
-use common::{TestApp, canonical, next_json, wait_for};
+use common::{TestApp, canonical, next_json, outbox_count, wait_for};
 use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
@@ -54,15 +54,6 @@ async fn wait_access(app: &TestApp, tenant: &str, expected: &str) {
         || async { access(app, tenant).await == expected },
     )
     .await;
-}
-
-async fn outbox_count(app: &TestApp, tenant: &str, kind: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE tenant_id = $1 AND kind = $2")
-        .bind(tenant)
-        .bind(kind)
-        .fetch_one(&app.pool)
-        .await
-        .expect("outbox")
 }
 
 async fn dek_status(app: &TestApp, tenant: &str) -> u16 {

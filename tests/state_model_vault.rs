@@ -20,352 +20,16 @@
 
 mod common;
 
-use byokd::sweeps::{Schedule, Sweeper, Wakers, parse_schedule};
 use chrono::{DateTime, Utc};
-use common::{TestApp, at, next_json, wait_for};
+use common::http_fault::Responder;
+use common::sweeps::{run, sweeper};
+use common::vault::Vault;
+use common::{TestApp, at, next_json, outbox_count, wait_for};
 use serde_json::{Value, json};
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, copy_bidirectional};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use uuid::Uuid;
 
-const PROBE: &str = "name = \"key-probe\"\ncron = \"0 */5 * * * *\"\njob = \"key_probe\"\n[params]\nunreachable_grace_minutes = 30\ntimeout_seconds = 2\n";
-
-fn vault_addr() -> String {
-    std::env::var("BYOKD_TEST_VAULT_ADDR").unwrap_or_else(|_| "http://127.0.0.1:8200".to_owned())
-}
-
-/// A transit mount of this test's own on the shared OpenBao dev server, and the policies made
-/// for it; all removed by [`Vault::cleanup`].
-struct Vault {
-    addr: String,
-    mount: String,
-    http: reqwest::Client,
-    policies: std::sync::Mutex<Vec<String>>,
-}
-
-impl Vault {
-    async fn new() -> Vault {
-        byokd::install_crypto_provider();
-        let vault = Vault {
-            addr: vault_addr(),
-            mount: format!("transit-smv-{}", &Uuid::new_v4().simple().to_string()[..12]),
-            http: common::http_client(),
-            policies: std::sync::Mutex::new(Vec::new()),
-        };
-        vault
-            .root(
-                reqwest::Method::POST,
-                &format!("sys/mounts/{}", vault.mount),
-                Some(json!({ "type": "transit" })),
-            )
-            .await;
-        vault
-    }
-
-    /// A request with the root token; panics unless it succeeds.
-    async fn root(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut request = self
-            .http
-            .request(method, format!("{}/v1/{path}", self.addr))
-            .header("X-Vault-Token", "root");
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.expect("OpenBao reachable");
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        assert!(status.is_success(), "OpenBao {path}: {status} {text}");
-        serde_json::from_str(&text).unwrap_or(Value::Null)
-    }
-
-    async fn create_key(&self, name: &str) {
-        self.root(
-            reqwest::Method::POST,
-            &format!("{}/keys/{name}", self.mount),
-            None,
-        )
-        .await;
-    }
-
-    /// The name of this mount's policy `name`.
-    fn policy_name(&self, name: &str) -> String {
-        format!("{}-{name}", self.mount)
-    }
-
-    /// What byokd needs on the keys: read their metadata, encrypt and decrypt with them.
-    /// No `create`, nothing outside the mount.
-    fn full_rules(&self) -> String {
-        let m = &self.mount;
-        format!(
-            "path \"{m}/keys/*\" {{ capabilities = [\"read\"] }}\n\
-             path \"{m}/encrypt/*\" {{ capabilities = [\"update\"] }}\n\
-             path \"{m}/decrypt/*\" {{ capabilities = [\"update\"] }}\n"
-        )
-    }
-
-    /// Permission revoked: metadata still reads fine, encrypt and decrypt answer 403.
-    fn read_only_rules(&self) -> String {
-        format!(
-            "path \"{}/keys/*\" {{ capabilities = [\"read\"] }}\n",
-            self.mount
-        )
-    }
-
-    /// Half revoked: byokd may still encrypt, but no longer decrypt (its DEKs are unreadable).
-    fn encrypt_only_rules(&self) -> String {
-        let m = &self.mount;
-        format!(
-            "path \"{m}/keys/*\" {{ capabilities = [\"read\"] }}\n\
-             path \"{m}/encrypt/*\" {{ capabilities = [\"update\"] }}\n"
-        )
-    }
-
-    /// Writes (or rewrites) policy `name` with `rules`, as an operator would through the API.
-    async fn put_policy(&self, name: &str, rules: &str) {
-        let policy = self.policy_name(name);
-        self.root(
-            reqwest::Method::PUT,
-            &format!("sys/policies/acl/{policy}"),
-            Some(json!({ "policy": rules })),
-        )
-        .await;
-        let mut policies = self.policies.lock().expect("lock");
-        if !policies.contains(&policy) {
-            policies.push(policy);
-        }
-    }
-
-    /// A token holding only policy `name`.
-    async fn token(&self, name: &str) -> String {
-        let created = self
-            .root(
-                reqwest::Method::POST,
-                "auth/token/create",
-                Some(json!({
-                    "policies": [self.policy_name(name)],
-                    "no_default_policy": true,
-                    "ttl": "1h",
-                })),
-            )
-            .await;
-        created["auth"]["client_token"]
-            .as_str()
-            .expect("client token")
-            .to_owned()
-    }
-
-    /// Status and body of an encrypt with `token`, straight at OpenBao.
-    async fn try_encrypt(&self, token: &str, key: &str) -> (u16, String) {
-        let r = self
-            .http
-            .post(format!("{}/v1/{}/encrypt/{key}", self.addr, self.mount))
-            .header("X-Vault-Token", token)
-            .json(&json!({ "plaintext": "aGVsbG8=" }))
-            .send()
-            .await
-            .expect("OpenBao reachable");
-        (r.status().as_u16(), r.text().await.unwrap_or_default())
-    }
-
-    /// Status of a metadata read with `token`, straight at OpenBao.
-    async fn try_read(&self, token: &str, key: &str) -> u16 {
-        self.http
-            .get(format!("{}/v1/{}/keys/{key}", self.addr, self.mount))
-            .header("X-Vault-Token", token)
-            .send()
-            .await
-            .expect("OpenBao reachable")
-            .status()
-            .as_u16()
-    }
-
-    fn settings(&self, address: &str, token: &str) -> byokd::kms::VaultSettings {
-        serde_json::from_value(json!({
-            "address": address,
-            "token": token,
-            "mount": self.mount,
-            "timeout_secs": 2,
-        }))
-        .expect("vault settings")
-    }
-
-    async fn cleanup(self) {
-        let policies = self.policies.lock().expect("lock").clone();
-        for policy in policies {
-            self.root(
-                reqwest::Method::DELETE,
-                &format!("sys/policies/acl/{policy}"),
-                None,
-            )
-            .await;
-        }
-        self.root(
-            reqwest::Method::DELETE,
-            &format!("sys/mounts/{}", self.mount),
-            None,
-        )
-        .await;
-    }
-}
-
-/// A misrouted proxy in front of OpenBao: a real TCP server that either forwards every
-/// connection to OpenBao or reads each request and answers `404 text/html` (what a reverse
-/// proxy, an ingress or a load balancer with a wrong route says), then closes the connection.
-/// Switching cuts live forwarded connections, so a pooled keep-alive connection cannot keep
-/// reaching OpenBao after the switch.
-struct Misroute {
-    addr: SocketAddr,
-    html: Arc<AtomicBool>,
-    answered: Arc<AtomicUsize>,
-    cut: watch::Sender<u64>,
-    task: JoinHandle<()>,
-}
-
+/// What a reverse proxy, an ingress or a load balancer with a wrong route answers.
 const HTML_404: &str = "<html>not found</html>";
-
-impl Misroute {
-    async fn start(target: &str) -> Misroute {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let html = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicUsize::new(0));
-        let (cut, cut_rx) = watch::channel(0u64);
-        let target = target.to_owned();
-        let (mode, count) = (html.clone(), answered.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if mode.load(Ordering::SeqCst) {
-                    let count = count.clone();
-                    tokio::spawn(async move {
-                        if read_request(&mut inbound).await {
-                            let response = format!(
-                                "HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\n\
-                                 Content-Length: {}\r\nConnection: close\r\n\r\n{HTML_404}",
-                                HTML_404.len()
-                            );
-                            let _ = inbound.write_all(response.as_bytes()).await;
-                            count.fetch_add(1, Ordering::SeqCst);
-                        }
-                        let _ = inbound.shutdown().await;
-                    });
-                    continue;
-                }
-                let target = target.clone();
-                let mut cut_rx = cut_rx.clone();
-                cut_rx.mark_unchanged();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut_rx.changed() => {}
-                    }
-                });
-            }
-        });
-        Misroute {
-            addr,
-            html,
-            answered,
-            cut,
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Every request from now on gets the HTML 404.
-    fn answer_html_404(&self) {
-        self.html.store(true, Ordering::SeqCst);
-        self.cut.send_modify(|n| *n += 1);
-    }
-
-    /// Every request from now on reaches OpenBao.
-    fn forward(&self) {
-        self.html.store(false, Ordering::SeqCst);
-        self.cut.send_modify(|n| *n += 1);
-    }
-
-    /// HTML 404s answered so far.
-    fn answered(&self) -> usize {
-        self.answered.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Misroute {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Reads one HTTP request (head and `Content-Length` body); false if the peer went away.
-async fn read_request(stream: &mut TcpStream) -> bool {
-    let mut request = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => request.extend_from_slice(&chunk[..n]),
-        }
-        let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
-        let length = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(0);
-        if request.len() >= end + 4 + length {
-            return true;
-        }
-    }
-}
-
-/// A sweeper over the test's database and the daemon's KMS settings, with the key-probe
-/// schedule only: the test runs the probe when it wants.
-async fn sweeper(app: &TestApp) -> Sweeper {
-    let store = byokd::store::Store::connect(&app.db.url, 4)
-        .await
-        .expect("store");
-    let root = app.config.require_root_key().expect("root");
-    let schedules: Vec<Schedule> = vec![parse_schedule("probe.toml", PROBE).expect("probe")];
-    Sweeper {
-        kms: byokd::daemon::build_kms(&store, &root, &app.config.kms).expect("kms"),
-        store,
-        schedules: Arc::new(schedules),
-        wake: Wakers::default(),
-    }
-}
-
-/// Runs the key probe now and returns its report.
-async fn probe(s: &Sweeper, now: DateTime<Utc>) -> Value {
-    let report = s
-        .run_now("key-probe", now)
-        .await
-        .expect("sweep")
-        .expect("not locked");
-    assert_eq!(report.status, "ok", "{:?}", report.details);
-    report.details
-}
-
-async fn outbox_count(app: &TestApp, tenant: &str, kind: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE tenant_id = $1 AND kind = $2")
-        .bind(tenant)
-        .bind(kind)
-        .fetch_one(&app.pool)
-        .await
-        .expect("count")
-}
 
 /// Creates a tenant with one contact (so each notification is one outbox row) and registers
 /// its Vault key through the API (test wrap/unwrap at OpenBao).
@@ -416,7 +80,7 @@ async fn expect_access(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permission_revoked_at_vault_blocks_until_vault_allows_the_key_again() {
-    let vault = Vault::new().await;
+    let vault = Vault::new("smv").await;
     vault.create_key("tenant-kek").await;
     vault.put_policy("byokd", &vault.full_rules()).await;
     let token = vault.token("byokd").await;
@@ -466,7 +130,7 @@ async fn a_permission_revoked_at_vault_blocks_until_vault_allows_the_key_again()
 
     // (b) The probe asks Vault too: same answer, access is not restored.
     let s = sweeper(&app).await;
-    let report = probe(&s, Utc::now()).await;
+    let report = run(&s, "key-probe", Utc::now()).await;
     assert_eq!(
         (
             report["probed"].as_i64(),
@@ -524,7 +188,7 @@ async fn a_permission_revoked_at_vault_blocks_until_vault_allows_the_key_again()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_permission_revocation_at_vault_is_found_by_the_probe() {
-    let vault = Vault::new().await;
+    let vault = Vault::new("smv").await;
     vault.create_key("lost-kek").await;
     vault.put_policy("byokd", &vault.full_rules()).await;
     let token = vault.token("byokd").await;
@@ -533,7 +197,7 @@ async fn a_lost_permission_revocation_at_vault_is_found_by_the_probe() {
     let mut access = app.access_listener().await;
     tenant_with_vault_key(&app, "lr", "lost-kek").await;
     let s = sweeper(&app).await;
-    let quiet = probe(&s, Utc::now()).await;
+    let quiet = run(&s, "key-probe", Utc::now()).await;
     assert_eq!(
         (quiet["probed"].as_i64(), quiet["unchanged"].as_i64()),
         (Some(1), Some(1)),
@@ -544,7 +208,7 @@ async fn a_lost_permission_revocation_at_vault_is_found_by_the_probe() {
     // probe's test wrap finds it.
     vault.put_policy("byokd", &vault.read_only_rules()).await;
     assert_eq!(vault.try_read(&token, "lost-kek").await, 200);
-    let found = probe(&s, Utc::now()).await;
+    let found = run(&s, "key-probe", Utc::now()).await;
     assert_eq!(
         (found["changes"].as_i64(), found["unreachable"].as_i64()),
         (Some(1), Some(0)),
@@ -573,7 +237,7 @@ async fn a_lost_permission_revocation_at_vault_is_found_by_the_probe() {
 
     // Allowed again, again with no event: the next probe restores.
     vault.put_policy("byokd", &vault.full_rules()).await;
-    let back = probe(&s, Utc::now()).await;
+    let back = run(&s, "key-probe", Utc::now()).await;
     assert_eq!(back["changes"], 1, "{back}");
     assert_eq!(app.tenant("lr").await["access"], "accessible");
     assert_eq!(outbox_count(&app, "lr", "tenant.restored").await, 1);
@@ -581,7 +245,7 @@ async fn a_lost_permission_revocation_at_vault_is_found_by_the_probe() {
     // Only decrypt is taken away: wrapping still works, so only the test unwrap can tell.
     vault.put_policy("byokd", &vault.encrypt_only_rules()).await;
     assert_eq!(vault.try_encrypt(&token, "lost-kek").await.0, 200);
-    let half = probe(&s, Utc::now()).await;
+    let half = run(&s, "key-probe", Utc::now()).await;
     assert_eq!(half["changes"], 1, "{half}");
     let tenant = app.tenant("lr").await;
     assert_eq!(tenant["access"], "inaccessible", "{tenant}");
@@ -593,11 +257,11 @@ async fn a_lost_permission_revocation_at_vault_is_found_by_the_probe() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misrouted_404_never_destroys_a_key_and_vault_refutes_the_claim_once_it_answers() {
-    let vault = Vault::new().await;
+    let vault = Vault::new("smv").await;
     vault.create_key("m-kek").await;
     vault.put_policy("byokd", &vault.full_rules()).await;
     let token = vault.token("byokd").await;
-    let proxy = Misroute::start(vault.addr.trim_start_matches("http://")).await;
+    let proxy = Responder::forwarding(vault.addr.trim_start_matches("http://")).await;
     let settings = vault.settings(&proxy.url(), &token);
     let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
     let mut access = app.access_listener().await;
@@ -607,7 +271,7 @@ async fn a_misrouted_404_never_destroys_a_key_and_vault_refutes_the_claim_once_i
     let kcv = dek["kcv"].clone();
 
     // The route to Vault breaks: every answer is a proxy's HTML 404. Then `destroyed` arrives.
-    proxy.answer_html_404();
+    proxy.answer("404 Not Found", Some("text/html"), HTML_404);
     let destroyed_id = publish_vault(&app, "destroyed", "m-kek").await;
     app.wait_processed(1).await;
     let message = expect_access(&mut access, "mr", "inaccessible", "event").await;
@@ -657,7 +321,7 @@ async fn a_misrouted_404_never_destroys_a_key_and_vault_refutes_the_claim_once_i
 
     // The probe meets the same 404: unreachable, not destroyed.
     let s = sweeper(&app).await;
-    let report = probe(&s, Utc::now()).await;
+    let report = run(&s, "key-probe", Utc::now()).await;
     assert_eq!(
         (
             report["probed"].as_i64(),
@@ -715,7 +379,7 @@ async fn a_misrouted_404_never_destroys_a_key_and_vault_refutes_the_claim_once_i
         .expect("dek");
     assert_eq!((&got["unrecoverable"], &got["kcv"]), (&json!(false), &kcv));
     assert_eq!(create_dek(&app, "mr").await.status(), 201);
-    let quiet = probe(&s, Utc::now()).await;
+    let quiet = run(&s, "key-probe", Utc::now()).await;
     assert_eq!(
         (quiet["unchanged"].as_i64(), quiet["unreachable"].as_i64()),
         (Some(1), Some(0)),
@@ -727,21 +391,21 @@ async fn a_misrouted_404_never_destroys_a_key_and_vault_refutes_the_claim_once_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misrouted_404_during_a_probe_never_changes_access() {
-    let vault = Vault::new().await;
+    let vault = Vault::new("smv").await;
     vault.create_key("q-kek").await;
     vault.put_policy("byokd", &vault.full_rules()).await;
     let token = vault.token("byokd").await;
-    let proxy = Misroute::start(vault.addr.trim_start_matches("http://")).await;
+    let proxy = Responder::forwarding(vault.addr.trim_start_matches("http://")).await;
     let settings = vault.settings(&proxy.url(), &token);
     let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
     tenant_with_vault_key(&app, "mq", "q-kek").await;
     assert_eq!(create_dek(&app, "mq").await.status(), 201);
     let s = sweeper(&app).await;
 
-    proxy.answer_html_404();
+    proxy.answer("404 Not Found", Some("text/html"), HTML_404);
     let t0 = Utc::now();
     for minutes in [0, 5, 10] {
-        let report = probe(&s, t0 + chrono::Duration::minutes(minutes)).await;
+        let report = run(&s, "key-probe", t0 + chrono::Duration::minutes(minutes)).await;
         assert_eq!(
             (
                 report["unreachable"].as_i64(),
@@ -777,7 +441,7 @@ async fn a_misrouted_404_during_a_probe_never_changes_access() {
     assert_eq!(observed, 0, "no observation recorded from a proxy's page");
 
     proxy.forward();
-    let back = probe(&s, t0 + chrono::Duration::minutes(15)).await;
+    let back = run(&s, "key-probe", t0 + chrono::Duration::minutes(15)).await;
     assert_eq!(
         (back["unchanged"].as_i64(), back["unreachable"].as_i64()),
         (Some(1), Some(0)),
@@ -790,7 +454,7 @@ async fn a_misrouted_404_during_a_probe_never_changes_access() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_key_refs_that_leave_their_key_are_refused_at_registration() {
-    let vault = Vault::new().await;
+    let vault = Vault::new("smv").await;
     vault.create_key("acme-kek").await;
     vault.put_policy("byokd", &vault.full_rules()).await;
     let token = vault.token("byokd").await;
@@ -895,7 +559,7 @@ async fn vault_key_refs_that_leave_their_key_are_refused_at_registration() {
 /// recheck 30 s later (a second `tenant.inaccessible`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirming_event_right_behind_a_revocation_does_not_cut_its_settle_time() {
-    let vault = Vault::new().await;
+    let vault = Vault::new("smv").await;
     vault.create_key("s-kek").await;
     vault.put_policy("byokd", &vault.full_rules()).await;
     let token = vault.token("byokd").await;

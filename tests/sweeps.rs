@@ -5,55 +5,13 @@
 
 mod common;
 
-use byokd::sweeps::{Schedule, Sweeper, Wakers, parse_schedule};
-use chrono::{DateTime, Duration as Days, Utc};
+use chrono::{Duration as Days, Utc};
 use common::proxy::Proxy;
-use common::{TestApp, at, next_json};
+use common::sweeps::{run, sweeper};
+use common::vault::Vault;
+use common::{TestApp, at, next_json, outbox_count};
 use serde_json::{Value, json};
-use std::sync::Arc;
 use std::time::Duration;
-
-const EXPIRY: &str = "name = \"expiry-scan\"\ncron = \"0 */15 * * * *\"\njob = \"expiry_scan\"\n[params]\nthresholds_days = [30, 14, 7, 1]\n";
-const PROBE: &str = "name = \"key-probe\"\ncron = \"0 */5 * * * *\"\njob = \"key_probe\"\n[params]\nunreachable_grace_minutes = 30\ntimeout_seconds = 2\n";
-
-fn schedules() -> Vec<Schedule> {
-    vec![
-        parse_schedule("expiry.toml", EXPIRY).expect("expiry schedule"),
-        parse_schedule("probe.toml", PROBE).expect("probe schedule"),
-    ]
-}
-
-async fn sweeper(app: &TestApp) -> Sweeper {
-    let store = byokd::store::Store::connect(&app.db.url, 4)
-        .await
-        .expect("store");
-    let root = app.config.require_root_key().expect("root");
-    Sweeper {
-        kms: byokd::daemon::build_kms(&store, &root, &app.config.kms).expect("kms"),
-        store,
-        schedules: Arc::new(schedules()),
-        wake: Wakers::default(),
-    }
-}
-
-async fn run(s: &Sweeper, name: &str, now: DateTime<Utc>) -> Value {
-    let report = s
-        .run_now(name, now)
-        .await
-        .expect("sweep")
-        .expect("not locked");
-    assert_eq!(report.status, "ok", "{:?}", report.details);
-    report.details
-}
-
-async fn outbox_count(app: &TestApp, tenant: &str, kind: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE tenant_id = $1 AND kind = $2")
-        .bind(tenant)
-        .bind(kind)
-        .fetch_one(&app.pool)
-        .await
-        .expect("count")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_expiry_threshold_fires_once_then_the_key_expires_and_an_extension_rearms() {
@@ -332,99 +290,13 @@ async fn the_probe_catches_a_disabled_key_and_a_missed_rotation_no_event_told_of
     app.shutdown().await;
 }
 
-/// A transit mount of this test's own on the shared OpenBao dev server, a key in it, and a
-/// token that may use only that mount.
-struct Vault {
-    addr: String,
-    mount: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-impl Vault {
-    async fn new() -> Vault {
-        byokd::install_crypto_provider();
-        let addr = std::env::var("BYOKD_TEST_VAULT_ADDR")
-            .unwrap_or_else(|_| "http://127.0.0.1:8200".to_owned());
-        let mount = format!(
-            "transit-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let http = reqwest::Client::new();
-        let root = |r: reqwest::RequestBuilder| r.header("X-Vault-Token", "root");
-        let ok = |r: reqwest::Response| {
-            assert!(r.status().is_success(), "vault: {}", r.status());
-            r
-        };
-        ok(root(http.post(format!("{addr}/v1/sys/mounts/{mount}")))
-            .json(&json!({ "type": "transit" }))
-            .send()
-            .await
-            .expect("mount"));
-        let policy = format!("path \"{mount}/*\" {{ capabilities = [\"read\", \"update\"] }}");
-        ok(
-            root(http.put(format!("{addr}/v1/sys/policies/acl/{mount}")))
-                .json(&json!({ "policy": policy }))
-                .send()
-                .await
-                .expect("policy"),
-        );
-        let token: Value = ok(root(http.post(format!("{addr}/v1/auth/token/create")))
-            .json(&json!({ "policies": [mount], "no_default_policy": true }))
-            .send()
-            .await
-            .expect("token"))
-        .json()
-        .await
-        .expect("json");
-        let token = token["auth"]["client_token"]
-            .as_str()
-            .expect("token")
-            .to_owned();
-        Vault {
-            addr,
-            mount,
-            token,
-            http,
-        }
-    }
-
-    async fn create_key(&self, name: &str) {
-        let r = self
-            .http
-            .post(format!("{}/v1/{}/keys/{name}", self.addr, self.mount))
-            .header("X-Vault-Token", "root")
-            .send()
-            .await
-            .expect("create key");
-        assert!(r.status().is_success());
-    }
-
-    async fn revoke_token(&self) {
-        let r = self
-            .http
-            .post(format!("{}/v1/auth/token/revoke", self.addr))
-            .header("X-Vault-Token", "root")
-            .json(&json!({ "token": self.token }))
-            .send()
-            .await
-            .expect("revoke");
-        assert!(r.status().is_success());
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_kms_is_never_taken_for_a_revoked_key() {
-    let vault = Vault::new().await;
+    let vault = Vault::new("sw").await;
     vault.create_key("tenant-kek").await;
+    let token = vault.scoped_token().await;
     let proxy = Proxy::start(vault.addr.trim_start_matches("http://")).await;
-    let settings: byokd::kms::VaultSettings = serde_json::from_value(json!({
-        "address": format!("http://{}", proxy.addr),
-        "token": vault.token,
-        "mount": vault.mount,
-        "timeout_secs": 2,
-    }))
-    .expect("settings");
+    let settings = vault.settings(&format!("http://{}", proxy.addr), &token);
     let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
     app.post(
         "/v1/tenants",
@@ -487,7 +359,7 @@ async fn an_unreachable_kms_is_never_taken_for_a_revoked_key() {
     run(&s, "key-probe", t0 + Days::minutes(50)).await;
 
     // byokd's access is revoked at the KMS: a definitive answer.
-    vault.revoke_token().await;
+    vault.revoke_token(&token).await;
     let revoked = run(&s, "key-probe", t0 + Days::minutes(55)).await;
     assert_eq!(revoked["changes"], 1, "{revoked}");
     let tenant = app.tenant("v").await;
@@ -499,6 +371,7 @@ async fn an_unreachable_kms_is_never_taken_for_a_revoked_key() {
         "{tenant}"
     );
     app.shutdown().await;
+    vault.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -565,14 +438,11 @@ async fn byokd_sweep_runs_one_schedule_and_prints_what_it_did() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vault_key_rotated_at_the_kms_is_found_by_the_probe_and_every_dek_rewrapped() {
-    let vault = Vault::new().await;
+    let vault = Vault::new("sw").await;
     vault.create_key("kek").await;
-    let settings: byokd::kms::VaultSettings = serde_json::from_value(json!({
-        "address": vault.addr,
-        "token": vault.token,
-        "mount": vault.mount,
-    }))
-    .expect("settings");
+    let token = vault.scoped_token().await;
+    // byokd's default request timeout: the re-wrap of every DEK goes through it.
+    let settings = common::vault::settings(&vault.addr, &token, &vault.mount, None);
     let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
     app.post("/v1/tenants", json!({ "id": "vr", "name": "VR" }))
         .await;
@@ -595,14 +465,7 @@ async fn a_vault_key_rotated_at_the_kms_is_found_by_the_probe_and_every_dek_rewr
         kcvs.push(dek["kcv"].as_str().expect("kcv").to_owned());
     }
     // Rotated in Vault; no event (Vault has none for transit keys): the probe finds it.
-    let r = vault
-        .http
-        .post(format!("{}/v1/{}/keys/kek/rotate", vault.addr, vault.mount))
-        .header("X-Vault-Token", "root")
-        .send()
-        .await
-        .expect("rotate");
-    assert!(r.status().is_success());
+    vault.rotate_key("kek").await;
     let s = sweeper(&app).await;
     let found = run(&s, "key-probe", Utc::now()).await;
     assert_eq!(found["changes"], 1, "{found}");
@@ -627,4 +490,5 @@ async fn a_vault_key_rotated_at_the_kms_is_found_by_the_probe_and_every_dek_rewr
         .expect("wrapped");
     assert!(wrapped.iter().all(|w| w.starts_with(b"vault:v2:")));
     app.shutdown().await;
+    vault.cleanup().await;
 }

@@ -6,243 +6,14 @@
 //! Answers OpenBao itself never gives (a proxy's HTML 404, an empty 403, a load balancer's 503)
 //! come from [`Responder`], a canned-answer HTTP server on a real socket.
 
+mod common;
+
 use byokd::domain::{KeyState, Provider};
-use byokd::kms::{Dek, DekContext, KmsError, KmsProvider, VaultKms, VaultSettings, WrappedRef};
-use serde_json::{Value, json};
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use byokd::kms::{Dek, DekContext, KmsError, KmsProvider, VaultKms, WrappedRef};
+use common::http_fault::Responder;
+use common::vault::{Vault, client};
+use tokio::net::TcpListener;
 use uuid::Uuid;
-
-fn vault_addr() -> String {
-    std::env::var("BYOKD_TEST_VAULT_ADDR").unwrap_or_else(|_| "http://127.0.0.1:8200".to_owned())
-}
-
-fn client(address: &str, token: &str, mount: &str) -> VaultKms {
-    let settings: VaultSettings = serde_json::from_value(json!({
-        "address": address,
-        "token": token,
-        "mount": mount,
-        "timeout_secs": 1,
-    }))
-    .expect("settings");
-    VaultKms::new(&settings).expect("vault client")
-}
-
-/// A transit mount of this test's own on the shared OpenBao dev server, and the policies made
-/// for it; all removed by [`Vault::cleanup`].
-struct Vault {
-    addr: String,
-    mount: String,
-    http: reqwest::Client,
-    policies: std::sync::Mutex<Vec<String>>,
-}
-
-impl Vault {
-    async fn new() -> Vault {
-        byokd::install_crypto_provider();
-        let vault = Vault {
-            addr: vault_addr(),
-            mount: format!("transit-vp-{}", &Uuid::new_v4().simple().to_string()[..12]),
-            http: reqwest::Client::new(),
-            policies: std::sync::Mutex::new(Vec::new()),
-        };
-        vault
-            .root(
-                reqwest::Method::POST,
-                &format!("sys/mounts/{}", vault.mount),
-                Some(json!({ "type": "transit" })),
-            )
-            .await;
-        vault
-    }
-
-    /// A request with the root token; panics unless it succeeds.
-    async fn root(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut request = self
-            .http
-            .request(method, format!("{}/v1/{path}", self.addr))
-            .header("X-Vault-Token", "root");
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.expect("OpenBao reachable");
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        assert!(status.is_success(), "OpenBao {path}: {status} {text}");
-        serde_json::from_str(&text).unwrap_or(Value::Null)
-    }
-
-    async fn create_key(&self, name: &str) {
-        self.root(
-            reqwest::Method::POST,
-            &format!("{}/keys/{name}", self.mount),
-            None,
-        )
-        .await;
-    }
-
-    /// A token holding only `capabilities` on `path` (relative to the mount), through a policy
-    /// of its own.
-    async fn token(&self, name: &str, path: &str, capabilities: &[&str]) -> String {
-        let policy_name = format!("{}-{name}", self.mount);
-        let policy = format!(
-            "path \"{}/{path}\" {{ capabilities = {} }}",
-            self.mount,
-            json!(capabilities)
-        );
-        self.root(
-            reqwest::Method::PUT,
-            &format!("sys/policies/acl/{policy_name}"),
-            Some(json!({ "policy": policy })),
-        )
-        .await;
-        self.policies
-            .lock()
-            .expect("lock")
-            .push(policy_name.clone());
-        let created = self
-            .root(
-                reqwest::Method::POST,
-                "auth/token/create",
-                Some(json!({
-                    "policies": [policy_name],
-                    "no_default_policy": true,
-                    "ttl": "10m",
-                })),
-            )
-            .await;
-        created["auth"]["client_token"]
-            .as_str()
-            .expect("client token")
-            .to_owned()
-    }
-
-    /// What byokd's token should hold: use of the keys, no `create`, nothing outside the mount.
-    async fn scoped_token(&self) -> String {
-        self.token("scoped", "*", &["read", "update"]).await
-    }
-
-    fn kms(&self, token: &str) -> VaultKms {
-        client(&self.addr, token, &self.mount)
-    }
-
-    async fn cleanup(self) {
-        let policies = self.policies.lock().expect("lock").clone();
-        for policy in policies {
-            self.root(
-                reqwest::Method::DELETE,
-                &format!("sys/policies/acl/{policy}"),
-                None,
-            )
-            .await;
-        }
-        self.root(
-            reqwest::Method::DELETE,
-            &format!("sys/mounts/{}", self.mount),
-            None,
-        )
-        .await;
-    }
-}
-
-/// A fault injector for answers the real OpenBao cannot produce: a real TCP server that reads
-/// each HTTP request and answers it with one canned response, then closes the connection. It
-/// stands in for a misrouted reverse proxy, a load balancer or a captive portal in front of
-/// Vault, so the classification is tested through reqwest exactly as byokd receives it.
-struct Responder {
-    addr: SocketAddr,
-    connections: Arc<AtomicUsize>,
-    task: JoinHandle<()>,
-}
-
-impl Responder {
-    /// Answers every request with `status` (e.g. `404 Not Found`), `content_type` and `body`.
-    async fn start(status: &str, content_type: Option<&str>, body: &str) -> Responder {
-        let content_type = content_type
-            .map(|t| format!("Content-Type: {t}\r\n"))
-            .unwrap_or_default();
-        let response = format!(
-            "HTTP/1.1 {status}\r\n{content_type}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        Responder::serve(Some(Arc::new(response.into_bytes()))).await
-    }
-
-    /// Accepts connections, reads the requests and never answers.
-    async fn silent() -> Responder {
-        Responder::serve(None).await
-    }
-
-    async fn serve(response: Option<Arc<Vec<u8>>>) -> Responder {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counter = connections.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(answer(stream, response.clone()));
-            }
-        });
-        Responder {
-            addr,
-            connections,
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Responder {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Reads one request (head and `Content-Length` body) and writes `response`, if any.
-async fn answer(mut stream: TcpStream, response: Option<Arc<Vec<u8>>>) {
-    let mut request = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => request.extend_from_slice(&chunk[..n]),
-        }
-        let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
-        let length = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(0);
-        if request.len() >= end + 4 + length {
-            break;
-        }
-    }
-    match response {
-        Some(response) => {
-            let _ = stream.write_all(&response).await;
-            let _ = stream.shutdown().await;
-        }
-        None => {
-            // Hold the connection open until the client gives up.
-            let _ = stream.read(&mut chunk).await;
-        }
-    }
-}
 
 fn ctx() -> DekContext<'static> {
     DekContext {
@@ -283,7 +54,7 @@ const BAD_REFS: &[&str] = &[
 
 #[tokio::test]
 async fn key_refs_that_leave_their_key_are_refused_before_any_request() {
-    let vault = Vault::new().await;
+    let vault = Vault::new("vp").await;
     vault.create_key("k").await;
     // The root token could read sys/mounts and bind `k` through `x/../k`: only the check
     // stands between a reference and those paths.
@@ -317,7 +88,7 @@ async fn key_refs_that_leave_their_key_are_refused_before_any_request() {
         r#"{"data":{"latest_version":1,"batch_results":[]}}"#,
     )
     .await;
-    let kms = client(&responder.url(), "root", &vault.mount);
+    let kms = client(&responder.url(), "root", &vault.mount, Some(1));
     for key_ref in BAD_REFS {
         for (call, error) in every_call(&kms, key_ref).await {
             assert!(
@@ -332,7 +103,7 @@ async fn key_refs_that_leave_their_key_are_refused_before_any_request() {
 
 #[tokio::test]
 async fn a_missing_key_is_not_found_and_an_existing_one_round_trips() {
-    let vault = Vault::new().await;
+    let vault = Vault::new("vp").await;
     vault.create_key("present").await;
     let kms = vault.kms(&vault.scoped_token().await);
 
@@ -397,7 +168,7 @@ async fn a_missing_key_is_not_found_and_an_existing_one_round_trips() {
 
 #[tokio::test]
 async fn a_token_without_encrypt_and_decrypt_can_describe_but_is_denied() {
-    let vault = Vault::new().await;
+    let vault = Vault::new("vp").await;
     vault.create_key("kek").await;
     let dek = Dek::generate();
     let ctx = ctx();
@@ -409,7 +180,11 @@ async fn a_token_without_encrypt_and_decrypt_can_describe_but_is_denied() {
         .pop()
         .expect("one");
 
-    let kms = vault.kms(&vault.token("readonly", "keys/*", &["read"]).await);
+    let kms = vault.kms(
+        &vault
+            .capability_token("readonly", "keys/*", &["read"])
+            .await,
+    );
     let info = kms.describe("kek").await.expect("describe with read only");
     assert_eq!(info.state, KeyState::Enabled);
     match kms.wrap_many("kek", None, &[(&dek, ctx)]).await {
@@ -488,7 +263,7 @@ async fn only_vaults_own_error_body_is_a_definitive_answer() {
     ];
     for (status, content_type, body, expected) in cases {
         let responder = Responder::start(status, *content_type, body).await;
-        let kms = client(&responder.url(), "t", "transit");
+        let kms = client(&responder.url(), "t", "transit", Some(1));
         for (call, error) in every_call(&kms, "k").await {
             let got = match &error {
                 Some(e @ KmsError::Unreachable { .. }) if e.is_transient() => "unreachable",
@@ -520,7 +295,7 @@ async fn timeouts_refused_connections_and_tls_failures_are_unreachable() {
         // TLS to a server that speaks plain HTTP.
         format!("https://{}", plain.addr),
     ] {
-        let kms = client(&address, "t", "transit");
+        let kms = client(&address, "t", "transit", Some(1));
         for (call, error) in every_call(&kms, "k").await {
             assert!(
                 matches!(&error, Some(e @ KmsError::Unreachable { .. }) if e.is_transient()),

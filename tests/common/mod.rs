@@ -2,8 +2,11 @@
 //! AMQP exchange and queue names on the real broker, and an in-process daemon on port 0.
 #![allow(dead_code, missing_docs)]
 
+pub mod http_fault;
 pub mod notify;
 pub mod proxy;
+pub mod sweeps;
+pub mod vault;
 
 use byokd::config::{AmqpSettings, Config};
 use byokd::daemon::RunError;
@@ -599,6 +602,16 @@ pub fn canonical(id: &str, kind: &str, key_ref: &str, at: DateTime<Utc>, data: V
         "time": at.to_rfc3339(),
         "data": d,
     })
+}
+
+/// Notifications of `kind` queued for `tenant` (AMQP rows are deleted once published).
+pub async fn outbox_count(app: &TestApp, tenant: &str, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE tenant_id = $1 AND kind = $2")
+        .bind(tenant)
+        .bind(kind)
+        .fetch_one(&app.pool)
+        .await
+        .expect("outbox count")
 }
 
 /// Runs one confirmation round as the daemon's loop would, for tests that drive the engine

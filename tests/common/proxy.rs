@@ -27,25 +27,14 @@ impl Proxy {
         let down_flag = down.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
                 if down_flag.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
-                let target = target.clone();
-                let mut cut_rx = cut_rx.clone();
-                cut_rx.mark_unchanged();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut_rx.changed() => {}
-                    }
-                });
+                tokio::spawn(pipe(inbound, target.clone(), fresh(&cut_rx)));
             }
         });
         Proxy {
@@ -74,5 +63,24 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A receiver of `cut` that wakes only on cuts from now on. Taken before the connection's
+/// task is spawned, so a cut between the accept and the task's start still reaches it.
+pub(super) fn fresh(cut: &watch::Receiver<u64>) -> watch::Receiver<u64> {
+    let mut cut = cut.clone();
+    cut.mark_unchanged();
+    cut
+}
+
+/// Forwards `inbound` to `target` (host:port) until either side closes or `cut` changes.
+pub(super) async fn pipe(mut inbound: TcpStream, target: String, mut cut: watch::Receiver<u64>) {
+    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+        return;
+    };
+    tokio::select! {
+        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
+        _ = cut.changed() => {}
     }
 }
