@@ -58,6 +58,10 @@ pub enum AmqpError {
     ConsumerCancelled,
 }
 
+/// How long opening a connection and channel (and declaring and subscribing) may take before
+/// the attempt is abandoned and retried.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The consumer's state, for `/readyz` and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -293,11 +297,19 @@ impl Publisher {
             return Ok(channel.clone());
         }
         *inner = None;
-        let conn = Connection::connect(&self.url, ConnectionProperties::default()).await?;
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let open = async {
+            let conn = Connection::connect(&self.url, ConnectionProperties::default()).await?;
+            let channel = conn.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok::<_, AmqpError>((conn, channel))
+        };
+        let (conn, channel) = tokio::time::timeout(SETUP_TIMEOUT, open)
+            .await
+            .map_err(|_| {
+                AmqpError::Unavailable(format!("no channel within {SETUP_TIMEOUT:?}"))
+            })??;
         *inner = Some((conn, channel.clone()));
         Ok(channel)
     }
@@ -426,21 +438,29 @@ async fn session(
     backoff: &mut Backoff,
 ) -> Result<(), AmqpError> {
     let s = &intake.settings;
-    let conn = Connection::connect(&intake.url, ConnectionProperties::default()).await?;
-    let channel = conn.create_channel().await?;
-    declare_topology(&channel, s).await?;
-    channel
-        .basic_qos(s.prefetch, BasicQosOptions::default())
-        .await?;
     let tag = format!("byokd-{}", uuid::Uuid::new_v4());
-    let mut consumer = channel
-        .basic_consume(
-            intake.queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let setup = async {
+        let conn = Connection::connect(&intake.url, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        declare_topology(&channel, s).await?;
+        channel
+            .basic_qos(s.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                intake.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, AmqpError>((conn, channel, consumer))
+    };
+    // A connection cut mid-handshake can leave lapin waiting forever for the next frame;
+    // give up and reconnect instead of leaving the queue without a consumer.
+    let (conn, channel, mut consumer) = tokio::time::timeout(SETUP_TIMEOUT, setup)
+        .await
+        .map_err(|_| AmqpError::Unavailable(format!("no session within {SETUP_TIMEOUT:?}")))??;
     intake.health.set(ConsumerState::Consuming, &intake.queue);
     backoff.reset();
     tracing::info!(queue = %intake.queue, prefetch = s.prefetch, "consuming lifecycle events");
