@@ -12,6 +12,7 @@
 //! keys (one replica per key), asks their KMS concurrently, and applies the answers through
 //! [`lifecycle::apply_observations`].
 
+pub use crate::config::StateSettings;
 use crate::domain::{KeyState, Observation};
 use crate::kms::{Kms, KmsError, KmsProvider, round_trip};
 use crate::lifecycle::{self, Answer, ObservedReport, Unanswered};
@@ -113,50 +114,6 @@ pub async fn observe_all(
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await
-}
-
-/// Confirmation tuning (`[state]`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct StateSettings {
-    /// An event dated more than this far ahead of byokd's clock is refused.
-    pub max_event_skew_secs: u64,
-    /// Per-key timeout of one observation.
-    pub observe_timeout_secs: u64,
-    /// Keys observed at once.
-    pub concurrency: usize,
-    /// Keys leased per confirmation round.
-    pub batch: i64,
-    /// How often the loop looks for due keys when nothing wakes it.
-    pub poll_ms: u64,
-    /// Longest wait between attempts while a KMS gives no answer.
-    pub retry_max_secs: u64,
-    /// Database connections of the confirmation loop and the sweeps (a pool of their own).
-    pub database_connections: u32,
-    /// Pause between two busy confirmation rounds.
-    pub round_gap_ms: u64,
-}
-
-impl Default for StateSettings {
-    fn default() -> Self {
-        StateSettings {
-            max_event_skew_secs: 300,
-            observe_timeout_secs: 10,
-            concurrency: 4,
-            batch: 64,
-            poll_ms: 500,
-            retry_max_secs: 60,
-            database_connections: 4,
-            round_gap_ms: 100,
-        }
-    }
-}
-
-impl StateSettings {
-    /// The allowed skew of event times.
-    pub fn max_skew(&self) -> chrono::Duration {
-        chrono::Duration::seconds(i64::try_from(self.max_event_skew_secs).unwrap_or(i64::MAX))
-    }
 }
 
 /// Works due confirmations.

@@ -52,7 +52,7 @@ pub struct AppState {
     /// Wakes the confirmation loop (events applied directly).
     pub confirm_work: Arc<Notify>,
     /// Event skew and confirmation settings.
-    pub state: crate::reconcile::StateSettings,
+    pub state: crate::config::StateSettings,
 }
 
 /// A tenant's access derived now from its keys and the clock: what the API shows and

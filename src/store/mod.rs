@@ -381,7 +381,7 @@ impl Store {
     /// primary, with an audit row. With `replace`, the current primary stays readable but stops
     /// being primary, and a replacement job that moves its DEKs to the new KEK is created (its
     /// id returned). The tenant's access is recomputed by the caller
-    /// ([`crate::lifecycle::refresh_access`]).
+    /// (`lifecycle::refresh_access`).
     pub async fn register_kek(
         &self,
         tenant_id: &str,
