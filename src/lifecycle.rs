@@ -675,27 +675,25 @@ pub async fn refresh_access(
     for id in &ids {
         ledger.settle(id, cause);
     }
-    let plan = ledger.finish();
+    let mut plan = ledger.finish();
     let changed = plan.access.len();
     if changed > 0 {
+        let recomputed: Vec<AuditRow> = plan
+            .access
+            .iter()
+            .map(|u| AuditRow {
+                tenant_id: Some(u.tenant_id.clone()),
+                provider: cause.key.as_ref().map(|k| k.0),
+                key_ref: cause.key.as_ref().map(|k| k.1.clone()),
+                action: "access_recomputed".into(),
+                outcome: u.access.as_str().into(),
+                source: cause.kind.into(),
+                event_id: None,
+                detail: json!({ "reason": u.reason }),
+            })
+            .collect();
+        plan.audit.extend(recomputed);
         write(&mut tx, &plan, now).await?;
-        tx.audit(
-            &plan
-                .access
-                .iter()
-                .map(|u| AuditRow {
-                    tenant_id: Some(u.tenant_id.clone()),
-                    provider: cause.key.as_ref().map(|k| k.0),
-                    key_ref: cause.key.as_ref().map(|k| k.1.clone()),
-                    action: "access_recomputed".into(),
-                    outcome: u.access.as_str().into(),
-                    source: cause.kind.into(),
-                    event_id: None,
-                    detail: json!({ "reason": u.reason }),
-                })
-                .collect::<Vec<_>>(),
-        )
-        .await?;
         tx.commit().await?;
     }
     Ok(changed)

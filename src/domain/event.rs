@@ -55,13 +55,10 @@ pub struct LifecycleEvent {
 }
 
 named_enum!(
-    /// How byokd learned of a change; the audit log's `source`.
+    /// How byokd learned of an event; the audit log's `source`. Sweeps and probes no longer
+    /// make events: what they find is an observation or the clock (lifecycle's causes).
     Origin, "origin" {
         /// A lifecycle event from the KMS (AMQP or HTTP intake).
         Event => "event",
-        /// byokd's expiry sweep found it.
-        Sweep => "sweep",
-        /// byokd's key probe asked the KMS and found it.
-        Probe => "probe",
     }
 );

@@ -156,9 +156,7 @@ pub(super) async fn get_tenant(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    state.store.tenant(&id).await?;
-    super::current_access(&state, &id).await?;
-    let tenant = state.store.tenant(&id).await?;
+    let (_, tenant) = super::current_access(&state, &id).await?;
     Ok(Json(serde_json::to_value(tenant).unwrap_or_default()))
 }
 

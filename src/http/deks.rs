@@ -19,7 +19,7 @@ pub(super) async fn create_dek(
     Path(tenant_id): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let target = state.store.dek_target(&tenant_id).await?;
-    let access = super::current_access(&state, &tenant_id).await?;
+    let (access, _) = super::current_access(&state, &tenant_id).await?;
     if access.access != Access::Accessible {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -55,19 +55,19 @@ pub struct AppState {
     pub state: crate::config::StateSettings,
 }
 
-/// A tenant's access derived now from its keys and the clock: what the API shows and
-/// enforces. When it differs from the stored value (a date passed since the last sweep, say),
-/// the change is recorded now, with its access message and notifications, so the API, the
-/// enforcement and the platform never disagree.
+/// A tenant's access derived now from its keys and the clock (what the API shows and
+/// enforces), and the tenant as stored after it. When it differs from the stored value (a
+/// date passed since the last sweep, say), the change is recorded now, with its access
+/// message and notifications, so the API, the enforcement and the platform never disagree.
 pub async fn current_access(
     state: &AppState,
     tenant_id: &str,
-) -> Result<crate::domain::kek::AccessDecision, ApiError> {
+) -> Result<(crate::domain::kek::AccessDecision, crate::store::TenantView), ApiError> {
     let now = chrono::Utc::now();
     let keks = state.store.tenant_keks(tenant_id).await?;
     let decision = crate::lifecycle::derive_now(&keks, now);
-    let stored = state.store.tenant(tenant_id).await?;
-    if stored.access != decision.access || stored.reason != decision.reason {
+    let mut view = state.store.tenant(tenant_id).await?;
+    if view.access != decision.access || view.reason != decision.reason {
         let cause = crate::lifecycle::Cause::new("clock", None);
         let changed =
             crate::lifecycle::refresh_access(&state.store, &[tenant_id.to_owned()], &cause, now)
@@ -75,8 +75,9 @@ pub async fn current_access(
         if changed > 0 {
             state.access_changed.notify_one();
         }
+        view = state.store.tenant(tenant_id).await?;
     }
-    Ok(decision)
+    Ok((decision, view))
 }
 
 /// An API error: a status and one sentence.
