@@ -4,11 +4,7 @@
 mod common;
 
 use common::{TestApp, at};
-use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
-use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_with_the_reason_and_the_consumer_goes_on() {
@@ -32,30 +28,10 @@ async fn poison_messages_are_dead_lettered_with_the_reason_and_the_consumer_goes
     app.wait_processed(1).await;
     assert_eq!(app.tenant("p").await["access"], "inaccessible");
 
-    let ch = app.amqp.create_channel().await.expect("channel");
-    let mut dead = ch
-        .basic_consume(
-            app.config.amqp.dead_letter_queue.as_str().into(),
-            "dead-reader".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume dead queue");
+    let mut dead = common::dead_letter_reader(&app).await;
     let mut reasons = Vec::new();
     for _ in 0..poison.len() {
-        let d = tokio::time::timeout(Duration::from_secs(20), dead.next())
-            .await
-            .expect("a dead letter in time")
-            .expect("stream open")
-            .expect("delivery");
-        let headers = d.properties.headers().clone().unwrap_or_default();
-        let reason = match headers.inner().get("x-byokd-error") {
-            Some(AMQPValue::LongString(s)) => s.to_string(),
-            other => panic!("no x-byokd-error header: {other:?}"),
-        };
-        reasons.push((d.data.len(), reason));
-        d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        reasons.push(common::next_dead_letter(&mut dead).await);
     }
     for (name, body, expected) in &poison {
         assert!(

@@ -10,10 +10,8 @@ mod common;
 
 use chrono::{Duration as Days, Utc};
 use common::{TestApp, canonical, next_json, outbox_count, wait_for};
-use futures_util::StreamExt;
 use lapin::BasicProperties;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::BasicPublishOptions;
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -96,30 +94,10 @@ async fn an_event_from_the_future_is_refused_and_later_real_events_still_apply()
     );
     assert_eq!(app.post("/v1/events", near).await.status(), 202);
 
-    let ch = app.amqp.create_channel().await.expect("channel");
-    let mut dead = ch
-        .basic_consume(
-            app.config.amqp.dead_letter_queue.as_str().into(),
-            "dead-reader".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume dead queue");
-    let d = tokio::time::timeout(Duration::from_secs(20), dead.next())
-        .await
-        .expect("a dead letter in time")
-        .expect("stream open")
-        .expect("delivery");
-    let headers = d.properties.headers().clone().unwrap_or_default();
-    match headers.inner().get("x-byokd-error") {
-        Some(AMQPValue::LongString(s)) => {
-            assert!(s.to_string().contains("forged-1"), "{s}");
-            assert!(s.to_string().contains("ahead of byokd's clock"), "{s}");
-        }
-        other => panic!("no x-byokd-error header: {other:?}"),
-    }
-    d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    let mut dead = common::dead_letter_reader(&app).await;
+    let (_, reason) = common::next_dead_letter(&mut dead).await;
+    assert!(reason.contains("forged-1"), "{reason}");
+    assert!(reason.contains("ahead of byokd's clock"), "{reason}");
 
     // The KMS disables the key and says so: applies, whatever came before.
     app.kms_do("key-fut", "disabled", &json!({})).await;

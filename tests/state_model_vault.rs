@@ -78,12 +78,19 @@ async fn expect_access(
     body
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_permission_revoked_at_vault_blocks_until_vault_allows_the_key_again() {
+/// A mount of this test's own with key `name`, and a token holding what byokd needs on it
+/// (the policy `byokd`, rewritten by tests that revoke it).
+async fn vault_with_key(name: &str) -> (Vault, String) {
     let vault = Vault::new("smv").await;
-    vault.create_key("tenant-kek").await;
+    vault.create_key(name).await;
     vault.put_policy("byokd", &vault.full_rules()).await;
     let token = vault.token("byokd").await;
+    (vault, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permission_revoked_at_vault_blocks_until_vault_allows_the_key_again() {
+    let (vault, token) = vault_with_key("tenant-kek").await;
     let settings = vault.settings(&vault.addr, &token);
     let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
     let mut access = app.access_listener().await;
@@ -188,10 +195,7 @@ async fn a_permission_revoked_at_vault_blocks_until_vault_allows_the_key_again()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_permission_revocation_at_vault_is_found_by_the_probe() {
-    let vault = Vault::new("smv").await;
-    vault.create_key("lost-kek").await;
-    vault.put_policy("byokd", &vault.full_rules()).await;
-    let token = vault.token("byokd").await;
+    let (vault, token) = vault_with_key("lost-kek").await;
     let settings = vault.settings(&vault.addr, &token);
     let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
     let mut access = app.access_listener().await;
@@ -257,10 +261,7 @@ async fn a_lost_permission_revocation_at_vault_is_found_by_the_probe() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misrouted_404_never_destroys_a_key_and_vault_refutes_the_claim_once_it_answers() {
-    let vault = Vault::new("smv").await;
-    vault.create_key("m-kek").await;
-    vault.put_policy("byokd", &vault.full_rules()).await;
-    let token = vault.token("byokd").await;
+    let (vault, token) = vault_with_key("m-kek").await;
     let proxy = Responder::forwarding(vault.addr.trim_start_matches("http://")).await;
     let settings = vault.settings(&proxy.url(), &token);
     let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
@@ -391,10 +392,7 @@ async fn a_misrouted_404_never_destroys_a_key_and_vault_refutes_the_claim_once_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misrouted_404_during_a_probe_never_changes_access() {
-    let vault = Vault::new("smv").await;
-    vault.create_key("q-kek").await;
-    vault.put_policy("byokd", &vault.full_rules()).await;
-    let token = vault.token("byokd").await;
+    let (vault, token) = vault_with_key("q-kek").await;
     let proxy = Responder::forwarding(vault.addr.trim_start_matches("http://")).await;
     let settings = vault.settings(&proxy.url(), &token);
     let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
@@ -454,10 +452,7 @@ async fn a_misrouted_404_during_a_probe_never_changes_access() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_key_refs_that_leave_their_key_are_refused_at_registration() {
-    let vault = Vault::new("smv").await;
-    vault.create_key("acme-kek").await;
-    vault.put_policy("byokd", &vault.full_rules()).await;
-    let token = vault.token("byokd").await;
+    let (vault, token) = vault_with_key("acme-kek").await;
     let settings = vault.settings(&vault.addr, &token);
     let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
     for id in ["ta", "tb"] {
@@ -559,10 +554,7 @@ async fn vault_key_refs_that_leave_their_key_are_refused_at_registration() {
 /// recheck 30 s later (a second `tenant.inaccessible`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirming_event_right_behind_a_revocation_does_not_cut_its_settle_time() {
-    let vault = Vault::new("smv").await;
-    vault.create_key("s-kek").await;
-    vault.put_policy("byokd", &vault.full_rules()).await;
-    let token = vault.token("byokd").await;
+    let (vault, token) = vault_with_key("s-kek").await;
     let settings = vault.settings(&vault.addr, &token);
     let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
     tenant_with_vault_key(&app, "st", "s-kek").await;

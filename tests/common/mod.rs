@@ -614,6 +614,39 @@ pub async fn outbox_count(app: &TestApp, tenant: &str, kind: &str) -> i64 {
         .expect("outbox count")
 }
 
+/// Reads the test's dead-letter queue.
+pub async fn dead_letter_reader(app: &TestApp) -> lapin::Consumer {
+    let ch = app.amqp.create_channel().await.expect("channel");
+    ch.basic_consume(
+        app.config.amqp.dead_letter_queue.as_str().into(),
+        "dead-reader".into(),
+        lapin::options::BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("consume dead queue")
+}
+
+/// The next dead letter (acked): its body length and the reason in its `x-byokd-error`
+/// header. Fails the test if none arrives within 20 s or the header is missing.
+pub async fn next_dead_letter(dead: &mut lapin::Consumer) -> (usize, String) {
+    let d = tokio::time::timeout(Duration::from_secs(20), dead.next())
+        .await
+        .expect("a dead letter in time")
+        .expect("stream open")
+        .expect("delivery");
+    let headers = d.properties.headers().clone().unwrap_or_default();
+    let reason = match headers.inner().get("x-byokd-error") {
+        Some(lapin::types::AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("no x-byokd-error header: {other:?}"),
+    };
+    d.acker
+        .ack(lapin::options::BasicAckOptions::default())
+        .await
+        .expect("ack");
+    (d.data.len(), reason)
+}
+
 /// Runs one confirmation round as the daemon's loop would, for tests that drive the engine
 /// themselves: every key due within the next 5 s is observed at its KMS and the answers
 /// applied (a claim younger than `lifecycle::CLAIM_SETTLE` stays for a later answer).
