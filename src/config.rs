@@ -29,7 +29,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// AMQP names and tuning. The names default to the contract in DESIGN.md; tests and
+/// AMQP names and tuning. The names default to the topology in the README; tests and
 /// side-by-side environments override them to share one broker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -84,8 +84,9 @@ impl Default for AmqpSettings {
     }
 }
 
-/// Notification delivery (`[notify]`): retry schedule, timeouts, concurrency, endpoint
-/// health and retention. Defaults follow Svix's schedule and limits.
+/// Notification delivery (`[notify]`): retry schedule, timeouts, concurrency and endpoint
+/// health. Defaults follow Svix's schedule and limits. (How long delivered rows are kept is
+/// the `outbox_prune` schedule's `retention_days`.)
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NotifySettings {
@@ -115,8 +116,6 @@ pub struct NotifySettings {
     pub poll_ms: u64,
     /// A webhook endpoint failing without a success for this long is disabled.
     pub disable_endpoint_after_secs: u64,
-    /// Delivered rows older than this are pruned (dead rows are kept).
-    pub retention_days: u64,
 }
 
 impl Default for NotifySettings {
@@ -133,8 +132,81 @@ impl Default for NotifySettings {
             lease_secs: 120,
             poll_ms: 500,
             disable_endpoint_after_secs: 5 * 24 * 3600,
-            retention_days: 30,
         }
+    }
+}
+
+/// A webhook the platform's operators receive notifications on (`[[operator_webhooks]]`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorWebhook {
+    /// Short name, unique among operator webhooks: the outbox recipient is
+    /// `operator:<name>`, so renaming one starts a new delivery history.
+    pub name: String,
+    /// Where to POST (the SSRF guard applies as for tenants' endpoints).
+    pub url: String,
+    /// Standard Webhooks signing secret (`whsec_...`).
+    pub secret: SecretString,
+}
+
+impl std::fmt::Debug for OperatorWebhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorWebhook")
+            .field("name", &self.name)
+            .field("url", &redact_query(&self.url))
+            .field("secret", &"[REDACTED]")
+            .finish()
+    }
+}
+
+/// A list given either as a TOML array or as one comma-separated string (an environment
+/// variable such as `BYOKD_OPERATOR_EMAILS=a@x,b@y`).
+fn comma_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Either::Many(v) => v,
+    })
+}
+
+/// Parses a comma-separated list of CIDR ranges (a bare address counts as /32 or /128).
+///
+/// # Errors
+///
+/// The first part that is not a range, named.
+pub fn parse_cidrs(cidrs: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    cidrs
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|part| {
+            part.parse::<ipnet::IpNet>()
+                .or_else(|_| part.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("{part:?} is not a CIDR range"))
+        })
+        .collect()
+}
+
+/// A URL without its query string, fragment and password, safe to log.
+pub fn redact_query(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            u.set_query(None);
+            u.set_fragment(None);
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Err(_) => "(not a URL)".to_owned(),
     }
 }
 
@@ -222,6 +294,15 @@ pub struct Config {
     pub notify: NotifySettings,
     /// `[state]`: event skew and confirmation of events at the KMS.
     pub state: StateSettings,
+    /// The name tenants know the platform by, used in notifications (never "byokd", an
+    /// internal component to them).
+    pub platform_name: String,
+    /// Operators' emails (`BYOKD_OPERATOR_EMAILS`, comma-separated): told of what a tenant
+    /// cannot fix (unconfirmed revocations, failed jobs, disabled endpoints).
+    #[serde(deserialize_with = "comma_list")]
+    pub operator_emails: Vec<String>,
+    /// Operators' webhooks (`[[operator_webhooks]]` in the config file).
+    pub operator_webhooks: Vec<OperatorWebhook>,
 }
 
 impl Default for Config {
@@ -245,6 +326,9 @@ impl Default for Config {
             kms: crate::kms::KmsSettings::default(),
             notify: NotifySettings::default(),
             state: StateSettings::default(),
+            platform_name: "the platform".into(),
+            operator_emails: Vec::new(),
+            operator_webhooks: Vec::new(),
         }
     }
 }
@@ -285,6 +369,9 @@ impl std::fmt::Debug for Config {
             .field("kms", &self.kms)
             .field("notify", &self.notify)
             .field("state", &self.state)
+            .field("platform_name", &self.platform_name)
+            .field("operator_emails", &self.operator_emails)
+            .field("operator_webhooks", &self.operator_webhooks)
             .finish()
     }
 }
@@ -428,9 +515,40 @@ impl Config {
             errors.push("notify.retry_jitter must be in [0, 1)".to_owned());
         }
         if let Some(cidrs) = &self.webhook_allow_cidrs
-            && let Err(e) = crate::notify::webhook::AddressGuard::parse(cidrs)
+            && let Err(e) = parse_cidrs(cidrs)
         {
             errors.push(format!("BYOKD_WEBHOOK_ALLOW_CIDRS: {e}"));
+        }
+        for email in &self.operator_emails {
+            if email.parse::<lettre::Address>().is_err() {
+                errors.push(format!(
+                    "BYOKD_OPERATOR_EMAILS: {email:?} is not an email address"
+                ));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for hook in &self.operator_webhooks {
+            if hook.name.is_empty() || !names.insert(hook.name.as_str()) {
+                errors.push(format!(
+                    "operator_webhooks: name {:?} is empty or used twice",
+                    hook.name
+                ));
+            }
+            if !hook.url.starts_with("https://") && !hook.url.starts_with("http://") {
+                errors.push(format!(
+                    "operator_webhooks.{}: url must be http(s)",
+                    hook.name
+                ));
+            }
+            if !hook.secret.expose_secret().starts_with("whsec_") {
+                errors.push(format!(
+                    "operator_webhooks.{}: secret must be a whsec_ secret",
+                    hook.name
+                ));
+            }
+        }
+        if self.platform_name.trim().is_empty() {
+            errors.push("BYOKD_PLATFORM_NAME must not be empty".to_owned());
         }
         if self.database_max_connections < 2 {
             errors.push("database_max_connections must be at least 2".to_owned());

@@ -16,8 +16,11 @@
 //! message and the tenant's notifications when it differs from the stored value.
 
 use crate::domain::kek::{self, EventOutcome, Usability};
-use crate::domain::{Access, EventKind, LifecycleEvent, Observation, Provider};
-use crate::notify::tenant_notifications;
+use crate::domain::{Access, BlockCause, EventKind, LifecycleEvent, Observation, Provider};
+use crate::notify::catalog::{
+    self, KeyDestroyedWithDeks, KeyExpired, KeyExpiring, Notification, RevocationUnconfirmed,
+    TenantInaccessible, TenantRestored, Trigger,
+};
 use crate::store::{
     AccessUpdate, AuditRow, Channel, JobKind, KekRow, NewOutbox, NewRewrapJob, ObserveDone,
     ObserveTarget, Store, StoreError, TenantRow,
@@ -151,6 +154,14 @@ impl Cause {
             key: Some((e.provider, e.key_ref.clone())),
         }
     }
+
+    fn trigger(&self) -> Trigger {
+        Trigger {
+            kind: self.kind.to_owned(),
+            event_id: self.event_id.clone(),
+            id: self.id.clone(),
+        }
+    }
 }
 
 /// The tenants of one transaction with all their keys, and what is decided about them.
@@ -161,6 +172,9 @@ struct Ledger {
     tenants: HashMap<String, TenantRow>,
     changed_keks: BTreeSet<i64>,
     changed_tenants: BTreeSet<String>,
+    /// Per inaccessible tenant, the cause its contacts were last told of: a new cause (a
+    /// key destroyed after its deletion was scheduled) is news even though access stays.
+    told: HashMap<String, Option<BlockCause>>,
     plan: Plan,
 }
 
@@ -170,7 +184,21 @@ impl Ledger {
             .iter()
             .map(|k| ((k.status.provider, k.status.key_ref.clone()), k.id))
             .collect();
+        let told = tenants
+            .iter()
+            .filter(|t| t.access == Access::Inaccessible)
+            .map(|t| {
+                let own: Vec<KekRow> = keks
+                    .iter()
+                    .filter(|k| k.tenant_id == t.id)
+                    .cloned()
+                    .collect();
+                let cause = derive_now(&own, now).blocked.map(|b| b.cause);
+                (t.id.clone(), cause)
+            })
+            .collect();
         Ledger {
+            told,
             now,
             keks: keks.into_iter().map(|k| (k.id, k)).collect(),
             by_ref,
@@ -213,45 +241,74 @@ impl Ledger {
         tenant.access = decision.access;
         tenant.access_reason = decision.reason.clone();
         self.changed_tenants.insert(tenant.id.clone());
-        if decision.access == previous {
-            // Same access, new reason (e.g. disabled, then also revoked): record it quietly.
+        let cause_now = decision.blocked.as_ref().map(|b| b.cause);
+        let told = self.told.get(tenant_id).copied().flatten();
+        if decision.access == previous && (previous != Access::Inaccessible || told == cause_now) {
+            // Same access and nothing new to tell (e.g. a claim confirmed): record quietly.
             return;
         }
-        let access = decision.access;
-        let (provider, key_ref) = cause.key.clone().unzip();
-        let message = json!({
-            "tenant_id": tenant.id,
-            "access": access,
-            "previous": previous,
-            "reason": decision.reason,
-            "provider": provider,
-            "key_ref": key_ref,
-            "event_id": cause.event_id,
-            "cause": cause.kind,
-            "at": self.now,
-        });
-        self.plan.outbox.push(NewOutbox {
-            id: Uuid::now_v7(),
-            tenant_id: Some(tenant.id.clone()),
-            channel: Channel::Amqp,
-            recipient: format!("tenant.access.{access}"),
-            kind: "tenant.access".to_owned(),
-            dedupe_key: format!("access:{}:{}", cause.id, tenant.id),
-            payload: message.clone(),
-        });
-        let kind = match access {
-            Access::Inaccessible => "tenant.inaccessible",
-            Access::EncryptBlocked => "key.expired",
-            Access::Accessible => "tenant.restored",
-        };
-        let mut data = message;
-        if let Some(obj) = data.as_object_mut() {
-            obj.remove("at");
-            obj.insert("expires_at".into(), json!(primary_expiry));
+        if decision.access == Access::Inaccessible {
+            self.told.insert(tenant.id.clone(), cause_now);
+        } else {
+            self.told.remove(tenant_id);
         }
-        self.plan.outbox.extend(tenant_notifications(
-            tenant, kind, &cause.id, data, self.now,
-        ));
+        let access = decision.access;
+        let trigger = cause.trigger();
+        if access != previous {
+            // The platform's services hear of access changes only; a new cause of the same
+            // access is for the tenant's contacts.
+            let (provider, key_ref) = cause.key.clone().unzip();
+            let message = json!({
+                "tenant_id": tenant.id,
+                "access": access,
+                "previous": previous,
+                "reason": decision.reason,
+                "provider": provider,
+                "key_ref": key_ref,
+                "event_id": cause.event_id,
+                "cause": cause.kind,
+                "at": self.now,
+            });
+            self.plan.outbox.push(NewOutbox {
+                id: Uuid::now_v7(),
+                tenant_id: Some(tenant.id.clone()),
+                channel: Channel::Amqp,
+                recipient: format!("tenant.access.{access}"),
+                kind: "tenant.access".to_owned(),
+                dedupe_key: format!("access:{}:{}", cause.id, tenant.id),
+                payload: message,
+            });
+        }
+        let notice = match (access, decision.blocked) {
+            (Access::Inaccessible, Some(blocked)) => Notification::TenantInaccessible(
+                TenantInaccessible::new(&tenant.id, &blocked, previous, trigger),
+            ),
+            (Access::EncryptBlocked, Some(blocked)) => Notification::KeyExpired(KeyExpired {
+                tenant_id: tenant.id.clone(),
+                provider: blocked.provider,
+                key_ref: blocked.key_ref.clone(),
+                expires_at: primary_expiry,
+                decrypts: !blocked.provider.expiry_makes_unusable(),
+                previous,
+                access,
+                reason: blocked.to_string(),
+                trigger,
+            }),
+            _ => {
+                let (provider, key_ref) = cause.key.clone().unzip();
+                Notification::TenantRestored(TenantRestored {
+                    tenant_id: tenant.id.clone(),
+                    provider,
+                    key_ref,
+                    previous,
+                    access,
+                    trigger,
+                })
+            }
+        };
+        self.plan
+            .outbox
+            .extend(notice.outbox_rows(Some(tenant), self.now));
     }
 
     fn finish(mut self) -> Plan {
@@ -415,22 +472,20 @@ pub fn plan(
         }
         if event.kind == EventKind::Expiring
             && let Some(tenant) = ledger.tenants.get(&tenant_id)
+            && let Some(expires_at) = event.expires_at.or(kek.status.expires_at)
         {
-            let expires_at = event.expires_at.or(kek.status.expires_at);
-            let data = json!({
-                "tenant_id": tenant.id,
-                "provider": event.provider,
-                "key_ref": event.key_ref,
-                "expires_at": expires_at,
-                "days_left": expires_at.map(|at| (at - now).num_days().max(0)),
+            let warning = Notification::KeyExpiring(KeyExpiring {
+                tenant_id: tenant.id.clone(),
+                provider: event.provider,
+                key_ref: event.key_ref.clone(),
+                expires_at,
+                days_left: catalog::days_left(expires_at, now),
+                threshold_days: None,
             });
-            ledger.plan.outbox.extend(tenant_notifications(
-                tenant,
-                "key.expiring",
-                &Cause::event(event).id,
-                data,
-                now,
-            ));
+            ledger
+                .plan
+                .outbox
+                .extend(warning.outbox_rows(Some(tenant), now));
         }
         if let Some(next) = effect.next {
             audit.detail["after"] = record(&next);
@@ -577,6 +632,17 @@ pub async fn apply_observations(
                 detail: json!({ "claim": claim, "observed": observation_json(observation),
                                 "alert": true }),
             });
+            let alert = Notification::RevocationUnconfirmed(RevocationUnconfirmed {
+                tenant_id: tenant_id.clone(),
+                provider: before.provider,
+                key_ref: before.key_ref.clone(),
+                claim,
+                observed_state: observation.state,
+                permission_revoked: observation.revoked,
+                source: origin.to_owned(),
+                observed_at: now,
+            });
+            ledger.plan.outbox.extend(alert.outbox_rows(None, now));
             finish.next_due = Some(Some(now + RECHECK_UNCONFIRMED));
         }
         if let Some(next) = effect.next {
@@ -624,18 +690,15 @@ pub async fn apply_observations(
             if lost == 0 {
                 continue;
             }
-            if let Some(tenant) = ledger.tenants.get(&tenant_id) {
-                let data = json!({ "tenant_id": tenant_id, "provider": provider,
-                    "key_ref": key_ref, "dek_count": lost, "primary": primary });
-                let rows = tenant_notifications(
-                    tenant,
-                    "key.destroyed_with_deks",
-                    &format!("destroyed:{kek_id}"),
-                    data,
-                    now,
-                );
-                ledger.plan.outbox.extend(rows);
-            }
+            let lost = Notification::KeyDestroyedWithDeks(KeyDestroyedWithDeks {
+                tenant_id: tenant_id.clone(),
+                provider,
+                key_ref,
+                dek_count: lost,
+                primary,
+            });
+            let tenant = ledger.tenants.get(&tenant_id);
+            ledger.plan.outbox.extend(lost.outbox_rows(tenant, now));
         }
     }
     let plan = ledger.finish();

@@ -69,6 +69,15 @@ fn cases() -> Vec<Case> {
             access: "inaccessible",
             messages: vec!["inaccessible"],
         },
+        // Destroyed after the deletion was scheduled: access stays inaccessible, but the
+        // tenant is told again, now that it is final.
+        Case {
+            name: "deleted",
+            events: vec![("deletion_scheduled", json!({})), ("destroyed", json!({}))],
+            state: "destroyed",
+            access: "inaccessible",
+            messages: vec!["inaccessible"],
+        },
         Case {
             name: "expired",
             events: vec![("expired", json!({}))],
@@ -253,6 +262,19 @@ async fn every_event_kind_sets_state_and_derived_access() {
             .count()
     };
     assert_eq!(count("disabled", "tenant.inaccessible"), 2);
+    let causes: Vec<String> = sqlx::query_scalar(
+        "SELECT payload->'data'->>'cause' FROM outbox
+         WHERE tenant_id = 'deleted' AND kind = 'tenant.inaccessible' AND channel = 'email'
+         ORDER BY seq",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .expect("causes");
+    assert_eq!(causes, ["deletion_scheduled", "destroyed"]);
+    // Refuted claims reach the operators (one row each, fanned out by the dispatcher).
+    assert_eq!(count("revoked", "operator.revocation_unconfirmed"), 1);
+    assert_eq!(count("lie-disabled", "operator.revocation_unconfirmed"), 1);
+    assert_eq!(count("disabled", "operator.revocation_unconfirmed"), 0);
     assert_eq!(count("reenabled", "tenant.restored"), 2);
     assert_eq!(count("expired", "key.expired"), 2);
     assert_eq!(count("expiring", "key.expiring"), 2);

@@ -6,7 +6,7 @@ mod common;
 
 use base64::Engine;
 use byokd::kms::{Dek, DekContext, KmsError, KmsProvider, WrappedRef};
-use common::{TestApp, at, wait_for};
+use common::{TestApp, at, outbox_count, wait_for};
 use rand::Rng;
 use serde_json::{Value, json};
 use std::collections::HashSet;
@@ -411,6 +411,19 @@ async fn replacing_a_key_moves_every_dek_then_retires_the_old_one() {
     let (report, ok) = app.verify_deks("rp");
     assert!(ok, "{report}");
     assert_eq!(report["total"], 801);
+    // The tenant hears of a replacement, naming both keys, not of a rotation.
+    let replaced: Vec<Value> =
+        sqlx::query_scalar("SELECT payload FROM outbox WHERE kind = 'key.replaced'")
+            .fetch_all(&app.pool)
+            .await
+            .expect("rows");
+    assert!(!replaced.is_empty());
+    for body in &replaced {
+        assert_eq!(body["data"]["previous_key_ref"], "old-key");
+        assert_eq!(body["data"]["key_ref"], "new-key");
+        assert_eq!(body["data"]["dek_count"], 800);
+    }
+    assert_eq!(outbox_count(&app, "rp", "key.rotated").await, 0);
     // The old key's lifecycle no longer decides the tenant's access.
     app.publish("disabled", "old-key", at(0), json!({})).await;
     app.wait_processed(1).await;
@@ -565,6 +578,19 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
         .await
         .expect("count");
     assert_eq!(rotated, 0);
+    // A failed job tells the tenant's contacts and webhooks, and the operators.
+    let failed: Vec<(String, Value)> = sqlx::query_as(
+        "SELECT channel, payload FROM outbox WHERE kind = 'key.rewrap_failed' ORDER BY seq",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .expect("rows");
+    assert!(failed.iter().any(|(c, _)| c == "email"), "{failed:?}");
+    assert!(failed.iter().any(|(c, _)| c == "operator"), "{failed:?}");
+    for (_, body) in &failed {
+        assert_eq!(body["data"]["failed"], 2);
+        assert_eq!(body["data"]["done"], 298);
+    }
     let (report, ok) = app.verify_deks("f");
     assert!(!ok);
     assert_eq!(

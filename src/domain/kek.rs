@@ -113,11 +113,6 @@ impl KekStatus {
     pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }
-
-    /// The name `provider key key_ref` used in reasons.
-    fn name(&self) -> String {
-        format!("{} key {}", self.provider, self.key_ref)
-    }
 }
 
 /// The state to show for a key at `now`: the observed state, `expired` when an enabled key's
@@ -146,58 +141,142 @@ pub fn shown_state(kek: &KekStatus, now: DateTime<Utc>) -> KeyState {
     }
 }
 
+named_enum!(
+    /// Why a key cannot be used: the thing its owner has to fix, which decides what a
+    /// notification tells them to do.
+    BlockCause, "block cause" {
+        /// Disabled at the KMS.
+        Disabled => "disabled",
+        /// Scheduled for deletion at the KMS.
+        DeletionScheduled => "deletion_scheduled",
+        /// Destroyed: final.
+        Destroyed => "destroyed",
+        /// The platform's permission to use the key (grant, policy, role) was taken away.
+        PermissionRevoked => "permission_revoked",
+        /// Past its expiry date.
+        Expired => "expired",
+    }
+);
+
+/// Why one key cannot be used, fully or for new encryption. Its `Display` is the
+/// human-readable reason stored with the tenant's access.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Blocked {
+    /// What is wrong with the key.
+    pub cause: BlockCause,
+    /// The key's provider.
+    pub provider: Provider,
+    /// The key's name.
+    pub key_ref: String,
+    /// The KMS said so; `false` while an event's claim waits for the KMS to confirm it.
+    pub confirmed: bool,
+    /// DEKs the key still holds, when it is a key being replaced rather than the primary.
+    pub held_deks: Option<i64>,
+}
+
+impl Blocked {
+    fn new(kek: &KekStatus, cause: BlockCause, confirmed: bool) -> Blocked {
+        Blocked {
+            cause,
+            provider: kek.provider,
+            key_ref: kek.key_ref.clone(),
+            confirmed,
+            held_deks: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(held) = self.held_deks {
+            write!(f, "{held} DEKs are still held by the key being replaced: ")?;
+        }
+        let key = format!("{} key {}", self.provider, self.key_ref);
+        match (self.cause, self.confirmed) {
+            (BlockCause::Expired, confirmed) => {
+                let how = if confirmed {
+                    "expired"
+                } else {
+                    "was reported expired"
+                };
+                let after = if self.provider.expiry_makes_unusable() {
+                    " and can no longer decrypt"
+                } else {
+                    "; existing data stays readable"
+                };
+                write!(f, "{key} {how}{after}")
+            }
+            (BlockCause::Destroyed, true) => write!(f, "{key} was destroyed"),
+            (BlockCause::DeletionScheduled, true) => {
+                write!(f, "{key} is scheduled for deletion")
+            }
+            (BlockCause::Disabled, true) => write!(f, "{key} is disabled"),
+            (BlockCause::PermissionRevoked, true) => {
+                write!(f, "the platform's access to {key} was revoked at the KMS")
+            }
+            (cause, false) => {
+                let what = match cause {
+                    BlockCause::Disabled => "disabled",
+                    BlockCause::DeletionScheduled => "scheduled for deletion",
+                    BlockCause::Destroyed => "destroyed",
+                    _ => "no longer accessible to the platform",
+                };
+                write!(
+                    f,
+                    "{key} was reported {what}; blocked until the KMS says otherwise"
+                )
+            }
+        }
+    }
+}
+
 /// What the platform may do with one key at `now`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Usability {
     /// Wrap and unwrap.
     Usable,
-    /// Unwrap only (expired): the reason.
-    UnwrapOnly(String),
-    /// Nothing: the reason.
-    Unusable(String),
+    /// Unwrap only (expired): why.
+    UnwrapOnly(Blocked),
+    /// Nothing: why.
+    Unusable(Blocked),
 }
 
 /// Decides what a key allows at `now`. A claim counts until an observation settles it.
 pub fn usability(kek: &KekStatus, now: DateTime<Utc>) -> Usability {
-    let key = kek.name();
-    let expired = |why: String| {
+    let expired = |confirmed| {
+        let why = Blocked::new(kek, BlockCause::Expired, confirmed);
         if kek.provider.expiry_makes_unusable() {
-            Usability::Unusable(format!("{why} and can no longer decrypt"))
+            Usability::Unusable(why)
         } else {
-            Usability::UnwrapOnly(format!("{why}; existing data stays readable"))
+            Usability::UnwrapOnly(why)
         }
     };
-    match kek.state {
-        KeyState::Destroyed => return Usability::Unusable(format!("{key} was destroyed")),
-        KeyState::PendingDeletion => {
-            return Usability::Unusable(format!("{key} is scheduled for deletion"));
+    let observed = match kek.state {
+        KeyState::Destroyed => Some(BlockCause::Destroyed),
+        KeyState::PendingDeletion => Some(BlockCause::DeletionScheduled),
+        KeyState::Disabled => Some(BlockCause::Disabled),
+        KeyState::Enabled | KeyState::Expired => {
+            kek.revoked.then_some(BlockCause::PermissionRevoked)
         }
-        KeyState::Disabled => return Usability::Unusable(format!("{key} is disabled")),
-        KeyState::Enabled | KeyState::Expired => {}
+    };
+    if let Some(cause) = observed {
+        return Usability::Unusable(Blocked::new(kek, cause, true));
     }
-    if kek.revoked {
-        return Usability::Unusable(format!("byokd's access to {key} was revoked at the KMS"));
-    }
-    match kek.claim {
-        Some(EventKind::Expired) => {}
-        Some(kind) => {
-            let what = match kind {
-                EventKind::Disabled => "disabled",
-                EventKind::DeletionScheduled => "scheduled for deletion",
-                EventKind::Destroyed => "destroyed",
-                _ => "no longer accessible to byokd",
-            };
-            return Usability::Unusable(format!(
-                "{key} was reported {what}; blocked until the KMS says otherwise"
-            ));
-        }
-        None => {}
+    let claimed = match kek.claim {
+        Some(EventKind::Disabled) => Some(BlockCause::Disabled),
+        Some(EventKind::DeletionScheduled) => Some(BlockCause::DeletionScheduled),
+        Some(EventKind::Destroyed) => Some(BlockCause::Destroyed),
+        Some(EventKind::Expired) | None => None,
+        Some(_) => Some(BlockCause::PermissionRevoked),
+    };
+    if let Some(cause) = claimed {
+        return Usability::Unusable(Blocked::new(kek, cause, false));
     }
     if kek.is_expired(now) {
-        return expired(format!("{key} expired"));
+        return expired(true);
     }
     if kek.claim == Some(EventKind::Expired) {
-        return expired(format!("{key} was reported expired"));
+        return expired(false);
     }
     Usability::Usable
 }
@@ -213,13 +292,25 @@ pub struct TenantKey<'a> {
     pub held_deks: i64,
 }
 
-/// A tenant's access and the human-readable reason for it.
+/// A tenant's access, the human-readable reason for it, and the typed cause behind it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessDecision {
     /// The derived access.
     pub access: Access,
-    /// Why, when not `accessible`.
+    /// Why, when not `accessible` (the [`Blocked`] shown as text).
     pub reason: Option<String>,
+    /// The key that blocks and what is wrong with it, when not `accessible`.
+    pub blocked: Option<Blocked>,
+}
+
+impl AccessDecision {
+    fn blocked(access: Access, why: Blocked) -> AccessDecision {
+        AccessDecision {
+            access,
+            reason: Some(why.to_string()),
+            blocked: Some(why),
+        }
+    }
 }
 
 /// Derives a tenant's access at `now` from its keys: the primary, and any key still holding
@@ -229,26 +320,21 @@ pub fn derive_access(keys: &[TenantKey<'_>], now: DateTime<Utc>) -> AccessDecisi
     for key in keys.iter().filter(|k| k.primary) {
         match usability(key.status, now) {
             Usability::Usable => {}
-            Usability::Unusable(reason) => {
-                return AccessDecision {
-                    access: Access::Inaccessible,
-                    reason: Some(reason),
-                };
+            Usability::Unusable(why) => {
+                return AccessDecision::blocked(Access::Inaccessible, why);
             }
-            Usability::UnwrapOnly(reason) => {
+            Usability::UnwrapOnly(why) => {
                 if let Some(held) = held_by_unusable(keys, now) {
                     return held;
                 }
-                return AccessDecision {
-                    access: Access::EncryptBlocked,
-                    reason: Some(reason),
-                };
+                return AccessDecision::blocked(Access::EncryptBlocked, why);
             }
         }
     }
     held_by_unusable(keys, now).unwrap_or(AccessDecision {
         access: Access::Accessible,
         reason: None,
+        blocked: None,
     })
 }
 
@@ -256,13 +342,10 @@ fn held_by_unusable(keys: &[TenantKey<'_>], now: DateTime<Utc>) -> Option<Access
     keys.iter()
         .filter(|k| !k.primary && k.held_deks > 0)
         .find_map(|k| match usability(k.status, now) {
-            Usability::Unusable(why) => Some(AccessDecision {
-                access: Access::Inaccessible,
-                reason: Some(format!(
-                    "{} DEKs are still held by the key being replaced: {why}",
-                    k.held_deks
-                )),
-            }),
+            Usability::Unusable(mut why) => {
+                why.held_deks = Some(k.held_deks);
+                Some(AccessDecision::blocked(Access::Inaccessible, why))
+            }
             _ => None,
         })
 }

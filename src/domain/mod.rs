@@ -97,4 +97,4 @@ pub mod event;
 pub mod kek;
 
 pub use event::{EventKind, LifecycleEvent, Origin};
-pub use kek::{Access, KekStatus, KeyState, Observation};
+pub use kek::{Access, BlockCause, Blocked, KekStatus, KeyState, Observation};

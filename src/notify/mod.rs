@@ -5,10 +5,11 @@
 //! (SMTP via lettre, or .eml files) or [`webhook`] (Standard Webhooks over reqwest, behind an
 //! SSRF guard), logs every attempt and decides, through [`DeliveryError::verdict`] alone,
 //! whether a failure is retried, is final, or disables the endpoint. [`render`] turns a
-//! notification into an email's subject, text and HTML from `templates/`.
-//! [`tenant_notifications`] builds the outbox rows every notification starts as.
+//! notification into an email's subject, text and HTML from `templates/`. [`catalog`] is
+//! every notification byokd sends, and the only way one enters the outbox.
 
 pub mod access;
+pub mod catalog;
 pub mod email;
 pub mod outbox;
 pub mod render;
@@ -121,46 +122,6 @@ impl DeliveryError {
             _ => None,
         }
     }
-}
-
-use crate::store::{Channel, NewOutbox, TenantRow};
-use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
-use uuid::Uuid;
-
-/// One outbox row per contact (email) and per enabled webhook endpoint of `tenant`, with the
-/// webhook body `{type, timestamp, data}`. `cause` names what triggered it (an event, a job);
-/// the dedupe key `kind:cause:channel:recipient` makes the notification unique however often
-/// the cause is processed.
-pub fn tenant_notifications(
-    tenant: &TenantRow,
-    kind: &str,
-    cause: &str,
-    data: Value,
-    now: DateTime<Utc>,
-) -> Vec<NewOutbox> {
-    let body = json!({ "type": kind, "timestamp": now, "data": data });
-    let recipients = tenant
-        .contacts
-        .iter()
-        .map(|c| (Channel::Email, c.clone()))
-        .chain(
-            tenant
-                .webhooks
-                .iter()
-                .map(|w| (Channel::Webhook, w.to_string())),
-        );
-    recipients
-        .map(|(channel, recipient)| NewOutbox {
-            id: Uuid::now_v7(),
-            tenant_id: Some(tenant.id.clone()),
-            channel,
-            kind: kind.to_owned(),
-            dedupe_key: format!("{kind}:{cause}:{}:{recipient}", channel.as_str()),
-            recipient,
-            payload: body.clone(),
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -8,20 +8,24 @@
 //! delivery runs in its own task, bounded overall and per recipient: a claim never takes
 //! rows of a recipient already at its limit, so a slow endpoint holds only its own slots.
 //!
+//! Notifications for operators arrive as one `operator` row each; every step first expands
+//! those into a row per operator address ([`catalog::fan_out`]), in one transaction with
+//! marking the row done, so each operator gets each notification once.
+//!
 //! [`Dispatcher::run_once`] is one step (claim, deliver, record, with `now` injected) for
 //! tests; [`outbox_loop`] keeps claiming as slots free up until shutdown.
 
+use super::catalog::{self, EndpointDisabled, Notification, Operators};
 use super::email::{Mailer, MailerError};
 use super::render;
 use super::webhook::{AddressGuard, ClientError, WebhookClient};
 use super::{DeliveryError, Verdict};
-use crate::config::{Config, NotifySettings};
+use crate::config::{Config, NotifySettings, OperatorWebhook};
 use crate::seal::Sealer;
 use crate::store::outbox::{AttemptRecord, ClaimRequest, ClaimedNotification, Resolution};
-use crate::store::{Channel, NewOutbox, Store, StoreError};
+use crate::store::{Channel, Store, StoreError};
 use chrono::{DateTime, Utc};
 use rand::Rng;
-use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,6 +75,12 @@ struct Inner {
     mailer: Mailer,
     webhooks: WebhookClient,
     sealer: Arc<Sealer>,
+    /// The name tenants know the platform by.
+    platform: String,
+    /// Operator addresses the `operator` rows expand to.
+    operators: Operators,
+    /// Operator webhooks by name.
+    operator_webhooks: HashMap<String, OperatorWebhook>,
     /// Deliveries in flight per recipient, to bound concurrency per endpoint / mailbox.
     in_flight: Mutex<HashMap<String, usize>>,
 }
@@ -134,6 +144,20 @@ impl Dispatcher {
                 mailer,
                 webhooks,
                 sealer,
+                platform: config.platform_name.clone(),
+                operators: Operators {
+                    emails: config.operator_emails.clone(),
+                    webhooks: config
+                        .operator_webhooks
+                        .iter()
+                        .map(|w| w.name.clone())
+                        .collect(),
+                },
+                operator_webhooks: config
+                    .operator_webhooks
+                    .iter()
+                    .map(|w| (w.name.clone(), w.clone()))
+                    .collect(),
                 in_flight: Mutex::new(HashMap::new()),
             }),
         })
@@ -198,6 +222,7 @@ impl Dispatcher {
     ///
     /// Store errors while claiming; a failed delivery is recorded, not returned.
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<StepReport, NotifyError> {
+        self.fan_out_operators(now).await?;
         let claimed = self.claim(now).await?;
         let mut report = StepReport {
             claimed: claimed.len(),
@@ -226,6 +251,50 @@ impl Dispatcher {
             Some(e) => Err(e.into()),
             None => Ok(report),
         }
+    }
+
+    /// Expands due `operator` rows into one row per operator address, and marks them done in
+    /// the same transaction. Returns how many rows were expanded.
+    ///
+    /// # Errors
+    ///
+    /// Store errors; nothing was written then.
+    pub async fn fan_out_operators(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        let mut tx = self.inner.store.begin().await?;
+        let rows = tx.claim_outbox(Channel::Operator, 100, now).await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let operators = &self.inner.operators;
+        let mut expanded = Vec::new();
+        for row in &rows {
+            expanded.extend(catalog::fan_out(
+                &row.kind,
+                &row.dedupe_key,
+                row.tenant_id.as_deref(),
+                &row.payload,
+                operators,
+            ));
+        }
+        tx.enqueue(&expanded).await?;
+        let detail = if expanded.is_empty() {
+            "no operator address configured (BYOKD_OPERATOR_EMAILS, operator_webhooks)".to_owned()
+        } else {
+            format!(
+                "sent to {} operator email(s) and {} operator webhook(s)",
+                operators.emails.len(),
+                operators.webhooks.len()
+            )
+        };
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        tx.mark_delivered(&ids, now, &detail).await?;
+        tx.commit().await?;
+        if expanded.is_empty() {
+            for row in &rows {
+                tracing::warn!(kind = %row.kind, "an operator notification has no operator to go to");
+            }
+        }
+        Ok(rows.len())
     }
 
     /// Delivers one row and records the outcome. `now` is fixed in tests, else read when the
@@ -361,37 +430,22 @@ impl Dispatcher {
             return Ok(());
         };
         tracing::warn!(%endpoint, tenant = %disabled.tenant_id, reason, "webhook endpoint disabled");
-        // Only scheme, host and path: a query string may carry the tenant's token.
-        let shown = url::Url::parse(&disabled.url)
-            .map(|mut u| {
-                u.set_query(None);
-                u.set_fragment(None);
-                let _ = u.set_password(None);
-                u.to_string()
-            })
-            .unwrap_or_default();
-        let body = json!({
-            "type": "endpoint.disabled",
-            "timestamp": now,
-            "data": { "tenant_id": disabled.tenant_id, "endpoint_id": endpoint,
-                      "url": shown, "reason": reason },
+        let notice = Notification::EndpointDisabled(EndpointDisabled {
+            tenant_id: disabled.tenant_id.clone(),
+            endpoint_id: endpoint,
+            // Only scheme, host and path: a query string may carry the tenant's token.
+            url: crate::config::redact_query(&disabled.url),
+            reason: reason.to_owned(),
+            disabled_at: now,
         });
-        let rows: Vec<NewOutbox> = disabled
-            .contacts
-            .iter()
-            .map(|contact| NewOutbox {
-                id: Uuid::now_v7(),
-                tenant_id: Some(disabled.tenant_id.clone()),
-                channel: Channel::Email,
-                recipient: contact.clone(),
-                kind: "endpoint.disabled".to_owned(),
-                dedupe_key: format!(
-                    "endpoint.disabled:{endpoint}:{}:email:{contact}",
-                    now.timestamp_micros()
-                ),
-                payload: body.clone(),
-            })
-            .collect();
+        let contacts = crate::store::TenantRow {
+            id: disabled.tenant_id.clone(),
+            access: crate::domain::Access::Accessible,
+            access_reason: None,
+            contacts: disabled.contacts.clone(),
+            webhooks: Vec::new(),
+        };
+        let rows = notice.outbox_rows(Some(&contacts), now);
         tx.enqueue(&rows).await?;
         tx.commit().await
     }
@@ -400,7 +454,7 @@ impl Dispatcher {
         &self,
         row: &ClaimedNotification,
     ) -> Result<(Option<u16>, String), DeliveryError> {
-        let content = render::render(row.id, &row.kind, &row.payload)
+        let content = render::render(row.id, &row.kind, &row.payload, &self.inner.platform)
             .map_err(|e| DeliveryError::Invalid(e.to_string()))?;
         let receipt = self
             .inner
@@ -418,6 +472,28 @@ impl Dispatcher {
         now: DateTime<Utc>,
         sent_at: DateTime<Utc>,
     ) -> Result<(Option<u16>, String), DeliveryError> {
+        let body = catalog::webhook_body(&row.payload, &self.inner.platform)
+            .to_string()
+            .into_bytes();
+        if let Some(name) = row.recipient.strip_prefix(catalog::OPERATOR_WEBHOOK_PREFIX) {
+            let hook = self
+                .inner
+                .operator_webhooks
+                .get(name)
+                .ok_or(DeliveryError::EndpointGone("is no longer configured"))?;
+            let receipt = self
+                .inner
+                .webhooks
+                .deliver(
+                    &hook.url,
+                    std::slice::from_ref(&hook.secret),
+                    &row.id.to_string(),
+                    sent_at.timestamp(),
+                    body,
+                )
+                .await?;
+            return Ok((Some(receipt.status), format!("HTTP {}", receipt.status)));
+        }
         let id = row
             .recipient
             .parse::<Uuid>()
@@ -443,7 +519,6 @@ impl Dispatcher {
             .map(|sealed| self.inner.sealer.open(sealed))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| DeliveryError::Invalid(e.to_string()))?;
-        let body = row.payload.to_string().into_bytes();
         let receipt = self
             .inner
             .webhooks
@@ -493,8 +568,16 @@ pub async fn outbox_loop(dispatcher: Dispatcher, mut shutdown: watch::Receiver<b
     // Claim in batches: waiting for a quarter of the slots to free up costs little latency
     // and saves a claim query per completed delivery.
     let batch_min = (dispatcher.inner.settings.max_in_flight / 4).max(1);
+    // Operator rows are rare: looking for them once per poll interval is plenty.
+    let mut fanned_out: Option<Instant> = None;
     while !*shutdown.borrow() {
         let mut wait = poll;
+        if fanned_out.is_none_or(|at| at.elapsed() >= poll) {
+            fanned_out = Some(Instant::now());
+            if let Err(e) = dispatcher.fan_out_operators(Utc::now()).await {
+                tracing::warn!(error = %e, "expanding operator notifications failed; retrying");
+            }
+        }
         let free = dispatcher
             .inner
             .settings

@@ -1,11 +1,13 @@
 //! Email content: subject, text and HTML of a notification, from the minijinja templates in
 //! `templates/email/` (compiled into the binary, so a deployment cannot lose them).
 //!
-//! Each notification type has a `<type>.txt` / `<type>.html` pair; the first line of the text
-//! template is `Subject: ...`. Types without a pair (new ones added by other features) fall
-//! back to `default.*`, which lists the notification's fields, so nothing is ever unsendable
-//! for want of a template.
+//! Each type of the [`catalog`](super::catalog) has a `<type>.txt` / `<type>.html` pair; the
+//! first line of the text template is `Subject: ...`. The facts come from the stored body;
+//! the advice (`next_steps`) from the catalog, so email and webhook say the same. A body
+//! the catalog cannot read (queued by an older version) falls back to `default.*`, which
+//! lists its fields, so nothing is ever unsendable for want of a template.
 
+use super::catalog::{self, Notification};
 use chrono::{DateTime, Utc};
 use minijinja::{Environment, UndefinedBehavior};
 use serde_json::{Value, json};
@@ -20,6 +22,8 @@ macro_rules! templates {
 
 const TEMPLATES: &[(&str, &str)] = templates![
     "layout.html",
+    "steps.txt",
+    "steps.html",
     "default.txt",
     "default.html",
     "key.expiring.txt",
@@ -28,12 +32,24 @@ const TEMPLATES: &[(&str, &str)] = templates![
     "key.expired.html",
     "key.rotated.txt",
     "key.rotated.html",
+    "key.replaced.txt",
+    "key.replaced.html",
+    "key.rewrap_failed.txt",
+    "key.rewrap_failed.html",
+    "key.unreachable.txt",
+    "key.unreachable.html",
+    "key.destroyed_with_deks.txt",
+    "key.destroyed_with_deks.html",
     "tenant.inaccessible.txt",
     "tenant.inaccessible.html",
     "tenant.restored.txt",
     "tenant.restored.html",
     "endpoint.disabled.txt",
     "endpoint.disabled.html",
+    "operator.revocation_unconfirmed.txt",
+    "operator.revocation_unconfirmed.html",
+    "operator.schedule_failed.txt",
+    "operator.schedule_failed.html",
 ];
 
 /// A rendered email.
@@ -55,12 +71,22 @@ pub struct RenderError {
     message: String,
 }
 
+/// `{{ at|date }}`: an RFC 3339 time as a readable UTC date.
+fn date(value: String) -> String {
+    value
+        .parse::<DateTime<Utc>>()
+        .map(|at| at.format("%A %-d %B %Y, %H:%M UTC").to_string())
+        .unwrap_or(value)
+}
+
 fn environment() -> &'static Environment<'static> {
     static ENV: OnceLock<Environment<'static>> = OnceLock::new();
     ENV.get_or_init(|| {
         let mut env = Environment::new();
         // A missing field renders empty instead of failing the whole notification.
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
+        env.add_filter("date", date);
+        env.add_filter("sentence", catalog::sentence_start);
         for (name, source) in TEMPLATES {
             if let Err(e) = env.add_template(name, source) {
                 // Templates are compiled in and parsed by the unit tests; this cannot happen
@@ -72,8 +98,14 @@ fn environment() -> &'static Environment<'static> {
     })
 }
 
-/// Renders the email for notification `id` of type `kind` with webhook body `payload`.
-pub fn render(id: Uuid, kind: &str, payload: &Value) -> Result<Rendered, RenderError> {
+/// Renders the email for notification `id` of type `kind` with stored body `payload`, in the
+/// name of `platform`.
+pub fn render(
+    id: Uuid,
+    kind: &str,
+    payload: &Value,
+    platform: &str,
+) -> Result<Rendered, RenderError> {
     let env = environment();
     let data = payload.get("data").cloned().unwrap_or_else(|| json!({}));
     let mut context = match &data {
@@ -81,7 +113,14 @@ pub fn render(id: Uuid, kind: &str, payload: &Value) -> Result<Rendered, RenderE
         _ => serde_json::Map::new(),
     };
     let field = |name: &str| data.get(name).and_then(Value::as_str).unwrap_or_default();
+    let operator = catalog::is_for_operators(payload);
+    let known = Notification::from_body(payload).filter(|n| n.kind() == kind);
+    if let Some(n) = &known {
+        context.insert("next_steps".into(), json!(n.next_steps(platform, operator)));
+    }
     context.insert("kind".into(), json!(kind));
+    context.insert("platform".into(), json!(platform));
+    context.insert("operator".into(), json!(operator));
     context.insert("notification_id".into(), json!(id));
     context.insert(
         "timestamp".into(),
@@ -91,26 +130,12 @@ pub fn render(id: Uuid, kind: &str, payload: &Value) -> Result<Rendered, RenderE
         "key".into(),
         json!(format!("{} {}", field("provider"), field("key_ref")).trim()),
     );
-    if let Some(at) = data
-        .get("expires_at")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse::<DateTime<Utc>>().ok())
-    {
-        context.insert(
-            "expires_on".into(),
-            json!(at.format("%A %-d %B %Y, %H:%M UTC").to_string()),
-        );
-    }
     context.insert("data".into(), data.clone());
     let context = Value::Object(context);
 
-    let pick = |ext: &str| {
-        let own = format!("{kind}.{ext}");
-        if env.get_template(&own).is_ok() {
-            own
-        } else {
-            format!("default.{ext}")
-        }
+    let pick = |ext: &str| match &known {
+        Some(n) => format!("{}.{ext}", n.kind()),
+        None => format!("default.{ext}"),
     };
     let render_one = |name: String| {
         env.get_template(&name)
@@ -140,13 +165,12 @@ pub fn render(id: Uuid, kind: &str, payload: &Value) -> Result<Rendered, RenderE
 mod tests {
     use super::*;
 
-    fn payload(kind: &str, data: Value) -> Value {
-        json!({ "type": kind, "timestamp": "2026-11-28T12:00:00Z", "data": data })
-    }
-
     #[test]
     fn every_template_parses() {
         let mut env = Environment::new();
+        env.add_filter("date", date);
+        env.add_filter("sentence", catalog::sentence_start);
+        env.add_filter("sentence", catalog::sentence_start);
         for (name, source) in TEMPLATES {
             env.add_template(name, source)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -154,88 +178,44 @@ mod tests {
     }
 
     #[test]
-    fn expiring_says_which_key_when_and_how_to_recover() {
-        let r = render(
-            Uuid::nil(),
-            "key.expiring",
-            &payload(
-                "key.expiring",
-                json!({ "tenant_id": "acme", "provider": "aws", "key_ref": "alias/acme",
-                        "expires_at": "2026-12-12T09:30:00Z", "days_left": 14 }),
-            ),
-        )
-        .expect("renders");
-        assert_eq!(
-            r.subject,
-            "Action needed: key alias/acme for tenant acme expires in 14 days"
-        );
-        for part in [&r.text, &r.html] {
-            assert!(
-                part.contains("Saturday 12 December 2026, 09:30 UTC"),
-                "{part}"
-            );
-            assert!(part.contains("Extend the key's expiry"), "{part}");
-            assert!(part.contains("Provide a new key"), "{part}");
-            assert!(part.contains("acme"), "{part}");
+    fn every_kind_of_the_catalog_has_its_pair() {
+        for kind in Notification::KINDS {
+            for ext in ["txt", "html"] {
+                let name = format!("{kind}.{ext}");
+                assert!(
+                    TEMPLATES.iter().any(|(n, _)| *n == name),
+                    "{name} is missing"
+                );
+            }
         }
     }
 
     #[test]
     fn html_is_escaped_text_is_not() {
-        let r = render(
-            Uuid::nil(),
-            "tenant.inaccessible",
-            &payload(
-                "tenant.inaccessible",
-                json!({ "tenant_id": "t<1>", "provider": "local", "key_ref": "k&1",
-                        "reason": "key_disabled", "previous": "accessible" }),
-            ),
-        )
-        .expect("renders");
-        assert!(r.html.contains("t&lt;1&gt;") && !r.html.contains("t<1>"));
+        let body = json!({ "type": "tenant.restored", "timestamp": "2026-11-28T12:00:00Z",
+            "data": { "tenant_id": "t<1>", "provider": "local", "key_ref": "k&1",
+                      "previous": "inaccessible", "access": "accessible",
+                      "trigger": { "kind": "event", "id": "e1" } } });
+        let r = render(Uuid::nil(), "tenant.restored", &body, "Acme").expect("renders");
+        assert!(
+            r.html.contains("t&lt;1&gt;") && !r.html.contains("t<1>"),
+            "{}",
+            r.html
+        );
         assert!(r.text.contains("k&1") && r.subject.contains("t<1>"));
     }
 
     #[test]
-    fn unknown_kinds_fall_back_to_the_default_template() {
-        let r = render(
-            Uuid::nil(),
-            "key.unreachable",
-            &payload(
-                "key.unreachable",
-                json!({ "tenant_id": "acme", "provider": "vault", "key_ref": "transit/acme",
-                        "since": "2026-11-28T10:00:00Z" }),
-            ),
-        )
-        .expect("renders");
-        assert_eq!(r.subject, "key.unreachable: key transit/acme (tenant acme)");
+    fn unknown_bodies_fall_back_to_the_default_template() {
+        let body = json!({ "type": "key.something_new", "timestamp": "2026-11-28T12:00:00Z",
+            "data": { "tenant_id": "acme", "provider": "vault", "key_ref": "transit/acme",
+                      "since": "2026-11-28T10:00:00Z" } });
+        let r = render(Uuid::nil(), "key.something_new", &body, "Acme").expect("renders");
+        assert_eq!(
+            r.subject,
+            "key.something_new: key transit/acme (tenant acme)"
+        );
         assert!(r.text.contains("since: 2026-11-28T10:00:00Z"), "{}", r.text);
-        // minijinja escapes `/` in HTML.
-        assert!(r.html.contains("transit&#x2f;acme"), "{}", r.html);
-    }
-
-    #[test]
-    fn every_kind_renders_its_own_template() {
-        for kind in [
-            "key.expiring",
-            "key.expired",
-            "key.rotated",
-            "tenant.inaccessible",
-            "tenant.restored",
-            "endpoint.disabled",
-        ] {
-            let r = render(
-                Uuid::nil(),
-                kind,
-                &payload(kind, json!({ "tenant_id": "acme", "key_ref": "k1" })),
-            )
-            .expect("renders");
-            assert!(
-                !r.subject.starts_with(kind),
-                "{kind} fell back: {}",
-                r.subject
-            );
-            assert!(r.html.contains("<html"), "{kind}");
-        }
+        assert!(r.text.contains("contact Acme's support"), "{}", r.text);
     }
 }

@@ -15,12 +15,11 @@ use crate::domain::Provider;
 use crate::domain::kek::is_newer_version;
 use crate::kms::{DekContext, Kms, KmsError, KmsProvider, Wrapped, WrappedRef};
 use crate::lifecycle;
-use crate::notify::tenant_notifications;
+use crate::notify::catalog::{KeyReplaced, KeyRewrapFailed, KeyRotated, Notification};
 use crate::store::{JobKind, RewrapJob, RewrappedDek, Store, StoreError};
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
-use serde_json::json;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -330,29 +329,40 @@ impl Rewrapper {
         let state = if failed > 0 { "failed" } else { "completed" };
         let reason = (failed > 0).then(|| format!("{failed} DEKs could not be re-wrapped"));
         let (done, _) = tx.finish_rewrap_job(&job, state, reason.as_deref()).await?;
-        if state == "completed" {
-            let tenant = tx.tenant_recipients(&job.tenant_id).await?;
-            let from = job.from_versions.join(",");
-            let mut data = json!({
-                "tenant_id": job.tenant_id,
-                "provider": job.target.1,
-                "key_ref": job.target.2,
-                "dek_count": done,
-                "from_version": from,
-                "to_version": job.target_version,
-            });
-            if job.kind == JobKind::Replacement {
-                data["previous_key_ref"] = job.kek.2.clone().into();
-            }
-            let rows = tenant_notifications(
-                &tenant,
-                "key.rotated",
-                &format!("rewrap-job:{}", job.id),
-                data,
-                now,
-            );
-            tx.enqueue(&rows).await?;
-        }
+        let notice = match (failed > 0, job.kind) {
+            (true, kind) => Notification::KeyRewrapFailed(KeyRewrapFailed {
+                tenant_id: job.tenant_id.clone(),
+                job_id: job.id,
+                job_kind: kind,
+                provider: job.kek.1,
+                key_ref: job.kek.2.clone(),
+                target_key_ref: job.target.2.clone(),
+                to_version: job.target_version.clone(),
+                failed,
+                done,
+            }),
+            (false, JobKind::Rotation) => Notification::KeyRotated(KeyRotated {
+                tenant_id: job.tenant_id.clone(),
+                provider: job.target.1,
+                key_ref: job.target.2.clone(),
+                from_version: job.from_versions.join(","),
+                to_version: job.target_version.clone(),
+                dek_count: done,
+                job_id: job.id,
+            }),
+            (false, JobKind::Replacement) => Notification::KeyReplaced(KeyReplaced {
+                tenant_id: job.tenant_id.clone(),
+                previous_provider: job.kek.1,
+                previous_key_ref: job.kek.2.clone(),
+                provider: job.target.1,
+                key_ref: job.target.2.clone(),
+                to_version: job.target_version.clone(),
+                dek_count: done,
+                job_id: job.id,
+            }),
+        };
+        let tenant = tx.tenant_recipients(&job.tenant_id).await?;
+        tx.enqueue(&notice.outbox_rows(Some(&tenant), now)).await?;
         tx.commit().await?;
         if job.kind == JobKind::Replacement && state == "completed" {
             // The old key holds no DEK any more: it stops counting for the tenant's access.

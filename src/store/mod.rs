@@ -227,8 +227,12 @@ pub enum Channel {
     Amqp,
     /// An email to a tenant contact.
     Email,
-    /// A signed webhook to a tenant endpoint.
+    /// A signed webhook to a tenant endpoint (recipient: its id) or an operator webhook
+    /// (recipient: `operator:<name>`).
     Webhook,
+    /// A notification for the platform's operators, expanded by the dispatcher into one
+    /// email / webhook row per configured operator address.
+    Operator,
 }
 
 impl Channel {
@@ -238,6 +242,7 @@ impl Channel {
             Channel::Amqp => "amqp",
             Channel::Email => "email",
             Channel::Webhook => "webhook",
+            Channel::Operator => "operator",
         }
     }
 }
@@ -266,6 +271,10 @@ pub struct NewOutbox {
 pub struct OutboxRow {
     /// Row id.
     pub id: Uuid,
+    /// The tenant concerned.
+    pub tenant_id: Option<String>,
+    /// Its dedupe key.
+    pub dedupe_key: String,
     /// Routing key, email address or webhook endpoint id.
     pub recipient: String,
     /// Notification type.
@@ -523,6 +532,16 @@ impl StoreTx {
     /// row that half a dozen indexes cover, on the path every revocation takes.
     pub async fn remove_published(&mut self, ids: &[Uuid]) -> Result<(), StoreError> {
         dispatch!(self, t => t.remove_published(ids).await)
+    }
+
+    /// Marks rows delivered now (operator rows once expanded), with what became of them.
+    pub async fn mark_delivered(
+        &mut self,
+        ids: &[Uuid],
+        now: DateTime<Utc>,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, t => t.mark_delivered(ids, now, detail).await)
     }
 
     /// Records a failed attempt and when to try again.

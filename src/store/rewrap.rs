@@ -56,7 +56,7 @@ pub struct DekTarget {
 }
 
 /// What a re-wrap job does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
     /// New version of the same KEK.

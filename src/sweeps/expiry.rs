@@ -1,10 +1,9 @@
 //! `expiry_scan`: tiered warnings before a key expires, and expiry when its date has passed.
 
 use crate::lifecycle::{self, Cause};
-use crate::notify::tenant_notifications;
+use crate::notify::catalog::{self, KeyExpiring, Notification};
 use crate::store::{Store, StoreError};
 use chrono::{DateTime, Utc};
-use serde_json::json;
 
 /// What a scan did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -62,27 +61,15 @@ pub async fn expiry_scan(
             continue;
         };
         report.keys_warned += 1;
-        let days_left = (left.num_hours() + 23) / 24;
-        let data = json!({
-            "tenant_id": key.tenant.id,
-            "provider": key.provider,
-            "key_ref": key.key_ref,
-            "expires_at": key.expires_at,
-            "days_left": days_left,
-            "threshold_days": threshold,
+        let warning = Notification::KeyExpiring(KeyExpiring {
+            tenant_id: key.tenant.id.clone(),
+            provider: key.provider,
+            key_ref: key.key_ref.clone(),
+            expires_at: key.expires_at,
+            days_left: catalog::days_left(key.expires_at, now),
+            threshold_days: Some(threshold),
         });
-        let cause = format!(
-            "kek:{}:{}:{threshold}d",
-            key.kek_id,
-            key.expires_at.timestamp_millis()
-        );
-        warnings.extend(tenant_notifications(
-            &key.tenant,
-            "key.expiring",
-            &cause,
-            data,
-            now,
-        ));
+        warnings.extend(warning.outbox_rows(Some(&key.tenant), now));
     }
     for chunk in warnings.chunks(2000) {
         report.notifications_queued += store.enqueue_outbox(chunk).await?;

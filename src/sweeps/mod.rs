@@ -11,6 +11,7 @@ pub mod expiry;
 pub mod probe;
 
 use crate::kms::Kms;
+use crate::notify::catalog::{Notification, ScheduleFailed};
 use crate::store::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -320,6 +321,19 @@ impl Sweeper {
             Ok(details) => ("ok", details),
             Err(e) => {
                 tracing::warn!(schedule = %schedule.name, error = %e, "sweep failed");
+                let alert = Notification::ScheduleFailed(ScheduleFailed {
+                    schedule: schedule.name.clone(),
+                    tick,
+                    error: e.to_string(),
+                });
+                if let Err(e) = self
+                    .store
+                    .enqueue_outbox(&alert.outbox_rows(None, now))
+                    .await
+                {
+                    tracing::warn!(schedule = %schedule.name, error = %e,
+                        "could not queue the operators' notification of a failed sweep");
+                }
                 ("failed", serde_json::json!({ "error": e.to_string() }))
             }
         };

@@ -10,11 +10,10 @@
 
 use crate::kms::Kms;
 use crate::lifecycle::{self, Answer, Unanswered};
-use crate::notify::tenant_notifications;
+use crate::notify::catalog::{KeyUnreachable, Notification};
 use crate::reconcile;
 use crate::store::{ProbeRecord, ProbeTarget, Store, StoreError};
 use chrono::{DateTime, Utc};
-use serde_json::json;
 use std::time::Duration;
 
 /// Probe tuning from the schedule's params.
@@ -120,20 +119,14 @@ async fn unreachable(
     let grace = chrono::Duration::from_std(settings.unreachable_grace)
         .unwrap_or(chrono::Duration::minutes(30));
     if !target.unreachable_notified && now - since >= grace {
-        let data = json!({
-            "tenant_id": target.tenant.id,
-            "provider": target.key.provider,
-            "key_ref": target.key.key_ref,
-            "unreachable_since": since,
-            "error": error,
+        let notice = Notification::KeyUnreachable(KeyUnreachable {
+            tenant_id: target.tenant.id.clone(),
+            provider: target.key.provider,
+            key_ref: target.key.key_ref.clone(),
+            unreachable_since: since,
+            error: error.to_owned(),
         });
-        let rows = tenant_notifications(
-            &target.tenant,
-            "key.unreachable",
-            &format!("unreachable:{kek_id}:{}", since.timestamp_millis()),
-            data,
-            now,
-        );
+        let rows = notice.outbox_rows(Some(&target.tenant), now);
         if store.notify_unreachable(kek_id, &rows, now).await? {
             report.unreachable_notified += 1;
         }

@@ -2,6 +2,7 @@
 //! AMQP exchange and queue names on the real broker, and an in-process daemon on port 0.
 #![allow(dead_code, missing_docs)]
 
+pub mod catalog;
 pub mod http_fault;
 pub mod notify;
 pub mod proxy;

@@ -177,26 +177,9 @@ pub struct Row {
     pub next_attempt_at: DateTime<Utc>,
 }
 
-/// A webhook body as `lifecycle` writes it, with fields for every template.
+/// The catalog's sample body of `kind` for `tenant` (key `key-<tenant>`).
 pub fn payload(tenant: &str, kind: &str) -> Value {
-    let expires = Utc::now() + chrono::Duration::days(14);
-    json!({
-        "type": kind,
-        "timestamp": Utc::now(),
-        "data": {
-            "tenant_id": tenant,
-            "provider": "local",
-            "key_ref": format!("key-{tenant}"),
-            "reason": "key_disabled",
-            "access": "inaccessible",
-            "previous": "accessible",
-            "expires_at": expires,
-            "days_left": 14,
-            "dek_count": 42,
-            "from_version": "1",
-            "to_version": "2",
-        }
-    })
+    super::catalog::body(tenant, kind)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -744,7 +744,7 @@ impl PgTx {
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, recipient, kind, payload, attempts FROM outbox
+            "SELECT id, tenant_id, dedupe_key, recipient, kind, payload, attempts FROM outbox
              WHERE channel = $1 AND status = 'pending' AND next_attempt_at <= $2
              ORDER BY seq
              LIMIT $3
@@ -759,6 +759,8 @@ impl PgTx {
             .map(|r| {
                 Ok(OutboxRow {
                     id: r.try_get("id")?,
+                    tenant_id: r.try_get("tenant_id")?,
+                    dedupe_key: r.try_get("dedupe_key")?,
                     recipient: r.try_get("recipient")?,
                     kind: r.try_get("kind")?,
                     payload: r.try_get("payload")?,
@@ -773,6 +775,33 @@ impl PgTx {
             .bind(ids)
             .execute(&mut *self.tx)
             .await?;
+        Ok(())
+    }
+
+    pub(super) async fn mark_delivered(
+        &mut self,
+        ids: &[Uuid],
+        now: DateTime<Utc>,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET status = 'delivered', delivered_at = $2, last_error = NULL,
+                    locked_until = NULL
+             WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO notification_attempts (outbox_id, at, outcome, detail, duration_ms)
+             SELECT id, $2, 'delivered', $3, 0 FROM UNNEST($1::uuid[]) AS u(id)",
+        )
+        .bind(ids)
+        .bind(now)
+        .bind(detail)
+        .execute(&mut *self.tx)
+        .await?;
         Ok(())
     }
 
