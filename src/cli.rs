@@ -1,8 +1,9 @@
 //! The command line: clap definitions and dispatch. Errors surface as one line on stderr.
 
+use crate::broker::{Outgoing, Publisher};
 use crate::config::Config;
 use crate::domain::{EventKind, KeyState, LifecycleEvent, Provider};
-use crate::events::amqp::{Outgoing, Publisher, message_routing_key, routing_key};
+use crate::events::amqp::{message_routing_key, routing_key};
 use crate::events::normalize::canonical;
 use crate::events::normalize::normalize;
 use crate::kms::{DekContext, KmsProvider, LocalKms, WrappedRef};
@@ -180,6 +181,8 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             command: DeksCommand::Verify { tenant },
         } => verify_deks(cli.json, &config, &tenant).await,
         Command::CheckConfig => {
+            crate::rewrap::rate_limits(&config.rewrap)
+                .map_err(|e| anyhow::anyhow!("rewrap.rate_limits: {e}"))?;
             if cli.json {
                 println!(
                     "{}",

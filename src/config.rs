@@ -9,6 +9,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use zeroize::Zeroizing;
@@ -210,6 +211,75 @@ pub fn redact_query(url: &str) -> String {
     }
 }
 
+/// Re-wrap tuning (`[rewrap]` in the config file, `BYOKD_REWRAP__*`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewrapSettings {
+    /// DEKs per claimed batch (one transaction each).
+    pub batch_size: i64,
+    /// Worker tasks per replica.
+    pub concurrency: usize,
+    /// Attempts before a failing DEK counts as failed for good.
+    pub max_attempts: i32,
+    /// Most DEK operations per second per provider name (0: unlimited). Remote KMSs
+    /// throttle. Names are checked when the daemon starts (`rewrap::rate_limits`).
+    pub rate_limits: BTreeMap<String, u32>,
+}
+
+impl Default for RewrapSettings {
+    fn default() -> Self {
+        RewrapSettings {
+            batch_size: 1000,
+            concurrency: 2,
+            max_attempts: 5,
+            rate_limits: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[kms]` settings: one optional table per remote provider.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KmsSettings {
+    /// `[kms.vault]`.
+    pub vault: Option<VaultSettings>,
+}
+
+/// `[kms.vault]` settings.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultSettings {
+    /// Server address, e.g. `https://vault.example:8200`.
+    pub address: String,
+    /// Token with encrypt/decrypt/read on the transit keys.
+    pub token: SecretString,
+    /// Transit mount path.
+    #[serde(default = "default_mount")]
+    pub mount: String,
+    /// Per-request timeout.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_mount() -> String {
+    "transit".to_owned()
+}
+
+fn default_timeout() -> u64 {
+    10
+}
+
+impl std::fmt::Debug for VaultSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultSettings")
+            .field("address", &self.address)
+            .field("token", &"[REDACTED]")
+            .field("mount", &self.mount)
+            .field("timeout_secs", &self.timeout_secs)
+            .finish()
+    }
+}
+
 /// Confirmation tuning (`[state]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -287,9 +357,9 @@ pub struct Config {
     /// AMQP names and tuning.
     pub amqp: AmqpSettings,
     /// DEK re-wrap tuning.
-    pub rewrap: crate::rewrap::RewrapSettings,
+    pub rewrap: RewrapSettings,
     /// Remote KMS providers (`[kms.vault]`, ...).
-    pub kms: crate::kms::KmsSettings,
+    pub kms: KmsSettings,
     /// Notification delivery.
     pub notify: NotifySettings,
     /// `[state]`: event skew and confirmation of events at the KMS.
@@ -322,8 +392,8 @@ impl Default for Config {
             webhook_allow_cidrs: None,
             shutdown_grace_secs: 20,
             amqp: AmqpSettings::default(),
-            rewrap: crate::rewrap::RewrapSettings::default(),
-            kms: crate::kms::KmsSettings::default(),
+            rewrap: RewrapSettings::default(),
+            kms: KmsSettings::default(),
             notify: NotifySettings::default(),
             state: StateSettings::default(),
             platform_name: "the platform".into(),

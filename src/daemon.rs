@@ -4,8 +4,9 @@
 //! [`run`] takes its listener and shutdown signal as arguments (as mini-redis and zero2prod
 //! do), so integration tests start the whole daemon in-process on port 0.
 
+use crate::broker::Publisher;
 use crate::config::{Config, ConfigError};
-use crate::events::amqp::{self, ConsumerHealth, Intake, Publisher};
+use crate::events::amqp::{self, ConsumerHealth, Intake};
 use crate::http::{self, AppState};
 use crate::kms::{Kms, LocalKms};
 use crate::notify::access::{self, Relay};
@@ -57,7 +58,7 @@ pub enum RunError {
 pub fn build_kms(
     store: &Store,
     root_key: &crate::config::RootKey,
-    settings: &crate::kms::KmsSettings,
+    settings: &crate::config::KmsSettings,
 ) -> Result<Kms, RunError> {
     let mut kms = Kms::with_local(LocalKms::new(
         store.clone(),
@@ -87,6 +88,8 @@ pub async fn run(
     let amqp_url = config.require_amqp_url()?.to_owned();
     let root_key = config.require_root_key()?;
     let schedules = Arc::new(sweeps::load_dir(&config.schedules_dir)?);
+    rewrap::rate_limits(&config.rewrap)
+        .map_err(|e| ConfigError(vec![format!("rewrap.rate_limits: {e}")]))?;
 
     let store = Store::connect(&database_url, config.database_max_connections).await?;
     store.migrate().await?;

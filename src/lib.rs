@@ -32,6 +32,7 @@
 //! Data flows one way: intake -> normalize -> lifecycle (one transaction) -> ack; slow work
 //! is picked up later from the database by its own loop.
 
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod daemon;

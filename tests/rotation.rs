@@ -474,7 +474,8 @@ async fn rotating_a_disabled_key_waits_and_resumes_when_it_is_enabled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the_rest() {
-    use byokd::rewrap::{RewrapSettings, Rewrapper, Step};
+    use byokd::config::RewrapSettings;
+    use byokd::rewrap::{Rewrapper, Step};
     let mut app = TestApp::spawn().await;
     app.tenant_with_key("f", "key-f").await;
     let deks = app.bulk_deks("f", "key-f", 300).await;
@@ -603,7 +604,8 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_moves_on_to_the_next_job_while_others_hold_the_rest_of_one() {
-    use byokd::rewrap::{RewrapSettings, Rewrapper, Step};
+    use byokd::config::RewrapSettings;
+    use byokd::rewrap::{Rewrapper, Step};
     let mut app = TestApp::spawn().await;
     for t in ["ja", "jb"] {
         app.tenant_with_key(t, &format!("key-{t}")).await;

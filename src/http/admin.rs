@@ -1,8 +1,9 @@
 //! `/v1` handlers: tenants, KEK registration, event intake.
 
 use super::{ApiError, AppState};
+use crate::broker::Outgoing;
 use crate::domain::{KekStatus, Provider};
-use crate::events::amqp::{Outgoing, message_routing_key};
+use crate::events::amqp::message_routing_key;
 use crate::events::normalize::{NormalizeError, check_times, normalize};
 use crate::lifecycle::{Cause, refresh_access};
 use crate::seal::generate_webhook_secret;

@@ -8,8 +8,9 @@ mod admin;
 mod deks;
 mod notifications;
 
+use crate::broker::Publisher;
 use crate::config::AmqpSettings;
-use crate::events::amqp::{ConsumerHealth, ConsumerState, Publisher};
+use crate::events::amqp::{ConsumerHealth, ConsumerState};
 use crate::kms::{Kms, KmsError};
 use crate::seal::Sealer;
 use crate::store::{Store, StoreError};

@@ -10,7 +10,7 @@ pub mod local;
 pub mod vault;
 
 pub use local::LocalKms;
-pub use vault::{VaultKms, VaultSettings};
+pub use vault::VaultKms;
 
 use crate::domain::{KeyState, Provider};
 use crate::store::StoreError;
@@ -421,14 +421,6 @@ impl KmsProvider for Backend {
 pub struct Kms {
     local: Option<Backend>,
     vault: Option<Backend>,
-}
-
-/// `[kms]` settings: one optional table per remote provider.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct KmsSettings {
-    /// `[kms.vault]`.
-    pub vault: Option<VaultSettings>,
 }
 
 impl Kms {

@@ -42,40 +42,7 @@ use std::time::Duration;
 use url::Url;
 use zeroize::Zeroizing;
 
-/// `[kms.vault]` settings.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VaultSettings {
-    /// Server address, e.g. `https://vault.example:8200`.
-    pub address: String,
-    /// Token with encrypt/decrypt/read on the transit keys.
-    pub token: SecretString,
-    /// Transit mount path.
-    #[serde(default = "default_mount")]
-    pub mount: String,
-    /// Per-request timeout.
-    #[serde(default = "default_timeout")]
-    pub timeout_secs: u64,
-}
-
-fn default_mount() -> String {
-    "transit".to_owned()
-}
-
-fn default_timeout() -> u64 {
-    10
-}
-
-impl std::fmt::Debug for VaultSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VaultSettings")
-            .field("address", &self.address)
-            .field("token", &"[REDACTED]")
-            .field("mount", &self.mount)
-            .field("timeout_secs", &self.timeout_secs)
-            .finish()
-    }
-}
+use crate::config::VaultSettings;
 
 /// Why a [`VaultKms`] cannot be built from its settings.
 #[derive(Debug, thiserror::Error)]

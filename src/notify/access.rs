@@ -7,7 +7,7 @@
 //! concurrently (a crash after publish but before commit can repeat a message; consumers
 //! dedupe on `event_id`).
 
-use crate::events::amqp::{Backoff, Outgoing, Publisher};
+use crate::broker::{Backoff, Outgoing, Publisher};
 use crate::store::{Channel, Store, StoreError};
 use chrono::Utc;
 use lapin::BasicProperties;

@@ -11,44 +11,32 @@
 //! backoff without holding up the rest; a key the KMS refuses puts the job in `waiting` until
 //! the key is usable again.
 
-use crate::domain::Provider;
+use crate::config::RewrapSettings;
 use crate::domain::kek::is_newer_version;
+use crate::domain::{Provider, UnknownName};
 use crate::kms::{DekContext, Kms, KmsError, KmsProvider, Wrapped, WrappedRef};
 use crate::lifecycle;
 use crate::notify::catalog::{KeyReplaced, KeyRewrapFailed, KeyRotated, Notification};
 use crate::store::{JobKind, RewrapJob, RewrappedDek, Store, StoreError};
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use serde::Deserialize;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
-/// Re-wrap tuning (`[rewrap]` in the config file, `BYOKD_REWRAP__*`).
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RewrapSettings {
-    /// DEKs per claimed batch (one transaction each).
-    pub batch_size: i64,
-    /// Worker tasks per replica.
-    pub concurrency: usize,
-    /// Attempts before a failing DEK counts as failed for good.
-    pub max_attempts: i32,
-    /// Most DEK operations per second per provider (0: unlimited). Remote KMSs throttle.
-    pub rate_limits: HashMap<Provider, u32>,
-}
-
-impl Default for RewrapSettings {
-    fn default() -> Self {
-        RewrapSettings {
-            batch_size: 1000,
-            concurrency: 2,
-            max_attempts: 5,
-            rate_limits: HashMap::new(),
-        }
-    }
+/// The per-provider rate limits of `settings`, keyed by provider.
+///
+/// # Errors
+///
+/// A key that names no provider (the daemon refuses to start with it).
+pub fn rate_limits(settings: &RewrapSettings) -> Result<HashMap<Provider, u32>, UnknownName> {
+    settings
+        .rate_limits
+        .iter()
+        .map(|(name, rate)| Ok((name.parse::<Provider>()?, *rate)))
+        .collect()
 }
 
 /// Why a step failed; the loop retries after a pause either way.
@@ -98,18 +86,18 @@ pub struct Rewrapper {
 impl Rewrapper {
     /// An engine; `wake` is notified by whoever creates or resumes a job.
     pub fn new(store: Store, kms: Kms, settings: RewrapSettings, wake: Arc<Notify>) -> Rewrapper {
-        let limiters = settings
-            .rate_limits
-            .iter()
+        let limiters = rate_limits(&settings)
+            .unwrap_or_default()
+            .into_iter()
             .filter_map(|(p, rate)| {
-                let rate = NonZeroU32::new(*rate)?;
+                let rate = NonZeroU32::new(rate)?;
                 let burst = NonZeroU32::new(
                     u32::try_from(settings.batch_size)
                         .unwrap_or(u32::MAX)
                         .max(rate.get()),
                 )?;
                 Some((
-                    *p,
+                    p,
                     RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
                 ))
             })

@@ -4,7 +4,8 @@
 //! parallel on the one server, so nothing here touches anything outside the test's mount and
 //! the policies it made; [`Vault::cleanup`] removes both.
 
-use byokd::kms::{VaultKms, VaultSettings};
+use byokd::config::VaultSettings;
+use byokd::kms::VaultKms;
 use serde_json::{Value, json};
 use std::sync::Mutex;
 use uuid::Uuid;
