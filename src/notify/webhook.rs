@@ -76,15 +76,9 @@ pub struct AddressGuard {
 impl AddressGuard {
     /// Parses a comma-separated list of CIDR ranges (a bare address counts as /32 or /128).
     pub fn parse(cidrs: &str) -> Result<AddressGuard, String> {
-        let mut allow = Vec::new();
-        for part in cidrs.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let net = part
-                .parse::<IpNet>()
-                .or_else(|_| part.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| format!("{part:?} is not a CIDR range"))?;
-            allow.push(net);
-        }
-        Ok(AddressGuard { allow })
+        Ok(AddressGuard {
+            allow: crate::config::parse_cidrs(cidrs)?,
+        })
     }
 
     /// Refuses non-global addresses that no allowlisted range contains.
