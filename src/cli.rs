@@ -6,14 +6,14 @@ use crate::domain::{EventKind, KeyState, LifecycleEvent, Provider};
 use crate::events::amqp::{message_routing_key, routing_key};
 use crate::events::normalize::canonical;
 use crate::events::normalize::normalize;
-use crate::kms::{DekContext, KmsProvider, LocalKms, WrappedRef};
+use crate::keys::Keys;
+use crate::kms::LocalKms;
 use crate::seal::Sealer;
 use crate::store::Store;
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use lapin::BasicProperties;
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -438,84 +438,12 @@ async fn kms_local(json: bool, config: &Config, op: LocalOp) -> anyhow::Result<(
     Ok(())
 }
 
-/// The figures `deks verify` reports.
-#[derive(Debug, Default, serde::Serialize)]
-struct Verification {
-    tenant: String,
-    total: u64,
-    ok: u64,
-    failed: u64,
-    by_version: BTreeMap<String, u64>,
-    failures: Vec<serde_json::Value>,
-}
-
 async fn verify_deks(json: bool, config: &Config, tenant: &str) -> anyhow::Result<()> {
     let root = config.require_root_key()?;
     let store = Store::connect(config.require_database_url()?, 2).await?;
-    store.tenant(tenant).await?;
     let kms = crate::daemon::build_kms(&store, &root, &config.kms)?;
-    let mut report = Verification {
-        tenant: tenant.to_owned(),
-        ..Verification::default()
-    };
-    let mut after = None;
-    loop {
-        let page = store.deks_page(tenant, after, 1000).await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.id);
-        // One KMS call per key in the page.
-        let mut by_key: BTreeMap<(Provider, &str), Vec<usize>> = BTreeMap::new();
-        for (i, d) in page.iter().enumerate() {
-            by_key.entry((d.provider, &d.key_ref)).or_default().push(i);
-        }
-        for ((provider, key_ref), indexes) in by_key {
-            let items: Vec<WrappedRef<'_>> = indexes
-                .iter()
-                .map(|&i| WrappedRef {
-                    ctx: DekContext {
-                        tenant_id: &page[i].tenant_id,
-                        dek_id: page[i].id,
-                    },
-                    version: &page[i].kek_version,
-                    ciphertext: &page[i].wrapped,
-                })
-                .collect();
-            let results = match kms.provider(provider) {
-                Ok(p) => p.unwrap_many(key_ref, &items).await,
-                Err(e) => Err(e),
-            };
-            for (n, &i) in indexes.iter().enumerate() {
-                let dek = &page[i];
-                report.total += 1;
-                *report
-                    .by_version
-                    .entry(dek.kek_version.clone())
-                    .or_default() += 1;
-                let outcome = match &results {
-                    Ok(r) => match &r[n] {
-                        Ok(plain) if plain.kcv() == dek.kcv => Ok(()),
-                        Ok(_) => Err(
-                            "key check value does not match the one recorded at creation"
-                                .to_owned(),
-                        ),
-                        Err(e) => Err(e.to_string()),
-                    },
-                    Err(e) => Err(e.to_string()),
-                };
-                match outcome {
-                    Ok(()) => report.ok += 1,
-                    Err(reason) => {
-                        report.failed += 1;
-                        if report.failures.len() < 20 {
-                            report.failures.push(serde_json::json!({
-                                "dek_id": dek.id, "kek_version": dek.kek_version, "reason": reason,
-                            }));
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let keys = Keys::new(store, kms, Arc::default(), Arc::default());
+    let report = keys.verify_deks(tenant).await?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

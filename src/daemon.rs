@@ -183,12 +183,18 @@ pub async fn run(
     let sweeps = tokio::spawn(sweeps::sweep_loop(sweeper, stop_rx.clone()));
 
     let state = AppState {
-        store,
+        store: store.clone(),
         admin_token: config.admin_token.clone(),
         consumer: health,
         urgent_consumer: urgent_health,
         sealer,
         publisher,
+        keys: crate::keys::Keys::new(
+            store.clone(),
+            kms.clone(),
+            access_changed.clone(),
+            rewrap_work.clone(),
+        ),
         kms,
         rewrap_work,
         access_changed,

@@ -10,20 +10,23 @@
 //! * `config`: defaults, then a TOML file, then `BYOKD_*` variables, validated once.
 //! * `telemetry`: tracing subscriber and the Prometheus registry.
 //! * `domain`: pure types and the KEK state machine / access derivation; no I/O.
+//! * `broker`: RabbitMQ topology, the confirmed publisher and reconnect backoff.
 //! * `events`: intake. `normalize` turns messages (canonical, AWS, Azure, GCP) into events;
-//!   `amqp` owns the broker.
+//!   `amqp` consumes them in batches and dead-letters what cannot be applied.
 //! * `lifecycle`: applies events, KMS observations and the passing of time, one transaction
 //!   each (dedupe, key record, derived access, audit, outbox).
+//! * `keys`: the use cases on a tenant's keys (register or replace a KEK, current access,
+//!   create a DEK, verify DEKs) that the API, the CLI and tests share.
 //! * `reconcile`: asks a KMS what a key is (metadata and a test wrap/unwrap) and confirms
 //!   events off the consumer's path.
-//! * `notify`: delivery of outbox rows; `access` relays access changes to `byok.access`.
 //! * `kms`: the KMS provider trait and dispatch; `local` is byokd's own keyring.
 //! * `rewrap`: re-wrap jobs (rotation, key replacement), worked in resumable batches.
 //! * `sweeps`: cron schedules (`schedules/*.toml`) and their jobs: expiry scan, key probe,
 //!   outbox prune; one replica at a time per schedule.
 //! * `notify`: delivery of outbox rows; `access` relays access changes to `byok.access`,
 //!   `outbox` delivers tenant notifications by `email` (lettre) and `webhook` (Standard
-//!   Webhooks, SSRF-guarded), rendered by `render` from `templates/email/`.
+//!   Webhooks, SSRF-guarded), rendered by `render` from `templates/email/`; `catalog` is
+//!   every notification byokd sends, with its facts, audience and advice.
 //! * `http`: health, metrics and the admin API.
 //! * `store`: all SQL, behind a back-end-neutral API.
 //! * `seal`: encryption of secrets at rest under the root key.
@@ -39,6 +42,7 @@ pub mod daemon;
 pub mod domain;
 pub mod events;
 pub mod http;
+pub mod keys;
 pub mod kms;
 pub mod lifecycle;
 pub mod notify;

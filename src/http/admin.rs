@@ -2,12 +2,12 @@
 
 use super::{ApiError, AppState};
 use crate::broker::Outgoing;
-use crate::domain::{KekStatus, Provider};
+use crate::domain::Provider;
 use crate::events::amqp::message_routing_key;
 use crate::events::normalize::{NormalizeError, check_times, normalize};
-use crate::lifecycle::{Cause, refresh_access};
+use crate::keys::NewKek;
 use crate::seal::generate_webhook_secret;
-use crate::store::{AuditRow, NewTenant, NewWebhook};
+use crate::store::{NewTenant, NewWebhook};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -157,7 +157,7 @@ pub(super) async fn get_tenant(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (_, tenant) = super::current_access(&state, &id).await?;
+    let (_, tenant) = state.keys.current_access(&id, Utc::now()).await?;
     Ok(Json(serde_json::to_value(tenant).unwrap_or_default()))
 }
 
@@ -185,73 +185,13 @@ pub(super) async fn register_kek(
         .provider
         .parse()
         .map_err(|e: crate::domain::UnknownName| unprocessable(e.to_string()))?;
-    // Canonical before the one-key-one-tenant check, so two spellings cannot bind one key.
-    let key_ref = crate::kms::canonical_key_ref(provider, &req.key_ref)
-        .map_err(|e| unprocessable(e.to_string()))?;
-    state.store.tenant(&tenant_id).await?;
-    let mut info = state.kms.test_key(provider, &key_ref).await.map_err(|e| {
-        if e.is_transient() {
-            ApiError::from(e)
-        } else {
-            unprocessable(format!("the key failed a test wrap/unwrap: {e}"))
-        }
-    })?;
-    if provider.kms_holds_expiry() && req.expires_at.is_some() && req.expires_at != info.expires_at
-    {
-        // The KMS holds this key's expiry and the next observation would undo a date given
-        // here. byokd's own keyring takes it; another KMS must be told directly.
-        match state.kms.provider(provider)? {
-            crate::kms::Backend::Local(local) => {
-                info = local.set_expiry(&key_ref, req.expires_at).await?;
-            }
-            _ => {
-                return Err(unprocessable(format!(
-                    "the {provider} KMS holds this key's expiry; set it there, not here"
-                )));
-            }
-        }
-    }
-    let now = Utc::now();
-    let expires_at = if provider.kms_holds_expiry() {
-        info.expires_at
-    } else {
-        req.expires_at
+    let kek = NewKek {
+        provider,
+        key_ref: req.key_ref,
+        expires_at: req.expires_at,
+        replace: req.replace,
     };
-    let status = KekStatus::observed(provider, key_ref, Some(info.current_version), expires_at);
-    let audit = AuditRow {
-        tenant_id: Some(tenant_id.clone()),
-        provider: Some(provider),
-        key_ref: Some(status.key_ref.clone()),
-        action: if req.replace {
-            "kek_replaced"
-        } else {
-            "kek_registered"
-        }
-        .into(),
-        outcome: "applied".into(),
-        source: "api".into(),
-        event_id: None,
-        detail: json!({ "version": status.current_version, "expires_at": status.expires_at }),
-    };
-    let job = state
-        .store
-        .register_kek(&tenant_id, &status, &audit, req.replace)
-        .await?;
-    if job.is_some() {
-        state.rewrap_work.notify_one();
-    }
-    // A new key, or a replacement, changes what the tenant's access derives from.
-    let cause = Cause::new(
-        if req.replace {
-            "replacement"
-        } else {
-            "registration"
-        },
-        Some((provider, status.key_ref.clone())),
-    );
-    if refresh_access(&state.store, std::slice::from_ref(&tenant_id), &cause, now).await? > 0 {
-        state.access_changed.notify_one();
-    }
+    let job = state.keys.register_kek(&tenant_id, kek, Utc::now()).await?;
     let tenant = state.store.tenant(&tenant_id).await?;
     let mut view = serde_json::to_value(tenant).unwrap_or_default();
     view["rewrap_job"] = json!(job);

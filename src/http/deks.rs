@@ -1,13 +1,12 @@
 //! DEK routes and re-wrap job progress.
 
 use super::{ApiError, AppState};
-use crate::domain::{Access, KeyState};
-use crate::kms::{Dek, DekContext, KmsProvider};
-use crate::store::NewDek;
+use crate::domain::KeyState;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use base64::Engine;
+use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -18,53 +17,12 @@ pub(super) async fn create_dek(
     State(state): State<AppState>,
     Path(tenant_id): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let target = state.store.dek_target(&tenant_id).await?;
-    let (access, _) = super::current_access(&state, &tenant_id).await?;
-    if access.access != Access::Accessible {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "tenant {tenant_id:?} is {}: {}; no new DEKs",
-                access.access,
-                access.reason.as_deref().unwrap_or("no reason recorded")
-            ),
-        ));
-    }
-    let Some((kek_id, provider, key_ref)) = target.kek else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("tenant {tenant_id:?} has no key registered"),
-        ));
-    };
-    let dek = Dek::generate();
-    let id = Uuid::now_v7();
-    let ctx = DekContext {
-        tenant_id: &tenant_id,
-        dek_id: id,
-    };
-    let wrapped = state
-        .kms
-        .provider(provider)?
-        .wrap_many(&key_ref, None, &[(&dek, ctx)])
-        .await?
-        .pop()
-        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?;
-    let kcv = dek.kcv();
-    drop(dek);
-    state
-        .store
-        .insert_dek(&NewDek {
-            id,
-            tenant_id: tenant_id.clone(),
-            kek_id,
-            kek_version: wrapped.version.clone(),
-            wrapped: wrapped.ciphertext,
-            kcv: kcv.clone(),
-        })
-        .await?;
+    let dek = state.keys.create_dek(&tenant_id, Utc::now()).await?;
+    // The admin API hands out no plaintext: it is dropped (and zeroized) here.
+    drop(dek.plaintext);
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "dek_id": id, "kek_version": wrapped.version, "kcv": kcv })),
+        Json(json!({ "dek_id": dek.id, "kek_version": dek.kek_version, "kcv": dek.kcv })),
     ))
 }
 

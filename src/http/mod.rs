@@ -46,6 +46,8 @@ pub struct AppState {
     pub amqp: AmqpSettings,
     /// The KMS providers.
     pub kms: Kms,
+    /// The use cases on keys (registration, DEKs, current access).
+    pub keys: crate::keys::Keys,
     /// Wakes re-wrap workers when a replacement job is created.
     pub rewrap_work: Arc<Notify>,
     /// Wakes the access relay when the API recorded an access change.
@@ -54,31 +56,6 @@ pub struct AppState {
     pub confirm_work: Arc<Notify>,
     /// Event skew and confirmation settings.
     pub state: crate::config::StateSettings,
-}
-
-/// A tenant's access derived now from its keys and the clock (what the API shows and
-/// enforces), and the tenant as stored after it. When it differs from the stored value (a
-/// date passed since the last sweep, say), the change is recorded now, with its access
-/// message and notifications, so the API, the enforcement and the platform never disagree.
-pub async fn current_access(
-    state: &AppState,
-    tenant_id: &str,
-) -> Result<(crate::domain::kek::AccessDecision, crate::store::TenantView), ApiError> {
-    let now = chrono::Utc::now();
-    let keks = state.store.tenant_keks(tenant_id).await?;
-    let decision = crate::lifecycle::derive_now(&keks, now);
-    let mut view = state.store.tenant(tenant_id).await?;
-    if view.access != decision.access || view.reason != decision.reason {
-        let cause = crate::lifecycle::Cause::new("clock", None);
-        let changed =
-            crate::lifecycle::refresh_access(&state.store, &[tenant_id.to_owned()], &cause, now)
-                .await?;
-        if changed > 0 {
-            state.access_changed.notify_one();
-        }
-        view = state.store.tenant(tenant_id).await?;
-    }
-    Ok((decision, view))
 }
 
 /// An API error: a status and one sentence.
@@ -117,6 +94,18 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %other, "store error in API call");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
             }
+        }
+    }
+}
+
+impl From<crate::keys::KeyError> for ApiError {
+    fn from(e: crate::keys::KeyError) -> ApiError {
+        use crate::keys::KeyError;
+        match e {
+            KeyError::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m),
+            KeyError::Refused(m) => ApiError::new(StatusCode::CONFLICT, m),
+            KeyError::Store(e) => e.into(),
+            KeyError::Kms(e) => e.into(),
         }
     }
 }
