@@ -79,14 +79,6 @@ impl DekContext<'_> {
         aad.extend_from_slice(self.dek_id.as_bytes());
         aad
     }
-
-    /// AWS-style encryption context (string map) carrying the same binding.
-    pub fn encryption_context(&self) -> [(&'static str, String); 2] {
-        [
-            ("byokd:tenant", self.tenant_id.to_owned()),
-            ("byokd:dek", self.dek_id.to_string()),
-        ]
-    }
 }
 
 /// A DEK wrapped under one KEK version.
