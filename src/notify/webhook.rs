@@ -124,6 +124,7 @@ fn is_internal_v4(ip: Ipv4Addr) -> bool {
         || a == 0 // "this network"
         || (a == 100 && (64..128).contains(&b)) // 100.64/10 carrier-grade NAT
         || (a == 192 && b == 0 && ip.octets()[2] == 0) // 192.0.0/24 IETF protocol assignments
+        || (a == 192 && b == 88 && ip.octets()[2] == 99) // 192.88.99/24 6to4 relay anycast
         || (a == 198 && (b == 18 || b == 19)) // 198.18/15 benchmarking
         || a >= 240 // reserved
 }
@@ -137,7 +138,13 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
         || (first & 0xffc0) == 0xfe80 // fe80::/10 link-local
         || (first & 0xffc0) == 0xfec0 // fec0::/10 site-local (deprecated)
         || (first == 0x2001 && ip.segments()[1] == 0x0db8) // documentation
-        || (first == 0x0064 && ip.segments()[1] == 0xff9b) // NAT64 can reach IPv4 internals
+        // 64:ff9b::/32, NAT64 (the well-known 64:ff9b::/96 and local-use 64:ff9b:1::/48):
+        // the translator can reach IPv4 internals.
+        || (first == 0x0064 && ip.segments()[1] == 0xff9b)
+        // 2002::/16, 6to4: whatever relay answers reaches the embedded IPv4 address. The
+        // whole range, not only internal embedded addresses: 6to4 is deprecated (RFC 7526),
+        // so no webhook endpoint has reason to be there.
+        || first == 0x2002
         || ip.to_ipv4().is_some_and(|v4| ip.segments()[..6] == [0; 6] && is_internal_v4(v4))
 }
 
@@ -356,11 +363,25 @@ mod tests {
             "fd00:ec2::254",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "64:ff9b::a00:1",    // NAT64 well-known prefix, 10.0.0.1
+            "64:ff9b:1::a00:1",  // NAT64 local-use prefix
+            "64:ff9b:1:ffff::1", // anywhere in 64:ff9b:1::/48
+            "2002:c0a8:101::1",  // 6to4 of 192.168.1.1
+            "2002:5db8:d822::1", // 6to4 of a global address: the range is refused whole
+            "192.88.99.1",       // 6to4 relay anycast
+            "192.88.99.255",
         ] {
             let ip: IpAddr = ip.parse().expect("ip");
             assert!(guard.check(ip).is_err(), "{ip} allowed");
         }
-        for ip in ["93.184.216.34", "2606:4700::1111", "8.8.8.8"] {
+        for ip in [
+            "93.184.216.34",
+            "2606:4700::1111",
+            "8.8.8.8",
+            "192.88.98.1",
+            "192.88.100.1",
+            "2003::1",
+        ] {
             let ip: IpAddr = ip.parse().expect("ip");
             assert!(guard.check(ip).is_ok(), "{ip} refused");
         }
