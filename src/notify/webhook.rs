@@ -10,6 +10,9 @@
 //! is loopback, private, link-local, shared, multicast or otherwise non-global (unless
 //! allowlisted), and hands the checked addresses to the connector, so a DNS answer cannot
 //! change between the check and the connection. Redirects are never followed.
+//!
+//! Of an error answer's body only a bounded prefix is read (for the attempt log), so an
+//! endpoint answering with a huge or endless body holds neither memory nor a delivery slot.
 
 use super::DeliveryError;
 use base64::Engine;
@@ -25,6 +28,8 @@ use zeroize::Zeroizing;
 
 /// Most response-body characters kept in the attempt log.
 const BODY_SNIPPET: usize = 200;
+/// Most response-body bytes read: [`BODY_SNIPPET`] characters of any UTF-8 text.
+const BODY_PREFIX: usize = 4 * BODY_SNIPPET;
 
 /// A signing secret that is not `whsec_` + base64.
 #[derive(Debug, thiserror::Error)]
@@ -269,14 +274,10 @@ impl WebhookClient {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let body = match tokio::time::timeout(self.timeout, response.text()).await {
-            Ok(Ok(text)) => text.chars().take(BODY_SNIPPET).collect(),
-            _ => String::new(),
-        };
         Err(DeliveryError::Http {
             status,
             retry_after,
-            body,
+            body: body_snippet(response).await,
         })
     }
 
@@ -308,6 +309,29 @@ impl WebhookClient {
         }
         DeliveryError::Connect(text)
     }
+}
+
+/// The start of an error answer's body for the attempt log, `…` marking a cut. Reads at
+/// most [`BODY_PREFIX`] bytes, chunk by chunk, then drops the response, which closes the
+/// connection. The client's request timeout also bounds the reading: a body that trickles
+/// keeps what arrived in time.
+async fn body_snippet(mut response: reqwest::Response) -> String {
+    let mut prefix = Vec::new();
+    let mut cut = false;
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = BODY_PREFIX - prefix.len();
+        prefix.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if chunk.len() >= room {
+            cut = true;
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&prefix);
+    let mut snippet: String = text.chars().take(BODY_SNIPPET).collect();
+    if cut || snippet.len() < text.len() {
+        snippet.push('…');
+    }
+    snippet
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date.
