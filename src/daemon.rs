@@ -1,12 +1,32 @@
-//! `byokd run`: wires the store, the consumer, the access relay and the HTTP server together
-//! and shuts them down in order.
+//! `byokd run`: wires the store, the consumer, the access relay and the HTTP server together,
+//! supervises them, and shuts them down in order.
 //!
 //! [`run`] takes its listener and shutdown signal as arguments (as mini-redis and zero2prod
 //! do), so integration tests start the whole daemon in-process on port 0.
+//!
+//! # Supervision
+//!
+//! Every long-running task runs in one [`JoinSet`] under a name: `consumer`,
+//! `urgent_consumer`, `access_relay`, `outbox`, `rewrap_1`..`rewrap_N`, `confirmer`, `sweeps`
+//! and `http`. Each loop retries its own errors (a lost broker, database or KMS), so a task
+//! that panics, fails, or returns before it was told to stop has *died*: a bug, not a bad
+//! day. A replica with a dead task must not look healthy, so the supervisor then
+//!
+//! 1. logs the task and its cause at error level and records its name in the
+//!    [`TaskRegistry`], which turns `/readyz` to 503 naming it;
+//! 2. stops the other workers, as on SIGTERM, but keeps the HTTP server answering (`/readyz`
+//!    503) for the rest of the grace period, so an orchestrator sees why before the exit;
+//! 3. after `shutdown_grace_secs` aborts whatever still runs and returns
+//!    [`RunError::TaskFailed`], so `byokd run` exits non-zero and is restarted.
+//!
+//! On SIGTERM the workers and the HTTP server stop together; tasks still running when the
+//! grace period ends are aborted rather than awaited (their work is redelivered: unacked
+//! events go back to the queue, leased notifications and jobs are picked up again).
 
 use crate::broker::Publisher;
 use crate::config::{Config, ConfigError};
 use crate::events::amqp::{self, ConsumerHealth, Intake};
+use crate::http::TaskRegistry;
 use crate::http::{self, AppState};
 use crate::kms::{Kms, LocalKms};
 use crate::notify::access::{self, Relay};
@@ -16,11 +36,14 @@ use crate::rewrap::{self, Rewrapper};
 use crate::seal::Sealer;
 use crate::store::{Store, StoreError};
 use crate::sweeps::{self, Sweeper, Wakers};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::task::{Id, JoinSet};
+use tokio::time::Instant;
 
 /// Sealing purpose of webhook signing secrets.
 pub const WEBHOOK_SECRET_PURPOSE: &str = "webhook-secret";
@@ -48,6 +71,10 @@ pub enum RunError {
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
+    /// Daemon tasks died (panicked, failed or returned early); the daemon stopped after the
+    /// grace period. Their causes were logged at error level.
+    #[error("daemon task died: {}; see the error log for the cause", .0.join(", "))]
+    TaskFailed(Vec<String>),
 }
 
 /// The KMS providers byokd is configured for.
@@ -74,15 +101,52 @@ pub fn build_kms(
 }
 
 /// Runs the daemon until `shutdown` resolves, then stops consuming, lets in-flight batches
-/// commit and ack, and returns within `shutdown_grace_secs`.
+/// commit and ack, and returns within `shutdown_grace_secs`. If a task dies first, stops
+/// after the grace period with [`RunError::TaskFailed`] (see the module docs).
 ///
 /// # Errors
 ///
-/// Configuration, an unreachable database at start, or an HTTP server failure.
+/// Configuration, an unreachable database at start, or a daemon task that died.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    supervise(config, listener, shutdown, None).await
+}
+
+/// A fault for tests of supervision to inject: the task named `task` panics inside its own
+/// tokio task when `trigger` fires, as a bug in it would. Every daemon loop retries the
+/// faults the outside world can cause (a lost broker, database or KMS), so without this no
+/// test could make one die. Not for production use.
+#[doc(hidden)]
+pub struct Fault {
+    /// The task's name, as listed in the module docs (e.g. `outbox`).
+    pub task: String,
+    /// Fires the fault; dropping it unfired leaves the task alone.
+    pub trigger: oneshot::Receiver<()>,
+}
+
+/// [`run`] with a [`Fault`] armed. Test-only.
+///
+/// # Errors
+///
+/// As [`run`].
+#[doc(hidden)]
+pub async fn run_with_fault(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    fault: Fault,
+) -> Result<(), RunError> {
+    supervise(config, listener, shutdown, Some(fault)).await
+}
+
+async fn supervise(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    fault: Option<Fault>,
 ) -> Result<(), RunError> {
     let database_url = config.require_database_url()?.to_owned();
     let amqp_url = config.require_amqp_url()?.to_owned();
@@ -100,6 +164,11 @@ pub async fn run(
     let dispatcher = Dispatcher::new(notify_store, &config, sealer.clone())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The HTTP server has a stop signal of its own: after a task died it keeps answering
+    // /readyz (503) while the workers stop.
+    let (http_stop_tx, http_stop_rx) = watch::channel(false);
+    let registry = Arc::new(TaskRegistry::default());
+    let mut tasks = Supervisor::new(registry.clone(), fault);
     let health = Arc::new(ConsumerHealth::default());
     let urgent_health = Arc::new(ConsumerHealth::default());
     let access_changed = Arc::new(Notify::new());
@@ -120,32 +189,40 @@ pub async fn run(
         max_skew: config.state.max_skew(),
         publisher: publisher.clone(),
     };
-    let mut consumers = vec![tokio::spawn(amqp::consume_loop(
-        intake.clone(),
-        stop_rx.clone(),
-    ))];
+    tasks.spawn(
+        "consumer",
+        &stop_rx,
+        amqp::consume_loop(intake.clone(), stop_rx.clone()),
+    );
     if !config.amqp.urgent_queue.is_empty() {
-        consumers.push(tokio::spawn(amqp::consume_loop(
-            Intake {
-                queue: config.amqp.urgent_queue.clone(),
-                health: urgent_health.clone(),
-                ..intake
-            },
-            stop_rx.clone(),
-        )));
+        let urgent = Intake {
+            queue: config.amqp.urgent_queue.clone(),
+            health: urgent_health.clone(),
+            ..intake
+        };
+        tasks.spawn(
+            "urgent_consumer",
+            &stop_rx,
+            amqp::consume_loop(urgent, stop_rx.clone()),
+        );
     } else {
         urgent_health.disable();
     }
-    let relay = tokio::spawn(access::relay_loop(
-        Relay {
-            store: store.clone(),
-            publisher: publisher.clone(),
-            exchange: config.amqp.access_exchange.clone(),
-        },
-        access_changed.clone(),
-        stop_rx.clone(),
-    ));
-    let notifier = tokio::spawn(notify_outbox::outbox_loop(dispatcher, stop_rx.clone()));
+    let relay = Relay {
+        store: store.clone(),
+        publisher: publisher.clone(),
+        exchange: config.amqp.access_exchange.clone(),
+    };
+    tasks.spawn(
+        "access_relay",
+        &stop_rx,
+        access::relay_loop(relay, access_changed.clone(), stop_rx.clone()),
+    );
+    tasks.spawn(
+        "outbox",
+        &stop_rx,
+        notify_outbox::outbox_loop(dispatcher, stop_rx.clone()),
+    );
 
     let rewrapper = Rewrapper::new(
         store.clone(),
@@ -153,9 +230,13 @@ pub async fn run(
         config.rewrap.clone(),
         rewrap_work.clone(),
     );
-    let rewrap_workers: Vec<_> = (0..config.rewrap.concurrency)
-        .map(|_| tokio::spawn(rewrap::rewrap_loop(rewrapper.clone(), stop_rx.clone())))
-        .collect();
+    for n in 1..=config.rewrap.concurrency {
+        tasks.spawn(
+            &format!("rewrap_{n}"),
+            &stop_rx,
+            rewrap::rewrap_loop(rewrapper.clone(), stop_rx.clone()),
+        );
+    }
 
     // Confirmations and sweeps ask KMSs in bursts (the local KMS through the database): a
     // pool of their own keeps them from taking the consumer's connections.
@@ -169,7 +250,11 @@ pub async fn run(
         access_changed.clone(),
         rewrap_work.clone(),
     );
-    let confirms = tokio::spawn(reconcile::confirm_loop(confirmer, stop_rx.clone()));
+    tasks.spawn(
+        "confirmer",
+        &stop_rx,
+        reconcile::confirm_loop(confirmer, stop_rx.clone()),
+    );
 
     let sweeper = Sweeper {
         store: reconcile_store,
@@ -180,7 +265,11 @@ pub async fn run(
             rewrap: rewrap_work.clone(),
         },
     };
-    let sweeps = tokio::spawn(sweeps::sweep_loop(sweeper, stop_rx.clone()));
+    tasks.spawn(
+        "sweeps",
+        &stop_rx,
+        sweeps::sweep_loop(sweeper, stop_rx.clone()),
+    );
 
     let state = AppState {
         store: store.clone(),
@@ -201,42 +290,158 @@ pub async fn run(
         confirm_work,
         state: config.state.clone(),
         amqp: config.amqp.clone(),
+        tasks: registry.clone(),
     };
     tracing::info!(addr = %listener.local_addr()?, "byokd listening");
-    let mut http_stop = stop_rx.clone();
-    let server = tokio::spawn(async move {
+    let mut http_stop = http_stop_rx.clone();
+    tasks.spawn_fallible("http", &http_stop_rx, async move {
         axum::serve(listener, http::router(state))
             .with_graceful_shutdown(async move {
                 let _ = http_stop.wait_for(|stop| *stop).await;
             })
             .await
+            .map_err(|e| e.to_string())
     });
 
-    shutdown.await;
-    tracing::info!("shutting down: finishing in-flight work");
-    let _ = stop_tx.send(true);
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let all = async {
-        for consumer in consumers {
-            let _ = consumer.await;
-        }
-        let _ = relay.await;
-        let _ = sweeps.await;
-        let _ = confirms.await;
-        for worker in rewrap_workers {
-            let _ = worker.await;
-        }
-        let _ = notifier.await;
-        server.await
+    let died = tokio::select! {
+        () = shutdown => false,
+        () = tasks.first_death() => true,
     };
-    match tokio::time::timeout(grace, all).await {
-        Ok(Ok(result)) => result?,
-        Ok(Err(join)) => tracing::error!(error = %join, "HTTP server task failed"),
-        Err(_) => tracing::warn!(
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let _ = stop_tx.send(true);
+    if died {
+        tracing::error!(
+            failed = %registry.failed().join(", "),
             ?grace,
-            "shutdown grace period over; exiting with work pending"
-        ),
+            "a daemon task died: stopping the others; /readyz answers 503 until the grace \
+             period ends, then byokd exits"
+        );
+    } else {
+        tracing::info!("shutting down: finishing in-flight work");
+        let _ = http_stop_tx.send(true);
+    }
+    tasks.drain(Instant::now() + grace).await;
+    let failed = registry.failed();
+    if !failed.is_empty() {
+        return Err(RunError::TaskFailed(failed));
     }
     tracing::info!("byokd stopped");
     Ok(())
+}
+
+/// The daemon's long-running tasks under their names (see the module docs). Dropping it
+/// aborts them all, so a start that fails half-way leaves nothing running.
+struct Supervisor {
+    set: JoinSet<Result<(), String>>,
+    names: HashMap<Id, String>,
+    registry: Arc<TaskRegistry>,
+    fault: Option<Fault>,
+}
+
+impl Supervisor {
+    fn new(registry: Arc<TaskRegistry>, fault: Option<Fault>) -> Supervisor {
+        Supervisor {
+            set: JoinSet::new(),
+            names: HashMap::new(),
+            registry,
+            fault,
+        }
+    }
+
+    /// Spawns a loop that runs until `stop` turns true.
+    fn spawn(
+        &mut self,
+        name: &str,
+        stop: &watch::Receiver<bool>,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) {
+        self.spawn_fallible(name, stop, async move {
+            task.await;
+            Ok(())
+        });
+    }
+
+    /// Spawns a task that runs until `stop` turns true, or fails with one line. It died if
+    /// it fails, panics, or returns while `stop` is still false.
+    fn spawn_fallible(
+        &mut self,
+        name: &str,
+        stop: &watch::Receiver<bool>,
+        task: impl Future<Output = Result<(), String>> + Send + 'static,
+    ) {
+        let stop = stop.clone();
+        let fault = self.fault.take_if(|f| f.task == name).map(|f| f.trigger);
+        let handle = self.set.spawn(async move {
+            match fault {
+                Some(trigger) => tokio::select! {
+                    ended = task => ended?,
+                    Ok(()) = trigger => panic!("fault injected by a test"),
+                },
+                None => task.await?,
+            }
+            if *stop.borrow() {
+                Ok(())
+            } else {
+                Err("returned before it was told to stop".to_owned())
+            }
+        });
+        self.names.insert(handle.id(), name.to_owned());
+    }
+
+    /// Waits for the next task to end; `Some(true)` if it died (then it is logged and
+    /// recorded), `None` once no task is left. Cancel safe.
+    async fn next(&mut self) -> Option<bool> {
+        let (id, death) = match self.set.join_next_with_id().await? {
+            Ok((id, Ok(()))) => (id, None),
+            Ok((id, Err(e))) => (id, Some(format!("failed: {e}"))),
+            Err(e) if e.is_panic() => {
+                let id = e.id();
+                (
+                    id,
+                    Some(format!("panicked: {}", panic_text(&*e.into_panic()))),
+                )
+            }
+            Err(e) => (e.id(), Some("was cancelled".to_owned())),
+        };
+        let name = self.names.remove(&id).unwrap_or_default();
+        let Some(cause) = death else {
+            return Some(false);
+        };
+        tracing::error!(task = %name, %cause, "daemon task died");
+        self.registry.record_failure(&name);
+        Some(true)
+    }
+
+    /// Resolves when a task dies; never if none does.
+    async fn first_death(&mut self) {
+        while let Some(died) = self.next().await {
+            if died {
+                return;
+            }
+        }
+        std::future::pending().await
+    }
+
+    /// Waits until every task has ended or `deadline` has passed, then aborts the rest.
+    async fn drain(mut self, deadline: Instant) {
+        let all = async { while self.next().await.is_some() {} };
+        if tokio::time::timeout_at(deadline, all).await.is_err() {
+            let mut running: Vec<&str> = self.names.values().map(String::as_str).collect();
+            running.sort_unstable();
+            tracing::warn!(
+                tasks = %running.join(", "),
+                "shutdown grace period over; aborting the tasks still running"
+            );
+            self.set.abort_all();
+        }
+    }
+}
+
+/// The message of a panic payload (`panic!` with a literal or a format string).
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a non-text payload")
 }

@@ -1,6 +1,6 @@
 //! Webhook delivery against a real HTTP receiver: Standard Webhooks signatures (checked here
 //! and by the `standardwebhooks` Python package), retries on the schedule, timeouts, 410,
-//! Retry-After, redirects, the SSRF guard, a crash mid-delivery, concurrent replicas, and
+//! Retry-After, redirects, an endless error body, the SSRF guard, a crash mid-delivery, concurrent replicas, and
 //! auto-disabling an endpoint that keeps failing. The dispatcher is driven step by step with
 //! injected time; nothing sleeps to assert.
 
@@ -9,6 +9,7 @@ mod common;
 use byokd::store::Channel;
 use byokd::store::outbox::ClaimRequest;
 use chrono::{Duration as Chrono, Utc};
+use common::http_fault::{ENDLESS_CAP, Responder};
 use common::notify::{NotifyEnv, Receiver, Reply, SECRET, verify_signature, verify_with_python};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -198,6 +199,51 @@ async fn slow_endpoint_times_out_and_is_retried() {
             .unwrap_or("")
             .contains("no answer within"),
         "{log:?}"
+    );
+    env.cleanup().await;
+}
+
+/// An endpoint answering 500 with a body that never ends: byokd reads a bounded prefix, hangs
+/// up, and logs the start of the body marked as cut, long before the request timeout.
+#[tokio::test]
+async fn an_endless_error_body_is_cut_short_and_logged_truncated() {
+    let env = NotifyEnv::new().await;
+    let endpoint = Responder::endless("500 Internal Server Error").await;
+    let ep = env
+        .tenant("tendless", &[], &[format!("{}/h", endpoint.url())])
+        .await[0];
+    let id = env
+        .enqueue("tendless", Channel::Webhook, &ep.to_string(), "key.expired")
+        .await;
+    // The timeout is far off: only reading a bounded prefix can end the attempt promptly.
+    let d = env.dispatcher(|c| c.notify.webhook_timeout_ms = 60_000);
+    let started = std::time::Instant::now();
+    assert_eq!(d.run_once(Utc::now()).await.expect("step").retried, 1);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "the attempt took {took:?}");
+
+    let log = env.attempts(id).await;
+    assert_eq!((log[0].0.as_str(), log[0].1), ("retry", Some(500)));
+    let expected = format!("endpoint answered HTTP 500: {}…", "x".repeat(200));
+    assert_eq!(log[0].2.as_deref(), Some(expected.as_str()));
+    assert_eq!(
+        env.row(id).await.last_error.as_deref(),
+        Some(expected.as_str())
+    );
+    // byokd hung up: the endpoint's answer ended long before its body did.
+    common::wait_for(
+        "the endpoint sees byokd hang up",
+        Duration::from_secs(10),
+        || {
+            let ended = endpoint.answered() == 1;
+            async move { ended }
+        },
+    )
+    .await;
+    assert!(
+        endpoint.streamed() < ENDLESS_CAP / 16,
+        "{} bytes streamed before byokd hung up",
+        endpoint.streamed()
     );
     env.cleanup().await;
 }

@@ -3,6 +3,9 @@
 //! `/healthz`, `/readyz` and `/metrics` are open; every `/v1` route requires
 //! `Authorization: Bearer $BYOKD_ADMIN_TOKEN`, and with no token configured `/v1` refuses
 //! everyone. Errors are `{"error": "<one sentence>"}` with a meaningful status.
+//!
+//! `/readyz` reports what it is told: the consumers' [`ConsumerHealth`] and the daemon's dead
+//! tasks in the [`TaskRegistry`] that `crate::daemon`'s supervisor fills.
 
 mod admin;
 mod deks;
@@ -23,9 +26,33 @@ use axum::{Json, Router};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::Notify;
+
+/// The names of the daemon's tasks that died, for `/readyz`. Only ever grows: a daemon with a
+/// dead task is on its way out and never ready again.
+#[derive(Debug, Default)]
+pub struct TaskRegistry {
+    failed: Mutex<Vec<String>>,
+}
+
+impl TaskRegistry {
+    /// Records that the task `name` died.
+    pub fn record_failure(&self, name: &str) {
+        self.lock().push(name.to_owned());
+    }
+
+    /// The tasks that died, in the order they did.
+    pub fn failed(&self) -> Vec<String> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        // A push or a clone cannot leave the list half-written, so a poisoned lock is usable.
+        self.failed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 /// What handlers share.
 #[derive(Clone)]
@@ -56,6 +83,8 @@ pub struct AppState {
     pub confirm_work: Arc<Notify>,
     /// Event skew and confirmation settings.
     pub state: crate::config::StateSettings,
+    /// The daemon's dead tasks, for `/readyz`.
+    pub tasks: Arc<TaskRegistry>,
 }
 
 /// An API error: a status and one sentence.
@@ -218,9 +247,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .is_ok_and(|r| r.is_ok());
     let consumer = state.consumer.get();
     let urgent = state.urgent_consumer.get();
+    let failed = state.tasks.failed();
     let ready = db
         && consumer == ConsumerState::Consuming
-        && matches!(urgent, ConsumerState::Consuming | ConsumerState::Disabled);
+        && matches!(urgent, ConsumerState::Consuming | ConsumerState::Disabled)
+        && failed.is_empty();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -229,10 +260,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (
         status,
         Json(json!({
+            "status": if ready { "ok" } else { "unavailable" },
             "ready": ready,
             "database": if db { "ok" } else { "unavailable" },
             "consumer": consumer.as_str(),
             "urgent_consumer": urgent.as_str(),
+            "failed_tasks": failed,
         })),
     )
         .into_response()

@@ -10,6 +10,9 @@
 //! is loopback, private, link-local, shared, multicast or otherwise non-global (unless
 //! allowlisted), and hands the checked addresses to the connector, so a DNS answer cannot
 //! change between the check and the connection. Redirects are never followed.
+//!
+//! Of an error answer's body only a bounded prefix is read (for the attempt log), so an
+//! endpoint answering with a huge or endless body holds neither memory nor a delivery slot.
 
 use super::DeliveryError;
 use base64::Engine;
@@ -25,6 +28,8 @@ use zeroize::Zeroizing;
 
 /// Most response-body characters kept in the attempt log.
 const BODY_SNIPPET: usize = 200;
+/// Most response-body bytes read: [`BODY_SNIPPET`] characters of any UTF-8 text.
+const BODY_PREFIX: usize = 4 * BODY_SNIPPET;
 
 /// A signing secret that is not `whsec_` + base64.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +123,7 @@ fn is_internal_v4(ip: Ipv4Addr) -> bool {
         || a == 0 // "this network"
         || (a == 100 && (64..128).contains(&b)) // 100.64/10 carrier-grade NAT
         || (a == 192 && b == 0 && ip.octets()[2] == 0) // 192.0.0/24 IETF protocol assignments
+        || (a == 192 && b == 88 && ip.octets()[2] == 99) // 192.88.99/24 6to4 relay anycast
         || (a == 198 && (b == 18 || b == 19)) // 198.18/15 benchmarking
         || a >= 240 // reserved
 }
@@ -131,7 +137,13 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
         || (first & 0xffc0) == 0xfe80 // fe80::/10 link-local
         || (first & 0xffc0) == 0xfec0 // fec0::/10 site-local (deprecated)
         || (first == 0x2001 && ip.segments()[1] == 0x0db8) // documentation
-        || (first == 0x0064 && ip.segments()[1] == 0xff9b) // NAT64 can reach IPv4 internals
+        // 64:ff9b::/32, NAT64 (the well-known 64:ff9b::/96 and local-use 64:ff9b:1::/48):
+        // the translator can reach IPv4 internals.
+        || (first == 0x0064 && ip.segments()[1] == 0xff9b)
+        // 2002::/16, 6to4: whatever relay answers reaches the embedded IPv4 address. The
+        // whole range, not only internal embedded addresses: 6to4 is deprecated (RFC 7526),
+        // so no webhook endpoint has reason to be there.
+        || first == 0x2002
         || ip.to_ipv4().is_some_and(|v4| ip.segments()[..6] == [0; 6] && is_internal_v4(v4))
 }
 
@@ -256,14 +268,10 @@ impl WebhookClient {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let body = match tokio::time::timeout(self.timeout, response.text()).await {
-            Ok(Ok(text)) => text.chars().take(BODY_SNIPPET).collect(),
-            _ => String::new(),
-        };
         Err(DeliveryError::Http {
             status,
             retry_after,
-            body,
+            body: body_snippet(response).await,
         })
     }
 
@@ -295,6 +303,29 @@ impl WebhookClient {
         }
         DeliveryError::Connect(text)
     }
+}
+
+/// The start of an error answer's body for the attempt log, `…` marking a cut. Reads at
+/// most [`BODY_PREFIX`] bytes, chunk by chunk, then drops the response, which closes the
+/// connection. The client's request timeout also bounds the reading: a body that trickles
+/// keeps what arrived in time.
+async fn body_snippet(mut response: reqwest::Response) -> String {
+    let mut prefix = Vec::new();
+    let mut cut = false;
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = BODY_PREFIX - prefix.len();
+        prefix.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if chunk.len() >= room {
+            cut = true;
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&prefix);
+    let mut snippet: String = text.chars().take(BODY_SNIPPET).collect();
+    if cut || snippet.len() < text.len() {
+        snippet.push('…');
+    }
+    snippet
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date.
@@ -350,11 +381,25 @@ mod tests {
             "fd00:ec2::254",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "64:ff9b::a00:1",    // NAT64 well-known prefix, 10.0.0.1
+            "64:ff9b:1::a00:1",  // NAT64 local-use prefix
+            "64:ff9b:1:ffff::1", // anywhere in 64:ff9b:1::/48
+            "2002:c0a8:101::1",  // 6to4 of 192.168.1.1
+            "2002:5db8:d822::1", // 6to4 of a global address: the range is refused whole
+            "192.88.99.1",       // 6to4 relay anycast
+            "192.88.99.255",
         ] {
             let ip: IpAddr = ip.parse().expect("ip");
             assert!(guard.check(ip).is_err(), "{ip} allowed");
         }
-        for ip in ["93.184.216.34", "2606:4700::1111", "8.8.8.8"] {
+        for ip in [
+            "93.184.216.34",
+            "2606:4700::1111",
+            "8.8.8.8",
+            "192.88.98.1",
+            "192.88.100.1",
+            "2003::1",
+        ] {
             let ip: IpAddr = ip.parse().expect("ip");
             assert!(guard.check(ip).is_ok(), "{ip} refused");
         }

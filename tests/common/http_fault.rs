@@ -1,6 +1,6 @@
 //! An HTTP fault injector for answers the real OpenBao cannot produce: a misrouted reverse
 //! proxy's HTML 404, an empty 403, a load balancer's 503, a captive portal's 200 page, a
-//! server that never answers. It is a real TCP server, so the classification of such answers
+//! server that never answers, an error page that never ends. It is a real TCP server, so the classification of such answers
 //! is tested through reqwest exactly as byokd receives them; it can also stand in front of
 //! OpenBao as a route that works until it breaks.
 
@@ -8,6 +8,7 @@ use super::proxy::{fresh, pipe};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -22,7 +23,16 @@ enum Mode {
     Answer(Arc<Vec<u8>>),
     /// Reads the request and never answers.
     Silent,
+    /// Reads the request, writes this response head and then a chunked body that goes on
+    /// until the client hangs up ([`ENDLESS_CAP`] bytes or [`ENDLESS_FOR`] at most, so a
+    /// test that goes wrong still ends).
+    Endless(Arc<Vec<u8>>),
 }
+
+/// Most body bytes an endless answer writes.
+pub const ENDLESS_CAP: usize = 1 << 30;
+/// Longest an endless answer goes on.
+const ENDLESS_FOR: Duration = Duration::from_secs(60);
 
 pub struct Responder {
     pub addr: SocketAddr,
@@ -30,6 +40,7 @@ pub struct Responder {
     mode: Arc<Mutex<Mode>>,
     connections: Arc<AtomicUsize>,
     answered: Arc<AtomicUsize>,
+    streamed: Arc<AtomicUsize>,
     cut: watch::Sender<u64>,
     task: JoinHandle<()>,
 }
@@ -45,6 +56,18 @@ impl Responder {
         Responder::serve(Mode::Silent, None).await
     }
 
+    /// Answers every request with `status` and a body of `x`s that never ends; [`answered`]
+    /// counts the answers that ended (the client hung up), [`streamed`] their body bytes.
+    ///
+    /// [`answered`]: Responder::answered
+    /// [`streamed`]: Responder::streamed
+    pub async fn endless(status: &str) -> Responder {
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        Responder::serve(Mode::Endless(Arc::new(head.into_bytes())), None).await
+    }
+
     /// Forwards every connection to `target` (host:port) until told to [`Responder::answer`]:
     /// a route in front of OpenBao that can break.
     pub async fn forwarding(target: &str) -> Responder {
@@ -57,8 +80,10 @@ impl Responder {
         let mode = Arc::new(Mutex::new(mode));
         let connections = Arc::new(AtomicUsize::new(0));
         let answered = Arc::new(AtomicUsize::new(0));
+        let streamed = Arc::new(AtomicUsize::new(0));
         let (cut, cut_rx) = watch::channel(0u64);
         let (current, accepted, count) = (mode.clone(), connections.clone(), answered.clone());
+        let bytes = streamed.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
@@ -73,6 +98,9 @@ impl Responder {
                     Mode::Silent => {
                         tokio::spawn(answer(stream, None, count.clone()));
                     }
+                    Mode::Endless(head) => {
+                        tokio::spawn(endless(stream, head, count.clone(), bytes.clone()));
+                    }
                 }
             }
         });
@@ -82,6 +110,7 @@ impl Responder {
             mode,
             connections,
             answered,
+            streamed,
             cut,
             task,
         }
@@ -116,6 +145,11 @@ impl Responder {
     /// Canned responses written so far.
     pub fn answered(&self) -> usize {
         self.answered.load(Ordering::SeqCst)
+    }
+
+    /// Body bytes written by endless answers so far.
+    pub fn streamed(&self) -> usize {
+        self.streamed.load(Ordering::SeqCst)
     }
 }
 
@@ -153,6 +187,34 @@ async fn answer(mut stream: TcpStream, response: Option<Arc<Vec<u8>>>, answered:
             let _ = stream.read(&mut [0u8; 1024]).await;
         }
     }
+}
+
+/// Reads one request, writes `head` and body chunks until the client hangs up or a bound is
+/// reached, then counts the answer in `answered`.
+async fn endless(
+    mut stream: TcpStream,
+    head: Arc<Vec<u8>>,
+    answered: Arc<AtomicUsize>,
+    streamed: Arc<AtomicUsize>,
+) {
+    if !read_request(&mut stream).await || stream.write_all(&head).await.is_err() {
+        return;
+    }
+    const CHUNK: usize = 64 * 1024;
+    let mut chunk = format!("{CHUNK:x}\r\n").into_bytes();
+    chunk.extend(std::iter::repeat_n(b'x', CHUNK));
+    chunk.extend_from_slice(b"\r\n");
+    let deadline = tokio::time::Instant::now() + ENDLESS_FOR;
+    let mut sent = 0;
+    while sent < ENDLESS_CAP {
+        match tokio::time::timeout_at(deadline, stream.write_all(&chunk)).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+        sent += CHUNK;
+        streamed.fetch_add(CHUNK, Ordering::SeqCst);
+    }
+    answered.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Reads one HTTP request (head and `Content-Length` body); false if the peer went away.
