@@ -12,11 +12,11 @@
 //! the key is usable again.
 
 use crate::domain::Provider;
-use crate::domain::kek::is_newer_version;
+use crate::domain::job::{JobKind, JobState, needs_rewrap};
 use crate::kms::{DekContext, Kms, KmsError, KmsProvider, Wrapped, WrappedRef};
 use crate::lifecycle;
 use crate::notify::tenant_notifications;
-use crate::store::{JobKind, RewrapJob, RewrappedDek, Store, StoreError};
+use crate::store::{RewrapJob, RewrappedDek, Store, StoreError};
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
@@ -78,12 +78,6 @@ pub enum Step {
     Deferred,
     /// The job finished.
     Finished,
-}
-
-/// Whether a DEK under `version` must move to `target`: every DEK of a replaced key; in a
-/// rotation, those under an older version ([`is_newer_version`]), never rolling one back.
-pub fn needs_rewrap(kind: JobKind, version: &str, target: &str) -> bool {
-    kind == JobKind::Replacement || is_newer_version(version, target)
 }
 
 /// The re-wrap engine shared by a replica's workers.
@@ -327,10 +321,14 @@ impl Rewrapper {
         if left > failed {
             return Ok(Step::Busy);
         }
-        let state = if failed > 0 { "failed" } else { "completed" };
+        let state = if failed > 0 {
+            JobState::Failed
+        } else {
+            JobState::Completed
+        };
         let reason = (failed > 0).then(|| format!("{failed} DEKs could not be re-wrapped"));
         let (done, _) = tx.finish_rewrap_job(&job, state, reason.as_deref()).await?;
-        if state == "completed" {
+        if state == JobState::Completed {
             let tenant = tx.tenant_recipients(&job.tenant_id).await?;
             let from = job.from_versions.join(",");
             let mut data = json!({
@@ -354,7 +352,7 @@ impl Rewrapper {
             tx.enqueue(&rows).await?;
         }
         tx.commit().await?;
-        if job.kind == JobKind::Replacement && state == "completed" {
+        if job.kind == JobKind::Replacement && state == JobState::Completed {
             // The old key holds no DEK any more: it stops counting for the tenant's access.
             let cause = lifecycle::Cause::new("replacement", Some((job.kek.1, job.kek.2.clone())));
             lifecycle::refresh_access(
@@ -365,8 +363,9 @@ impl Rewrapper {
             )
             .await?;
         }
-        metrics::counter!("byokd_rewrap_jobs_finished_total", "state" => state).increment(1);
-        tracing::info!(job = job.id, tenant = %job.tenant_id, state, done, failed,
+        metrics::counter!("byokd_rewrap_jobs_finished_total", "state" => state.as_str())
+            .increment(1);
+        tracing::info!(job = job.id, tenant = %job.tenant_id, state = state.as_str(), done, failed,
             "re-wrap job finished");
         Ok(Step::Finished)
     }
@@ -391,24 +390,5 @@ pub async fn rewrap_loop(engine: Rewrapper, mut shutdown: watch::Receiver<bool>)
             _ = tokio::time::sleep(pause) => {}
             _ = shutdown.changed() => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbered_versions_only_move_forward() {
-        assert!(needs_rewrap(JobKind::Rotation, "1", "2"));
-        assert!(
-            needs_rewrap(JobKind::Rotation, "9", "10"),
-            "numeric, not lexical"
-        );
-        assert!(!needs_rewrap(JobKind::Rotation, "3", "2"));
-        assert!(!needs_rewrap(JobKind::Rotation, "2", "2"));
-        assert!(needs_rewrap(JobKind::Rotation, "mat-a", "mat-b"));
-        assert!(!needs_rewrap(JobKind::Rotation, "mat-b", "mat-b"));
-        assert!(needs_rewrap(JobKind::Replacement, "2", "2"));
     }
 }

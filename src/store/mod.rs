@@ -25,9 +25,10 @@ pub use audit::AuditEntry;
 pub use kms::LocalKeyRow;
 pub use postgres::PgStore;
 pub use rewrap::{
-    ClaimedDek, DekRow, DekTarget, JobKind, NewDek, NewRewrapJob, RewrapJob, RewrapJobView,
-    RewrappedDek,
+    ClaimedDek, DekRow, DekTarget, NewDek, NewRewrapJob, RewrapJob, RewrapJobView, RewrappedDek,
 };
+// The job kind moved to the domain; callers that name it through the store keep compiling.
+pub use crate::domain::JobKind;
 pub use sweeps::{ExpiringKek, ProbeRecord, ProbeTarget, ScheduleLock};
 
 use crate::domain::{Access, KekStatus, Provider};

@@ -1,30 +1,15 @@
 //! PostgreSQL SQL of DEKs and re-wrap jobs.
 
 use super::{PgStore, PgTx, TENANT_RECIPIENTS, parse, tenant_row};
+use crate::domain::{JobKind, JobState};
 use crate::store::{
-    ClaimedDek, DekRow, DekTarget, JobKind, NewDek, NewRewrapJob, RewrapJob, RewrapJobView,
-    RewrappedDek, StoreError, TenantRow,
+    ClaimedDek, DekRow, DekTarget, NewDek, NewRewrapJob, RewrapJob, RewrapJobView, RewrappedDek,
+    StoreError, TenantRow,
 };
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use uuid::Uuid;
-
-fn kind(r: &PgRow) -> Result<JobKind, StoreError> {
-    let text: String = r.try_get("kind")?;
-    Ok(if text == "replacement" {
-        JobKind::Replacement
-    } else {
-        JobKind::Rotation
-    })
-}
-
-fn kind_str(k: JobKind) -> &'static str {
-    match k {
-        JobKind::Rotation => "rotation",
-        JobKind::Replacement => "replacement",
-    }
-}
 
 fn dek_row(r: &PgRow) -> Result<DekRow, StoreError> {
     Ok(DekRow {
@@ -50,7 +35,7 @@ fn job(r: &PgRow) -> Result<RewrapJob, StoreError> {
     Ok(RewrapJob {
         id: r.try_get("id")?,
         tenant_id: r.try_get("tenant_id")?,
-        kind: kind(r)?,
+        kind: parse(r, "kind")?,
         kek: (
             r.try_get("kek_id")?,
             parse(r, "s_provider")?,
@@ -171,13 +156,13 @@ impl PgStore {
             .map(|r| {
                 Ok(RewrapJobView {
                     id: r.try_get("id")?,
-                    kind: kind(r)?,
+                    kind: parse(r, "kind")?,
                     provider: parse(r, "provider")?,
                     key_ref: r.try_get("key_ref")?,
                     target_key_ref: r.try_get("target_key_ref")?,
                     from_versions: r.try_get("from_versions")?,
                     target_version: r.try_get("target_version")?,
-                    state: r.try_get("state")?,
+                    state: parse(r, "state")?,
                     total: r.try_get("total")?,
                     done: r.try_get("done")?,
                     failed: r.try_get("failed")?,
@@ -285,7 +270,7 @@ impl PgTx {
                  ON CONFLICT (kek_id, target_kek_id, target_version) DO NOTHING",
             )
             .bind(&j.tenant_id)
-            .bind(kind_str(j.kind))
+            .bind(j.kind.as_str())
             .bind(j.kek_id)
             .bind(j.target_kek_id)
             .bind(&j.target_version)
@@ -505,7 +490,7 @@ impl PgTx {
     pub(crate) async fn finish_rewrap_job(
         &mut self,
         job: &RewrapJob,
-        state: &str,
+        state: JobState,
         reason: Option<&str>,
     ) -> Result<(i64, i64), StoreError> {
         let r = sqlx::query(
@@ -514,11 +499,11 @@ impl PgTx {
              WHERE id = $1 RETURNING done, failed",
         )
         .bind(job.id)
-        .bind(state)
+        .bind(state.as_str())
         .bind(reason)
         .fetch_one(&mut *self.tx)
         .await?;
-        if job.kind == JobKind::Replacement && state == "completed" {
+        if job.kind == JobKind::Replacement && state == JobState::Completed {
             sqlx::query("UPDATE keks SET retired_at = now(), updated_at = now() WHERE id = $1")
                 .bind(job.kek.0)
                 .execute(&mut *self.tx)
