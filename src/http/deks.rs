@@ -30,7 +30,7 @@ pub(super) async fn create_dek(
             ),
         ));
     }
-    let Some((kek_id, provider, key_ref)) = target.kek else {
+    let Some(kek) = target.kek else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("tenant {tenant_id:?} has no key registered"),
@@ -44,8 +44,8 @@ pub(super) async fn create_dek(
     };
     let wrapped = state
         .kms
-        .provider(provider)?
-        .wrap_many(&key_ref, None, &[(&dek, ctx)])
+        .provider(kek.provider)?
+        .wrap_many(&kek.key_ref, None, &[(&dek, ctx)])
         .await?
         .pop()
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?;
@@ -56,7 +56,7 @@ pub(super) async fn create_dek(
         .insert_dek(&NewDek {
             id,
             tenant_id: tenant_id.clone(),
-            kek_id,
+            kek_id: kek.id,
             kek_version: wrapped.version.clone(),
             wrapped: wrapped.ciphertext,
             kcv: kcv.clone(),

@@ -156,7 +156,7 @@ impl Rewrapper {
         claimed: Vec<crate::store::ClaimedDek>,
         now: DateTime<Utc>,
     ) -> Result<Step, RewrapError> {
-        if let Some(limiter) = self.limiters.get(&job.kek.1)
+        if let Some(limiter) = self.limiters.get(&job.kek.provider)
             && let Some(n) = NonZeroU32::new(u32::try_from(claimed.len()).unwrap_or(u32::MAX))
         {
             // `n` never exceeds the burst (batch size), so this only waits.
@@ -229,15 +229,15 @@ impl Rewrapper {
         match job.kind {
             JobKind::Rotation => {
                 self.kms
-                    .provider(job.kek.1)?
-                    .rewrap(&job.kek.2, items, &job.target_version)
+                    .provider(job.kek.provider)?
+                    .rewrap(&job.kek.key_ref, items, &job.target_version)
                     .await
             }
             JobKind::Replacement => {
                 self.kms
                     .transfer(
-                        (job.kek.1, &job.kek.2),
-                        (job.target.1, &job.target.2),
+                        (job.kek.provider, &job.kek.key_ref),
+                        (job.target.provider, &job.target.key_ref),
                         items,
                         &job.target_version,
                     )
@@ -247,7 +247,7 @@ impl Rewrapper {
     }
 
     async fn plan(&self, job: &mut RewrapJob) -> Result<(), RewrapError> {
-        let versions = self.store.dek_versions(job.kek.0).await?;
+        let versions = self.store.dek_versions(job.kek.id).await?;
         let (from, total): (Vec<String>, i64) = versions
             .into_iter()
             .filter(|(v, _)| needs_rewrap(job.kind, v, &job.target_version))
@@ -256,7 +256,7 @@ impl Rewrapper {
                 (vs, n + c)
             });
         self.store.plan_rewrap_job(job.id, &from, total).await?;
-        tracing::info!(job = job.id, tenant = %job.tenant_id, key = %job.kek.2,
+        tracing::info!(job = job.id, tenant = %job.tenant_id, key = %job.kek.key_ref,
             to = %job.target_version, total, "re-wrap job planned");
         job.from_versions = from;
         job.planned = true;
@@ -284,7 +284,7 @@ impl Rewrapper {
             // The KMS refused a key: look at both ends now, so the tenant's access shows a
             // key that cannot give up its DEKs (and the job resumes when it can).
             self.store
-                .request_confirmation(&[job.kek.0, job.target.0], now)
+                .request_confirmation(&[job.kek.id, job.target.id], now)
                 .await?;
         }
         Ok(Step::Deferred)
@@ -299,7 +299,7 @@ impl Rewrapper {
         };
         let except = (job.kind == JobKind::Rotation).then_some(job.target_version.as_str());
         let remaining: Vec<(String, i64)> = tx
-            .remaining_versions(job.kek.0, except)
+            .remaining_versions(job.kek.id, except)
             .await?
             .into_iter()
             .filter(|(v, _)| needs_rewrap(job.kind, v, &job.target_version))
@@ -333,14 +333,14 @@ impl Rewrapper {
             let from = job.from_versions.join(",");
             let mut data = json!({
                 "tenant_id": job.tenant_id,
-                "provider": job.target.1,
-                "key_ref": job.target.2,
+                "provider": job.target.provider,
+                "key_ref": job.target.key_ref,
                 "dek_count": done,
                 "from_version": from,
                 "to_version": job.target_version,
             });
             if job.kind == JobKind::Replacement {
-                data["previous_key_ref"] = job.kek.2.clone().into();
+                data["previous_key_ref"] = job.kek.key_ref.clone().into();
             }
             let rows = tenant_notifications(
                 &tenant,
@@ -354,7 +354,10 @@ impl Rewrapper {
         tx.commit().await?;
         if job.kind == JobKind::Replacement && state == JobState::Completed {
             // The old key holds no DEK any more: it stops counting for the tenant's access.
-            let cause = lifecycle::Cause::new("replacement", Some((job.kek.1, job.kek.2.clone())));
+            let cause = lifecycle::Cause::new(
+                "replacement",
+                Some((job.kek.provider, job.kek.key_ref.clone())),
+            );
             lifecycle::refresh_access(
                 &self.store,
                 std::slice::from_ref(&job.tenant_id),

@@ -144,6 +144,17 @@ impl KekRow {
     }
 }
 
+/// A stored KEK by row id, with the provider and name the KMS knows it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KekRef {
+    /// Row id.
+    pub id: i64,
+    /// Provider.
+    pub provider: Provider,
+    /// Key name.
+    pub key_ref: String,
+}
+
 /// A KEK to observe at its KMS, and the `watch_gen` seen when it was picked: an observation
 /// settles the key's claim only if no event asked for confirmation meanwhile.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! Store API of DEKs and re-wrap jobs.
 
-use super::{Store, StoreError, StoreTx, TenantRow};
+use super::{KekRef, Store, StoreError, StoreTx, TenantRow};
 use crate::domain::{Access, JobKind, JobState, KeyState, Provider};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -51,8 +51,8 @@ pub struct DekTarget {
     pub access: Access,
     /// Why, when not accessible.
     pub reason: Option<String>,
-    /// Primary KEK, if registered: (id, provider, key_ref).
-    pub kek: Option<(i64, Provider, String)>,
+    /// Primary KEK, if registered.
+    pub kek: Option<KekRef>,
 }
 
 /// A re-wrap job to create from a lifecycle transaction.
@@ -79,10 +79,10 @@ pub struct RewrapJob {
     pub tenant_id: String,
     /// Rotation or replacement.
     pub kind: JobKind,
-    /// Source KEK id, provider and name.
-    pub kek: (i64, Provider, String),
-    /// Target KEK id, provider and name.
-    pub target: (i64, Provider, String),
+    /// Source KEK.
+    pub kek: KekRef,
+    /// Target KEK (the source itself for a rotation).
+    pub target: KekRef,
     /// Target version.
     pub target_version: String,
     /// Versions being moved off.

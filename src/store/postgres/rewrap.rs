@@ -3,8 +3,8 @@
 use super::{PgStore, PgTx, TENANT_RECIPIENTS, parse, tenant_row};
 use crate::domain::{JobKind, JobState};
 use crate::store::{
-    ClaimedDek, DekRow, DekTarget, NewDek, NewRewrapJob, RewrapJob, RewrapJobView, RewrappedDek,
-    StoreError, TenantRow,
+    ClaimedDek, DekRow, DekTarget, KekRef, NewDek, NewRewrapJob, RewrapJob, RewrapJobView,
+    RewrappedDek, StoreError, TenantRow,
 };
 use chrono::{DateTime, Utc};
 use sqlx::Row;
@@ -36,16 +36,16 @@ fn job(r: &PgRow) -> Result<RewrapJob, StoreError> {
         id: r.try_get("id")?,
         tenant_id: r.try_get("tenant_id")?,
         kind: parse(r, "kind")?,
-        kek: (
-            r.try_get("kek_id")?,
-            parse(r, "s_provider")?,
-            r.try_get("s_key_ref")?,
-        ),
-        target: (
-            r.try_get("target_kek_id")?,
-            parse(r, "t_provider")?,
-            r.try_get("t_key_ref")?,
-        ),
+        kek: KekRef {
+            id: r.try_get("kek_id")?,
+            provider: parse(r, "s_provider")?,
+            key_ref: r.try_get("s_key_ref")?,
+        },
+        target: KekRef {
+            id: r.try_get("target_kek_id")?,
+            provider: parse(r, "t_provider")?,
+            key_ref: r.try_get("t_key_ref")?,
+        },
         target_version: r.try_get("target_version")?,
         from_versions: r.try_get("from_versions")?,
         planned: r.try_get("planned")?,
@@ -65,7 +65,11 @@ impl PgStore {
         .ok_or_else(|| StoreError::NotFound(format!("tenant {tenant_id:?}")))?;
         let kek_id: Option<i64> = r.try_get("kek_id")?;
         let kek = match kek_id {
-            Some(id) => Some((id, parse(&r, "provider")?, r.try_get("key_ref")?)),
+            Some(id) => Some(KekRef {
+                id,
+                provider: parse(&r, "provider")?,
+                key_ref: r.try_get("key_ref")?,
+            }),
             None => None,
         };
         Ok(DekTarget {
@@ -308,7 +312,7 @@ impl PgTx {
              LIMIT $5
              FOR UPDATE OF d SKIP LOCKED",
         )
-        .bind(job.kek.0)
+        .bind(job.kek.id)
         .bind(&job.from_versions)
         .bind(job.id)
         .bind(now)
@@ -346,8 +350,8 @@ impl PgTx {
                  AS u(id, old_version, version, wrapped)
              WHERE d.id = u.id AND d.kek_id = $2 AND d.kek_version = u.old_version",
         )
-        .bind(job.target.0)
-        .bind(job.kek.0)
+        .bind(job.target.id)
+        .bind(job.kek.id)
         .bind(&ids)
         .bind(&old)
         .bind(&versions)
@@ -505,7 +509,7 @@ impl PgTx {
         .await?;
         if job.kind == JobKind::Replacement && state == JobState::Completed {
             sqlx::query("UPDATE keks SET retired_at = now(), updated_at = now() WHERE id = $1")
-                .bind(job.kek.0)
+                .bind(job.kek.id)
                 .execute(&mut *self.tx)
                 .await?;
         }
