@@ -250,7 +250,7 @@ impl Keys {
                 access.reason.as_deref().unwrap_or("no reason recorded")
             )));
         }
-        let Some((kek_id, provider, key_ref)) = target.kek else {
+        let Some(kek) = target.kek else {
             return Err(KeyError::Refused(format!(
                 "tenant {tenant_id:?} has no key registered"
             )));
@@ -261,10 +261,11 @@ impl Keys {
             tenant_id,
             dek_id: id,
         };
+        let provider = kek.provider;
         let wrapped = self
             .kms
             .provider(provider)?
-            .wrap_many(&key_ref, None, &[(&dek, ctx)])
+            .wrap_many(&kek.key_ref, None, &[(&dek, ctx)])
             .await?
             .pop()
             .ok_or_else(|| {
@@ -278,7 +279,7 @@ impl Keys {
             .insert_dek(&NewDek {
                 id,
                 tenant_id: tenant_id.to_owned(),
-                kek_id,
+                kek_id: kek.id,
                 kek_version: wrapped.version.clone(),
                 wrapped: wrapped.ciphertext,
                 kcv: kcv.clone(),

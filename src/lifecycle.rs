@@ -16,14 +16,16 @@
 //! message and the tenant's notifications when it differs from the stored value.
 
 use crate::domain::kek::{self, EventOutcome, Usability};
-use crate::domain::{Access, BlockCause, EventKind, LifecycleEvent, Observation, Provider};
+use crate::domain::{
+    Access, BlockCause, EventKind, JobKind, LifecycleEvent, Observation, Provider,
+};
 use crate::notify::catalog::{
     self, KeyDestroyedWithDeks, KeyExpired, KeyExpiring, Notification, RevocationUnconfirmed,
     TenantInaccessible, TenantRestored, Trigger,
 };
 use crate::store::{
-    AccessUpdate, AuditRow, Channel, JobKind, KekRow, NewOutbox, NewRewrapJob, ObserveDone,
-    ObserveTarget, Store, StoreError, TenantRow,
+    AccessUpdate, AuditRow, Channel, KekRow, NewOutbox, NewRewrapJob, ObserveDone, ObserveTarget,
+    Store, StoreError, TenantRow,
 };
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};

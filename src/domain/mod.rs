@@ -3,6 +3,7 @@
 //! Everything here is free of I/O so the rules that decide a tenant's access can be unit
 //! tested exhaustively: [`kek::apply_event`] and [`kek::apply_observation`] move one KEK's
 //! record, and [`kek::derive_access`] turns a tenant's keys and the clock into its access.
+//! [`job`] says what a re-wrap job does, where it stands and which DEKs it moves.
 
 /// A name that does not match any variant of a domain enum.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,7 +95,9 @@ impl Provider {
 }
 
 pub mod event;
+pub mod job;
 pub mod kek;
 
 pub use event::{EventKind, LifecycleEvent, Origin};
+pub use job::{JobKind, JobState};
 pub use kek::{Access, BlockCause, Blocked, KekStatus, KeyState, Observation};

@@ -17,8 +17,9 @@
 //! into one row per operator address with the operator settings it has ([`fan_out`]), so
 //! the code that decides to notify needs no configuration.
 
+use crate::domain::JobKind;
 use crate::domain::{Access, BlockCause, Blocked, EventKind, KeyState, Provider};
-use crate::store::{Channel, JobKind, NewOutbox, TenantRow};
+use crate::store::{Channel, NewOutbox, TenantRow};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};

@@ -12,12 +12,12 @@
 //! the key is usable again.
 
 use crate::config::RewrapSettings;
-use crate::domain::kek::is_newer_version;
+use crate::domain::job::{JobKind, JobState, needs_rewrap};
 use crate::domain::{Provider, UnknownName};
 use crate::kms::{DekContext, Kms, KmsError, KmsProvider, Wrapped, WrappedRef};
 use crate::lifecycle;
 use crate::notify::catalog::{KeyReplaced, KeyRewrapFailed, KeyRotated, Notification};
-use crate::store::{JobKind, RewrapJob, RewrappedDek, Store, StoreError};
+use crate::store::{RewrapJob, RewrappedDek, Store, StoreError};
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
@@ -65,12 +65,6 @@ pub enum Step {
     Deferred,
     /// The job finished.
     Finished,
-}
-
-/// Whether a DEK under `version` must move to `target`: every DEK of a replaced key; in a
-/// rotation, those under an older version ([`is_newer_version`]), never rolling one back.
-pub fn needs_rewrap(kind: JobKind, version: &str, target: &str) -> bool {
-    kind == JobKind::Replacement || is_newer_version(version, target)
 }
 
 /// The re-wrap engine shared by a replica's workers.
@@ -149,7 +143,7 @@ impl Rewrapper {
         claimed: Vec<crate::store::ClaimedDek>,
         now: DateTime<Utc>,
     ) -> Result<Step, RewrapError> {
-        if let Some(limiter) = self.limiters.get(&job.kek.1)
+        if let Some(limiter) = self.limiters.get(&job.kek.provider)
             && let Some(n) = NonZeroU32::new(u32::try_from(claimed.len()).unwrap_or(u32::MAX))
         {
             // `n` never exceeds the burst (batch size), so this only waits.
@@ -222,15 +216,15 @@ impl Rewrapper {
         match job.kind {
             JobKind::Rotation => {
                 self.kms
-                    .provider(job.kek.1)?
-                    .rewrap(&job.kek.2, items, &job.target_version)
+                    .provider(job.kek.provider)?
+                    .rewrap(&job.kek.key_ref, items, &job.target_version)
                     .await
             }
             JobKind::Replacement => {
                 self.kms
                     .transfer(
-                        (job.kek.1, &job.kek.2),
-                        (job.target.1, &job.target.2),
+                        (job.kek.provider, &job.kek.key_ref),
+                        (job.target.provider, &job.target.key_ref),
                         items,
                         &job.target_version,
                     )
@@ -240,7 +234,7 @@ impl Rewrapper {
     }
 
     async fn plan(&self, job: &mut RewrapJob) -> Result<(), RewrapError> {
-        let versions = self.store.dek_versions(job.kek.0).await?;
+        let versions = self.store.dek_versions(job.kek.id).await?;
         let (from, total): (Vec<String>, i64) = versions
             .into_iter()
             .filter(|(v, _)| needs_rewrap(job.kind, v, &job.target_version))
@@ -249,7 +243,7 @@ impl Rewrapper {
                 (vs, n + c)
             });
         self.store.plan_rewrap_job(job.id, &from, total).await?;
-        tracing::info!(job = job.id, tenant = %job.tenant_id, key = %job.kek.2,
+        tracing::info!(job = job.id, tenant = %job.tenant_id, key = %job.kek.key_ref,
             to = %job.target_version, total, "re-wrap job planned");
         job.from_versions = from;
         job.planned = true;
@@ -277,7 +271,7 @@ impl Rewrapper {
             // The KMS refused a key: look at both ends now, so the tenant's access shows a
             // key that cannot give up its DEKs (and the job resumes when it can).
             self.store
-                .request_confirmation(&[job.kek.0, job.target.0], now)
+                .request_confirmation(&[job.kek.id, job.target.id], now)
                 .await?;
         }
         Ok(Step::Deferred)
@@ -292,7 +286,7 @@ impl Rewrapper {
         };
         let except = (job.kind == JobKind::Rotation).then_some(job.target_version.as_str());
         let remaining: Vec<(String, i64)> = tx
-            .remaining_versions(job.kek.0, except)
+            .remaining_versions(job.kek.id, except)
             .await?
             .into_iter()
             .filter(|(v, _)| needs_rewrap(job.kind, v, &job.target_version))
@@ -314,7 +308,11 @@ impl Rewrapper {
         if left > failed {
             return Ok(Step::Busy);
         }
-        let state = if failed > 0 { "failed" } else { "completed" };
+        let state = if failed > 0 {
+            JobState::Failed
+        } else {
+            JobState::Completed
+        };
         let reason = (failed > 0).then(|| format!("{failed} DEKs could not be re-wrapped"));
         let (done, _) = tx.finish_rewrap_job(&job, state, reason.as_deref()).await?;
         let notice = match (failed > 0, job.kind) {
@@ -322,17 +320,17 @@ impl Rewrapper {
                 tenant_id: job.tenant_id.clone(),
                 job_id: job.id,
                 job_kind: kind,
-                provider: job.kek.1,
-                key_ref: job.kek.2.clone(),
-                target_key_ref: job.target.2.clone(),
+                provider: job.kek.provider,
+                key_ref: job.kek.key_ref.clone(),
+                target_key_ref: job.target.key_ref.clone(),
                 to_version: job.target_version.clone(),
                 failed,
                 done,
             }),
             (false, JobKind::Rotation) => Notification::KeyRotated(KeyRotated {
                 tenant_id: job.tenant_id.clone(),
-                provider: job.target.1,
-                key_ref: job.target.2.clone(),
+                provider: job.target.provider,
+                key_ref: job.target.key_ref.clone(),
                 from_version: job.from_versions.join(","),
                 to_version: job.target_version.clone(),
                 dek_count: done,
@@ -340,10 +338,10 @@ impl Rewrapper {
             }),
             (false, JobKind::Replacement) => Notification::KeyReplaced(KeyReplaced {
                 tenant_id: job.tenant_id.clone(),
-                previous_provider: job.kek.1,
-                previous_key_ref: job.kek.2.clone(),
-                provider: job.target.1,
-                key_ref: job.target.2.clone(),
+                previous_provider: job.kek.provider,
+                previous_key_ref: job.kek.key_ref.clone(),
+                provider: job.target.provider,
+                key_ref: job.target.key_ref.clone(),
                 to_version: job.target_version.clone(),
                 dek_count: done,
                 job_id: job.id,
@@ -352,9 +350,12 @@ impl Rewrapper {
         let tenant = tx.tenant_recipients(&job.tenant_id).await?;
         tx.enqueue(&notice.outbox_rows(Some(&tenant), now)).await?;
         tx.commit().await?;
-        if job.kind == JobKind::Replacement && state == "completed" {
+        if job.kind == JobKind::Replacement && state == JobState::Completed {
             // The old key holds no DEK any more: it stops counting for the tenant's access.
-            let cause = lifecycle::Cause::new("replacement", Some((job.kek.1, job.kek.2.clone())));
+            let cause = lifecycle::Cause::new(
+                "replacement",
+                Some((job.kek.provider, job.kek.key_ref.clone())),
+            );
             lifecycle::refresh_access(
                 &self.store,
                 std::slice::from_ref(&job.tenant_id),
@@ -363,8 +364,9 @@ impl Rewrapper {
             )
             .await?;
         }
-        metrics::counter!("byokd_rewrap_jobs_finished_total", "state" => state).increment(1);
-        tracing::info!(job = job.id, tenant = %job.tenant_id, state, done, failed,
+        metrics::counter!("byokd_rewrap_jobs_finished_total", "state" => state.as_str())
+            .increment(1);
+        tracing::info!(job = job.id, tenant = %job.tenant_id, state = state.as_str(), done, failed,
             "re-wrap job finished");
         Ok(Step::Finished)
     }
@@ -389,24 +391,5 @@ pub async fn rewrap_loop(engine: Rewrapper, mut shutdown: watch::Receiver<bool>)
             _ = tokio::time::sleep(pause) => {}
             _ = shutdown.changed() => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbered_versions_only_move_forward() {
-        assert!(needs_rewrap(JobKind::Rotation, "1", "2"));
-        assert!(
-            needs_rewrap(JobKind::Rotation, "9", "10"),
-            "numeric, not lexical"
-        );
-        assert!(!needs_rewrap(JobKind::Rotation, "3", "2"));
-        assert!(!needs_rewrap(JobKind::Rotation, "2", "2"));
-        assert!(needs_rewrap(JobKind::Rotation, "mat-a", "mat-b"));
-        assert!(!needs_rewrap(JobKind::Rotation, "mat-b", "mat-b"));
-        assert!(needs_rewrap(JobKind::Replacement, "2", "2"));
     }
 }

@@ -25,9 +25,10 @@ pub use audit::AuditEntry;
 pub use kms::LocalKeyRow;
 pub use postgres::PgStore;
 pub use rewrap::{
-    ClaimedDek, DekRow, DekTarget, JobKind, NewDek, NewRewrapJob, RewrapJob, RewrapJobView,
-    RewrappedDek,
+    ClaimedDek, DekRow, DekTarget, NewDek, NewRewrapJob, RewrapJob, RewrapJobView, RewrappedDek,
 };
+// The job kind moved to the domain; callers that name it through the store keep compiling.
+
 pub use sweeps::{ExpiringKek, ProbeRecord, ProbeTarget, ScheduleLock};
 
 use crate::domain::{Access, KekStatus, Provider};
@@ -141,6 +142,17 @@ impl KekRow {
             held_deks: self.held_deks,
         })
     }
+}
+
+/// A stored KEK by row id, with the provider and name the KMS knows it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KekRef {
+    /// Row id.
+    pub id: i64,
+    /// Provider.
+    pub provider: Provider,
+    /// Key name.
+    pub key_ref: String,
 }
 
 /// A KEK to observe at its KMS, and the `watch_gen` seen when it was picked: an observation

@@ -1,7 +1,7 @@
 //! Store API of DEKs and re-wrap jobs.
 
-use super::{Store, StoreError, StoreTx, TenantRow};
-use crate::domain::{Access, KeyState, Provider};
+use super::{KekRef, Store, StoreError, StoreTx, TenantRow};
+use crate::domain::{Access, JobKind, JobState, KeyState, Provider};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
@@ -51,18 +51,8 @@ pub struct DekTarget {
     pub access: Access,
     /// Why, when not accessible.
     pub reason: Option<String>,
-    /// Primary KEK, if registered: (id, provider, key_ref).
-    pub kek: Option<(i64, Provider, String)>,
-}
-
-/// What a re-wrap job does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobKind {
-    /// New version of the same KEK.
-    Rotation,
-    /// Every DEK moves to another KEK.
-    Replacement,
+    /// Primary KEK, if registered.
+    pub kek: Option<KekRef>,
 }
 
 /// A re-wrap job to create from a lifecycle transaction.
@@ -89,10 +79,10 @@ pub struct RewrapJob {
     pub tenant_id: String,
     /// Rotation or replacement.
     pub kind: JobKind,
-    /// Source KEK id, provider and name.
-    pub kek: (i64, Provider, String),
-    /// Target KEK id, provider and name.
-    pub target: (i64, Provider, String),
+    /// Source KEK.
+    pub kek: KekRef,
+    /// Target KEK (the source itself for a rotation).
+    pub target: KekRef,
     /// Target version.
     pub target_version: String,
     /// Versions being moved off.
@@ -118,8 +108,8 @@ pub struct RewrapJobView {
     pub from_versions: Vec<String>,
     /// Version moved to.
     pub target_version: String,
-    /// pending, running, waiting, completed, failed, superseded.
-    pub state: String,
+    /// Where it stands.
+    pub state: JobState,
     /// DEKs to re-wrap.
     pub total: i64,
     /// DEKs re-wrapped.
@@ -311,11 +301,12 @@ impl StoreTx {
         dispatch!(self, t => t.extend_rewrap_job(job_id, versions, more).await)
     }
 
-    /// Ends a job (`completed` or `failed`); for a replacement, retires the old KEK.
+    /// Ends a job ([`JobState::Completed`] or [`JobState::Failed`]); a completed replacement
+    /// retires the old KEK.
     pub async fn finish_rewrap_job(
         &mut self,
         job: &RewrapJob,
-        state: &str,
+        state: JobState,
         reason: Option<&str>,
     ) -> Result<(i64, i64), StoreError> {
         dispatch!(self, t => t.finish_rewrap_job(job, state, reason).await)

@@ -2,9 +2,9 @@
 //! wording depends on it), with fixed facts: the golden files render these, and the delivery
 //! tests send them through real SMTP and HTTP peers.
 
+use byokd::domain::JobKind;
 use byokd::domain::{Access, BlockCause, Blocked, EventKind, KeyState, Provider};
 use byokd::notify::catalog::*;
-use byokd::store::JobKind;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 

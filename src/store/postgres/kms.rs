@@ -1,20 +1,9 @@
 //! PostgreSQL SQL of the local KMS keyring.
 
-use super::{PgStore, parse};
+use super::PgStore;
 use crate::domain::KeyState;
 use crate::store::{LocalKeyRow, StoreError};
 use chrono::{DateTime, Utc};
-use sqlx::Row;
-use sqlx::postgres::PgRow;
-
-fn row(r: &PgRow) -> Result<LocalKeyRow, StoreError> {
-    Ok(LocalKeyRow {
-        key_ref: r.try_get("key_ref")?,
-        state: parse(r, "state")?,
-        current_version: r.try_get("current_version")?,
-        expires_at: r.try_get("expires_at")?,
-    })
-}
 
 fn missing(key_ref: &str) -> StoreError {
     StoreError::NotFound(format!("local key {key_ref:?}"))
@@ -25,15 +14,15 @@ async fn lock_key(
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
     key_ref: &str,
 ) -> Result<LocalKeyRow, StoreError> {
-    let current = sqlx::query(
-        "SELECT key_ref, state, current_version, expires_at FROM local_keys
-         WHERE key_ref = $1 FOR UPDATE",
+    sqlx::query_as!(
+        LocalKeyRow,
+        r#"SELECT key_ref, state AS "state: KeyState", current_version, expires_at
+           FROM local_keys WHERE key_ref = $1 FOR UPDATE"#,
+        key_ref
     )
-    .bind(key_ref)
     .fetch_optional(&mut **tx)
     .await?
-    .ok_or_else(|| missing(key_ref))?;
-    row(&current)
+    .ok_or_else(|| missing(key_ref))
 }
 
 impl PgStore {
@@ -44,25 +33,26 @@ impl PgStore {
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<LocalKeyRow, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let created = sqlx::query(
-            "INSERT INTO local_keys (key_ref, state, current_version, expires_at)
-             VALUES ($1, 'enabled', 1, $2) ON CONFLICT DO NOTHING
-             RETURNING key_ref, state, current_version, expires_at",
+        let created = sqlx::query_as!(
+            LocalKeyRow,
+            r#"INSERT INTO local_keys (key_ref, state, current_version, expires_at)
+               VALUES ($1, 'enabled', 1, $2) ON CONFLICT DO NOTHING
+               RETURNING key_ref, state AS "state: KeyState", current_version, expires_at"#,
+            key_ref,
+            expires_at
         )
-        .bind(key_ref)
-        .bind(expires_at)
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| StoreError::Conflict(format!("local key {key_ref:?} already exists")))?;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO local_key_versions (key_ref, version, material_sealed) VALUES ($1, 1, $2)",
+            key_ref,
+            material_sealed
         )
-        .bind(key_ref)
-        .bind(material_sealed)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        row(&created)
+        Ok(created)
     }
 
     pub(crate) async fn local_key_rotate(
@@ -82,24 +72,25 @@ impl PgStore {
             )));
         }
         let next = current.current_version + 1;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO local_key_versions (key_ref, version, material_sealed) VALUES ($1, $2, $3)",
+            key_ref,
+            next,
+            material_sealed
         )
-        .bind(key_ref)
-        .bind(next)
-        .bind(material_sealed)
         .execute(&mut *tx)
         .await?;
-        let updated = sqlx::query(
-            "UPDATE local_keys SET current_version = $2, updated_at = now() WHERE key_ref = $1
-             RETURNING key_ref, state, current_version, expires_at",
+        let updated = sqlx::query_as!(
+            LocalKeyRow,
+            r#"UPDATE local_keys SET current_version = $2, updated_at = now() WHERE key_ref = $1
+               RETURNING key_ref, state AS "state: KeyState", current_version, expires_at"#,
+            key_ref,
+            next
         )
-        .bind(key_ref)
-        .bind(next)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        row(&updated)
+        Ok(updated)
     }
 
     pub(crate) async fn local_key_transition(
@@ -117,21 +108,21 @@ impl PgStore {
             )));
         }
         if to == KeyState::Destroyed {
-            sqlx::query("DELETE FROM local_key_versions WHERE key_ref = $1")
-                .bind(key_ref)
+            sqlx::query!("DELETE FROM local_key_versions WHERE key_ref = $1", key_ref)
                 .execute(&mut *tx)
                 .await?;
         }
-        let updated = sqlx::query(
-            "UPDATE local_keys SET state = $2, updated_at = now() WHERE key_ref = $1
-             RETURNING key_ref, state, current_version, expires_at",
+        let updated = sqlx::query_as!(
+            LocalKeyRow,
+            r#"UPDATE local_keys SET state = $2, updated_at = now() WHERE key_ref = $1
+               RETURNING key_ref, state AS "state: KeyState", current_version, expires_at"#,
+            key_ref,
+            to.as_str()
         )
-        .bind(key_ref)
-        .bind(to.as_str())
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        row(&updated)
+        Ok(updated)
     }
 
     pub(crate) async fn local_key_set_expiry(
@@ -139,28 +130,29 @@ impl PgStore {
         key_ref: &str,
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<LocalKeyRow, StoreError> {
-        let updated = sqlx::query(
-            "UPDATE local_keys SET expires_at = $2, updated_at = now()
-             WHERE key_ref = $1 AND state <> 'destroyed'
-             RETURNING key_ref, state, current_version, expires_at",
+        sqlx::query_as!(
+            LocalKeyRow,
+            r#"UPDATE local_keys SET expires_at = $2, updated_at = now()
+               WHERE key_ref = $1 AND state <> 'destroyed'
+               RETURNING key_ref, state AS "state: KeyState", current_version, expires_at"#,
+            key_ref,
+            expires_at
         )
-        .bind(key_ref)
-        .bind(expires_at)
         .fetch_optional(&self.pool)
         .await?
-        .ok_or_else(|| missing(key_ref))?;
-        row(&updated)
+        .ok_or_else(|| missing(key_ref))
     }
 
     pub(crate) async fn local_key(&self, key_ref: &str) -> Result<LocalKeyRow, StoreError> {
-        let r = sqlx::query(
-            "SELECT key_ref, state, current_version, expires_at FROM local_keys WHERE key_ref = $1",
+        sqlx::query_as!(
+            LocalKeyRow,
+            r#"SELECT key_ref, state AS "state: KeyState", current_version, expires_at
+               FROM local_keys WHERE key_ref = $1"#,
+            key_ref
         )
-        .bind(key_ref)
         .fetch_optional(&self.pool)
         .await?
-        .ok_or_else(|| missing(key_ref))?;
-        row(&r)
+        .ok_or_else(|| missing(key_ref))
     }
 
     pub(crate) async fn local_key_material(
@@ -168,30 +160,31 @@ impl PgStore {
         key_ref: &str,
         versions: &[i32],
     ) -> Result<(LocalKeyRow, Vec<(i32, Vec<u8>)>), StoreError> {
-        let rows = sqlx::query(
-            "SELECT k.key_ref, k.state, k.current_version, k.expires_at,
-                    v.version, v.material_sealed
-             FROM local_keys k
-             LEFT JOIN local_key_versions v
-               ON v.key_ref = k.key_ref
-              AND (v.version = ANY($2)
-                   OR (cardinality($2) = 0 AND v.version = k.current_version))
-             WHERE k.key_ref = $1",
+        let rows = sqlx::query!(
+            r#"SELECT k.key_ref, k.state AS "state: KeyState", k.current_version, k.expires_at,
+                      v.version AS "version?", v.material_sealed AS "material_sealed?"
+               FROM local_keys k
+               LEFT JOIN local_key_versions v
+                 ON v.key_ref = k.key_ref
+                AND (v.version = ANY($2)
+                     OR (cardinality($2) = 0 AND v.version = k.current_version))
+               WHERE k.key_ref = $1"#,
+            key_ref,
+            versions
         )
-        .bind(key_ref)
-        .bind(versions)
         .fetch_all(&self.pool)
         .await?;
         let first = rows.first().ok_or_else(|| missing(key_ref))?;
-        let key = row(first)?;
-        let mut material = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let version: Option<i32> = r.try_get("version")?;
-            let sealed: Option<Vec<u8>> = r.try_get("material_sealed")?;
-            if let (Some(v), Some(s)) = (version, sealed) {
-                material.push((v, s));
-            }
-        }
+        let key = LocalKeyRow {
+            key_ref: first.key_ref.clone(),
+            state: first.state,
+            current_version: first.current_version,
+            expires_at: first.expires_at,
+        };
+        let material = rows
+            .into_iter()
+            .filter_map(|r| Some((r.version?, r.material_sealed?)))
+            .collect();
         Ok((key, material))
     }
 }

@@ -1,27 +1,53 @@
 //! PostgreSQL back end.
 //!
-//! Batch writes bind one array per column and `UNNEST` them, so applying a batch of events
-//! costs a fixed handful of round trips whatever its size.
+//! Every query is checked against the schema at compile time (`sqlx::query!` and friends);
+//! the offline data in `.sqlx/` lets a build do that without a database (see
+//! `scripts/sqlx-prepare`). Domain enums live in text columns and decode from their
+//! snake_case names. Batch writes bind one array per column and `UNNEST` them, so applying a
+//! batch of events costs a fixed handful of round trips whatever its size.
 
 use super::{
     AccessUpdate, AuditRow, Channel, KekRow, KekView, NewOutbox, NewTenant, ObserveDone,
     ObserveTarget, OutboxRow, StoreError, TenantRow, TenantView,
 };
-use crate::domain::{KekStatus, LifecycleEvent, Provider};
+use crate::domain::{
+    Access, EventKind, JobKind, JobState, KekStatus, KeyState, LifecycleEvent, Provider,
+};
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
+use sqlx::{Postgres, Transaction};
 use std::collections::HashSet;
 use std::time::Duration;
 use uuid::Uuid;
 
+/// `sqlx::query_as!` into `$out` of `$select`, then a tenant (`t`) with whom to notify, then
+/// `$rest`. The tenant lands in the fields `id, access, access_reason, contacts, webhooks`:
+/// `$out` is a [`TenantRow`] or a flat row that has them too. The list is written once here;
+/// the query macros accept concatenated literals, so every query using it is still checked.
+macro_rules! query_recipients {
+    ($out:path, $select:literal, $rest:literal $(, $arg:expr)* $(,)?) => {
+        sqlx::query_as!(
+            $out,
+            $select
+                + "t.id, t.access AS \"access: crate::domain::Access\", t.access_reason,
+                   ARRAY(SELECT email FROM tenant_contacts c WHERE c.tenant_id = t.id
+                         ORDER BY email) AS \"contacts!\",
+                   ARRAY(SELECT w.id FROM webhook_endpoints w
+                         WHERE w.tenant_id = t.id AND w.enabled
+                         ORDER BY w.created_at, w.id) AS \"webhooks!\" "
+                + $rest
+            $(, $arg)*
+        )
+    };
+}
+
 mod audit;
 mod kms;
+mod outbox;
 mod rewrap;
 mod sweeps;
 
 pub(crate) use sweeps::PgScheduleLock;
-mod outbox;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -36,55 +62,85 @@ pub struct PgTx {
     tx: Transaction<'static, Postgres>,
 }
 
-fn parse<T: std::str::FromStr>(row: &PgRow, column: &str) -> Result<T, StoreError>
-where
-    T::Err: std::fmt::Display,
-{
-    let text: String = row.try_get(column)?;
-    text.parse().map_err(|e: T::Err| {
-        StoreError::Other(sqlx::Error::Decode(format!("column {column}: {e}").into()))
-    })
+/// Domain enums are stored as their names in text columns. Decoding checks the name, so a
+/// value the code does not know fails the query with a decode error naming it, not a panic.
+macro_rules! text_enum {
+    ($($ty:ty),+) => {$(
+        impl sqlx::Type<Postgres> for $ty {
+            fn type_info() -> PgTypeInfo {
+                <str as sqlx::Type<Postgres>>::type_info()
+            }
+
+            fn compatible(ty: &PgTypeInfo) -> bool {
+                <str as sqlx::Type<Postgres>>::compatible(ty)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, Postgres> for $ty {
+            fn decode(value: PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+                Ok(<&str as sqlx::Decode<'r, Postgres>>::decode(value)?.parse()?)
+            }
+        }
+    )+};
 }
 
-/// Select-list of a tenant (`t`) with whom to notify, read back by [`tenant_row`].
-const TENANT_RECIPIENTS: &str = "t.id AS tenant_id, t.access, t.access_reason,
-    ARRAY(SELECT email FROM tenant_contacts c WHERE c.tenant_id = t.id ORDER BY email)
-        AS contacts,
-    ARRAY(SELECT w.id FROM webhook_endpoints w
-          WHERE w.tenant_id = t.id AND w.enabled ORDER BY w.created_at, w.id) AS webhooks";
-
-/// A row selected with [`TENANT_RECIPIENTS`].
-fn tenant_row(r: &PgRow) -> Result<TenantRow, StoreError> {
-    Ok(TenantRow {
-        id: r.try_get("tenant_id")?,
-        access: parse(r, "access")?,
-        access_reason: r.try_get("access_reason")?,
-        contacts: r.try_get("contacts")?,
-        webhooks: r.try_get("webhooks")?,
-    })
-}
+text_enum!(Provider, KeyState, Access, EventKind, JobKind, JobState);
 
 fn key_columns(keys: &[(Provider, String)]) -> (Vec<&'static str>, Vec<&str>) {
     keys.iter().map(|(p, k)| (p.as_str(), k.as_str())).unzip()
 }
 
-/// Select-list of a KEK (`k`) read back by [`kek_row`]; `held_deks` is filled in by
-/// [`count_held`].
-const KEK_COLUMNS: &str = "k.id, k.tenant_id, k.is_primary, k.retired_at IS NOT NULL AS retired,
-    k.provider, k.key_ref, k.state, k.revoked, k.current_version, k.expires_at,
-    k.expiry_event_at, k.claim, k.claimed_at, k.watch_gen";
+/// Every KEK of `tenants` in id order; `held_deks` is filled in by [`count_held`].
+async fn keks_of<'c, E>(tenants: &[String], db: E) -> Result<Vec<KekRow>, StoreError>
+where
+    E: sqlx::Executor<'c, Database = Postgres>,
+{
+    let rows = sqlx::query!(
+        r#"SELECT k.id, k.tenant_id, k.is_primary, k.retired_at IS NOT NULL AS "retired!",
+                  k.provider AS "provider: Provider", k.key_ref, k.state AS "state: KeyState",
+                  k.revoked, k.current_version, k.expires_at, k.expiry_event_at,
+                  k.claim AS "claim: EventKind", k.claimed_at, k.watch_gen
+           FROM keks k WHERE k.tenant_id = ANY($1) ORDER BY k.id"#,
+        tenants
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| KekRow {
+            id: r.id,
+            tenant_id: r.tenant_id,
+            is_primary: r.is_primary,
+            retired: r.retired,
+            held_deks: 0,
+            watch_gen: r.watch_gen,
+            claimed_at: r.claimed_at,
+            status: KekStatus {
+                provider: r.provider,
+                key_ref: r.key_ref,
+                state: r.state,
+                revoked: r.revoked,
+                current_version: r.current_version,
+                expires_at: r.expires_at,
+                expiry_event_at: r.expiry_event_at,
+                claim: r.claim,
+            },
+        })
+        .collect())
+}
 
 /// DEKs wrapped under each of `kek_ids` (any version); keys with none are absent.
 async fn dek_counts<'c, E>(kek_ids: &[i64], db: E) -> Result<Vec<(i64, i64)>, StoreError>
 where
     E: sqlx::Executor<'c, Database = Postgres>,
 {
-    Ok(
-        sqlx::query_as("SELECT kek_id, count(*) FROM deks WHERE kek_id = ANY($1) GROUP BY kek_id")
-            .bind(kek_ids)
-            .fetch_all(db)
-            .await?,
+    let rows = sqlx::query!(
+        r#"SELECT kek_id, count(*) AS "n!" FROM deks WHERE kek_id = ANY($1) GROUP BY kek_id"#,
+        kek_ids
     )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.kek_id, r.n)).collect())
 }
 
 /// Counts the DEKs of keys a replacement is still moving DEKs off (not primary, not
@@ -104,50 +160,12 @@ where
     if ids.is_empty() {
         return Ok(());
     }
-    let counts: Vec<(i64, i64)> =
-        sqlx::query_as("SELECT kek_id, count(*) FROM deks WHERE kek_id = ANY($1) GROUP BY kek_id")
-            .bind(&ids)
-            .fetch_all(db)
-            .await?;
-    for (id, n) in counts {
+    for (id, n) in dek_counts(&ids, db).await? {
         if let Some(k) = rows.iter_mut().find(|k| k.id == id) {
             k.held_deks = n;
         }
     }
     Ok(())
-}
-
-fn kek_status(row: &PgRow) -> Result<KekStatus, StoreError> {
-    let claim: Option<String> = row.try_get("claim")?;
-    Ok(KekStatus {
-        provider: parse(row, "provider")?,
-        key_ref: row.try_get("key_ref")?,
-        state: parse(row, "state")?,
-        revoked: row.try_get("revoked")?,
-        current_version: row.try_get("current_version")?,
-        expires_at: row.try_get("expires_at")?,
-        expiry_event_at: row.try_get("expiry_event_at")?,
-        claim: claim
-            .map(|c| c.parse())
-            .transpose()
-            .map_err(|e: crate::domain::UnknownName| {
-                StoreError::Other(sqlx::Error::Decode(format!("column claim: {e}").into()))
-            })?,
-    })
-}
-
-/// A row selected with [`KEK_COLUMNS`].
-fn kek_row(r: &PgRow) -> Result<KekRow, StoreError> {
-    Ok(KekRow {
-        id: r.try_get("id")?,
-        tenant_id: r.try_get("tenant_id")?,
-        is_primary: r.try_get("is_primary")?,
-        retired: r.try_get("retired")?,
-        held_deks: 0,
-        watch_gen: r.try_get("watch_gen")?,
-        claimed_at: r.try_get("claimed_at")?,
-        status: kek_status(r)?,
-    })
 }
 
 impl PgStore {
@@ -172,7 +190,9 @@ impl PgStore {
     }
 
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query!("SELECT 1 AS one")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -184,11 +204,11 @@ impl PgStore {
 
     pub(super) async fn create_tenant(&self, t: &NewTenant) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO tenants (id, name) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            t.id,
+            t.name
         )
-        .bind(&t.id)
-        .bind(&t.name)
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 0 {
@@ -197,12 +217,12 @@ impl PgStore {
                 t.id
             )));
         }
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO tenant_contacts (tenant_id, email)
              SELECT $1, e FROM UNNEST($2::text[]) AS e ON CONFLICT DO NOTHING",
+            t.id,
+            &t.contacts
         )
-        .bind(&t.id)
-        .bind(&t.contacts)
         .execute(&mut *tx)
         .await?;
         let ids: Vec<Uuid> = t.webhooks.iter().map(|w| w.id).collect();
@@ -212,15 +232,15 @@ impl PgStore {
             .iter()
             .map(|w| w.secret_sealed.as_slice())
             .collect();
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO webhook_endpoints (id, tenant_id, url, secret_sealed)
              SELECT u.id, $1, u.url, u.secret FROM UNNEST($2::uuid[], $3::text[], $4::bytea[])
                  AS u(id, url, secret)",
+            t.id,
+            &ids,
+            &urls as &[&str],
+            &secrets as &[&[u8]]
         )
-        .bind(&t.id)
-        .bind(&ids)
-        .bind(&urls)
-        .bind(&secrets)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -228,52 +248,62 @@ impl PgStore {
     }
 
     pub(super) async fn tenant(&self, id: &str) -> Result<TenantView, StoreError> {
-        let row = sqlx::query(
-            "SELECT t.id, t.name, t.access, t.access_reason, t.updated_at,
-                    ARRAY(SELECT email FROM tenant_contacts c WHERE c.tenant_id = t.id
-                          ORDER BY email) AS contacts
-             FROM tenants t WHERE t.id = $1",
+        let row = sqlx::query!(
+            r#"SELECT t.id, t.name, t.access AS "access: Access", t.access_reason, t.updated_at,
+                      ARRAY(SELECT email FROM tenant_contacts c WHERE c.tenant_id = t.id
+                            ORDER BY email) AS "contacts!"
+               FROM tenants t WHERE t.id = $1"#,
+            id
         )
-        .bind(id)
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("tenant {id:?}")))?;
         let now = Utc::now();
-        let keks = sqlx::query(
-            "SELECT provider, key_ref, state, revoked, current_version, expires_at,
-                    expiry_event_at, claim, is_primary, retired_at, observed_at
-             FROM keks WHERE tenant_id = $1 ORDER BY is_primary DESC, id",
+        let keks = sqlx::query!(
+            r#"SELECT provider AS "provider: Provider", key_ref, state AS "state: KeyState",
+                      revoked, current_version, expires_at, expiry_event_at,
+                      claim AS "claim: EventKind", is_primary, retired_at, observed_at
+               FROM keks WHERE tenant_id = $1 ORDER BY is_primary DESC, id"#,
+            id
         )
-        .bind(id)
         .fetch_all(&self.pool)
         .await?
-        .iter()
+        .into_iter()
         .map(|r| {
-            let s = kek_status(r)?;
-            Ok(KekView {
+            let s = KekStatus {
+                provider: r.provider,
+                key_ref: r.key_ref,
+                state: r.state,
+                revoked: r.revoked,
+                current_version: r.current_version,
+                expires_at: r.expires_at,
+                expiry_event_at: r.expiry_event_at,
+                claim: r.claim,
+            };
+            KekView {
                 provider: s.provider,
                 state: crate::domain::kek::shown_state(&s, now),
                 observed_state: crate::domain::kek::effective_state(&s, now),
                 confirmed: s.claim.is_none(),
                 claim: s.claim,
                 key_ref: s.key_ref,
-                revoked: s.revoked || s.claim == Some(crate::domain::EventKind::AccessRevoked),
+                revoked: s.revoked || s.claim == Some(EventKind::AccessRevoked),
                 current_version: s.current_version,
                 expires_at: s.expires_at,
-                primary: r.try_get("is_primary")?,
-                retired_at: r.try_get("retired_at")?,
-                observed_at: r.try_get("observed_at")?,
-            })
+                primary: r.is_primary,
+                retired_at: r.retired_at,
+                observed_at: r.observed_at,
+            }
         })
-        .collect::<Result<_, StoreError>>()?;
+        .collect();
         Ok(TenantView {
-            id: row.try_get("id")?,
-            name: row.try_get("name")?,
-            access: parse(&row, "access")?,
-            reason: row.try_get("access_reason")?,
-            contacts: row.try_get("contacts")?,
+            id: row.id,
+            name: row.name,
+            access: row.access,
+            reason: row.access_reason,
+            contacts: row.contacts,
             keks,
-            updated_at: row.try_get("updated_at")?,
+            updated_at: row.updated_at,
         })
     }
 
@@ -287,49 +317,54 @@ impl PgStore {
         let mut tx = PgTx {
             tx: self.pool.begin().await?,
         };
-        let locked = sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE")
-            .bind(tenant_id)
-            .fetch_optional(&mut *tx.tx)
-            .await?;
+        let locked =
+            sqlx::query_scalar!("SELECT id FROM tenants WHERE id = $1 FOR UPDATE", tenant_id)
+                .fetch_optional(&mut *tx.tx)
+                .await?;
         if locked.is_none() {
             return Err(StoreError::NotFound(format!("tenant {tenant_id:?}")));
         }
-        let primary: Option<(i64, String, String)> = sqlx::query_as(
-            "SELECT id, provider, key_ref FROM keks WHERE tenant_id = $1 AND is_primary",
+        let primary = sqlx::query!(
+            r#"SELECT id, provider AS "provider: Provider", key_ref FROM keks
+               WHERE tenant_id = $1 AND is_primary"#,
+            tenant_id
         )
-        .bind(tenant_id)
         .fetch_optional(&mut *tx.tx)
         .await?;
-        if let Some((_, provider, key_ref)) = &primary {
+        if let Some(p) = &primary {
             if !replace {
                 return Err(StoreError::Conflict(format!(
                     "tenant {tenant_id:?} already has a key; register the new one with \"replace\": true"
                 )));
             }
-            if *provider == s.provider.as_str() && *key_ref == s.key_ref {
+            if p.provider == s.provider && p.key_ref == s.key_ref {
                 return Err(StoreError::Conflict(format!(
-                    "{provider} key {key_ref:?} is already the tenant's key"
+                    "{} key {:?} is already the tenant's key",
+                    p.provider, p.key_ref
                 )));
             }
-            sqlx::query("UPDATE keks SET is_primary = FALSE, updated_at = now() WHERE tenant_id = $1 AND is_primary")
-                .bind(tenant_id)
-                .execute(&mut *tx.tx)
-                .await?;
+            sqlx::query!(
+                "UPDATE keks SET is_primary = FALSE, updated_at = now()
+                 WHERE tenant_id = $1 AND is_primary",
+                tenant_id
+            )
+            .execute(&mut *tx.tx)
+            .await?;
         }
-        let new_id: Option<i64> = sqlx::query_scalar(
+        let new_id = sqlx::query_scalar!(
             "INSERT INTO keks (tenant_id, provider, key_ref, state, revoked, current_version,
                                expires_at, observed_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, now())
              ON CONFLICT (provider, key_ref) DO NOTHING
              RETURNING id",
+            tenant_id,
+            s.provider.as_str(),
+            s.key_ref,
+            s.state.as_str(),
+            s.revoked,
+            s.current_version,
+            s.expires_at
         )
-        .bind(tenant_id)
-        .bind(s.provider.as_str())
-        .bind(&s.key_ref)
-        .bind(s.state.as_str())
-        .bind(s.revoked)
-        .bind(&s.current_version)
-        .bind(s.expires_at)
         .fetch_optional(&mut *tx.tx)
         .await?;
         let Some(new_id) = new_id else {
@@ -339,16 +374,16 @@ impl PgStore {
             )));
         };
         let mut job_id = None;
-        if let (Some((old_id, _, _)), Some(version)) = (&primary, &s.current_version) {
+        if let (Some(old), Some(version)) = (&primary, &s.current_version) {
             job_id = Some(
-                sqlx::query_scalar(
+                sqlx::query_scalar!(
                     "INSERT INTO rewrap_jobs (tenant_id, kind, kek_id, target_kek_id, target_version)
                      VALUES ($1, 'replacement', $2, $3, $4) RETURNING id",
+                    tenant_id,
+                    old.id,
+                    new_id,
+                    version
                 )
-                .bind(tenant_id)
-                .bind(old_id)
-                .bind(new_id)
-                .bind(version)
                 .fetch_one(&mut *tx.tx)
                 .await?,
             );
@@ -359,14 +394,7 @@ impl PgStore {
     }
 
     pub(super) async fn tenant_keks(&self, tenant_id: &str) -> Result<Vec<KekRow>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {KEK_COLUMNS} FROM keks k WHERE k.tenant_id = $1 ORDER BY k.id"
-        ));
-        let rows = sqlx::query(sql)
-            .bind(tenant_id)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut keks = rows.iter().map(kek_row).collect::<Result<Vec<_>, _>>()?;
+        let mut keks = keks_of(&[tenant_id.to_owned()], &self.pool).await?;
         count_held(&mut keks, &self.pool).await?;
         Ok(keks)
     }
@@ -377,31 +405,22 @@ impl PgStore {
         lease_until: DateTime<Utc>,
         limit: i64,
     ) -> Result<Vec<ObserveTarget>, StoreError> {
-        let rows = sqlx::query(
-            "UPDATE keks k SET confirm_due_at = $2
-             WHERE k.id IN (SELECT id FROM keks
-                            WHERE confirm_due_at <= $1
-                            ORDER BY confirm_due_at LIMIT $3
-                            FOR UPDATE SKIP LOCKED)
-             RETURNING k.id, k.provider, k.key_ref, k.watch_gen, k.confirm_attempts",
+        Ok(sqlx::query_as!(
+            ObserveTarget,
+            r#"UPDATE keks k SET confirm_due_at = $2
+               WHERE k.id IN (SELECT id FROM keks
+                              WHERE confirm_due_at <= $1
+                              ORDER BY confirm_due_at LIMIT $3
+                              FOR UPDATE SKIP LOCKED)
+               RETURNING k.id AS kek_id, k.provider AS "provider: Provider", k.key_ref,
+                         k.watch_gen, k.confirm_attempts AS attempts"#,
+            now,
+            lease_until,
+            limit
         )
-        .bind(now)
-        .bind(lease_until)
-        .bind(limit)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(observe_target).collect()
+        .await?)
     }
-}
-
-fn observe_target(r: &PgRow) -> Result<ObserveTarget, StoreError> {
-    Ok(ObserveTarget {
-        kek_id: r.try_get("id")?,
-        provider: parse(r, "provider")?,
-        key_ref: r.try_get("key_ref")?,
-        watch_gen: r.try_get("watch_gen")?,
-        attempts: r.try_get("confirm_attempts")?,
-    })
 }
 
 impl PgTx {
@@ -415,31 +434,25 @@ impl PgTx {
         let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
         let keys: Vec<&str> = events.iter().map(|e| e.key_ref.as_str()).collect();
         let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.time).collect();
-        let rows = sqlx::query(
+        let rows = sqlx::query!(
             "INSERT INTO processed_events (provider, source, event_id, kind, key_ref, event_time)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                                   $6::timestamptz[])
              ON CONFLICT DO NOTHING
              RETURNING provider, source, event_id",
+            &providers as &[&str],
+            &sources as &[&str],
+            &ids as &[&str],
+            &kinds as &[&str],
+            &keys as &[&str],
+            &times
         )
-        .bind(&providers)
-        .bind(&sources)
-        .bind(&ids)
-        .bind(&kinds)
-        .bind(&keys)
-        .bind(&times)
         .fetch_all(&mut *self.tx)
         .await?;
         let mut fresh: HashSet<(String, String, String)> = rows
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("provider")?,
-                    r.try_get("source")?,
-                    r.try_get("event_id")?,
-                ))
-            })
-            .collect::<Result<_, sqlx::Error>>()?;
+            .into_iter()
+            .map(|r| (r.provider, r.source, r.event_id))
+            .collect();
         Ok(events
             .iter()
             .map(|e| {
@@ -457,68 +470,61 @@ impl PgTx {
         keys: &[(Provider, String)],
     ) -> Result<Vec<TenantRow>, StoreError> {
         let (providers, refs) = key_columns(keys);
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {TENANT_RECIPIENTS}
-             FROM tenants t
+        Ok(query_recipients!(
+            TenantRow,
+            "SELECT ",
+            "FROM tenants t
              WHERE t.id IN (SELECT k.tenant_id FROM keks k
                             JOIN UNNEST($1::text[], $2::text[]) AS u(provider, key_ref)
                               ON k.provider = u.provider AND k.key_ref = u.key_ref)
              ORDER BY t.id
-             FOR UPDATE OF t"
-        ));
-        let rows = sqlx::query(sql)
-            .bind(&providers)
-            .bind(&refs)
-            .fetch_all(&mut *self.tx)
-            .await?;
-        rows.iter().map(tenant_row).collect()
+             FOR UPDATE OF t",
+            &providers as &[&str],
+            &refs as &[&str],
+        )
+        .fetch_all(&mut *self.tx)
+        .await?)
     }
 
     pub(super) async fn lock_tenants_of_keks(
         &mut self,
         kek_ids: &[i64],
     ) -> Result<Vec<TenantRow>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {TENANT_RECIPIENTS}
-             FROM tenants t
+        Ok(query_recipients!(
+            TenantRow,
+            "SELECT ",
+            "FROM tenants t
              WHERE t.id IN (SELECT k.tenant_id FROM keks k WHERE k.id = ANY($1))
              ORDER BY t.id
-             FOR UPDATE OF t"
-        ));
-        let rows = sqlx::query(sql)
-            .bind(kek_ids)
-            .fetch_all(&mut *self.tx)
-            .await?;
-        rows.iter().map(tenant_row).collect()
+             FOR UPDATE OF t",
+            kek_ids,
+        )
+        .fetch_all(&mut *self.tx)
+        .await?)
     }
 
     pub(super) async fn lock_tenants(
         &mut self,
         ids: &[String],
     ) -> Result<Vec<TenantRow>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {TENANT_RECIPIENTS}
-             FROM tenants t
+        Ok(query_recipients!(
+            TenantRow,
+            "SELECT ",
+            "FROM tenants t
              WHERE t.id = ANY($1)
              ORDER BY t.id
-             FOR UPDATE OF t"
-        ));
-        let rows = sqlx::query(sql).bind(ids).fetch_all(&mut *self.tx).await?;
-        rows.iter().map(tenant_row).collect()
+             FOR UPDATE OF t",
+            ids,
+        )
+        .fetch_all(&mut *self.tx)
+        .await?)
     }
 
     pub(super) async fn keks_of_tenants(
         &mut self,
         tenants: &[String],
     ) -> Result<Vec<KekRow>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {KEK_COLUMNS} FROM keks k WHERE k.tenant_id = ANY($1) ORDER BY k.id"
-        ));
-        let rows = sqlx::query(sql)
-            .bind(tenants)
-            .fetch_all(&mut *self.tx)
-            .await?;
-        let mut keks = rows.iter().map(kek_row).collect::<Result<Vec<_>, _>>()?;
+        let mut keks = keks_of(tenants, &mut *self.tx).await?;
         count_held(&mut keks, &mut *self.tx).await?;
         Ok(keks)
     }
@@ -546,7 +552,7 @@ impl PgTx {
             .iter()
             .map(|k| k.status.claim.map(|c| c.as_str()))
             .collect();
-        sqlx::query(
+        sqlx::query!(
             "UPDATE keks k SET state = u.state, revoked = u.revoked,
                     current_version = u.current_version, expires_at = u.expires_at,
                     expiry_event_at = u.expiry_event_at, claim = u.claim,
@@ -558,15 +564,15 @@ impl PgTx {
                          $6::timestamptz[], $7::text[])
                  AS u(id, state, revoked, current_version, expires_at, expiry_event_at, claim)
              WHERE k.id = u.id",
+            &ids,
+            &states as &[&str],
+            &revoked,
+            &versions as &[Option<&str>],
+            &expires as &[Option<DateTime<Utc>>],
+            &expiry_event as &[Option<DateTime<Utc>>],
+            &claims as &[Option<&str>],
+            now
         )
-        .bind(&ids)
-        .bind(&states)
-        .bind(&revoked)
-        .bind(&versions)
-        .bind(&expires)
-        .bind(&expiry_event)
-        .bind(&claims)
-        .bind(now)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -580,13 +586,13 @@ impl PgTx {
         if kek_ids.is_empty() {
             return Ok(());
         }
-        sqlx::query(
+        sqlx::query!(
             "UPDATE keks SET confirm_due_at = LEAST(COALESCE(confirm_due_at, $2), $2),
                              watch_gen = watch_gen + 1
              WHERE id = ANY($1)",
+            kek_ids,
+            due
         )
-        .bind(kek_ids)
-        .bind(due)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -605,7 +611,7 @@ impl PgTx {
         let answered: Vec<bool> = done.iter().map(|d| d.answered).collect();
         let set_due: Vec<bool> = done.iter().map(|d| d.next_due.is_some()).collect();
         let due: Vec<Option<DateTime<Utc>>> = done.iter().map(|d| d.next_due.flatten()).collect();
-        sqlx::query(
+        sqlx::query!(
             "UPDATE keks k SET
                  confirm_due_at = CASE
                      -- Events came in while the KMS was asked: look again, after a moment
@@ -618,14 +624,14 @@ impl PgTx {
              FROM UNNEST($1::bigint[], $2::bigint[], $3::bool[], $4::bool[], $5::timestamptz[])
                  AS u(id, gen, answered, set_due, due)
              WHERE k.id = u.id",
+            &ids,
+            &gens,
+            &answered,
+            &set_due,
+            &due as &[Option<DateTime<Utc>>],
+            now,
+            now + chrono::Duration::milliseconds(250)
         )
-        .bind(&ids)
-        .bind(&gens)
-        .bind(&answered)
-        .bind(&set_due)
-        .bind(&due)
-        .bind(now)
-        .bind(now + chrono::Duration::milliseconds(250))
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -651,14 +657,14 @@ impl PgTx {
         let ids: Vec<&str> = updates.iter().map(|u| u.tenant_id.as_str()).collect();
         let access: Vec<&str> = updates.iter().map(|u| u.access.as_str()).collect();
         let reasons: Vec<Option<&str>> = updates.iter().map(|u| u.reason.as_deref()).collect();
-        sqlx::query(
+        sqlx::query!(
             "UPDATE tenants t SET access = u.access, access_reason = u.reason, updated_at = now()
              FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(id, access, reason)
              WHERE t.id = u.id",
+            &ids as &[&str],
+            &access as &[&str],
+            &reasons as &[Option<&str>]
         )
-        .bind(&ids)
-        .bind(&access)
-        .bind(&reasons)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -680,7 +686,7 @@ impl PgTx {
         let events: Vec<Option<&str>> = rows.iter().map(|r| r.event_id.as_deref()).collect();
         let details: Vec<String> = rows.iter().map(|r| r.detail.to_string()).collect();
         // WITH ORDINALITY keeps the ids in the order the entries were decided.
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO audit_log (tenant_id, provider, key_ref, action, outcome, source,
                                     event_id, detail)
              SELECT u.tenant_id, u.provider, u.key_ref, u.action, u.outcome, u.source,
@@ -689,15 +695,15 @@ impl PgTx {
                          $7::text[], $8::text[]) WITH ORDINALITY
                  AS u(tenant_id, provider, key_ref, action, outcome, source, event_id, detail, n)
              ORDER BY u.n",
+            &tenants as &[Option<&str>],
+            &providers as &[Option<&str>],
+            &keys as &[Option<&str>],
+            &actions as &[&str],
+            &outcomes as &[&str],
+            &sources as &[&str],
+            &events as &[Option<&str>],
+            &details
         )
-        .bind(&tenants)
-        .bind(&providers)
-        .bind(&keys)
-        .bind(&actions)
-        .bind(&outcomes)
-        .bind(&sources)
-        .bind(&events)
-        .bind(&details)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -715,7 +721,7 @@ impl PgTx {
         let dedupe: Vec<&str> = rows.iter().map(|r| r.dedupe_key.as_str()).collect();
         let payloads: Vec<String> = rows.iter().map(|r| r.payload.to_string()).collect();
         // WITH ORDINALITY keeps `seq` in the order the rows were decided.
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO outbox (id, tenant_id, channel, recipient, kind, dedupe_key, payload)
              SELECT u.id, u.tenant_id, u.channel, u.recipient, u.kind, u.dedupe_key,
                     u.payload::jsonb
@@ -724,14 +730,14 @@ impl PgTx {
                  AS u(id, tenant_id, channel, recipient, kind, dedupe_key, payload, n)
              ORDER BY u.n
              ON CONFLICT (dedupe_key) DO NOTHING",
+            &ids,
+            &tenants as &[Option<&str>],
+            &channels as &[&str],
+            &recipients as &[&str],
+            &kinds as &[&str],
+            &dedupe as &[&str],
+            &payloads
         )
-        .bind(&ids)
-        .bind(&tenants)
-        .bind(&channels)
-        .bind(&recipients)
-        .bind(&kinds)
-        .bind(&dedupe)
-        .bind(&payloads)
         .execute(&mut *self.tx)
         .await?;
         Ok(inserted.rows_affected())
@@ -743,38 +749,28 @@ impl PgTx {
         limit: i64,
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as!(
+            OutboxRow,
             "SELECT id, tenant_id, dedupe_key, recipient, kind, payload, attempts FROM outbox
              WHERE channel = $1 AND status = 'pending' AND next_attempt_at <= $2
              ORDER BY seq
              LIMIT $3
              FOR UPDATE SKIP LOCKED",
+            channel.as_str(),
+            now,
+            limit
         )
-        .bind(channel.as_str())
-        .bind(now)
-        .bind(limit)
         .fetch_all(&mut *self.tx)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OutboxRow {
-                    id: r.try_get("id")?,
-                    tenant_id: r.try_get("tenant_id")?,
-                    dedupe_key: r.try_get("dedupe_key")?,
-                    recipient: r.try_get("recipient")?,
-                    kind: r.try_get("kind")?,
-                    payload: r.try_get("payload")?,
-                    attempts: r.try_get("attempts")?,
-                })
-            })
-            .collect()
+        .await?)
     }
 
     pub(super) async fn remove_published(&mut self, ids: &[Uuid]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1) AND channel = 'amqp'")
-            .bind(ids)
-            .execute(&mut *self.tx)
-            .await?;
+        sqlx::query!(
+            "DELETE FROM outbox WHERE id = ANY($1) AND channel = 'amqp'",
+            ids
+        )
+        .execute(&mut *self.tx)
+        .await?;
         Ok(())
     }
 
@@ -784,22 +780,22 @@ impl PgTx {
         now: DateTime<Utc>,
         detail: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE outbox SET status = 'delivered', delivered_at = $2, last_error = NULL,
                     locked_until = NULL
              WHERE id = ANY($1)",
+            ids,
+            now
         )
-        .bind(ids)
-        .bind(now)
         .execute(&mut *self.tx)
         .await?;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO notification_attempts (outbox_id, at, outcome, detail, duration_ms)
              SELECT id, $2, 'delivered', $3, 0 FROM UNNEST($1::uuid[]) AS u(id)",
+            ids,
+            now,
+            detail
         )
-        .bind(ids)
-        .bind(now)
-        .bind(detail)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -811,13 +807,13 @@ impl PgTx {
         next_attempt_at: DateTime<Utc>,
         error: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $2, last_error = $3
              WHERE id = ANY($1)",
+            ids,
+            next_attempt_at,
+            error
         )
-        .bind(ids)
-        .bind(next_attempt_at)
-        .bind(error)
         .execute(&mut *self.tx)
         .await?;
         Ok(())

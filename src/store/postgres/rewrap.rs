@@ -1,91 +1,95 @@
 //! PostgreSQL SQL of DEKs and re-wrap jobs.
 
-use super::{PgStore, PgTx, TENANT_RECIPIENTS, parse, tenant_row};
+use super::{PgStore, PgTx};
+use crate::domain::{Access, JobKind, JobState, KeyState, Provider};
 use crate::store::{
-    ClaimedDek, DekRow, DekTarget, JobKind, NewDek, NewRewrapJob, RewrapJob, RewrapJobView,
+    ClaimedDek, DekRow, DekTarget, KekRef, NewDek, NewRewrapJob, RewrapJob, RewrapJobView,
     RewrappedDek, StoreError, TenantRow,
 };
 use chrono::{DateTime, Utc};
-use sqlx::Row;
-use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
-fn kind(r: &PgRow) -> Result<JobKind, StoreError> {
-    let text: String = r.try_get("kind")?;
-    Ok(if text == "replacement" {
-        JobKind::Replacement
-    } else {
-        JobKind::Rotation
-    })
+/// An active job joined with both KEKs, flat as the query returns it.
+struct JobRecord {
+    id: i64,
+    tenant_id: String,
+    kind: JobKind,
+    target_version: String,
+    from_versions: Vec<String>,
+    planned: bool,
+    kek_id: i64,
+    s_provider: Provider,
+    s_key_ref: String,
+    target_kek_id: i64,
+    t_provider: Provider,
+    t_key_ref: String,
 }
 
-fn kind_str(k: JobKind) -> &'static str {
-    match k {
-        JobKind::Rotation => "rotation",
-        JobKind::Replacement => "replacement",
+impl From<JobRecord> for RewrapJob {
+    fn from(r: JobRecord) -> Self {
+        RewrapJob {
+            id: r.id,
+            tenant_id: r.tenant_id,
+            kind: r.kind,
+            kek: KekRef {
+                id: r.kek_id,
+                provider: r.s_provider,
+                key_ref: r.s_key_ref,
+            },
+            target: KekRef {
+                id: r.target_kek_id,
+                provider: r.t_provider,
+                key_ref: r.t_key_ref,
+            },
+            target_version: r.target_version,
+            from_versions: r.from_versions,
+            planned: r.planned,
+        }
     }
 }
 
-fn dek_row(r: &PgRow) -> Result<DekRow, StoreError> {
-    Ok(DekRow {
-        id: r.try_get("id")?,
-        tenant_id: r.try_get("tenant_id")?,
-        provider: parse(r, "provider")?,
-        key_ref: r.try_get("key_ref")?,
-        kek_state: parse(r, "state")?,
-        kek_version: r.try_get("kek_version")?,
-        wrapped: r.try_get("wrapped")?,
-        kcv: r.try_get("kcv")?,
-    })
-}
-
-/// Columns of an active job joined with both KEKs (`j`, `s` source, `t` target).
-const JOB_SELECT: &str =
-    "SELECT j.id, j.tenant_id, j.kind, j.target_version, j.from_versions, j.planned,
-        j.kek_id, s.provider AS s_provider, s.key_ref AS s_key_ref,
-        j.target_kek_id, t.provider AS t_provider, t.key_ref AS t_key_ref
- FROM rewrap_jobs j JOIN keks s ON s.id = j.kek_id JOIN keks t ON t.id = j.target_kek_id";
-
-fn job(r: &PgRow) -> Result<RewrapJob, StoreError> {
-    Ok(RewrapJob {
-        id: r.try_get("id")?,
-        tenant_id: r.try_get("tenant_id")?,
-        kind: kind(r)?,
-        kek: (
-            r.try_get("kek_id")?,
-            parse(r, "s_provider")?,
-            r.try_get("s_key_ref")?,
-        ),
-        target: (
-            r.try_get("target_kek_id")?,
-            parse(r, "t_provider")?,
-            r.try_get("t_key_ref")?,
-        ),
-        target_version: r.try_get("target_version")?,
-        from_versions: r.try_get("from_versions")?,
-        planned: r.try_get("planned")?,
-    })
+/// `sqlx::query_as!` of [`JobRecord`]s: a job (`j`) joined with its source (`s`) and target
+/// (`t`) KEKs, then `$rest`. The select-list is written once for both queries using it.
+macro_rules! query_jobs {
+    ($rest:literal $(, $arg:expr)* $(,)?) => {
+        sqlx::query_as!(
+            JobRecord,
+            r#"SELECT j.id, j.tenant_id, j.kind AS "kind: JobKind", j.target_version,
+                      j.from_versions, j.planned, j.kek_id,
+                      s.provider AS "s_provider: Provider", s.key_ref AS s_key_ref,
+                      j.target_kek_id,
+                      t.provider AS "t_provider: Provider", t.key_ref AS t_key_ref
+               FROM rewrap_jobs j JOIN keks s ON s.id = j.kek_id
+                    JOIN keks t ON t.id = j.target_kek_id "#
+                + $rest
+            $(, $arg)*
+        )
+    };
 }
 
 impl PgStore {
     pub(crate) async fn dek_target(&self, tenant_id: &str) -> Result<DekTarget, StoreError> {
-        let r = sqlx::query(
-            "SELECT t.access, t.access_reason, k.id AS kek_id, k.provider, k.key_ref
-             FROM tenants t LEFT JOIN keks k ON k.tenant_id = t.id AND k.is_primary
-             WHERE t.id = $1",
+        let r = sqlx::query!(
+            r#"SELECT t.access AS "access: Access", t.access_reason, k.id AS "kek_id?",
+                      k.provider AS "provider?: Provider", k.key_ref AS "key_ref?"
+               FROM tenants t LEFT JOIN keks k ON k.tenant_id = t.id AND k.is_primary
+               WHERE t.id = $1"#,
+            tenant_id
         )
-        .bind(tenant_id)
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("tenant {tenant_id:?}")))?;
-        let kek_id: Option<i64> = r.try_get("kek_id")?;
-        let kek = match kek_id {
-            Some(id) => Some((id, parse(&r, "provider")?, r.try_get("key_ref")?)),
-            None => None,
+        let kek = match (r.kek_id, r.provider, r.key_ref) {
+            (Some(id), Some(provider), Some(key_ref)) => Some(KekRef {
+                id,
+                provider,
+                key_ref,
+            }),
+            _ => None,
         };
         Ok(DekTarget {
-            access: parse(&r, "access")?,
-            reason: r.try_get("access_reason")?,
+            access: r.access,
+            reason: r.access_reason,
             kek,
         })
     }
@@ -93,19 +97,19 @@ impl PgStore {
     pub(crate) async fn insert_dek(&self, d: &NewDek) -> Result<(), StoreError> {
         // The tenant's access and primary KEK are re-checked in the insert itself, so a
         // revocation committed while the DEK was being wrapped wins.
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO deks (id, tenant_id, kek_id, kek_version, wrapped, kcv)
              SELECT $1, $2, $3, $4, $5, $6
              WHERE EXISTS (SELECT 1 FROM tenants t JOIN keks k ON k.tenant_id = t.id
                            WHERE t.id = $2 AND t.access = 'accessible'
                              AND k.id = $3 AND k.is_primary)",
+            d.id,
+            d.tenant_id,
+            d.kek_id,
+            d.kek_version,
+            d.wrapped,
+            d.kcv
         )
-        .bind(d.id)
-        .bind(&d.tenant_id)
-        .bind(d.kek_id)
-        .bind(&d.kek_version)
-        .bind(&d.wrapped)
-        .bind(&d.kcv)
         .execute(&self.pool)
         .await?;
         if inserted.rows_affected() == 0 {
@@ -118,18 +122,18 @@ impl PgStore {
     }
 
     pub(crate) async fn dek(&self, tenant_id: &str, id: Uuid) -> Result<DekRow, StoreError> {
-        let r = sqlx::query(
-            "SELECT d.id, d.tenant_id, k.provider, k.key_ref, k.state, d.kek_version, d.wrapped,
-                    d.kcv
-             FROM deks d JOIN keks k ON k.id = d.kek_id
-             WHERE d.tenant_id = $1 AND d.id = $2",
+        sqlx::query_as!(
+            DekRow,
+            r#"SELECT d.id, d.tenant_id, k.provider AS "provider: Provider", k.key_ref,
+                      k.state AS "kek_state: KeyState", d.kek_version, d.wrapped, d.kcv
+               FROM deks d JOIN keks k ON k.id = d.kek_id
+               WHERE d.tenant_id = $1 AND d.id = $2"#,
+            tenant_id,
+            id
         )
-        .bind(tenant_id)
-        .bind(id)
         .fetch_optional(&self.pool)
         .await?
-        .ok_or_else(|| StoreError::NotFound(format!("DEK {id} of tenant {tenant_id:?}")))?;
-        dek_row(&r)
+        .ok_or_else(|| StoreError::NotFound(format!("DEK {id} of tenant {tenant_id:?}")))
     }
 
     pub(crate) async fn deks_page(
@@ -138,55 +142,38 @@ impl PgStore {
         after: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<DekRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT d.id, d.tenant_id, k.provider, k.key_ref, k.state, d.kek_version, d.wrapped,
-                    d.kcv
-             FROM deks d JOIN keks k ON k.id = d.kek_id
-             WHERE d.tenant_id = $1 AND ($2::uuid IS NULL OR d.id > $2)
-             ORDER BY d.id LIMIT $3",
+        Ok(sqlx::query_as!(
+            DekRow,
+            r#"SELECT d.id, d.tenant_id, k.provider AS "provider: Provider", k.key_ref,
+                      k.state AS "kek_state: KeyState", d.kek_version, d.wrapped, d.kcv
+               FROM deks d JOIN keks k ON k.id = d.kek_id
+               WHERE d.tenant_id = $1 AND ($2::uuid IS NULL OR d.id > $2)
+               ORDER BY d.id LIMIT $3"#,
+            tenant_id,
+            after,
+            limit
         )
-        .bind(tenant_id)
-        .bind(after)
-        .bind(limit)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(dek_row).collect()
+        .await?)
     }
 
     pub(crate) async fn rewrap_jobs(
         &self,
         tenant_id: &str,
     ) -> Result<Vec<RewrapJobView>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT j.id, j.kind, s.provider, s.key_ref, t.key_ref AS target_key_ref,
-                    j.from_versions, j.target_version, j.state, j.total, j.done, j.failed,
-                    j.last_error, j.created_at, j.completed_at
-             FROM rewrap_jobs j JOIN keks s ON s.id = j.kek_id JOIN keks t ON t.id = j.target_kek_id
-             WHERE j.tenant_id = $1 ORDER BY j.id DESC",
+        Ok(sqlx::query_as!(
+            RewrapJobView,
+            r#"SELECT j.id, j.kind AS "kind: JobKind", s.provider AS "provider: Provider",
+                      s.key_ref, t.key_ref AS target_key_ref, j.from_versions, j.target_version,
+                      j.state AS "state: JobState", j.total, j.done, j.failed, j.last_error,
+                      j.created_at, j.completed_at
+               FROM rewrap_jobs j JOIN keks s ON s.id = j.kek_id
+                    JOIN keks t ON t.id = j.target_kek_id
+               WHERE j.tenant_id = $1 ORDER BY j.id DESC"#,
+            tenant_id
         )
-        .bind(tenant_id)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(RewrapJobView {
-                    id: r.try_get("id")?,
-                    kind: kind(r)?,
-                    provider: parse(r, "provider")?,
-                    key_ref: r.try_get("key_ref")?,
-                    target_key_ref: r.try_get("target_key_ref")?,
-                    from_versions: r.try_get("from_versions")?,
-                    target_version: r.try_get("target_version")?,
-                    state: r.try_get("state")?,
-                    total: r.try_get("total")?,
-                    done: r.try_get("done")?,
-                    failed: r.try_get("failed")?,
-                    last_error: r.try_get("last_error")?,
-                    created_at: r.try_get("created_at")?,
-                    completed_at: r.try_get("completed_at")?,
-                })
-            })
-            .collect()
+        .await?)
     }
 
     pub(crate) async fn due_rewrap_jobs(
@@ -194,28 +181,26 @@ impl PgStore {
         now: DateTime<Utc>,
         limit: i64,
     ) -> Result<Vec<RewrapJob>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "{JOB_SELECT} WHERE j.state IN ('pending', 'running', 'waiting') AND j.not_before <= $1
-             ORDER BY j.id LIMIT $2"
-        ));
-        let rows = sqlx::query(sql)
-            .bind(now)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(job).collect()
+        let rows = query_jobs!(
+            "WHERE j.state IN ('pending', 'running', 'waiting') AND j.not_before <= $1
+             ORDER BY j.id LIMIT $2",
+            now,
+            limit,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(RewrapJob::from).collect())
     }
 
     pub(crate) async fn dek_versions(&self, kek_id: i64) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT kek_version, count(*) AS n FROM deks WHERE kek_id = $1 GROUP BY kek_version",
+        let rows = sqlx::query!(
+            r#"SELECT kek_version, count(*) AS "n!" FROM deks WHERE kek_id = $1
+               GROUP BY kek_version"#,
+            kek_id
         )
-        .bind(kek_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("kek_version")?, r.try_get("n")?)))
-            .collect()
+        Ok(rows.into_iter().map(|r| (r.kek_version, r.n)).collect())
     }
 
     pub(crate) async fn plan_rewrap_job(
@@ -224,14 +209,14 @@ impl PgStore {
         from_versions: &[String],
         total: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE rewrap_jobs SET from_versions = $2, total = $3, planned = TRUE,
                     state = 'running', updated_at = now()
              WHERE id = $1 AND NOT planned",
+            job_id,
+            from_versions,
+            total
         )
-        .bind(job_id)
-        .bind(from_versions)
-        .bind(total)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -244,16 +229,16 @@ impl PgStore {
         until: DateTime<Utc>,
         reason: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE rewrap_jobs
              SET state = CASE WHEN $2 THEN 'waiting' ELSE state END,
                  not_before = $3, last_error = $4, updated_at = now()
              WHERE id = $1 AND state IN ('pending', 'running', 'waiting')",
+            job_id,
+            waiting,
+            until,
+            reason
         )
-        .bind(job_id)
-        .bind(waiting)
-        .bind(until)
-        .bind(reason)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -268,27 +253,27 @@ impl PgTx {
         for j in jobs {
             if j.kind == JobKind::Rotation {
                 // A newer rotation takes over: it re-wraps everything the older one had left.
-                sqlx::query(
+                sqlx::query!(
                     "UPDATE rewrap_jobs SET state = 'superseded', updated_at = now(),
                             completed_at = now()
                      WHERE kek_id = $1 AND kind = 'rotation' AND target_version <> $2
                        AND state IN ('pending', 'running', 'waiting')",
+                    j.kek_id,
+                    j.target_version
                 )
-                .bind(j.kek_id)
-                .bind(&j.target_version)
                 .execute(&mut *self.tx)
                 .await?;
             }
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO rewrap_jobs (tenant_id, kind, kek_id, target_kek_id, target_version)
                  VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (kek_id, target_kek_id, target_version) DO NOTHING",
+                j.tenant_id,
+                j.kind.as_str(),
+                j.kek_id,
+                j.target_kek_id,
+                j.target_version
             )
-            .bind(&j.tenant_id)
-            .bind(kind_str(j.kind))
-            .bind(j.kek_id)
-            .bind(j.target_kek_id)
-            .bind(&j.target_version)
             .execute(&mut *self.tx)
             .await?;
         }
@@ -299,11 +284,11 @@ impl PgTx {
         if kek_ids.is_empty() {
             return Ok(());
         }
-        sqlx::query(
+        sqlx::query!(
             "UPDATE rewrap_jobs SET not_before = now(), updated_at = now()
              WHERE state = 'waiting' AND (kek_id = ANY($1) OR target_kek_id = ANY($1))",
+            kek_ids
         )
-        .bind(kek_ids)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -315,31 +300,22 @@ impl PgTx {
         limit: i64,
         now: DateTime<Utc>,
     ) -> Result<Vec<ClaimedDek>, StoreError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as!(
+            ClaimedDek,
             "SELECT d.id, d.tenant_id, d.kek_version, d.wrapped FROM deks d
              WHERE d.kek_id = $1 AND d.kek_version = ANY($2)
                AND NOT EXISTS (SELECT 1 FROM rewrap_failures f
                                WHERE f.job_id = $3 AND f.dek_id = d.id AND f.next_attempt_at > $4)
              LIMIT $5
              FOR UPDATE OF d SKIP LOCKED",
+            job.kek.id,
+            &job.from_versions,
+            job.id,
+            now,
+            limit
         )
-        .bind(job.kek.0)
-        .bind(&job.from_versions)
-        .bind(job.id)
-        .bind(now)
-        .bind(limit)
         .fetch_all(&mut *self.tx)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(ClaimedDek {
-                    id: r.try_get("id")?,
-                    tenant_id: r.try_get("tenant_id")?,
-                    kek_version: r.try_get("kek_version")?,
-                    wrapped: r.try_get("wrapped")?,
-                })
-            })
-            .collect()
+        .await?)
     }
 
     pub(crate) async fn store_rewrapped(
@@ -354,26 +330,28 @@ impl PgTx {
         let old: Vec<&str> = deks.iter().map(|d| d.old_version.as_str()).collect();
         let versions: Vec<&str> = deks.iter().map(|d| d.version.as_str()).collect();
         let wrapped: Vec<&[u8]> = deks.iter().map(|d| d.wrapped.as_slice()).collect();
-        let done = sqlx::query(
+        let done = sqlx::query!(
             "UPDATE deks d SET kek_id = $1, kek_version = u.version, wrapped = u.wrapped,
                     updated_at = now()
              FROM UNNEST($3::uuid[], $4::text[], $5::text[], $6::bytea[])
                  AS u(id, old_version, version, wrapped)
              WHERE d.id = u.id AND d.kek_id = $2 AND d.kek_version = u.old_version",
+            job.target.id,
+            job.kek.id,
+            &ids,
+            &old as &[&str],
+            &versions as &[&str],
+            &wrapped as &[&[u8]]
         )
-        .bind(job.target.0)
-        .bind(job.kek.0)
-        .bind(&ids)
-        .bind(&old)
-        .bind(&versions)
-        .bind(&wrapped)
         .execute(&mut *self.tx)
         .await?;
-        sqlx::query("DELETE FROM rewrap_failures WHERE job_id = $1 AND dek_id = ANY($2)")
-            .bind(job.id)
-            .bind(&ids)
-            .execute(&mut *self.tx)
-            .await?;
+        sqlx::query!(
+            "DELETE FROM rewrap_failures WHERE job_id = $1 AND dek_id = ANY($2)",
+            job.id,
+            &ids
+        )
+        .execute(&mut *self.tx)
+        .await?;
         Ok(done.rows_affected())
     }
 
@@ -390,31 +368,24 @@ impl PgTx {
         let ids: Vec<Uuid> = failures.iter().map(|f| f.0).collect();
         let reasons: Vec<&str> = failures.iter().map(|f| f.1.as_str()).collect();
         // Backoff doubles from 5 s; at `max_attempts` the DEK waits forever (failed for good).
-        let rows = sqlx::query(
+        let attempts = sqlx::query_scalar!(
             "INSERT INTO rewrap_failures AS f (job_id, dek_id, reason, attempts, next_attempt_at)
-             SELECT $1, u.id, u.reason, 1, $3 + interval '5 seconds'
+             SELECT $1, u.id, u.reason, 1, $3::timestamptz + interval '5 seconds'
              FROM UNNEST($2::uuid[], $5::text[]) AS u(id, reason)
              ON CONFLICT (job_id, dek_id) DO UPDATE
              SET attempts = f.attempts + 1, reason = EXCLUDED.reason,
                  next_attempt_at = CASE WHEN f.attempts + 1 >= $4 THEN 'infinity'::timestamptz
                      ELSE $3 + interval '5 seconds' * power(2, f.attempts) END
              RETURNING attempts",
+            job_id,
+            &ids,
+            now,
+            max_attempts,
+            &reasons as &[&str]
         )
-        .bind(job_id)
-        .bind(&ids)
-        .bind(now)
-        .bind(max_attempts)
-        .bind(&reasons)
         .fetch_all(&mut *self.tx)
         .await?;
-        let mut permanent = 0;
-        for r in &rows {
-            let attempts: i32 = r.try_get("attempts")?;
-            if attempts >= max_attempts {
-                permanent += 1;
-            }
-        }
-        Ok(permanent)
+        Ok(attempts.into_iter().filter(|&a| a >= max_attempts).count() as i64)
     }
 
     pub(crate) async fn add_rewrap_progress(
@@ -423,14 +394,14 @@ impl PgTx {
         done: i64,
         failed: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE rewrap_jobs SET done = done + $2, failed = failed + $3, state = 'running',
                     last_error = NULL, updated_at = now()
              WHERE id = $1",
+            job_id,
+            done,
+            failed
         )
-        .bind(job_id)
-        .bind(done)
-        .bind(failed)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -440,15 +411,14 @@ impl PgTx {
         &mut self,
         job_id: i64,
     ) -> Result<Option<RewrapJob>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "{JOB_SELECT} WHERE j.id = $1 AND j.state IN ('pending', 'running', 'waiting')
-             FOR UPDATE OF j"
-        ));
-        let r = sqlx::query(sql)
-            .bind(job_id)
-            .fetch_optional(&mut *self.tx)
-            .await?;
-        r.as_ref().map(job).transpose()
+        let row = query_jobs!(
+            "WHERE j.id = $1 AND j.state IN ('pending', 'running', 'waiting')
+             FOR UPDATE OF j",
+            job_id,
+        )
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        Ok(row.map(RewrapJob::from))
     }
 
     pub(crate) async fn remaining_versions(
@@ -458,27 +428,25 @@ impl PgTx {
     ) -> Result<Vec<(String, i64)>, StoreError> {
         // Two index ranges around the target version, so a finished job does not scan the
         // DEKs it already moved.
-        let rows = sqlx::query(
-            "SELECT kek_version, count(*) AS n FROM deks
-             WHERE kek_id = $1
-               AND ($2::text IS NULL OR kek_version < $2 OR kek_version > $2)
-             GROUP BY kek_version",
+        let rows = sqlx::query!(
+            r#"SELECT kek_version, count(*) AS "n!" FROM deks
+               WHERE kek_id = $1
+                 AND ($2::text IS NULL OR kek_version < $2 OR kek_version > $2)
+               GROUP BY kek_version"#,
+            kek_id,
+            except_version
         )
-        .bind(kek_id)
-        .bind(except_version)
         .fetch_all(&mut *self.tx)
         .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("kek_version")?, r.try_get("n")?)))
-            .collect()
+        Ok(rows.into_iter().map(|r| (r.kek_version, r.n)).collect())
     }
 
     pub(crate) async fn permanent_failures(&mut self, job_id: i64) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT count(*) FROM rewrap_failures
-             WHERE job_id = $1 AND next_attempt_at = 'infinity'::timestamptz",
+        Ok(sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM rewrap_failures
+               WHERE job_id = $1 AND next_attempt_at = 'infinity'::timestamptz"#,
+            job_id
         )
-        .bind(job_id)
         .fetch_one(&mut *self.tx)
         .await?)
     }
@@ -489,14 +457,14 @@ impl PgTx {
         versions: &[String],
         more: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE rewrap_jobs SET from_versions = from_versions || $2, total = total + $3,
                     updated_at = now()
              WHERE id = $1",
+            job_id,
+            versions,
+            more
         )
-        .bind(job_id)
-        .bind(versions)
-        .bind(more)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -505,40 +473,42 @@ impl PgTx {
     pub(crate) async fn finish_rewrap_job(
         &mut self,
         job: &RewrapJob,
-        state: &str,
+        state: JobState,
         reason: Option<&str>,
     ) -> Result<(i64, i64), StoreError> {
-        let r = sqlx::query(
+        let r = sqlx::query!(
             "UPDATE rewrap_jobs SET state = $2, last_error = $3, completed_at = now(),
                     updated_at = now()
              WHERE id = $1 RETURNING done, failed",
+            job.id,
+            state.as_str(),
+            reason
         )
-        .bind(job.id)
-        .bind(state)
-        .bind(reason)
         .fetch_one(&mut *self.tx)
         .await?;
-        if job.kind == JobKind::Replacement && state == "completed" {
-            sqlx::query("UPDATE keks SET retired_at = now(), updated_at = now() WHERE id = $1")
-                .bind(job.kek.0)
-                .execute(&mut *self.tx)
-                .await?;
+        if job.kind == JobKind::Replacement && state == JobState::Completed {
+            sqlx::query!(
+                "UPDATE keks SET retired_at = now(), updated_at = now() WHERE id = $1",
+                job.kek.id
+            )
+            .execute(&mut *self.tx)
+            .await?;
         }
-        Ok((r.try_get("done")?, r.try_get("failed")?))
+        Ok((r.done, r.failed))
     }
 
     pub(crate) async fn tenant_recipients(
         &mut self,
         tenant_id: &str,
     ) -> Result<TenantRow, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {TENANT_RECIPIENTS} FROM tenants t WHERE t.id = $1"
-        ));
-        let r = sqlx::query(sql)
-            .bind(tenant_id)
-            .fetch_optional(&mut *self.tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("tenant {tenant_id:?}")))?;
-        tenant_row(&r)
+        query_recipients!(
+            TenantRow,
+            "SELECT ",
+            "FROM tenants t WHERE t.id = $1",
+            tenant_id,
+        )
+        .fetch_optional(&mut *self.tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("tenant {tenant_id:?}")))
     }
 }

@@ -1,10 +1,14 @@
 //! PostgreSQL SQL of the sweeps.
 
-use super::{PgStore, PgTx, TENANT_RECIPIENTS, parse, tenant_row};
-use crate::store::{ExpiringKek, NewOutbox, ObserveTarget, ProbeRecord, ProbeTarget, StoreError};
+use super::{PgStore, PgTx};
+use crate::domain::{Access, Provider};
+use crate::store::{
+    ExpiringKek, NewOutbox, ObserveTarget, ProbeRecord, ProbeTarget, StoreError, TenantRow,
+};
 use chrono::{DateTime, Utc};
+use sqlx::Connection;
 use sqlx::postgres::PgConnection;
-use sqlx::{Connection, Row};
+use uuid::Uuid;
 
 /// An advisory lock on a connection taken out of the pool for it.
 pub(crate) struct PgScheduleLock {
@@ -16,11 +20,12 @@ impl PgScheduleLock {
     pub(crate) async fn release(mut self) {
         // Unlock explicitly so the next claimant finds it free at once (the server ends a
         // closed session asynchronously); ending the session releases it in any case.
-        let _ =
-            sqlx::query("SELECT pg_advisory_unlock(hashtextextended('byokd-schedule:' || $1, 0))")
-                .bind(&self.name)
-                .execute(&mut self.conn)
-                .await;
+        let _ = sqlx::query!(
+            "SELECT pg_advisory_unlock(hashtextextended('byokd-schedule:' || $1, 0)) AS unlocked",
+            self.name
+        )
+        .fetch_one(&mut self.conn)
+        .await;
         let _ = self.conn.close().await;
     }
 }
@@ -31,10 +36,11 @@ impl PgStore {
         name: &str,
     ) -> Result<Option<PgScheduleLock>, StoreError> {
         let mut conn = self.pool.acquire().await?.detach();
-        let locked: bool = sqlx::query_scalar(
-            "SELECT pg_try_advisory_lock(hashtextextended('byokd-schedule:' || $1, 0))",
+        let locked = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_lock(hashtextextended('byokd-schedule:' || $1, 0))
+                   AS "locked!""#,
+            name
         )
-        .bind(name)
         .fetch_one(&mut conn)
         .await?;
         if locked {
@@ -49,12 +55,12 @@ impl PgStore {
     }
 
     pub(crate) async fn last_tick(&self, name: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT last_tick_at FROM schedule_runs WHERE name = $1")
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await?,
+        Ok(sqlx::query_scalar!(
+            "SELECT last_tick_at FROM schedule_runs WHERE name = $1",
+            name
         )
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     pub(crate) async fn record_schedule_run(
@@ -65,21 +71,21 @@ impl PgStore {
         status: &str,
         report: &serde_json::Value,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO schedule_runs (name, last_tick_at, last_started_at, last_finished_at,
                                         last_status, last_report)
-             VALUES ($1, $2, $3, now(), $4, $5::jsonb)
+             VALUES ($1, $2, $3, now(), $4, $5)
              ON CONFLICT (name) DO UPDATE
              SET last_tick_at = GREATEST(schedule_runs.last_tick_at, EXCLUDED.last_tick_at),
                  last_started_at = EXCLUDED.last_started_at,
                  last_finished_at = EXCLUDED.last_finished_at,
                  last_status = EXCLUDED.last_status, last_report = EXCLUDED.last_report",
+            name,
+            tick,
+            started_at,
+            status,
+            report
         )
-        .bind(name)
-        .bind(tick)
-        .bind(started_at)
-        .bind(status)
-        .bind(report.to_string())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -89,52 +95,68 @@ impl PgStore {
         &self,
         until: DateTime<Utc>,
     ) -> Result<Vec<ExpiringKek>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT k.id, k.provider, k.key_ref, k.expires_at, {TENANT_RECIPIENTS}
-             FROM keks k JOIN tenants t ON t.id = k.tenant_id
+        let rows = query_recipients!(
+            ExpiringRow,
+            r#"SELECT k.id AS kek_id, k.provider AS "provider: Provider", k.key_ref,
+                      k.expires_at AS "expires_at!", "#,
+            "FROM keks k JOIN tenants t ON t.id = k.tenant_id
              WHERE k.state = 'enabled' AND k.is_primary AND k.expires_at IS NOT NULL
-               AND k.expires_at <= $1"
-        ));
-        let rows = sqlx::query(sql).bind(until).fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(ExpiringKek {
-                    kek_id: r.try_get("id")?,
-                    provider: parse(r, "provider")?,
-                    key_ref: r.try_get("key_ref")?,
-                    expires_at: r.try_get("expires_at")?,
-                    tenant: tenant_row(r)?,
-                })
+               AND k.expires_at <= $1",
+            until,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ExpiringKek {
+                kek_id: r.kek_id,
+                provider: r.provider,
+                key_ref: r.key_ref,
+                expires_at: r.expires_at,
+                tenant: TenantRow {
+                    id: r.id,
+                    access: r.access,
+                    access_reason: r.access_reason,
+                    contacts: r.contacts,
+                    webhooks: r.webhooks,
+                },
             })
-            .collect()
+            .collect())
     }
 
     pub(crate) async fn probe_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT k.id, k.provider, k.key_ref, k.watch_gen, k.confirm_attempts,
-                    k.unreachable_since, k.unreachable_notified_at IS NOT NULL AS notified,
-                    {TENANT_RECIPIENTS}
-             FROM keks k JOIN tenants t ON t.id = k.tenant_id
+        let rows = query_recipients!(
+            ProbeRow,
+            r#"SELECT k.id AS kek_id, k.provider AS "provider: Provider", k.key_ref, k.watch_gen,
+                      k.confirm_attempts, k.unreachable_since,
+                      k.unreachable_notified_at IS NOT NULL AS "notified!", "#,
+            "FROM keks k JOIN tenants t ON t.id = k.tenant_id
              WHERE k.state <> 'destroyed' AND k.retired_at IS NULL
-             ORDER BY k.id"
-        ));
-        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(ProbeTarget {
-                    key: ObserveTarget {
-                        kek_id: r.try_get("id")?,
-                        provider: parse(r, "provider")?,
-                        key_ref: r.try_get("key_ref")?,
-                        watch_gen: r.try_get("watch_gen")?,
-                        attempts: r.try_get("confirm_attempts")?,
-                    },
-                    tenant: tenant_row(r)?,
-                    unreachable_since: r.try_get("unreachable_since")?,
-                    unreachable_notified: r.try_get("notified")?,
-                })
+             ORDER BY k.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ProbeTarget {
+                key: ObserveTarget {
+                    kek_id: r.kek_id,
+                    provider: r.provider,
+                    key_ref: r.key_ref,
+                    watch_gen: r.watch_gen,
+                    attempts: r.confirm_attempts,
+                },
+                tenant: TenantRow {
+                    id: r.id,
+                    access: r.access,
+                    access_reason: r.access_reason,
+                    contacts: r.contacts,
+                    webhooks: r.webhooks,
+                },
+                unreachable_since: r.unreachable_since,
+                unreachable_notified: r.notified,
             })
-            .collect()
+            .collect())
     }
 
     pub(crate) async fn record_probe(
@@ -145,25 +167,25 @@ impl PgStore {
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
         match record {
             ProbeRecord::Answered => {
-                sqlx::query(
+                sqlx::query!(
                     "UPDATE keks SET probed_at = $2, probe_error = NULL, unreachable_since = NULL,
                             unreachable_notified_at = NULL
                      WHERE id = $1",
+                    kek_id,
+                    now
                 )
-                .bind(kek_id)
-                .bind(now)
                 .execute(&self.pool)
                 .await?;
                 Ok(None)
             }
-            ProbeRecord::Unreachable { error } => Ok(sqlx::query_scalar(
-                "UPDATE keks SET probed_at = $2, probe_error = $3,
-                        unreachable_since = COALESCE(unreachable_since, $2)
-                 WHERE id = $1 RETURNING unreachable_since",
+            ProbeRecord::Unreachable { error } => Ok(sqlx::query_scalar!(
+                r#"UPDATE keks SET probed_at = $2, probe_error = $3,
+                          unreachable_since = COALESCE(unreachable_since, $2)
+                   WHERE id = $1 RETURNING unreachable_since AS "unreachable_since!""#,
+                kek_id,
+                now,
+                error
             )
-            .bind(kek_id)
-            .bind(now)
-            .bind(error)
             .fetch_optional(&self.pool)
             .await?),
         }
@@ -178,12 +200,12 @@ impl PgStore {
         let mut tx = PgTx {
             tx: self.pool.begin().await?,
         };
-        let marked = sqlx::query(
+        let marked = sqlx::query!(
             "UPDATE keks SET unreachable_notified_at = $2
              WHERE id = $1 AND unreachable_since IS NOT NULL AND unreachable_notified_at IS NULL",
+            kek_id,
+            now
         )
-        .bind(kek_id)
-        .bind(now)
         .execute(&mut *tx.tx)
         .await?;
         if marked.rows_affected() == 0 {
@@ -193,4 +215,33 @@ impl PgStore {
         tx.commit().await?;
         Ok(true)
     }
+}
+
+/// A row of [`PgStore::expiring_keks`], flat as the query returns it.
+struct ExpiringRow {
+    kek_id: i64,
+    provider: Provider,
+    key_ref: String,
+    expires_at: DateTime<Utc>,
+    id: String,
+    access: Access,
+    access_reason: Option<String>,
+    contacts: Vec<String>,
+    webhooks: Vec<Uuid>,
+}
+
+/// A row of [`PgStore::probe_targets`], flat as the query returns it.
+struct ProbeRow {
+    kek_id: i64,
+    provider: Provider,
+    key_ref: String,
+    watch_gen: i64,
+    confirm_attempts: i32,
+    unreachable_since: Option<DateTime<Utc>>,
+    notified: bool,
+    id: String,
+    access: Access,
+    access_reason: Option<String>,
+    contacts: Vec<String>,
+    webhooks: Vec<Uuid>,
 }
