@@ -293,6 +293,32 @@ impl Keys {
         })
     }
 
+    /// Runs a `failed` re-wrap job again: its failures are forgotten and every DEK it could
+    /// not move is tried anew (after the cause, a KMS refusing or a corrupted DEK, was dealt
+    /// with). Returns the job's tenant.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound` unless the job exists and failed; store errors.
+    pub async fn retry_rewrap_job(&self, job_id: i64) -> Result<String, KeyError> {
+        let tenant = self.store.retry_rewrap_job(job_id).await?;
+        let mut tx = self.store.begin().await?;
+        tx.audit(&[AuditRow {
+            tenant_id: Some(tenant.clone()),
+            provider: None,
+            key_ref: None,
+            action: "rewrap_retried".into(),
+            outcome: "applied".into(),
+            source: "api".into(),
+            event_id: None,
+            detail: json!({ "job_id": job_id }),
+        }])
+        .await?;
+        tx.commit().await?;
+        self.rewrap_work.notify_one();
+        Ok(tenant)
+    }
+
     /// Unwraps every DEK of `tenant_id` and checks its key check value, one KMS call per
     /// key and page of 1000.
     ///

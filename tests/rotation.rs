@@ -507,8 +507,8 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
         ..RewrapSettings::default()
     };
     let engine = Rewrapper::new(
-        store,
-        kms,
+        store.clone(),
+        kms.clone(),
         settings,
         std::sync::Arc::new(tokio::sync::Notify::new()),
     );
@@ -599,6 +599,33 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
         (Some(298), Some(2))
     );
     assert_eq!(report["by_version"], json!({ "1": 2, "2": 298 }));
+
+    // The cause fixed (the two DEKs restored), the operator retries the job: it completes.
+    sqlx::query("UPDATE deks SET wrapped = set_byte(wrapped, 20, get_byte(wrapped, 20) # 1) WHERE id = ANY($1)")
+        .bind(&broken[..])
+        .execute(&app.pool)
+        .await
+        .expect("restore two DEKs");
+    let keys = byokd::keys::Keys::new(store, kms, Default::default(), Default::default());
+    let job_id: i64 = sqlx::query_scalar("SELECT id FROM rewrap_jobs")
+        .fetch_one(&app.pool)
+        .await
+        .expect("id");
+    assert_eq!(keys.retry_rewrap_job(job_id).await.expect("retry"), "f");
+    assert!(
+        keys.retry_rewrap_job(job_id).await.is_err(),
+        "only a failed job can be retried"
+    );
+    let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let (step, failed) = drain(later).await;
+    assert_eq!((step, failed), (Step::Finished, 0));
+    assert_eq!(
+        job(app.pool.clone()).await,
+        ("completed".to_owned(), 300, 0)
+    );
+    assert!(outbox_count(&app, "f", "key.rotated").await > 0);
+    let (report, ok) = app.verify_deks("f");
+    assert!(ok, "{report}");
     app.shutdown().await;
 }
 

@@ -60,3 +60,23 @@ pub(super) async fn rewrap_jobs(
     let jobs = state.store.rewrap_jobs(&tenant).await?;
     Ok(Json(serde_json::to_value(jobs).unwrap_or_default()))
 }
+
+/// Runs a failed re-wrap job again (its DEKs that failed are tried anew): 202 with the
+/// job's tenant; 404 unless the job exists and failed.
+pub(super) async fn retry_rewrap_job(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("failed re-wrap job {job_id:?} not found"),
+        )
+    };
+    let id: i64 = job_id.parse().map_err(|_| not_found())?;
+    let tenant = state.keys.retry_rewrap_job(id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id, "tenant": tenant, "state": "pending" })),
+    ))
+}

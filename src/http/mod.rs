@@ -190,6 +190,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tenants/{id}/deks", post(deks::create_dek))
         .route("/tenants/{id}/deks/{dek_id}", get(deks::get_dek))
         .route("/rewrap-jobs", get(deks::rewrap_jobs))
+        .route("/rewrap-jobs/{id}/retry", post(deks::retry_rewrap_job))
         .route("/audit", get(admin::audit))
         .route("/events", post(admin::post_event))
         .route("/notifications", get(notifications::list))

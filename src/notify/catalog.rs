@@ -181,6 +181,8 @@ pub struct KeyRewrapFailed {
     pub failed: i64,
     /// DEKs re-wrapped.
     pub done: i64,
+    /// When the job ended (a retried job that fails again is a new occurrence).
+    pub finished_at: DateTime<Utc>,
 }
 
 /// `key.unreachable`: the key's KMS has given no answer for a while.
@@ -437,7 +439,9 @@ impl Notification {
             Notification::TenantRestored(n) => format!("{}:{}", n.tenant_id, n.trigger.id),
             Notification::KeyRotated(n) => format!("rewrap-job:{}", n.job_id),
             Notification::KeyReplaced(n) => format!("rewrap-job:{}", n.job_id),
-            Notification::KeyRewrapFailed(n) => format!("rewrap-job:{}", n.job_id),
+            Notification::KeyRewrapFailed(n) => {
+                format!("rewrap-job:{}:{}", n.job_id, ms(n.finished_at))
+            }
             Notification::KeyUnreachable(n) => {
                 format!("{}:{}:{}", n.provider, n.key_ref, ms(n.unreachable_since))
             }

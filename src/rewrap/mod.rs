@@ -326,6 +326,7 @@ impl Rewrapper {
                 to_version: job.target_version.clone(),
                 failed,
                 done,
+                finished_at: now,
             }),
             (false, JobKind::Rotation) => Notification::KeyRotated(KeyRotated {
                 tenant_id: job.tenant_id.clone(),

@@ -151,6 +151,12 @@ pub struct RewrappedDek {
 }
 
 impl Store {
+    /// Puts a `failed` job back to `pending` with its failures forgotten, so its DEKs are
+    /// tried again. Returns the job's tenant; `NotFound` unless the job exists and failed.
+    pub async fn retry_rewrap_job(&self, job_id: i64) -> Result<String, StoreError> {
+        dispatch!(self, s => s.retry_rewrap_job(job_id).await)
+    }
+
     /// The tenant's access and primary KEK, for creating a DEK.
     pub async fn dek_target(&self, tenant_id: &str) -> Result<DekTarget, StoreError> {
         dispatch!(self, s => s.dek_target(tenant_id).await)

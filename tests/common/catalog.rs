@@ -97,6 +97,7 @@ pub fn samples(tenant: &str) -> Vec<(String, Notification)> {
                 to_version: "3".into(),
                 failed: 2,
                 done: 40,
+                finished_at: at("2026-11-28T11:30:00Z"),
             }),
         ),
         (

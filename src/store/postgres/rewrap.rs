@@ -68,6 +68,25 @@ macro_rules! query_jobs {
 }
 
 impl PgStore {
+    pub(crate) async fn retry_rewrap_job(&self, job_id: i64) -> Result<String, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let tenant = sqlx::query_scalar!(
+            "UPDATE rewrap_jobs SET state = 'pending', failed = 0, last_error = NULL,
+                    completed_at = NULL, not_before = now(), updated_at = now()
+             WHERE id = $1 AND state = 'failed'
+             RETURNING tenant_id",
+            job_id
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("failed re-wrap job {job_id}")))?;
+        sqlx::query!("DELETE FROM rewrap_failures WHERE job_id = $1", job_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(tenant)
+    }
+
     pub(crate) async fn dek_target(&self, tenant_id: &str) -> Result<DekTarget, StoreError> {
         let r = sqlx::query!(
             r#"SELECT t.access AS "access: Access", t.access_reason, k.id AS "kek_id?",
