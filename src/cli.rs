@@ -67,6 +67,36 @@ pub enum Command {
         #[command(subcommand)]
         command: DeksCommand,
     },
+    /// Manage clients of the key-access API (the platform's services).
+    Clients {
+        /// What to do.
+        #[command(subcommand)]
+        command: ClientsCommand,
+    },
+}
+
+/// `byokd clients ...`
+#[derive(Debug, Subcommand)]
+pub enum ClientsCommand {
+    /// Create a client and print its token (shown this once; only its hash is kept).
+    #[command(group(clap::ArgGroup::new("scope").required(true).args(["tenants", "all_tenants"])))]
+    Create {
+        /// Unique name.
+        name: String,
+        /// Tenants it may create and unwrap DEKs of.
+        #[arg(long, value_delimiter = ',')]
+        tenants: Vec<String>,
+        /// Every tenant.
+        #[arg(long)]
+        all_tenants: bool,
+    },
+    /// List clients and their scopes.
+    List,
+    /// Revoke a client: its token is refused on every replica from now on.
+    Revoke {
+        /// The client's name.
+        name: String,
+    },
 }
 
 /// `byokd kms ...`
@@ -180,6 +210,7 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Deks {
             command: DeksCommand::Verify { tenant },
         } => verify_deks(cli.json, &config, &tenant).await,
+        Command::Clients { command } => clients(cli.json, &config, command).await,
         Command::CheckConfig => {
             crate::rewrap::rate_limits(&config.rewrap)
                 .map_err(|e| anyhow::anyhow!("rewrap.rate_limits: {e}"))?;
@@ -194,6 +225,60 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn clients(json: bool, config: &Config, command: ClientsCommand) -> anyhow::Result<()> {
+    let store = Store::connect(config.require_database_url()?, 2).await?;
+    match command {
+        ClientsCommand::Create {
+            name,
+            tenants,
+            all_tenants,
+        } => {
+            let (row, token) =
+                crate::access::create_client(&store, &name, tenants, all_tenants).await?;
+            let mut value = serde_json::to_value(&row)?;
+            value["token"] = token.clone().into();
+            print(
+                json,
+                &value,
+                &format!(
+                    "client {} created; its token (shown once, keep it secret):\n{token}",
+                    row.name
+                ),
+            );
+        }
+        ClientsCommand::List => {
+            let rows = store.clients().await?;
+            let text = rows
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{}\t{}\t{}",
+                        c.name,
+                        if c.all_tenants {
+                            "all tenants".to_owned()
+                        } else {
+                            c.tenants.join(",")
+                        },
+                        c.revoked_at
+                            .map_or("active".to_owned(), |at| format!("revoked {at}"))
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            print(json, &serde_json::json!({ "clients": rows }), &text);
+        }
+        ClientsCommand::Revoke { name } => {
+            let row = crate::access::revoke_client(&store, &name).await?;
+            print(
+                json,
+                &serde_json::to_value(&row)?,
+                &format!("client {} revoked", row.name),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn print(json: bool, value: &serde_json::Value, text: &str) {

@@ -280,6 +280,35 @@ impl std::fmt::Debug for VaultSettings {
     }
 }
 
+/// Key access (`[access]`): the caches of the unwrap path and the audit writer's batches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessSettings {
+    /// Most unwrapped DEKs kept in memory per replica (zeroized when evicted).
+    pub cache_entries: u64,
+    /// How long an unwrapped DEK stays cached (an access change drops it at once).
+    pub cache_ttl_secs: u64,
+    /// How long a client (its scope, whether it is revoked) is trusted without asking the
+    /// database: the bound on a revocation whose notification was lost.
+    pub client_cache_ms: u64,
+    /// How long a tenant's access is trusted without asking the database, likewise.
+    pub tenant_cache_ms: u64,
+    /// Most audit rows written in one transaction.
+    pub audit_batch: usize,
+}
+
+impl Default for AccessSettings {
+    fn default() -> Self {
+        AccessSettings {
+            cache_entries: 10_000,
+            cache_ttl_secs: 300,
+            client_cache_ms: 500,
+            tenant_cache_ms: 1_000,
+            audit_batch: 1_024,
+        }
+    }
+}
+
 /// Confirmation tuning (`[state]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -373,6 +402,8 @@ pub struct Config {
     pub operator_emails: Vec<String>,
     /// Operators' webhooks (`[[operator_webhooks]]` in the config file).
     pub operator_webhooks: Vec<OperatorWebhook>,
+    /// `[access]`: key access caches and audit batching.
+    pub access: AccessSettings,
 }
 
 impl Default for Config {
@@ -399,6 +430,7 @@ impl Default for Config {
             platform_name: "the platform".into(),
             operator_emails: Vec::new(),
             operator_webhooks: Vec::new(),
+            access: AccessSettings::default(),
         }
     }
 }
@@ -442,6 +474,7 @@ impl std::fmt::Debug for Config {
             .field("platform_name", &self.platform_name)
             .field("operator_emails", &self.operator_emails)
             .field("operator_webhooks", &self.operator_webhooks)
+            .field("access", &self.access)
             .finish()
     }
 }
@@ -616,6 +649,10 @@ impl Config {
                     hook.name
                 ));
             }
+        }
+        if self.access.cache_ttl_secs == 0 || self.access.audit_batch == 0 {
+            errors
+                .push("access.cache_ttl_secs and access.audit_batch must be at least 1".to_owned());
         }
         if self.platform_name.trim().is_empty() {
             errors.push("BYOKD_PLATFORM_NAME must not be empty".to_owned());

@@ -271,6 +271,29 @@ async fn supervise(
         sweeps::sweep_loop(sweeper, stop_rx.clone()),
     );
 
+    let keys = crate::keys::Keys::new(
+        store.clone(),
+        kms.clone(),
+        access_changed.clone(),
+        rewrap_work.clone(),
+    );
+    // The audit writer has connections of its own: a burst of unwraps must not wait behind
+    // the consumer for one, nor starve it.
+    let audit_store = Store::connect(&database_url, 4).await?;
+    let gate = crate::access::Gate::new(
+        store.clone(),
+        kms.clone(),
+        keys.clone(),
+        crate::access::audit::AuditWriter::start(audit_store, config.access.audit_batch),
+        &config.access,
+        &root_key.0,
+    );
+    tasks.spawn(
+        "access_invalidation",
+        &stop_rx,
+        crate::access::invalidate_loop(gate.clone(), store.clone(), stop_rx.clone()),
+    );
+
     let state = AppState {
         store: store.clone(),
         admin_token: config.admin_token.clone(),
@@ -278,12 +301,8 @@ async fn supervise(
         urgent_consumer: urgent_health,
         sealer,
         publisher,
-        keys: crate::keys::Keys::new(
-            store.clone(),
-            kms.clone(),
-            access_changed.clone(),
-            rewrap_work.clone(),
-        ),
+        keys,
+        gate,
         kms,
         rewrap_work,
         access_changed,

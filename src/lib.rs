@@ -15,6 +15,8 @@
 //!   `amqp` consumes them in batches and dead-letters what cannot be applied.
 //! * `lifecycle`: applies events, KMS observations and the passing of time, one transaction
 //!   each (dedupe, key record, derived access, audit, outbox).
+//! * `access`: key access for the platform's services: client tokens, DEK unwrap with a
+//!   cache dropped on every access change, every attempt audited (fail closed).
 //! * `keys`: the use cases on a tenant's keys (register or replace a KEK, current access,
 //!   create a DEK, verify DEKs) that the API, the CLI and tests share.
 //! * `reconcile`: asks a KMS what a key is (metadata and a test wrap/unwrap) and confirms
@@ -35,6 +37,7 @@
 //! Data flows one way: intake -> normalize -> lifecycle (one transaction) -> ack; slow work
 //! is picked up later from the database by its own loop.
 
+pub mod access;
 pub mod broker;
 pub mod cli;
 pub mod config;

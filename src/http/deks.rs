@@ -6,25 +6,9 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use base64::Engine;
-use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
-
-/// Generates a DEK, wraps it under the tenant's KEK at the KMS's current version, and stores
-/// only the wrapped form. Refused (409) unless the tenant is `accessible`.
-pub(super) async fn create_dek(
-    State(state): State<AppState>,
-    Path(tenant_id): Path<String>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let dek = state.keys.create_dek(&tenant_id, Utc::now()).await?;
-    // The admin API hands out no plaintext: it is dropped (and zeroized) here.
-    drop(dek.plaintext);
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "dek_id": dek.id, "kek_version": dek.kek_version, "kcv": dek.kcv })),
-    ))
-}
 
 /// The wrapped form of a DEK, never the plaintext.
 pub(super) async fn get_dek(

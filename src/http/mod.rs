@@ -7,6 +7,7 @@
 //! `/readyz` reports what it is told: the consumers' [`ConsumerHealth`] and the daemon's dead
 //! tasks in the [`TaskRegistry`] that `crate::daemon`'s supervisor fills.
 
+mod access;
 mod admin;
 mod deks;
 mod notifications;
@@ -75,6 +76,8 @@ pub struct AppState {
     pub kms: Kms,
     /// The use cases on keys (registration, DEKs, current access).
     pub keys: crate::keys::Keys,
+    /// Key access: client tokens, unwrap, its caches and audit.
+    pub gate: crate::access::Gate,
     /// Wakes re-wrap workers when a replacement job is created.
     pub rewrap_work: Arc<Notify>,
     /// Wakes the access relay when the API recorded an access change.
@@ -179,7 +182,7 @@ pub(crate) async fn tenant_param(
 
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
-    let v1 = Router::new()
+    let admin = Router::new()
         .route("/tenants", post(admin::create_tenant))
         .route("/tenants/{id}", get(admin::get_tenant))
         .route("/tenants/{id}/keks", post(admin::register_kek))
@@ -187,7 +190,6 @@ pub fn router(state: AppState) -> Router {
             "/tenants/{id}/webhooks/{webhook_id}/rotate-secret",
             post(admin::rotate_webhook_secret),
         )
-        .route("/tenants/{id}/deks", post(deks::create_dek))
         .route("/tenants/{id}/deks/{dek_id}", get(deks::get_dek))
         .route("/rewrap-jobs", get(deks::rewrap_jobs))
         .route("/rewrap-jobs/{id}/retry", post(deks::retry_rewrap_job))
@@ -195,7 +197,26 @@ pub fn router(state: AppState) -> Router {
         .route("/events", post(admin::post_event))
         .route("/notifications", get(notifications::list))
         .route("/notifications/{id}/retry", post(notifications::retry))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route(
+            "/clients",
+            get(access::list_clients).post(access::create_client),
+        )
+        .route(
+            "/clients/{name}",
+            axum::routing::delete(access::revoke_client),
+        )
+        .route("/alerts", get(access::alerts))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    // Reached with a client token (or the admin token, which may create but never unwrap).
+    let keys = Router::new()
+        .route("/tenants/{id}/deks", post(access::create_dek))
+        .route("/tenants/{id}/deks/unwrap", post(access::unwrap_batch))
+        .route(
+            "/tenants/{id}/deks/{dek_id}/unwrap",
+            post(access::unwrap_one),
+        )
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(axum::middleware::map_response(no_store));
     Router::new()
         .route(
             "/healthz",
@@ -203,9 +224,18 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .nest("/v1", v1)
+        .nest("/v1", admin.merge(keys))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
+}
+
+/// Answers of the key-access routes may carry DEK plaintext: never stored by a cache.
+async fn no_store(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    response
 }
 
 /// Compares digests, so the comparison takes the same time wherever the tokens differ.
@@ -218,7 +248,17 @@ fn token_matches(given: &str, expected: &SecretString) -> bool {
         == 0
 }
 
-async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+fn bearer(request: &Request) -> Option<&str> {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Admin routes: the admin token only. A client token is refused with 403 (it is valid,
+/// just not here); anything else with 401, audited.
+async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(expected) = &state.admin_token else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -226,20 +266,61 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
         )
         .into_response();
     };
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
+    let route = request.uri().path().to_owned();
+    match bearer(&request) {
         Some(token) if token_matches(token, expected) => next.run(request).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token").into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing Authorization: Bearer token",
-        )
-        .into_response(),
+        Some(token) if token.starts_with(crate::access::TOKEN_PREFIX) => {
+            match state.gate.authenticate(token, &route).await {
+                Ok(_) => ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "a client token can only create and unwrap DEKs",
+                )
+                .into_response(),
+                Err(refusal) => ApiError::from(refusal).into_response(),
+            }
+        }
+        Some(token) => {
+            state.gate.admin_refused(Some(token), &route).await;
+            ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token").into_response()
+        }
+        None => {
+            state.gate.admin_refused(None, &route).await;
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing Authorization: Bearer token",
+            )
+            .into_response()
+        }
     }
+}
+
+/// Key-access routes: who is calling ([`Caller`](crate::access::Caller)) goes into the
+/// request for the handler; an unknown or revoked token is refused with 401, audited.
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let route = request.uri().path().to_owned();
+    let caller = match bearer(&request) {
+        Some(token)
+            if state
+                .admin_token
+                .as_ref()
+                .is_some_and(|expected| token_matches(token, expected)) =>
+        {
+            crate::access::Caller::Admin
+        }
+        Some(token) => match state.gate.authenticate(token, &route).await {
+            Ok(caller) => caller,
+            Err(refusal) => return ApiError::from(refusal).into_response(),
+        },
+        None => {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing Authorization: Bearer token",
+            )
+            .into_response();
+        }
+    };
+    request.extensions_mut().insert(caller);
+    next.run(request).await
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -14,6 +14,7 @@ macro_rules! dispatch {
     };
 }
 
+pub mod access;
 mod audit;
 mod kms;
 pub mod outbox;

@@ -131,6 +131,8 @@ pub fn test_config(db_url: &str, amqp: AmqpSettings) -> Config {
 
 /// Another daemon sharing a [`TestApp`]'s database and queues.
 pub struct Replica {
+    /// `http://127.0.0.1:port` of its HTTP listener.
+    pub base: String,
     stop: oneshot::Sender<()>,
     handle: JoinHandle<Result<(), RunError>>,
 }
@@ -223,11 +225,12 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(byokd::daemon::run(self.config.clone(), listener, async {
             let _ = stopped.await;
         }));
-        Replica { stop, handle }
+        Replica { base, stop, handle }
     }
 
     /// Stops the daemon (graceful) and waits for `run` to return.

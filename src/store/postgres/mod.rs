@@ -41,6 +41,7 @@ macro_rules! query_recipients {
     };
 }
 
+mod access;
 mod audit;
 mod kms;
 mod outbox;
@@ -664,6 +665,14 @@ impl PgTx {
             &ids as &[&str],
             &access as &[&str],
             &reasons as &[Option<&str>]
+        )
+        .execute(&mut *self.tx)
+        .await?;
+        // Every replica drops what it cached about these tenants when this commits (and
+        // only then): key access must not serve a DEK on a stale decision.
+        sqlx::query!(
+            "SELECT pg_notify('byokd_access', u.id) FROM UNNEST($1::text[]) AS u(id)",
+            &ids as &[&str]
         )
         .execute(&mut *self.tx)
         .await?;
