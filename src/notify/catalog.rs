@@ -263,8 +263,29 @@ pub struct ScheduleFailed {
     pub error: String,
 }
 
+/// `operator.access_anomaly`: a key-access anomaly rule fired.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccessAnomaly {
+    /// The rule (`client_rate`, `tenant_refusals`, `inaccessible_attempts`, `bad_token`).
+    pub rule: String,
+    /// What it is about: a client name, a tenant id, a token fingerprint.
+    pub subject: String,
+    /// The tenant concerned, if one is.
+    pub tenant_id: Option<String>,
+    /// The client concerned, if one is.
+    pub client: Option<String>,
+    /// Start of the alert window (one alert per rule, subject and window).
+    pub window_start: DateTime<Utc>,
+    /// What was observed in the last scan window.
+    pub observed: f64,
+    /// The threshold it crossed.
+    pub threshold: f64,
+    /// The rule's explanation of the numbers.
+    pub summary: String,
+}
+
 /// Every notification byokd sends. The serde tag is the webhook `type`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum Notification {
     /// A key expires soon.
@@ -303,6 +324,9 @@ pub enum Notification {
     /// A schedule's run failed.
     #[serde(rename = "operator.schedule_failed")]
     ScheduleFailed(ScheduleFailed),
+    /// A key-access anomaly rule fired.
+    #[serde(rename = "operator.access_anomaly")]
+    AccessAnomaly(AccessAnomaly),
 }
 
 /// Who a notification is for.
@@ -355,6 +379,7 @@ impl Notification {
             Notification::EndpointDisabled(_) => "endpoint.disabled",
             Notification::RevocationUnconfirmed(_) => "operator.revocation_unconfirmed",
             Notification::ScheduleFailed(_) => "operator.schedule_failed",
+            Notification::AccessAnomaly(_) => "operator.access_anomaly",
         }
     }
 
@@ -372,6 +397,7 @@ impl Notification {
         "endpoint.disabled",
         "operator.revocation_unconfirmed",
         "operator.schedule_failed",
+        "operator.access_anomaly",
     ];
 
     /// Who it is for.
@@ -397,7 +423,9 @@ impl Notification {
                 webhooks: false,
                 operators: true,
             },
-            Notification::RevocationUnconfirmed(_) | Notification::ScheduleFailed(_) => OPERATORS,
+            Notification::RevocationUnconfirmed(_)
+            | Notification::ScheduleFailed(_)
+            | Notification::AccessAnomaly(_) => OPERATORS,
         }
     }
 
@@ -415,6 +443,7 @@ impl Notification {
             Notification::TenantRestored(n) => &n.tenant_id,
             Notification::EndpointDisabled(n) => &n.tenant_id,
             Notification::RevocationUnconfirmed(n) => &n.tenant_id,
+            Notification::AccessAnomaly(n) => return n.tenant_id.as_deref(),
             Notification::ScheduleFailed(_) => return None,
         })
     }
@@ -456,6 +485,9 @@ impl Notification {
                 n.key_ref,
                 n.observed_at.timestamp_micros()
             ),
+            Notification::AccessAnomaly(n) => {
+                format!("{}:{}:{}", n.rule, n.subject, ms(n.window_start))
+            }
             // A schedule failing every few minutes tells operators once an hour.
             Notification::ScheduleFailed(n) => {
                 format!("{}:{}", n.schedule, n.tick.timestamp() / 3600)
@@ -646,6 +678,35 @@ impl Notification {
                 ),
                 s("The key is checked again in 30 seconds in case the KMS was lagging."),
             ],
+            Notification::AccessAnomaly(n) => {
+                let look = match (&n.tenant_id, &n.client) {
+                    (Some(t), _) => format!("tenant={t}"),
+                    (None, Some(c)) => format!("client={c}"),
+                    (None, None) => "action=auth&outcome=refused".to_owned(),
+                };
+                let act = match n.rule.as_str() {
+                    "client_rate" => {
+                        "If the client's load did not grow for a known reason, treat its token as leaked: revoke it (byokd clients revoke NAME) and issue a new one."
+                    }
+                    "bad_token" => {
+                        "Someone holds a token that is unknown or revoked: find the caller in your network logs; a revoked client still calling may be a stale deployment or a leak."
+                    }
+                    "inaccessible_attempts" => {
+                        "A service keeps asking for a tenant whose key was revoked: check that it honours byok.access messages, and that the tenant knows."
+                    }
+                    _ => {
+                        "Find which service makes the refused attempts and why (scope, tenant access)."
+                    }
+                };
+                vec![
+                    format!("Look at the attempts: GET /v1/audit?{look}"),
+                    s(act),
+                    format!(
+                        "One alert per rule, subject and window: nothing more is sent for this until the window starting {} ends.",
+                        n.window_start.format("%Y-%m-%d %H:%M UTC")
+                    ),
+                ]
+            }
             Notification::ScheduleFailed(n) => vec![
                 format!(
                     "Look at the daemon's log around {} for the schedule {}.",

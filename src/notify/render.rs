@@ -50,6 +50,8 @@ const TEMPLATES: &[(&str, &str)] = templates![
     "operator.revocation_unconfirmed.html",
     "operator.schedule_failed.txt",
     "operator.schedule_failed.html",
+    "operator.access_anomaly.txt",
+    "operator.access_anomaly.html",
 ];
 
 /// A rendered email.

@@ -7,6 +7,7 @@
 //! once at start, not once per missed tick. Jobs take `now` as an argument, so tests drive
 //! them with any clock.
 
+pub mod anomaly;
 pub mod expiry;
 pub mod probe;
 
@@ -53,6 +54,8 @@ pub enum Job {
         /// How long delivered rows are kept.
         retention: Duration,
     },
+    /// Evaluate the key-access anomaly rules over the last window.
+    AnomalyScan(anomaly::AnomalyRules),
 }
 
 impl Job {
@@ -62,6 +65,7 @@ impl Job {
             Job::ExpiryScan { .. } => "expiry_scan",
             Job::KeyProbe { .. } => "key_probe",
             Job::OutboxPrune { .. } => "outbox_prune",
+            Job::AnomalyScan(_) => "anomaly_scan",
         }
     }
 }
@@ -99,6 +103,19 @@ struct ProbeParams {
     unreachable_grace_minutes: Option<u64>,
     timeout_seconds: Option<u64>,
     concurrency: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AnomalyParams {
+    window_seconds: Option<i64>,
+    rate_factor: Option<f64>,
+    rate_floor: Option<f64>,
+    baseline_windows: Option<i32>,
+    refused_per_window: Option<i64>,
+    inaccessible_within_minutes: Option<i64>,
+    bad_token_per_window: Option<i64>,
+    alert_window_minutes: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -158,9 +175,38 @@ pub fn parse_schedule(file: &str, text: &str) -> Result<Schedule, ScheduleError>
                 retention: Duration::from_secs(86_400 * p.retention_days.unwrap_or(30)),
             }
         }
+        "anomaly_scan" => {
+            let p: AnomalyParams = params(raw.params).map_err(err)?;
+            let d = anomaly::AnomalyRules::default();
+            let rules = anomaly::AnomalyRules {
+                window: p.window_seconds.map_or(d.window, chrono::Duration::seconds),
+                rate_factor: p.rate_factor.unwrap_or(d.rate_factor),
+                rate_floor: p.rate_floor.unwrap_or(d.rate_floor),
+                baseline_windows: p.baseline_windows.unwrap_or(d.baseline_windows),
+                refused_per_window: p.refused_per_window.unwrap_or(d.refused_per_window),
+                inaccessible_within: p
+                    .inaccessible_within_minutes
+                    .map_or(d.inaccessible_within, chrono::Duration::minutes),
+                bad_token_per_window: p.bad_token_per_window.unwrap_or(d.bad_token_per_window),
+                alert_window: p
+                    .alert_window_minutes
+                    .map_or(d.alert_window, chrono::Duration::minutes),
+            };
+            let positive = rules.window > chrono::Duration::zero()
+                && rules.alert_window > chrono::Duration::zero()
+                && rules.rate_factor > 0.0
+                && rules.baseline_windows > 0;
+            if !positive {
+                return Err(err(
+                    "params: window, alert window, rate factor and baseline windows must be positive"
+                        .to_owned(),
+                ));
+            }
+            Job::AnomalyScan(rules)
+        }
         other => {
             return Err(err(format!(
-                "job {other:?} is not one of expiry_scan, key_probe, outbox_prune"
+                "job {other:?} is not one of expiry_scan, key_probe, outbox_prune, anomaly_scan"
             )));
         }
     };
@@ -381,6 +427,10 @@ impl Sweeper {
                     self.wake.access.notify_one();
                     self.wake.rewrap.notify_one();
                 }
+                serde_json::to_value(r).unwrap_or_default()
+            }
+            Job::AnomalyScan(rules) => {
+                let r = anomaly::anomaly_scan(&self.store, rules, now).await?;
                 serde_json::to_value(r).unwrap_or_default()
             }
             Job::OutboxPrune { retention } => {

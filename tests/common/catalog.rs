@@ -162,6 +162,19 @@ pub fn samples(tenant: &str) -> Vec<(String, Notification)> {
                 error: "database unavailable: pool timed out".into(),
             }),
         ),
+        (
+            "operator.access_anomaly".into(),
+            Notification::AccessAnomaly(AccessAnomaly {
+                rule: "tenant_refusals".into(),
+                subject: t.clone(),
+                tenant_id: Some(t.clone()),
+                client: None,
+                window_start: at("2026-11-28T11:00:00Z"),
+                observed: 42.0,
+                threshold: 20.0,
+                summary: "42 refused attempts on the tenant in one minute (threshold 20).".into(),
+            }),
+        ),
     ];
     for cause in BlockCause::ALL {
         let why = blocked(tenant, *cause, true, None);
