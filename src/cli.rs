@@ -9,7 +9,7 @@ use crate::events::normalize::normalize;
 use crate::keys::Keys;
 use crate::kms::LocalKms;
 use crate::seal::Sealer;
-use crate::store::Store;
+use crate::store::{AuditRow, Store};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
@@ -472,6 +472,23 @@ async fn kms_local(json: bool, config: &Config, op: LocalOp) -> anyhow::Result<(
         }
     };
     let mut event_id = None;
+    if let Some(kind) = kind.filter(|_| no_event) {
+        // A change no event will announce: the audit trail is the only record of it.
+        let store = Store::connect(config.require_database_url()?, 2).await?;
+        store
+            .append_audit(&[AuditRow {
+                provider: Some(Provider::Local),
+                key_ref: Some(key.clone()),
+                ..AuditRow::operation(
+                    None,
+                    "local_kms_changed",
+                    "cli",
+                    serde_json::json!({ "change": kind, "state": info.state,
+                                        "version": info.current_version, "event": false }),
+                )
+            }])
+            .await?;
+    }
     if let Some(kind) = kind.filter(|_| !no_event) {
         let event = LifecycleEvent {
             provider: Provider::Local,
@@ -527,8 +544,16 @@ async fn verify_deks(json: bool, config: &Config, tenant: &str) -> anyhow::Resul
     let root = config.require_root_key()?;
     let store = Store::connect(config.require_database_url()?, 2).await?;
     let kms = crate::daemon::build_kms(&store, &root, &config.kms)?;
-    let keys = Keys::new(store, kms, Arc::default(), Arc::default());
+    let keys = Keys::new(store.clone(), kms, Arc::default(), Arc::default());
     let report = keys.verify_deks(tenant).await?;
+    store
+        .append_audit(&[AuditRow::operation(
+            Some(tenant),
+            "deks_verified",
+            "cli",
+            serde_json::json!({ "total": report.total, "ok": report.ok, "failed": report.failed }),
+        )])
+        .await?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -281,6 +281,12 @@ async fn a_revocation_is_refused_at_once_on_every_replica_and_the_cache_goes_wit
         .await;
     }
     assert!(revoked.elapsed() < Duration::from_secs(2));
+    let managed: Vec<String> =
+        sqlx::query_scalar("SELECT action FROM audit_log WHERE action LIKE 'client_%' ORDER BY id")
+            .fetch_all(&app.pool)
+            .await
+            .expect("audit");
+    assert_eq!(managed, ["client_created", "client_revoked"]);
     replica.stop().await;
     app.shutdown().await;
 }

@@ -424,6 +424,23 @@ async fn replacing_a_key_moves_every_dek_then_retires_the_old_one() {
         assert_eq!(body["data"]["dek_count"], 800);
     }
     assert_eq!(outbox_count(&app, "rp", "key.rotated").await, 0);
+    // The trail holds the whole replacement: registered, started, completed, retired.
+    let actions: Vec<String> =
+        sqlx::query_scalar("SELECT action FROM audit_log WHERE tenant_id = 'rp' ORDER BY id")
+            .fetch_all(&app.pool)
+            .await
+            .expect("audit");
+    let pos = |a: &str| {
+        actions
+            .iter()
+            .position(|x| x == a)
+            .unwrap_or_else(|| panic!("{a} missing: {actions:?}"))
+    };
+    assert!(pos("tenant_created") < pos("kek_replaced"));
+    assert!(pos("kek_replaced") < pos("rewrap_started"));
+    assert!(pos("rewrap_started") < pos("rewrap_completed"));
+    assert!(pos("rewrap_completed") < pos("kek_retired"));
+    assert!(actions.contains(&"deks_verified".to_owned()), "{actions:?}");
     // The old key's lifecycle no longer decides the tenant's access.
     app.publish("disabled", "old-key", at(0), json!({})).await;
     app.wait_processed(1).await;

@@ -7,7 +7,7 @@ use crate::events::amqp::message_routing_key;
 use crate::events::normalize::{NormalizeError, check_times, normalize};
 use crate::keys::NewKek;
 use crate::seal::generate_webhook_secret;
-use crate::store::{NewTenant, NewWebhook};
+use crate::store::{AuditRow, NewTenant, NewWebhook};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -141,6 +141,19 @@ pub(super) async fn create_tenant(
         webhooks,
     };
     state.store.create_tenant(&tenant).await?;
+    let endpoints: Vec<Value> = shown
+        .iter()
+        .map(|w| json!({ "id": w["id"], "url": w["url"] }))
+        .collect();
+    state
+        .store
+        .append_audit(&[AuditRow::operation(
+            Some(&tenant.id),
+            "tenant_created",
+            "api",
+            json!({ "name": tenant.name, "contacts": tenant.contacts, "webhooks": endpoints }),
+        )])
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -242,6 +255,16 @@ pub(super) async fn rotate_webhook_secret(
     state
         .store
         .rotate_webhook_secret(&tenant_id, endpoint_id, &state.sealer.seal(&secret), until)
+        .await?;
+    state
+        .store
+        .append_audit(&[AuditRow::operation(
+            Some(&tenant_id),
+            "webhook_secret_rotated",
+            "api",
+            json!({ "endpoint_id": endpoint_id, "previous_valid_until": until,
+                    "generated": generated }),
+        )])
         .await?;
     let mut view = json!({ "id": endpoint_id, "previous_secret_valid_until": until });
     if generated {

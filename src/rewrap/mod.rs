@@ -17,9 +17,10 @@ use crate::domain::{Provider, UnknownName};
 use crate::kms::{DekContext, Kms, KmsError, KmsProvider, Wrapped, WrappedRef};
 use crate::lifecycle;
 use crate::notify::catalog::{KeyReplaced, KeyRewrapFailed, KeyRotated, Notification};
-use crate::store::{RewrapJob, RewrappedDek, Store, StoreError};
+use crate::store::{AuditRow, RewrapJob, RewrappedDek, Store, StoreError};
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde_json::json;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -243,6 +244,16 @@ impl Rewrapper {
                 (vs, n + c)
             });
         self.store.plan_rewrap_job(job.id, &from, total).await?;
+        self.store
+            .append_audit(&[AuditRow::operation(
+                Some(&job.tenant_id),
+                "rewrap_started",
+                "rewrap",
+                json!({ "job_id": job.id, "kind": job.kind, "key_ref": job.kek.key_ref,
+                        "target_key_ref": job.target.key_ref, "to_version": job.target_version,
+                        "from_versions": from, "total": total }),
+            )])
+            .await?;
         tracing::info!(job = job.id, tenant = %job.tenant_id, key = %job.kek.key_ref,
             to = %job.target_version, total, "re-wrap job planned");
         job.from_versions = from;
@@ -350,6 +361,26 @@ impl Rewrapper {
         };
         let tenant = tx.tenant_recipients(&job.tenant_id).await?;
         tx.enqueue(&notice.outbox_rows(Some(&tenant), now)).await?;
+        let mut audit = vec![AuditRow::operation(
+            Some(&job.tenant_id),
+            if failed > 0 {
+                "rewrap_failed"
+            } else {
+                "rewrap_completed"
+            },
+            "rewrap",
+            json!({ "job_id": job.id, "kind": job.kind, "done": done, "failed": failed }),
+        )];
+        if job.kind == JobKind::Replacement && failed == 0 {
+            audit.push(AuditRow::operation(
+                Some(&job.tenant_id),
+                "kek_retired",
+                "rewrap",
+                json!({ "job_id": job.id, "provider": job.kek.provider,
+                        "key_ref": job.kek.key_ref }),
+            ));
+        }
+        tx.audit(&audit).await?;
         tx.commit().await?;
         if job.kind == JobKind::Replacement && state == JobState::Completed {
             // The old key holds no DEK any more: it stops counting for the tenant's access.

@@ -233,6 +233,28 @@ pub struct AuditRow {
     pub detail: serde_json::Value,
 }
 
+impl AuditRow {
+    /// An entry for an operation on `tenant_id` (or on no tenant) made through the API or
+    /// the CLI (`source`), with the facts in `detail`.
+    pub fn operation(
+        tenant_id: Option<&str>,
+        action: &str,
+        source: &str,
+        detail: serde_json::Value,
+    ) -> AuditRow {
+        AuditRow {
+            tenant_id: tenant_id.map(str::to_owned),
+            provider: None,
+            key_ref: None,
+            action: action.to_owned(),
+            outcome: "applied".to_owned(),
+            source: source.to_owned(),
+            event_id: None,
+            detail,
+        }
+    }
+}
+
 /// The delivery channel of an outbox row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Channel {
