@@ -492,3 +492,46 @@ async fn a_vault_key_rotated_at_the_kms_is_found_by_the_probe_and_every_dek_rewr
     app.shutdown().await;
     vault.cleanup().await;
 }
+
+/// Three replicas starting together against schedules that never ran (a fresh one for
+/// each of 20 rounds): each schedule runs exactly once per tick, never once per replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_starting_together_run_a_never_run_schedule_once() {
+    let app = TestApp::spawn().await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(common::sweeps::sweeper(&app).await);
+    }
+    for round in 0..20 {
+        let schedule = byokd::sweeps::parse_schedule(
+            "cold.toml",
+            &format!(
+                "name = \"cold-{round}\"\ncron = \"0 */15 * * * *\"\njob = \"outbox_prune\"\n"
+            ),
+        )
+        .expect("schedule");
+        let schedules = std::sync::Arc::new(vec![schedule]);
+        let runs = replicas.iter().enumerate().map(|(i, r)| {
+            let replica = byokd::sweeps::Sweeper {
+                schedules: schedules.clone(),
+                ..r.clone()
+            };
+            // Replicas start within a few milliseconds of each other, each reading its own
+            // clock as separate processes would.
+            let stagger = std::time::Duration::from_millis((round * 7 + i * 11) as u64 % 25);
+            tokio::spawn(async move {
+                tokio::time::sleep(stagger).await;
+                replica.run_due(chrono::Utc::now()).await
+            })
+        });
+        let mut ran = 0;
+        for run in futures_util::future::join_all(runs).await {
+            ran += run.expect("task").expect("sweep").len();
+        }
+        assert_eq!(
+            ran, 1,
+            "round {round}: the never-run schedule ran {ran} times"
+        );
+    }
+    app.shutdown().await;
+}

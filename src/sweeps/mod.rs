@@ -248,18 +248,25 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Schedule>, ScheduleError> {
 }
 
 /// The tick a schedule should run for at `now`: the latest tick at or before `now` that is
-/// later than `last` (a never-run schedule is due at once). `None`: not due.
+/// later than `last`. `None`: not due.
+///
+/// A never-run schedule is due at once, for its latest tick at or before `now` (within the
+/// last year): a value every replica starting together computes alike, so the first to take
+/// the lock records it and the others find it done. (Its own `now` would differ per replica
+/// by milliseconds and let each run the sweep once more.)
 pub fn due_tick(
     cron: &cron::Schedule,
     last: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
+    let latest_since = |from: DateTime<Utc>| cron.after(&from).take_while(|t| *t <= now).last();
     let Some(last) = last else {
-        return Some(now);
+        // Frequent schedules find a tick in the last day; rare ones look back a year.
+        return latest_since(now - chrono::Duration::days(1))
+            .or_else(|| latest_since(now - chrono::Duration::days(366)));
     };
     // Missed ticks collapse into one run: walk only the last day of them.
-    let from = last.max(now - chrono::Duration::days(1));
-    let latest = cron.after(&from).take_while(|t| *t <= now).last();
+    let latest = latest_since(last.max(now - chrono::Duration::days(1)));
     latest.filter(|t| *t > last)
 }
 
@@ -538,8 +545,15 @@ mod tests {
         let every_15 = cron::Schedule::from_str("0 */15 * * * *").expect("cron");
         assert_eq!(
             due_tick(&every_15, None, t(10, 7)),
-            Some(t(10, 7)),
-            "never run: now"
+            Some(t(10, 0)),
+            "never run: its latest tick, the same on every replica"
+        );
+        assert_eq!(due_tick(&every_15, None, t(10, 14)), Some(t(10, 0)));
+        let yearly = cron::Schedule::from_str("0 0 0 1 1 *").expect("cron");
+        assert_eq!(
+            due_tick(&yearly, None, t(10, 7)),
+            Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single(),
+            "a rare schedule looks back a year"
         );
         assert_eq!(
             due_tick(&every_15, Some(t(10, 0)), t(10, 7)),
@@ -566,6 +580,9 @@ mod tests {
             .into_iter()
             .map(|s| s.name)
             .collect();
-        assert_eq!(names, ["expiry-scan", "key-probe", "outbox-prune"]);
+        assert_eq!(
+            names,
+            ["anomaly-scan", "expiry-scan", "key-probe", "outbox-prune"]
+        );
     }
 }
