@@ -57,6 +57,22 @@ pub struct AmqpSettings {
     pub delivery_limit: u32,
     /// Larger messages are dead-lettered unparsed.
     pub max_message_bytes: usize,
+    /// The most memory unacknowledged deliveries may take per consumer: the prefetch is cut
+    /// to `prefetch_bytes / max_message_bytes` when that is smaller, so a flood of messages
+    /// at the size limit cannot hold more than this. (The broker's `max_message_size` must
+    /// be `max_message_bytes` for the bound to hold: a larger message is read whole before
+    /// byokd can look at it.)
+    pub prefetch_bytes: usize,
+}
+
+impl AmqpSettings {
+    /// The prefetch actually asked of the broker: `prefetch`, bounded by the memory budget.
+    pub fn effective_prefetch(&self) -> u16 {
+        let by_budget = (self.prefetch_bytes / self.max_message_bytes.max(1)).max(1);
+        u16::try_from(by_budget)
+            .unwrap_or(u16::MAX)
+            .min(self.prefetch)
+    }
 }
 
 impl Default for AmqpSettings {
@@ -81,6 +97,7 @@ impl Default for AmqpSettings {
             batch_size: 1024,
             delivery_limit: 20,
             max_message_bytes: 256 * 1024,
+            prefetch_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -593,6 +610,12 @@ impl Config {
         if self.amqp.prefetch == 0 {
             errors.push("amqp.prefetch must be at least 1".to_owned());
         }
+        if self.amqp.prefetch_bytes < self.amqp.max_message_bytes {
+            errors.push(
+                "amqp.prefetch_bytes must hold at least one message of max_message_bytes"
+                    .to_owned(),
+            );
+        }
         if self.amqp.batch_size == 0 {
             errors.push("amqp.batch_size must be at least 1".to_owned());
         }
@@ -724,6 +747,23 @@ mod tests {
         for secret in ["pw-db", "token-0123", "AAAAAAAA", "pw-smtp"] {
             assert!(!debug.contains(secret), "{secret} leaked: {debug}");
         }
+    }
+
+    #[test]
+    fn prefetch_is_bounded_by_the_memory_budget() {
+        let mut s = AmqpSettings::default();
+        assert_eq!(s.effective_prefetch(), 1024, "256 MiB / 256 KiB");
+        s.prefetch = 64;
+        assert_eq!(
+            s.effective_prefetch(),
+            64,
+            "the configured prefetch when smaller"
+        );
+        s.prefetch = 2048;
+        s.max_message_bytes = 16 * 1024;
+        assert_eq!(s.effective_prefetch(), 2048);
+        s.prefetch_bytes = 1;
+        assert_eq!(s.effective_prefetch(), 1, "never zero");
     }
 
     #[test]

@@ -158,7 +158,7 @@ async fn session(
         let channel = conn.create_channel().await?;
         declare_topology(&channel, s).await?;
         channel
-            .basic_qos(s.prefetch, BasicQosOptions::default())
+            .basic_qos(s.effective_prefetch(), BasicQosOptions::default())
             .await?;
         let consumer = channel
             .basic_consume(
@@ -177,7 +177,8 @@ async fn session(
         .map_err(|_| AmqpError::Unavailable(format!("no session within {SETUP_TIMEOUT:?}")))??;
     intake.health.set(ConsumerState::Consuming, &intake.queue);
     backoff.reset();
-    tracing::info!(queue = %intake.queue, prefetch = s.prefetch, "consuming lifecycle events");
+    tracing::info!(queue = %intake.queue, prefetch = s.effective_prefetch(),
+        max_message_bytes = s.max_message_bytes, "consuming lifecycle events");
 
     loop {
         let first = tokio::select! {
