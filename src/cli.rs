@@ -8,7 +8,7 @@ use crate::events::normalize::canonical;
 use crate::events::normalize::normalize;
 use crate::keys::Keys;
 use crate::kms::LocalKms;
-use crate::seal::Sealer;
+use crate::seal::{LOCAL_KMS_PURPOSE, Sealer};
 use crate::store::Store;
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
@@ -302,7 +302,7 @@ fn read_stdin() -> anyhow::Result<Vec<u8>> {
 
 async fn sweep(json: bool, config: &Config, name: &str) -> anyhow::Result<()> {
     let schedules = crate::sweeps::load_dir(&config.schedules_dir)?;
-    let root = config.require_root_key()?;
+    let root = config.require_root_keys()?;
     let store = Store::connect(config.require_database_url()?, 4).await?;
     store.migrate().await?;
     let sweeper = crate::sweeps::Sweeper {
@@ -326,12 +326,12 @@ async fn sweep(json: bool, config: &Config, name: &str) -> anyhow::Result<()> {
 }
 
 async fn local_kms(config: &Config) -> anyhow::Result<LocalKms> {
-    let root = config.require_root_key()?;
+    let root = config.require_root_keys()?;
     let store = Store::connect(config.require_database_url()?, 2).await?;
     store.migrate().await?;
     Ok(LocalKms::new(
         store,
-        Arc::new(Sealer::new(&root, crate::daemon::LOCAL_KMS_PURPOSE)),
+        Arc::new(Sealer::with_previous(&root, LOCAL_KMS_PURPOSE)),
     ))
 }
 
@@ -439,7 +439,7 @@ async fn kms_local(json: bool, config: &Config, op: LocalOp) -> anyhow::Result<(
 }
 
 async fn verify_deks(json: bool, config: &Config, tenant: &str) -> anyhow::Result<()> {
-    let root = config.require_root_key()?;
+    let root = config.require_root_keys()?;
     let store = Store::connect(config.require_database_url()?, 2).await?;
     let kms = crate::daemon::build_kms(&store, &root, &config.kms)?;
     let keys = Keys::new(store, kms, Arc::default(), Arc::default());

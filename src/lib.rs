@@ -29,7 +29,7 @@
 //!   every notification byokd sends, with its facts, audience and advice.
 //! * `http`: health, metrics and the admin API.
 //! * `store`: all SQL, behind a back-end-neutral API.
-//! * `seal`: encryption of secrets at rest under the root key.
+//! * `seal`: encryption of secrets at rest under the root key (current and previous keys).
 //! * `daemon`: `run`, wiring it all together with graceful shutdown.
 //!
 //! Data flows one way: intake -> normalize -> lifecycle (one transaction) -> ack; slow work
