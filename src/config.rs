@@ -738,7 +738,7 @@ impl Config {
     pub fn require_root_key(&self) -> Result<RootKey, ConfigError> {
         let key = self.local_kms_root_key.as_ref().ok_or_else(|| {
             ConfigError(vec![format!(
-                "{ROOT_KEY_VAR} is not set (generate one with: openssl rand -base64 32)"
+                "{ROOT_KEY_VAR} is not set (generate one with: byokd root-key generate)"
             )])
         })?;
         decode_root_key(key.expose_secret(), ROOT_KEY_VAR).map_err(|e| ConfigError(vec![e]))

@@ -1,5 +1,7 @@
 //! Sealing secrets at rest under a key derived from the root key: webhook signing secrets
 //! ([`WEBHOOK_SECRET_PURPOSE`]) and the local KMS's key material ([`LOCAL_KMS_PURPOSE`]).
+//! `byokd root-key rotate` (the `rootkey` module) re-seals every one of them; whatever starts
+//! sealing something new under the root key must be added there.
 //!
 //! Webhook secrets must be recoverable to sign requests, so they cannot be hashed; they are
 //! stored AES-256-GCM encrypted instead. The sealing key is derived from the root key with
@@ -10,13 +12,15 @@
 //! Version 2 (written by [`Sealer::seal`] and [`Sealer::seal_bytes`]):
 //! `0x02 | key id (8) | nonce (12) | ciphertext and tag`. The key id names the root key
 //! (the first 8 bytes of HMAC-SHA256(root key, "byokd/seal/key-id")), so opening picks the
-//! right key among the current and previous ones without trial decryption, and what is not
-//! yet under the current key shows in a prefix comparison. The associated data is `"byokd/seal/v2" | purpose (length-prefixed) | key id |
+//! right key among the current and previous ones without trial decryption, and
+//! `root-key rotate` finds what is not yet under the current key with a prefix comparison in
+//! SQL. The associated data is `"byokd/seal/v2" | purpose (length-prefixed) | key id |
 //! binding`, where the binding is the caller's statement of what the secret belongs to (the
 //! local KMS: key and version), so a blob moved to another row does not open.
 //!
 //! Version 1 (legacy, read only): `0x01 | nonce | ciphertext and tag`, associated data the
 //! purpose alone: no key id (opening tries each configured root key) and no binding.
+//! `root-key rotate` rewrites such blobs as version 2.
 
 use crate::config::{RootKey, RootKeys};
 use aes_gcm::aead::{Aead, Payload};
@@ -248,6 +252,13 @@ fn decrypt(
         .map(Zeroizing::new)
 }
 
+/// A new root key: base64 of 32 random bytes (what `BYOKD_LOCAL_KMS_ROOT_KEY` takes).
+pub fn generate_root_key() -> SecretString {
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    rand::rng().fill_bytes(bytes.as_mut());
+    SecretString::from(base64::engine::general_purpose::STANDARD.encode(bytes.as_ref()))
+}
+
 /// A new Standard Webhooks signing secret: `whsec_` + base64 of 24 random bytes.
 pub fn generate_webhook_secret() -> SecretString {
     let mut bytes = Zeroizing::new([0u8; 24]);
@@ -394,12 +405,18 @@ mod tests {
     }
 
     #[test]
-    fn generated_secrets_have_the_standard_webhooks_shape() {
+    fn generated_keys_and_secrets_have_their_shapes() {
         let s = generate_webhook_secret();
         let b64 = s.expose_secret().strip_prefix("whsec_").expect("prefix");
         let raw = base64::engine::general_purpose::STANDARD
             .decode(b64)
             .expect("base64");
         assert_eq!(raw.len(), 24);
+        let key = generate_root_key();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(key.expose_secret())
+            .expect("base64");
+        assert_eq!(raw.len(), 32);
+        assert_ne!(key.expose_secret(), generate_root_key().expose_secret());
     }
 }

@@ -44,6 +44,7 @@ macro_rules! query_recipients {
 mod audit;
 mod kms;
 mod outbox;
+mod reseal;
 mod rewrap;
 mod sweeps;
 
