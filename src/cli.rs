@@ -8,12 +8,14 @@ use crate::events::normalize::canonical;
 use crate::events::normalize::normalize;
 use crate::keys::Keys;
 use crate::kms::LocalKms;
-use crate::seal::Sealer;
+use crate::rootkey::RootKeyRotation;
+use crate::seal::{LOCAL_KMS_PURPOSE, Sealer};
 use crate::store::{AuditRow, Store};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use lapin::BasicProperties;
+use secrecy::ExposeSecret;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -73,6 +75,12 @@ pub enum Command {
         #[command(subcommand)]
         command: ClientsCommand,
     },
+    /// Make or rotate the root key that seals secrets at rest.
+    RootKey {
+        /// What to do.
+        #[command(subcommand)]
+        command: RootKeyCommand,
+    },
 }
 
 /// `byokd clients ...`
@@ -96,6 +104,24 @@ pub enum ClientsCommand {
     Revoke {
         /// The client's name.
         name: String,
+    },
+}
+
+/// `byokd root-key ...`
+#[derive(Debug, Subcommand)]
+pub enum RootKeyCommand {
+    /// Print a new random root key (base64 of 32 bytes); needs no configuration.
+    Generate,
+    /// Re-seal everything under the current root key, in resumable batches.
+    ///
+    /// Whatever is sealed under a previous root key (BYOKD_LOCAL_KMS_PREVIOUS_ROOT_KEYS) or in
+    /// the legacy seal format is re-sealed under BYOKD_LOCAL_KMS_ROOT_KEY. Daemons configured
+    /// with both keys keep working meanwhile; once it reports nothing left under another root
+    /// key, the previous keys can be removed from the configuration.
+    Rotate {
+        /// Values re-sealed per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        batch_size: i64,
     },
 }
 
@@ -175,6 +201,14 @@ pub enum DeksCommand {
 /// Whatever made the command fail; `main` prints it as one line.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::RootKey {
+        command: RootKeyCommand::Generate,
+    } = cli.command
+    {
+        // Before the configuration is loaded: making a key must not need one.
+        generate_root_key(cli.json);
+        return Ok(());
+    }
     crate::install_crypto_provider();
     let config = Config::load()?;
     crate::telemetry::init_logging(config.log_format);
@@ -211,6 +245,15 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
             command: DeksCommand::Verify { tenant },
         } => verify_deks(cli.json, &config, &tenant).await,
         Command::Clients { command } => clients(cli.json, &config, command).await,
+        Command::RootKey {
+            command: RootKeyCommand::Rotate { batch_size },
+        } => rotate_root_key(cli.json, &config, batch_size).await,
+        Command::RootKey {
+            command: RootKeyCommand::Generate,
+        } => {
+            generate_root_key(cli.json);
+            Ok(())
+        }
         Command::CheckConfig => {
             crate::rewrap::rate_limits(&config.rewrap)
                 .map_err(|e| anyhow::anyhow!("rewrap.rate_limits: {e}"))?;
@@ -387,7 +430,7 @@ fn read_stdin() -> anyhow::Result<Vec<u8>> {
 
 async fn sweep(json: bool, config: &Config, name: &str) -> anyhow::Result<()> {
     let schedules = crate::sweeps::load_dir(&config.schedules_dir)?;
-    let root = config.require_root_key()?;
+    let root = config.require_root_keys()?;
     let store = Store::connect(config.require_database_url()?, 4).await?;
     store.migrate().await?;
     let sweeper = crate::sweeps::Sweeper {
@@ -411,12 +454,12 @@ async fn sweep(json: bool, config: &Config, name: &str) -> anyhow::Result<()> {
 }
 
 async fn local_kms(config: &Config) -> anyhow::Result<LocalKms> {
-    let root = config.require_root_key()?;
+    let root = config.require_root_keys()?;
     let store = Store::connect(config.require_database_url()?, 2).await?;
     store.migrate().await?;
     Ok(LocalKms::new(
         store,
-        Arc::new(Sealer::new(&root, crate::daemon::LOCAL_KMS_PURPOSE)),
+        Arc::new(Sealer::with_previous(&root, LOCAL_KMS_PURPOSE)),
     ))
 }
 
@@ -541,7 +584,7 @@ async fn kms_local(json: bool, config: &Config, op: LocalOp) -> anyhow::Result<(
 }
 
 async fn verify_deks(json: bool, config: &Config, tenant: &str) -> anyhow::Result<()> {
-    let root = config.require_root_key()?;
+    let root = config.require_root_keys()?;
     let store = Store::connect(config.require_database_url()?, 2).await?;
     let kms = crate::daemon::build_kms(&store, &root, &config.kms)?;
     let keys = Keys::new(store.clone(), kms, Arc::default(), Arc::default());
@@ -576,6 +619,56 @@ async fn verify_deks(json: bool, config: &Config, tenant: &str) -> anyhow::Resul
             "{} of {} DEKs failed verification",
             report.failed,
             report.total
+        );
+    }
+    Ok(())
+}
+
+fn generate_root_key(json: bool) {
+    let key = crate::seal::generate_root_key();
+    print(
+        json,
+        &serde_json::json!({ "root_key": key.expose_secret() }),
+        key.expose_secret(),
+    );
+}
+
+async fn rotate_root_key(json: bool, config: &Config, batch_size: i64) -> anyhow::Result<()> {
+    let keys = config.require_root_keys()?;
+    let store = Store::connect(config.require_database_url()?, 2).await?;
+    store.migrate().await?;
+    let previous = keys.previous.len();
+    let report = RootKeyRotation::new(store, &keys, batch_size).run().await?;
+    let (l, w) = (&report.local_kms_keys, &report.webhook_secrets);
+    let text = format!(
+        "re-sealed under the current root key: {} of {} local KMS key versions, {} of {} \
+         webhook secrets; {} failed, {} still under another root key{}",
+        l.resealed,
+        l.total,
+        w.resealed,
+        w.total,
+        l.failed + w.failed,
+        l.remaining + w.remaining,
+        if report.complete() && previous > 0 {
+            "; BYOKD_LOCAL_KMS_PREVIOUS_ROOT_KEYS can now be removed"
+        } else {
+            ""
+        }
+    );
+    print(json, &serde_json::to_value(&report)?, &text);
+    let failed = l.failed + w.failed;
+    if failed > 0 {
+        bail!(
+            "{failed} sealed values cannot be opened with any configured root key and were left \
+             as they are: {}",
+            report.failures.join("; ")
+        );
+    }
+    if !report.complete() {
+        bail!(
+            "{} values were sealed under another root key while the rotation ran (is a daemon \
+             still configured with the old root key as current?); run it again",
+            l.remaining + w.remaining
         );
     }
     Ok(())

@@ -394,6 +394,9 @@ pub struct Config {
     pub schedules_dir: PathBuf,
     /// Base64 of 32 bytes: seals the local KMS keyring and webhook secrets.
     pub local_kms_root_key: Option<SecretString>,
+    /// Comma-separated base64 root keys that sealed data may still be under: opened, never
+    /// used to seal. Set while `byokd root-key rotate` moves everything to the current key.
+    pub local_kms_previous_root_keys: Option<SecretString>,
     /// Log format.
     pub log_format: LogFormat,
     /// Comma-separated CIDR ranges exempt from the webhook SSRF guard.
@@ -436,6 +439,7 @@ impl Default for Config {
             admin_token: None,
             schedules_dir: PathBuf::from("./schedules"),
             local_kms_root_key: None,
+            local_kms_previous_root_keys: None,
             log_format: LogFormat::Text,
             webhook_allow_cidrs: None,
             shutdown_grace_secs: 20,
@@ -479,6 +483,13 @@ impl std::fmt::Debug for Config {
             .field(
                 "local_kms_root_key",
                 &self.local_kms_root_key.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field(
+                "local_kms_previous_root_keys",
+                &self
+                    .local_kms_previous_root_keys
+                    .as_ref()
+                    .map(|_| "[REDACTED]"),
             )
             .field("log_format", &self.log_format)
             .field("webhook_allow_cidrs", &self.webhook_allow_cidrs)
@@ -540,19 +551,73 @@ impl std::fmt::Debug for RootKey {
     }
 }
 
-fn decode_root_key(b64: &str) -> Result<RootKey, String> {
+/// The root key that seals, and the previous ones sealed data may still be under.
+pub struct RootKeys {
+    /// `BYOKD_LOCAL_KMS_ROOT_KEY`: seals everything, and opens first.
+    pub current: RootKey,
+    /// `BYOKD_LOCAL_KMS_PREVIOUS_ROOT_KEYS`, in the order given: only open.
+    pub previous: Vec<RootKey>,
+}
+
+impl std::fmt::Debug for RootKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RootKeys([REDACTED], {} previous [REDACTED])",
+            self.previous.len()
+        )
+    }
+}
+
+const ROOT_KEY_VAR: &str = "BYOKD_LOCAL_KMS_ROOT_KEY";
+const PREVIOUS_ROOT_KEYS_VAR: &str = "BYOKD_LOCAL_KMS_PREVIOUS_ROOT_KEYS";
+
+/// Decodes one root key; errors name `what` (the variable, and which of a list) and never
+/// show the value.
+fn decode_root_key(b64: &str, what: &str) -> Result<RootKey, String> {
     let bytes = Zeroizing::new(
         base64::engine::general_purpose::STANDARD
             .decode(b64.trim())
-            .map_err(|_| "BYOKD_LOCAL_KMS_ROOT_KEY is not valid base64".to_owned())?,
+            .map_err(|_| format!("{what} is not valid base64"))?,
     );
-    let array: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-        format!(
-            "BYOKD_LOCAL_KMS_ROOT_KEY must decode to 32 bytes, got {}",
-            bytes.len()
-        )
-    })?;
+    let array: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| format!("{what} must decode to 32 bytes, got {}", bytes.len()))?;
     Ok(RootKey(Zeroizing::new(array)))
+}
+
+/// Decodes the previous root keys (comma-separated), refusing the current one among them:
+/// listing it is harmless to byokd but says the operator changed the wrong variable.
+fn decode_previous_root_keys(
+    list: &str,
+    current: Option<&RootKey>,
+) -> Result<Vec<RootKey>, String> {
+    let parts: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    let mut keys = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let key = decode_root_key(
+            part,
+            &format!(
+                "{PREVIOUS_ROOT_KEYS_VAR} (key {} of {})",
+                i + 1,
+                parts.len()
+            ),
+        )?;
+        if current.is_some_and(|c| c.0 == key.0) {
+            return Err(format!(
+                "{PREVIOUS_ROOT_KEYS_VAR} (key {} of {}) is the current root key ({ROOT_KEY_VAR}); list only keys being retired",
+                i + 1,
+                parts.len()
+            ));
+        }
+        keys.push(key);
+    }
+    Ok(keys)
 }
 
 impl Config {
@@ -595,10 +660,34 @@ impl Config {
                 redact_url(url)
             ));
         }
-        if let Some(key) = &self.local_kms_root_key
-            && let Err(e) = decode_root_key(key.expose_secret())
+        let current = match self
+            .local_kms_root_key
+            .as_ref()
+            .map(|key| decode_root_key(key.expose_secret(), ROOT_KEY_VAR))
         {
-            errors.push(e);
+            Some(Ok(key)) => Some(key),
+            Some(Err(e)) => {
+                errors.push(e);
+                None
+            }
+            None => None,
+        };
+        // An empty list (`BYOKD_LOCAL_KMS_PREVIOUS_ROOT_KEYS=`) is no list.
+        let previous = self
+            .local_kms_previous_root_keys
+            .as_ref()
+            .filter(|list| !list.expose_secret().trim().is_empty());
+        match (previous, &self.local_kms_root_key) {
+            (Some(_), None) => errors.push(format!(
+                "{PREVIOUS_ROOT_KEYS_VAR} is set but {ROOT_KEY_VAR} is not: the current root key seals, the previous ones only open"
+            )),
+            (Some(list), Some(_)) => {
+                if let Err(e) = decode_previous_root_keys(list.expose_secret(), current.as_ref())
+                {
+                    errors.push(e);
+                }
+            }
+            (None, _) => {}
         }
         if self
             .admin_token
@@ -708,12 +797,22 @@ impl Config {
     /// made up at start would make every sealed secret unreadable after a restart.
     pub fn require_root_key(&self) -> Result<RootKey, ConfigError> {
         let key = self.local_kms_root_key.as_ref().ok_or_else(|| {
-            ConfigError(vec![
-                "BYOKD_LOCAL_KMS_ROOT_KEY is not set (generate one with: openssl rand -base64 32)"
-                    .to_owned(),
-            ])
+            ConfigError(vec![format!(
+                "{ROOT_KEY_VAR} is not set (generate one with: byokd root-key generate)"
+            )])
         })?;
-        decode_root_key(key.expose_secret()).map_err(|e| ConfigError(vec![e]))
+        decode_root_key(key.expose_secret(), ROOT_KEY_VAR).map_err(|e| ConfigError(vec![e]))
+    }
+
+    /// The current root key and the previous ones (see [`Config::require_root_key`]).
+    pub fn require_root_keys(&self) -> Result<RootKeys, ConfigError> {
+        let current = self.require_root_key()?;
+        let previous = match &self.local_kms_previous_root_keys {
+            Some(list) => decode_previous_root_keys(list.expose_secret(), Some(&current))
+                .map_err(|e| ConfigError(vec![e]))?,
+            None => Vec::new(),
+        };
+        Ok(RootKeys { current, previous })
     }
 }
 
@@ -740,11 +839,16 @@ mod tests {
             local_kms_root_key: Some(SecretString::from(
                 "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
             )),
+            local_kms_previous_root_keys: Some(SecretString::from(
+                "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=",
+            )),
             smtp_url: Some(SecretString::from("smtp://u:pw-smtp@mail:25")),
             ..Config::default()
         };
         let debug = format!("{config:?}");
-        for secret in ["pw-db", "token-0123", "AAAAAAAA", "pw-smtp"] {
+        let keys = config.require_root_keys().expect("keys");
+        let debug = format!("{debug} {keys:?}");
+        for secret in ["pw-db", "token-0123", "AAAAAAAA", "QkJCQkJC", "pw-smtp"] {
             assert!(!debug.contains(secret), "{secret} leaked: {debug}");
         }
     }
@@ -778,5 +882,51 @@ mod tests {
         let err = config.validate().expect_err("invalid").0;
         assert_eq!(err.len(), 4, "{err:?}");
         assert!(err[2].contains("32 bytes, got 5"), "{err:?}");
+    }
+
+    #[test]
+    fn previous_root_keys_are_a_checked_comma_separated_list() {
+        const A: &str = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
+        const B: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
+        const C: &str = "Q0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0M=";
+        let config = |current: Option<&str>, previous: &str| Config {
+            local_kms_root_key: current.map(|c| SecretString::from(c.to_owned())),
+            local_kms_previous_root_keys: Some(SecretString::from(previous.to_owned())),
+            ..Config::default()
+        };
+        let keys = config(Some(C), &format!(" {A}, {B} ,"))
+            .require_root_keys()
+            .expect("valid");
+        assert_eq!(*keys.current.0, [b'C'; 32]);
+        let previous: Vec<[u8; 32]> = keys.previous.iter().map(|k| *k.0).collect();
+        assert_eq!(previous, [[b'A'; 32], [b'B'; 32]]);
+
+        let short = config(Some(C), &format!("{A},c2hvcnQ=")).validate();
+        assert_eq!(
+            short.expect_err("short").0,
+            ["BYOKD_LOCAL_KMS_PREVIOUS_ROOT_KEYS (key 2 of 2) must decode to 32 bytes, got 5"]
+        );
+        let repeated = config(Some(C), &format!("{A},{C}")).validate();
+        let err = repeated.expect_err("current").to_string();
+        assert!(err.contains("key 2 of 2) is the current root key"), "{err}");
+        assert!(!err.contains("QUFB") && !err.contains("Q0ND"), "{err}");
+        let alone = config(None, A).validate();
+        let err = alone.expect_err("no current key").to_string();
+        assert!(err.contains("BYOKD_LOCAL_KMS_ROOT_KEY is not"), "{err}");
+        assert!(
+            config(None, " ").validate().is_ok(),
+            "an empty list is no list"
+        );
+        let only_current = Config {
+            local_kms_root_key: Some(SecretString::from(C.to_owned())),
+            ..Config::default()
+        };
+        assert!(
+            only_current
+                .require_root_keys()
+                .expect("keys")
+                .previous
+                .is_empty()
+        );
     }
 }

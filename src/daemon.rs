@@ -33,7 +33,7 @@ use crate::notify::access::{self, Relay};
 use crate::notify::outbox::{self as notify_outbox, Dispatcher, NotifyError};
 use crate::reconcile::{self, Confirmer};
 use crate::rewrap::{self, Rewrapper};
-use crate::seal::Sealer;
+use crate::seal::{LOCAL_KMS_PURPOSE, Sealer, WEBHOOK_SECRET_PURPOSE};
 use crate::store::{Store, StoreError};
 use crate::sweeps::{self, Sweeper, Wakers};
 use std::collections::HashMap;
@@ -44,11 +44,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::{Id, JoinSet};
 use tokio::time::Instant;
-
-/// Sealing purpose of webhook signing secrets.
-pub const WEBHOOK_SECRET_PURPOSE: &str = "webhook-secret";
-/// Sealing purpose of the local KMS's key material.
-pub const LOCAL_KMS_PURPOSE: &str = "local-kms-key";
 
 /// Why the daemon could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -84,12 +79,12 @@ pub enum RunError {
 /// A provider's client cannot be built.
 pub fn build_kms(
     store: &Store,
-    root_key: &crate::config::RootKey,
+    root_keys: &crate::config::RootKeys,
     settings: &crate::config::KmsSettings,
 ) -> Result<Kms, RunError> {
     let mut kms = Kms::with_local(LocalKms::new(
         store.clone(),
-        Arc::new(Sealer::new(root_key, LOCAL_KMS_PURPOSE)),
+        Arc::new(Sealer::with_previous(root_keys, LOCAL_KMS_PURPOSE)),
     ));
     if let Some(vault) = &settings.vault {
         kms = kms.with_vault(
@@ -150,7 +145,7 @@ async fn supervise(
 ) -> Result<(), RunError> {
     let database_url = config.require_database_url()?.to_owned();
     let amqp_url = config.require_amqp_url()?.to_owned();
-    let root_key = config.require_root_key()?;
+    let root_keys = config.require_root_keys()?;
     let schedules = Arc::new(sweeps::load_dir(&config.schedules_dir)?);
     rewrap::rate_limits(&config.rewrap)
         .map_err(|e| ConfigError(vec![format!("rewrap.rate_limits: {e}")]))?;
@@ -159,7 +154,7 @@ async fn supervise(
     store.migrate().await?;
     crate::telemetry::metrics();
 
-    let sealer = Arc::new(Sealer::new(&root_key, WEBHOOK_SECRET_PURPOSE));
+    let sealer = Arc::new(Sealer::with_previous(&root_keys, WEBHOOK_SECRET_PURPOSE));
     let notify_store = Store::connect(&database_url, config.notify.database_connections).await?;
     let dispatcher = Dispatcher::new(notify_store, &config, sealer.clone())?;
 
@@ -175,7 +170,7 @@ async fn supervise(
     let publisher = Arc::new(Publisher::new(amqp_url.clone()));
     let rewrap_work = Arc::new(Notify::new());
     let confirm_work = Arc::new(Notify::new());
-    let kms = build_kms(&store, &root_key, &config.kms)?;
+    let kms = build_kms(&store, &root_keys, &config.kms)?;
 
     let intake = Intake {
         queue: config.amqp.lifecycle_queue.clone(),
@@ -241,7 +236,7 @@ async fn supervise(
     // Confirmations and sweeps ask KMSs in bursts (the local KMS through the database): a
     // pool of their own keeps them from taking the consumer's connections.
     let reconcile_store = Store::connect(&database_url, config.state.database_connections).await?;
-    let reconcile_kms = build_kms(&reconcile_store, &root_key, &config.kms)?;
+    let reconcile_kms = build_kms(&reconcile_store, &root_keys, &config.kms)?;
     let confirmer = Confirmer::new(
         reconcile_store.clone(),
         reconcile_kms.clone(),
@@ -286,7 +281,7 @@ async fn supervise(
         keys.clone(),
         crate::access::audit::AuditWriter::start(audit_store, config.access.audit_batch),
         &config.access,
-        &root_key.0,
+        &root_keys.current.0,
     );
     tasks.spawn(
         "access_invalidation",

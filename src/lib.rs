@@ -31,7 +31,8 @@
 //!   every notification byokd sends, with its facts, audience and advice.
 //! * `http`: health, metrics and the admin API.
 //! * `store`: all SQL, behind a back-end-neutral API.
-//! * `seal`: encryption of secrets at rest under the root key.
+//! * `seal`: encryption of secrets at rest under the root key (current and previous keys).
+//! * `rootkey`: root-key rotation, re-sealing everything sealed under the root key.
 //! * `daemon`: `run`, wiring it all together with graceful shutdown.
 //!
 //! Data flows one way: intake -> normalize -> lifecycle (one transaction) -> ack; slow work
@@ -51,6 +52,7 @@ pub mod lifecycle;
 pub mod notify;
 pub mod reconcile;
 pub mod rewrap;
+pub mod rootkey;
 pub mod seal;
 pub mod store;
 pub mod sweeps;

@@ -31,6 +31,8 @@ fn every_command_has_help() {
         vec!["migrate", "--help"],
         vec!["publish", "--help"],
         vec!["check-config", "--help"],
+        vec!["root-key", "generate", "--help"],
+        vec!["root-key", "rotate", "--help"],
     ] {
         let out = byokd().args(&args).output().expect("run byokd");
         assert!(out.status.success(), "{args:?}");
@@ -88,6 +90,53 @@ fn configuration_mistakes_are_one_clear_line() {
         .output()
         .expect("run");
     assert!(one_line_error(&out).contains("cannot read /nonexistent/event.json"));
+}
+
+#[test]
+fn root_key_generate_needs_no_configuration_and_rotate_needs_a_key() {
+    let keys: Vec<Vec<u8>> = (0..2)
+        .map(|_| {
+            // A broken configuration does not stop a key from being made.
+            let out = byokd()
+                .args(["root-key", "generate", "--json"])
+                .env("BYOKD_AMQP__PREFETCH", "lots")
+                .output()
+                .expect("run");
+            assert!(out.status.success(), "{out:?}");
+            let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+            base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                printed["root_key"].as_str().expect("root_key"),
+            )
+            .expect("base64")
+        })
+        .collect();
+    assert_eq!(keys[0].len(), 32);
+    assert_ne!(keys[0], keys[1]);
+
+    let out = byokd().args(["root-key", "rotate"]).output().expect("run");
+    let line = one_line_error(&out);
+    assert!(
+        line.contains(
+            "BYOKD_LOCAL_KMS_ROOT_KEY is not set (generate one with: byokd root-key generate)"
+        ),
+        "{line}"
+    );
+    let out = byokd()
+        .args(["root-key", "rotate"])
+        .env("BYOKD_LOCAL_KMS_ROOT_KEY", common::ROOT_KEY)
+        .env(
+            "BYOKD_LOCAL_KMS_PREVIOUS_ROOT_KEYS",
+            format!("{},c2hvcnQ=", common::ROOT_KEY),
+        )
+        .output()
+        .expect("run");
+    let line = one_line_error(&out);
+    assert!(
+        line.contains("BYOKD_LOCAL_KMS_PREVIOUS_ROOT_KEYS (key 1 of 2) is the current root key"),
+        "{line}"
+    );
+    assert!(!line.contains(common::ROOT_KEY), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

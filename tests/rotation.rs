@@ -142,7 +142,12 @@ async fn local_kms_round_trips_binds_aad_detects_tampering_and_never_reuses_nonc
         .fetch_all(&app.pool)
         .await
         .expect("rows");
-    assert!(sealed.iter().all(|m| m.len() == 1 + 12 + 32 + 16));
+    assert!(
+        sealed
+            .iter()
+            .all(|m| m.len() == byokd::seal::PREFIX_LEN + 12 + 32 + 16),
+        "version and root key id, nonce, key, tag"
+    );
     app.shutdown().await;
 }
 
@@ -507,7 +512,7 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
     let store = byokd::store::Store::connect(&app.db.url, 4)
         .await
         .expect("store");
-    let root = app.config.require_root_key().expect("root");
+    let root = app.config.require_root_keys().expect("root");
     let kms = byokd::daemon::build_kms(&store, &root, &app.config.kms).expect("kms");
     let info = app.local_kms().await.rotate("key-f").await.expect("rotate");
     let event = rotated("rot-f", "key-f", info.current_version);
@@ -659,7 +664,7 @@ async fn a_worker_moves_on_to_the_next_job_while_others_hold_the_rest_of_one() {
     let store = byokd::store::Store::connect(&app.db.url, 4)
         .await
         .expect("store");
-    let root = app.config.require_root_key().expect("root");
+    let root = app.config.require_root_keys().expect("root");
     let kms = byokd::daemon::build_kms(&store, &root, &app.config.kms).expect("kms");
     let mut events = Vec::new();
     for t in ["ja", "jb"] {

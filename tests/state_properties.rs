@@ -253,13 +253,13 @@ async fn env() -> Env {
     let store = Store::connect(&db.url, 4).await.expect("store");
     store.migrate().await.expect("migrate");
     let config = common::test_config(&db.url, common::unique_amqp());
-    let root = config.require_root_key().expect("root key");
+    let root = config.require_root_keys().expect("root key");
     let kms = byokd::daemon::build_kms(&store, &root, &config.kms).expect("kms");
     let local = LocalKms::new(
         store.clone(),
-        Arc::new(byokd::seal::Sealer::new(
+        Arc::new(byokd::seal::Sealer::with_previous(
             &root,
-            byokd::daemon::LOCAL_KMS_PURPOSE,
+            byokd::seal::LOCAL_KMS_PURPOSE,
         )),
     );
     Env {

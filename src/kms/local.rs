@@ -1,6 +1,11 @@
 //! byokd's built-in KMS: versioned 256-bit KEKs kept in the database, each version sealed
 //! under the root key, used with AES-256-GCM and a random 96-bit nonce per wrap.
 //!
+//! Each version's seal is bound to the key's name and the version number
+//! ([`material_binding`]): material copied to another key's or version's row in the database
+//! does not open there ([`KmsError::SealedMaterial`]), so write access to the database cannot
+//! make one key decrypt with another's material.
+//!
 //! It behaves like a real KMS where byokd relies on it: a disabled, pending-deletion or
 //! destroyed key refuses to wrap and unwrap; an expired key still unwraps but refuses to wrap;
 //! old versions keep unwrapping after a rotation. Plaintext key material lives only in
@@ -46,16 +51,28 @@ fn info(row: &LocalKeyRow, now: DateTime<Utc>) -> KeyInfo {
     }
 }
 
+/// What the seal of `version` of `key_ref` is bound to: the name (length-prefixed) and the
+/// version, so the seal names exactly one row.
+pub fn material_binding(key_ref: &str, version: i32) -> Vec<u8> {
+    let mut binding = Vec::with_capacity(4 + key_ref.len() + 4);
+    binding.extend_from_slice(&(key_ref.len() as u32).to_be_bytes());
+    binding.extend_from_slice(key_ref.as_bytes());
+    binding.extend_from_slice(&version.to_be_bytes());
+    binding
+}
+
 impl LocalKms {
     /// A keyring stored in `store`, sealed by `sealer` (purpose `local-kms-key`).
     pub fn new(store: Store, sealer: Arc<Sealer>) -> LocalKms {
         LocalKms { store, sealer }
     }
 
-    fn new_material(&self) -> Vec<u8> {
+    /// Fresh key material for `version` of `key_ref`, sealed and bound to both.
+    fn new_material(&self, key_ref: &str, version: i32) -> Vec<u8> {
         let mut key = Zeroizing::new([0u8; 32]);
         rand::rng().fill_bytes(key.as_mut());
-        self.sealer.seal_bytes(key.as_ref())
+        self.sealer
+            .seal_bytes(key.as_ref(), &material_binding(key_ref, version))
     }
 
     /// Creates a key at version 1.
@@ -66,7 +83,7 @@ impl LocalKms {
     ) -> Result<KeyInfo, KmsError> {
         let row = self
             .store
-            .local_key_create(key_ref, &self.new_material(), expires_at)
+            .local_key_create(key_ref, &self.new_material(key_ref, 1), expires_at)
             .await?;
         Ok(info(&row, Utc::now()))
     }
@@ -75,7 +92,7 @@ impl LocalKms {
     pub async fn rotate(&self, key_ref: &str) -> Result<KeyInfo, KmsError> {
         let row = self
             .store
-            .local_key_rotate(key_ref, &self.new_material())
+            .local_key_rotate(key_ref, |version| self.new_material(key_ref, version))
             .await
             .map_err(|e| self.not_found(key_ref, e))?;
         Ok(info(&row, Utc::now()))
@@ -135,8 +152,12 @@ impl LocalKms {
         for (version, blob) in sealed {
             let key = self
                 .sealer
-                .open_bytes(&blob)
-                .map_err(|_| KmsError::Integrity)?;
+                .open_bytes(&blob, &material_binding(&row.key_ref, version))
+                .map_err(|reason| KmsError::SealedMaterial {
+                    key_ref: row.key_ref.clone(),
+                    version,
+                    reason,
+                })?;
             keys.insert(version, key);
         }
         Ok((row, keys))

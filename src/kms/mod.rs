@@ -159,6 +159,17 @@ pub enum KmsError {
         "wrapped DEK does not authenticate (wrong key or version, moved to another row, or tampered)"
     )]
     Integrity,
+    /// The local keyring cannot open a key version's sealed material: it was moved from
+    /// another key or version, tampered with, or sealed under a root key not configured.
+    #[error("local key {key_ref:?} version {version}: cannot open its key material: {reason}")]
+    SealedMaterial {
+        /// Key.
+        key_ref: String,
+        /// Version.
+        version: i32,
+        /// Why.
+        reason: crate::seal::SealError,
+    },
     /// The requested key version does not exist.
     #[error("{provider} key {key_ref:?} has no version {version:?}")]
     NoSuchVersion {

@@ -27,6 +27,19 @@
 //! Transit's `encrypt` creates a missing key when the token may; registration therefore
 //! describes the key first, and byokd's token should not hold `create` on the transit mount
 //! (without it, `encrypt` on a missing key is a 403).
+//!
+//! Plaintext DEKs cross this module base64-encoded in JSON: in the `encrypt` request body and
+//! in the `decrypt` response body. Every buffer this module holds them in is zeroized when it
+//! is dropped: the request body is serialized into a [`Zeroizing`] buffer that grows without
+//! leaving copies behind ([`json_body`]), the response body is copied into one, its items are
+//! read into typed results whose `plaintext` is a `Zeroizing<String>` (no `serde_json::Value`
+//! ever holds a plaintext), and the base64 is decoded into a zeroizing array. The bytes
+//! handed to reqwest and received from it are zeroed too when this module holds the last
+//! reference once the call is done ([`scrub`]; with reqwest 0.13 and hyper 1 it does, for
+//! requests and responses alike). Out of reach, and so not zeroized: what hyper and rustls
+//! copy on the way (write and read buffers, TLS records), copies `http-body-util` makes to
+//! join a body received in several frames, serde_json's scratch buffer for strings with
+//! escapes (Transit's base64 has none), and the kernel's socket buffers.
 
 use super::{
     Dek, DekContext, KeyInfo, KmsError, KmsProvider, Wrapped, WrappedRef, canonical_key_ref,
@@ -34,13 +47,16 @@ use super::{
 use crate::domain::{KeyState, Provider};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
 use reqwest::StatusCode;
+use reqwest::header::CONTENT_TYPE;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
 use std::time::Duration;
 use url::Url;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::VaultSettings;
 
@@ -84,16 +100,106 @@ fn unreachable(detail: impl std::fmt::Display) -> KmsError {
     }
 }
 
-#[derive(Deserialize)]
-struct BatchResult {
-    #[serde(default)]
-    ciphertext: Option<String>,
-    #[serde(default)]
-    plaintext: Option<String>,
-    #[serde(default)]
+/// A batch request: `{"batch_input": [...]}`.
+#[derive(Serialize)]
+struct BatchInput<T> {
+    batch_input: Vec<T>,
+}
+
+/// One item of an `encrypt` batch; `plaintext` borrows a zeroizing buffer.
+#[derive(Serialize)]
+struct EncryptItem<'a> {
+    plaintext: &'a str,
+    associated_data: String,
+    /// Transit's batch encrypt ignores a top-level `key_version`: it must be on each item.
+    #[serde(skip_serializing_if = "Option::is_none")]
     key_version: Option<u64>,
-    #[serde(default)]
+}
+
+/// One item of a `decrypt` batch.
+#[derive(Serialize)]
+struct DecryptItem<'a> {
+    ciphertext: std::borrow::Cow<'a, str>,
+    associated_data: String,
+}
+
+/// A batch answer: `{"data": {"batch_results": [...]}}`.
+#[derive(Deserialize)]
+struct BatchOutput<T> {
+    data: BatchResults<T>,
+}
+
+#[derive(Deserialize)]
+struct BatchResults<T> {
+    batch_results: Vec<T>,
+}
+
+#[derive(Deserialize)]
+struct EncryptResult {
+    ciphertext: Option<String>,
+    key_version: Option<u64>,
     error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DecryptResult {
+    #[serde(default, deserialize_with = "zeroizing_string")]
+    plaintext: Option<Zeroizing<String>>,
+    error: Option<String>,
+}
+
+/// Reads a string straight into a zeroizing buffer (serde_json allocates it at its size, so
+/// nothing is reallocated and left behind).
+fn zeroizing_string<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Zeroizing<String>>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.map(Zeroizing::new))
+}
+
+/// Serializes a request body into a zeroizing buffer. Growing copies into a new zeroizing
+/// buffer, so a reallocation never leaves a copy of the plaintext in freed memory.
+fn json_body(value: &impl Serialize) -> Zeroizing<Vec<u8>> {
+    struct Writer(Zeroizing<Vec<u8>>);
+    impl std::io::Write for Writer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let needed = self.0.len() + buf.len();
+            if needed > self.0.capacity() {
+                let mut bigger =
+                    Zeroizing::new(Vec::with_capacity(needed.max(self.0.capacity() * 2)));
+                bigger.extend_from_slice(&self.0);
+                // The old buffer is zeroized as it drops.
+                self.0 = bigger;
+            }
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut writer = Writer(Zeroizing::new(Vec::with_capacity(4096)));
+    serde_json::to_writer(&mut writer, value)
+        .expect("serializing strings and numbers into memory cannot fail");
+    writer.0
+}
+
+/// Zeroes bytes shared with reqwest when this is the last reference to them (reqwest and
+/// hyper let go of a request body once it is sent); otherwise there is nothing it may touch.
+fn scrub(bytes: Bytes) {
+    if let Ok(mut owned) = bytes.try_into_mut() {
+        owned[..].zeroize();
+    }
+}
+
+/// A DEK from Transit's base64 plaintext, decoded into a zeroizing array.
+fn dek_from_base64(plaintext: &str) -> Result<Dek, KmsError> {
+    let mut raw = Zeroizing::new([0u8; 48]);
+    let len = B64
+        .decode_slice(plaintext, raw.as_mut())
+        .map_err(|_| KmsError::Integrity)?;
+    raw.get(..len)
+        .and_then(Dek::from_bytes)
+        .ok_or(KmsError::Integrity)
 }
 
 impl VaultKms {
@@ -141,29 +247,54 @@ impl VaultKms {
         Ok(url)
     }
 
-    /// Sends a request and classifies the answer (see the module docs); `Ok` carries the JSON
-    /// body of a 2xx, or of a 400 with batch results (a batch with a failed item).
-    async fn call(&self, key: &str, request: reqwest::RequestBuilder) -> Result<Value, KmsError> {
-        let response = request
-            .header("X-Vault-Token", self.token.expose_secret())
-            .send()
-            .await
-            .map_err(|e| unreachable(format!("request failed: {}", without_url(&e))))?;
+    /// Sends a request (with `body` as its JSON body) and classifies the answer (see the
+    /// module docs); `Ok` carries the body of a 2xx, or of a 400 with batch results (a batch
+    /// with a failed item), in a zeroizing buffer.
+    async fn call(
+        &self,
+        key: &str,
+        request: reqwest::RequestBuilder,
+        body: Option<Zeroizing<Vec<u8>>>,
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        let mut request = request.header("X-Vault-Token", self.token.expose_secret());
+        // reqwest takes the body as shared bytes: keeping a handle lets `scrub` zero them once
+        // the request is done.
+        let sent = body.map(|b| Bytes::copy_from_slice(&b));
+        if let Some(bytes) = &sent {
+            request = request
+                .header(CONTENT_TYPE, "application/json")
+                .body(bytes.clone());
+        }
+        let response = request.send().await;
+        if let Some(bytes) = sent {
+            scrub(bytes);
+        }
+        let response =
+            response.map_err(|e| unreachable(format!("request failed: {}", without_url(&e))))?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| {
+        let raw = response.bytes().await.map_err(|e| {
             unreachable(format!("reading the response failed: {}", without_url(&e)))
         })?;
-        classify(
-            key,
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        let body = Zeroizing::new(raw.to_vec());
+        scrub(raw);
+        classify(key, status, &body)?;
+        Ok(body)
     }
 
-    fn results(body: &Value, expected: usize) -> Result<Vec<BatchResult>, KmsError> {
-        let results: Vec<BatchResult> =
-            serde_json::from_value(body["data"]["batch_results"].clone())
-                .map_err(|e| unreachable(format!("unexpected response: {e}")))?;
+    /// The batch results of an answer, exactly `expected` of them. An answer that is not
+    /// Transit's is reported by position only: serde's messages can quote values.
+    fn results<T: DeserializeOwned>(body: &[u8], expected: usize) -> Result<Vec<T>, KmsError> {
+        let results = serde_json::from_slice::<BatchOutput<T>>(body)
+            .map_err(|e| {
+                unreachable(format!(
+                    "unexpected response ({:?} error at line {}, column {})",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                ))
+            })?
+            .data
+            .batch_results;
         if results.len() != expected {
             return Err(unreachable(format!(
                 "expected {expected} batch results, got {}",
@@ -186,14 +317,19 @@ fn vault_errors(body: &Value) -> Option<Vec<String>> {
         .collect()
 }
 
+/// Whether a body holds batch results, read without keeping any of their values.
+fn has_batch_results(body: &[u8]) -> bool {
+    serde_json::from_slice::<BatchOutput<IgnoredAny>>(body).is_ok()
+}
+
 /// What an HTTP answer says about `key`. Only Vault's own error body makes a 404, 403 or 400
 /// definitive; see the module docs.
-fn classify(key: &str, status: StatusCode, body: Value) -> Result<Value, KmsError> {
-    if status.is_success()
-        || status == StatusCode::BAD_REQUEST && body["data"]["batch_results"].is_array()
-    {
-        return Ok(body);
+fn classify(key: &str, status: StatusCode, body: &[u8]) -> Result<(), KmsError> {
+    if status.is_success() || status == StatusCode::BAD_REQUEST && has_batch_results(body) {
+        return Ok(());
     }
+    // An error answer carries no plaintext: reading it as a `Value` is safe.
+    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let Some(errors) = vault_errors(&body) else {
         return Err(unreachable(format!(
             "HTTP {status} without Vault's error body (a proxy or another server answered)"
@@ -235,8 +371,9 @@ impl KmsProvider for VaultKms {
     async fn describe(&self, key_ref: &str) -> Result<KeyInfo, KmsError> {
         let key = canonical_key_ref(Provider::Vault, key_ref)?;
         let body = self
-            .call(&key, self.client.get(self.url("keys", &key)?))
+            .call(&key, self.client.get(self.url("keys", &key)?), None)
             .await?;
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let data = &body["data"];
         let latest = data["latest_version"]
             .as_u64()
@@ -262,7 +399,6 @@ impl KmsProvider for VaultKms {
     ) -> Result<Vec<Wrapped>, KmsError> {
         let key = canonical_key_ref(Provider::Vault, key_ref)?;
         let url = self.url("encrypt", &key)?;
-        // Transit's batch encrypt ignores a top-level `key_version`: it must be on each item.
         let pinned = version
             .map(|v| {
                 v.parse::<u64>().map_err(|_| KmsError::NoSuchVersion {
@@ -272,24 +408,23 @@ impl KmsProvider for VaultKms {
                 })
             })
             .transpose()?;
-        let batch: Vec<Value> = items
+        let plaintexts: Vec<Zeroizing<String>> = items
             .iter()
-            .map(|(dek, ctx)| {
-                let plaintext = Zeroizing::new(B64.encode(dek.expose()));
-                let mut item = json!({ "plaintext": plaintext.as_str(),
-                                       "associated_data": B64.encode(ctx.aad()) });
-                if let Some(v) = pinned {
-                    item["key_version"] = v.into();
-                }
-                item
-            })
+            .map(|(dek, _)| Zeroizing::new(B64.encode(dek.expose())))
             .collect();
-        let body = json!({ "batch_input": batch });
-        let request = self.client.post(url).json(&body);
-        let response = self.call(&key, request).await?;
-        // Best effort: the request body held plaintext DEKs.
-        drop(body);
-        Self::results(&response, items.len())?
+        let body = json_body(&BatchInput {
+            batch_input: items
+                .iter()
+                .zip(&plaintexts)
+                .map(|((_, ctx), plaintext)| EncryptItem {
+                    plaintext: plaintext.as_str(),
+                    associated_data: B64.encode(ctx.aad()),
+                    key_version: pinned,
+                })
+                .collect(),
+        });
+        let response = self.call(&key, self.client.post(url), Some(body)).await?;
+        Self::results::<EncryptResult>(&response, items.len())?
             .into_iter()
             .map(|r| match (r.ciphertext, r.key_version, r.error) {
                 (Some(ct), Some(v), None) => Ok(Wrapped {
@@ -311,24 +446,20 @@ impl KmsProvider for VaultKms {
     ) -> Result<Vec<Result<Dek, KmsError>>, KmsError> {
         let key = canonical_key_ref(Provider::Vault, key_ref)?;
         let url = self.url("decrypt", &key)?;
-        let batch: Vec<Value> = items
-            .iter()
-            .map(|i| {
-                json!({
-                    "ciphertext": String::from_utf8_lossy(i.ciphertext),
-                    "associated_data": B64.encode(i.ctx.aad()),
+        let body = json_body(&BatchInput {
+            batch_input: items
+                .iter()
+                .map(|i| DecryptItem {
+                    ciphertext: String::from_utf8_lossy(i.ciphertext),
+                    associated_data: B64.encode(i.ctx.aad()),
                 })
-            })
-            .collect();
-        let request = self.client.post(url).json(&json!({ "batch_input": batch }));
-        let response = self.call(&key, request).await?;
-        Ok(Self::results(&response, items.len())?
+                .collect(),
+        });
+        let response = self.call(&key, self.client.post(url), Some(body)).await?;
+        Ok(Self::results::<DecryptResult>(&response, items.len())?
             .into_iter()
             .map(|r| match (r.plaintext, r.error) {
-                (Some(p), None) => {
-                    let raw = Zeroizing::new(B64.decode(p).map_err(|_| KmsError::Integrity)?);
-                    Dek::from_bytes(&raw).ok_or(KmsError::Integrity)
-                }
+                (Some(plaintext), None) => dek_from_base64(&plaintext),
                 _ => Err(KmsError::Integrity),
             })
             .collect())
@@ -338,6 +469,7 @@ impl KmsProvider for VaultKms {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn kms(address: &str, mount: &str) -> VaultKms {
         let settings: VaultSettings = serde_json::from_value(json!({
@@ -391,8 +523,9 @@ mod tests {
         }
     }
 
-    fn outcome(status: u16, body: Value) -> Result<Value, KmsError> {
-        classify("k", StatusCode::from_u16(status).expect("status"), body)
+    fn outcome(status: u16, body: Value) -> Result<(), KmsError> {
+        let body = serde_json::to_vec(&body).expect("json");
+        classify("k", StatusCode::from_u16(status).expect("status"), &body)
     }
 
     #[test]
@@ -446,5 +579,58 @@ mod tests {
         }
         assert!(outcome(200, json!({ "data": {} })).is_ok());
         assert!(outcome(400, json!({ "data": { "batch_results": [] } })).is_ok());
+        assert!(outcome(400, json!({ "data": { "batch_results": {} } })).is_err());
+    }
+
+    #[test]
+    fn decrypt_results_decode_into_deks_and_refuse_other_lengths() {
+        let dek = Dek::generate();
+        let body = json!({ "data": { "batch_results": [
+            { "plaintext": B64.encode(dek.expose()) },
+            { "plaintext": B64.encode([7u8; 31]) },
+            { "plaintext": B64.encode([7u8; 64]) },
+            { "plaintext": "not base64!" },
+            { "error": "cipher: message authentication failed" },
+        ] } });
+        let body = serde_json::to_vec(&body).expect("json");
+        let results = VaultKms::results::<DecryptResult>(&body, 5).expect("results");
+        let deks: Vec<Result<Dek, KmsError>> = results
+            .into_iter()
+            .map(|r| match (r.plaintext, r.error) {
+                (Some(p), None) => dek_from_base64(&p),
+                _ => Err(KmsError::Integrity),
+            })
+            .collect();
+        assert_eq!(deks[0].as_ref().expect("the DEK").kcv(), dek.kcv());
+        for bad in &deks[1..] {
+            assert!(matches!(bad, Err(KmsError::Integrity)));
+        }
+        assert!(matches!(
+            VaultKms::results::<DecryptResult>(&body, 4),
+            Err(KmsError::Unreachable { .. })
+        ));
+        // A malformed answer is reported by position, never by quoting its content (serde's
+        // own message would quote this string).
+        let secret = B64.encode(dek.expose());
+        let odd = serde_json::to_vec(&json!({ "data": { "batch_results": [
+            { "ciphertext": "vault:v1:x", "key_version": secret }
+        ] } }))
+        .expect("json");
+        match VaultKms::results::<EncryptResult>(&odd, 1) {
+            Err(e) => assert!(!e.to_string().contains(&secret), "{e}"),
+            Ok(_) => panic!("a string is not a key version"),
+        }
+    }
+
+    #[test]
+    fn request_bodies_grow_without_losing_content() {
+        let items: Vec<String> = (0..500).map(|i| format!("item-{i:04}")).collect();
+        let body = json_body(&BatchInput {
+            batch_input: items.iter().map(String::as_str).collect(),
+        });
+        let parsed: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(parsed["batch_input"].as_array().map(Vec::len), Some(500));
+        assert_eq!(parsed["batch_input"][499], "item-0499");
+        assert!(body.len() > 4096, "the buffer had to grow");
     }
 }

@@ -29,12 +29,14 @@ impl Store {
     }
 
     /// Adds a version and makes it current; refused for pending-deletion or destroyed keys.
+    /// `material` seals the new version's material for the version number it is given (the
+    /// seal is bound to it), under the key's lock.
     pub async fn local_key_rotate(
         &self,
         key_ref: &str,
-        material_sealed: &[u8],
+        material: impl FnOnce(i32) -> Vec<u8> + Send,
     ) -> Result<LocalKeyRow, StoreError> {
-        dispatch!(self, s => s.local_key_rotate(key_ref, material_sealed).await)
+        dispatch!(self, s => s.local_key_rotate(key_ref, material).await)
     }
 
     /// Moves a key to `to` when its state is one of `from` (else [`StoreError::Conflict`]).

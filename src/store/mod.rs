@@ -19,12 +19,14 @@ mod audit;
 mod kms;
 pub mod outbox;
 mod postgres;
+mod reseal;
 mod rewrap;
 mod sweeps;
 
 pub use audit::AuditEntry;
 pub use kms::LocalKeyRow;
 pub use postgres::PgStore;
+pub use reseal::{SealedCount, SealedMaterial, SealedWebhookSecrets};
 pub use rewrap::{
     ClaimedDek, DekRow, DekTarget, NewDek, NewRewrapJob, RewrapJob, RewrapJobView, RewrappedDek,
 };

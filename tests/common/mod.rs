@@ -298,12 +298,12 @@ impl TestApp {
         let store = byokd::store::Store::connect(&self.db.url, 2)
             .await
             .expect("store");
-        let root = self.config.require_root_key().expect("root key");
+        let root = self.config.require_root_keys().expect("root key");
         byokd::kms::LocalKms::new(
             store,
-            std::sync::Arc::new(byokd::seal::Sealer::new(
+            std::sync::Arc::new(byokd::seal::Sealer::with_previous(
                 &root,
-                byokd::daemon::LOCAL_KMS_PURPOSE,
+                byokd::seal::LOCAL_KMS_PURPOSE,
             )),
         )
     }

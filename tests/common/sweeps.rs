@@ -26,7 +26,7 @@ pub async fn sweeper(app: &TestApp) -> Sweeper {
     let store = byokd::store::Store::connect(&app.db.url, 4)
         .await
         .expect("store");
-    let root = app.config.require_root_key().expect("root");
+    let root = app.config.require_root_keys().expect("root");
     Sweeper {
         kms: byokd::daemon::build_kms(&store, &root, &app.config.kms).expect("kms"),
         store,

@@ -58,7 +58,7 @@ impl PgStore {
     pub(crate) async fn local_key_rotate(
         &self,
         key_ref: &str,
-        material_sealed: &[u8],
+        material: impl FnOnce(i32) -> Vec<u8> + Send,
     ) -> Result<LocalKeyRow, StoreError> {
         let mut tx = self.pool.begin().await?;
         let current = lock_key(&mut tx, key_ref).await?;
@@ -72,11 +72,12 @@ impl PgStore {
             )));
         }
         let next = current.current_version + 1;
+        let material_sealed = material(next);
         sqlx::query!(
             "INSERT INTO local_key_versions (key_ref, version, material_sealed) VALUES ($1, $2, $3)",
             key_ref,
             next,
-            material_sealed
+            &material_sealed
         )
         .execute(&mut *tx)
         .await?;

@@ -45,6 +45,7 @@ mod access;
 mod audit;
 mod kms;
 mod outbox;
+mod reseal;
 mod rewrap;
 mod sweeps;
 
