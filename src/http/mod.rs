@@ -5,7 +5,7 @@
 //! everyone. Errors are `{"error": "<one sentence>"}` with a meaningful status.
 //!
 //! `/readyz` reports what it is told: the consumers' [`ConsumerHealth`] and the daemon's dead
-//! tasks in the [`TaskRegistry`] that `crate::daemon`'s supervisor fills.
+//! tasks in the [`TaskRegistry`] that the daemon's supervisor fills.
 
 mod admin;
 mod deks;
