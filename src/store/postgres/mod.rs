@@ -47,6 +47,7 @@ mod outbox;
 mod rewrap;
 mod sweeps;
 
+pub(crate) use audit::PgAuditChainConn;
 pub(crate) use sweeps::PgScheduleLock;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
