@@ -370,6 +370,35 @@ impl StateSettings {
     }
 }
 
+/// The audit trail's chain (`[audit]`, `BYOKD_AUDIT__*`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditSettings {
+    /// How often the chainer looks for rows to chain when idle, and how often the other
+    /// replicas check whether the lead is free.
+    pub chain_interval_ms: u64,
+    /// Most rows chained in one transaction.
+    pub batch_size: i64,
+    /// How often the chainer records a checkpoint of the head (only when it moved).
+    pub checkpoint_interval_secs: u64,
+    /// `audit verify` reports a row still unchained this long after it was recorded.
+    pub pending_grace_secs: u64,
+    /// Database connections of the chainer's pool (it keeps one of them while it leads).
+    pub database_connections: u32,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            chain_interval_ms: 1000,
+            batch_size: 1000,
+            checkpoint_interval_secs: 60,
+            pending_grace_secs: 300,
+            database_connections: 2,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Deserialize)]
 #[serde(default)]
@@ -413,6 +442,8 @@ pub struct Config {
     pub notify: NotifySettings,
     /// `[state]`: event skew and confirmation of events at the KMS.
     pub state: StateSettings,
+    /// `[audit]`: the audit trail's chain and checkpoints.
+    pub audit: AuditSettings,
     /// The name tenants know the platform by, used in notifications (never "byokd", an
     /// internal component to them).
     pub platform_name: String,
@@ -448,6 +479,7 @@ impl Default for Config {
             kms: KmsSettings::default(),
             notify: NotifySettings::default(),
             state: StateSettings::default(),
+            audit: AuditSettings::default(),
             platform_name: "the platform".into(),
             operator_emails: Vec::new(),
             operator_webhooks: Vec::new(),
@@ -499,6 +531,7 @@ impl std::fmt::Debug for Config {
             .field("kms", &self.kms)
             .field("notify", &self.notify)
             .field("state", &self.state)
+            .field("audit", &self.audit)
             .field("platform_name", &self.platform_name)
             .field("operator_emails", &self.operator_emails)
             .field("operator_webhooks", &self.operator_webhooks)
@@ -768,6 +801,18 @@ impl Config {
         }
         if self.platform_name.trim().is_empty() {
             errors.push("BYOKD_PLATFORM_NAME must not be empty".to_owned());
+        }
+        let a = &self.audit;
+        if a.chain_interval_ms == 0
+            || a.batch_size < 1
+            || a.checkpoint_interval_secs == 0
+            || a.database_connections == 0
+        {
+            errors.push(
+                "audit.chain_interval_ms, batch_size, checkpoint_interval_secs and \
+                 database_connections must be at least 1"
+                    .to_owned(),
+            );
         }
         if self.database_max_connections < 2 {
             errors.push("database_max_connections must be at least 2".to_owned());

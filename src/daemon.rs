@@ -7,10 +7,10 @@
 //! # Supervision
 //!
 //! Every long-running task runs in one [`JoinSet`] under a name: `consumer`,
-//! `urgent_consumer`, `access_relay`, `outbox`, `rewrap_1`..`rewrap_N`, `confirmer`, `sweeps`
-//! and `http`. Each loop retries its own errors (a lost broker, database or KMS), so a task
-//! that panics, fails, or returns before it was told to stop has *died*: a bug, not a bad
-//! day. A replica with a dead task must not look healthy, so the supervisor then
+//! `urgent_consumer`, `access_relay`, `outbox`, `rewrap_1`..`rewrap_N`, `confirmer`, `sweeps`,
+//! `audit_chainer` and `http`. Each loop retries its own errors (a lost broker, database or
+//! KMS), so a task that panics, fails, or returns before it was told to stop has *died*: a
+//! bug, not a bad day. A replica with a dead task must not look healthy, so the supervisor then
 //!
 //! 1. logs the task and its cause at error level and records its name in the
 //!    [`TaskRegistry`], which turns `/readyz` to 503 naming it;
@@ -23,6 +23,7 @@
 //! grace period ends are aborted rather than awaited (their work is redelivered: unacked
 //! events go back to the queue, leased notifications and jobs are picked up again).
 
+use crate::audit::{self, ChainKey, Chainer};
 use crate::broker::Publisher;
 use crate::config::{Config, ConfigError};
 use crate::events::amqp::{self, ConsumerHealth, Intake};
@@ -287,6 +288,18 @@ async fn supervise(
         "access_invalidation",
         &stop_rx,
         crate::access::invalidate_loop(gate.clone(), store.clone(), stop_rx.clone()),
+    );
+    // The chainer keeps a connection while it leads (the advisory lock lives on it): a pool
+    // of its own keeps that connection from being one the API or the consumer needs.
+    let chainer = Chainer::new(
+        Store::connect(&database_url, config.audit.database_connections).await?,
+        ChainKey::derive(&root_keys.current),
+        config.audit.clone(),
+    );
+    tasks.spawn(
+        "audit_chainer",
+        &stop_rx,
+        audit::chain_loop(chainer, stop_rx.clone()),
     );
 
     let state = AppState {

@@ -29,6 +29,8 @@
 //!   `outbox` delivers tenant notifications by `email` (lettre) and `webhook` (Standard
 //!   Webhooks, SSRF-guarded), rendered by `render` from `templates/email/`; `catalog` is
 //!   every notification byokd sends, with its facts, audience and advice.
+//! * `audit`: tamper evidence of the audit trail (an HMAC chain in one total order across
+//!   replicas, its chainer task, checkpoints, `audit verify`) and its JSON lines export.
 //! * `http`: health, metrics and the admin API.
 //! * `store`: all SQL, behind a back-end-neutral API.
 //! * `seal`: encryption of secrets at rest under the root key (current and previous keys).
@@ -39,6 +41,7 @@
 //! is picked up later from the database by its own loop.
 
 pub mod access;
+pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -7,7 +7,7 @@ use crate::events::amqp::message_routing_key;
 use crate::events::normalize::{NormalizeError, check_times, normalize};
 use crate::keys::NewKek;
 use crate::seal::generate_webhook_secret;
-use crate::store::{AuditRow, NewTenant, NewWebhook};
+use crate::store::{AuditFilter, AuditRow, NewTenant, NewWebhook};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -278,18 +278,68 @@ pub(super) struct AuditQuery {
     tenant: Option<String>,
     before: Option<i64>,
     limit: Option<i64>,
+    client: Option<String>,
+    action: Option<String>,
+    outcome: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+/// An RFC 3339 time from the query string (400 naming the parameter otherwise).
+fn time_param(name: &str, value: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    value
+        .map(|v| {
+            DateTime::parse_from_rfc3339(v)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "{name} must be an RFC 3339 time such as 2026-11-29T10:00:00Z, \
+                             not {v:?}"
+                        ),
+                    )
+                })
+        })
+        .transpose()
 }
 
 /// A tenant's audit trail, newest first: every key operation and access decision, with
-/// where it came from (event, api, probe, sweep). Page with `before=<id>`.
+/// where it came from (event, api, probe, sweep) and its place in the chain. Filters:
+/// `client`, `action`, `outcome` (exact), `since` (inclusive) and `until` (exclusive), RFC
+/// 3339. Page with `before=<id>`.
 pub(super) async fn audit(
     State(state): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<AuditQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = super::tenant_param(&state, q.tenant).await?;
+    let filter = AuditFilter {
+        since: time_param("since", q.since.as_deref())?,
+        until: time_param("until", q.until.as_deref())?,
+        tenant: Some(super::tenant_param(&state, q.tenant).await?),
+        client: q.client,
+        action: q.action,
+        outcome: q.outcome,
+    };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let entries = state.store.audit_trail(&tenant, q.before, limit).await?;
-    Ok(Json(json!({ "tenant": tenant, "entries": entries })))
+    let entries = state.store.audit_trail(&filter, q.before, limit).await?;
+    Ok(Json(json!({ "tenant": filter.tenant, "entries": entries })))
+}
+
+#[derive(Deserialize)]
+pub(super) struct CheckpointsQuery {
+    before: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// Checkpoints of the audit chain's head, newest first: `{chain_seq, chain, at}`. Page with
+/// `before=<chain_seq>`.
+pub(super) async fn audit_checkpoints(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<CheckpointsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let checkpoints = state.store.audit_checkpoints(q.before, limit).await?;
+    Ok(Json(json!({ "checkpoints": checkpoints })))
 }
 
 /// Accepts one lifecycle message in any supported format and publishes it to the lifecycle

@@ -194,6 +194,7 @@ pub fn router(state: AppState) -> Router {
         .route("/rewrap-jobs", get(deks::rewrap_jobs))
         .route("/rewrap-jobs/{id}/retry", post(deks::retry_rewrap_job))
         .route("/audit", get(admin::audit))
+        .route("/audit/checkpoints", get(admin::audit_checkpoints))
         .route("/events", post(admin::post_event))
         .route("/notifications", get(notifications::list))
         .route("/notifications/{id}/retry", post(notifications::retry))

@@ -23,7 +23,10 @@ mod reseal;
 mod rewrap;
 mod sweeps;
 
-pub use audit::AuditEntry;
+pub use audit::{
+    AuditChainConn, AuditCheckpoint, AuditEntry, AuditFilter, ChainHead, ChainLink, ChainRecord,
+    PendingRows,
+};
 pub use kms::LocalKeyRow;
 pub use postgres::PgStore;
 pub use reseal::{SealedCount, SealedMaterial, SealedWebhookSecrets};
@@ -543,7 +546,8 @@ impl StoreTx {
         dispatch!(self, t => t.update_access(updates).await)
     }
 
-    /// Appends audit rows.
+    /// Appends audit rows, unchained: the audit chainer gives them their place in the chain
+    /// once this transaction and every older one have ended (the `audit` module).
     pub async fn audit(&mut self, rows: &[AuditRow]) -> Result<(), StoreError> {
         dispatch!(self, t => t.audit(rows).await)
     }

@@ -1,26 +1,333 @@
-//! PostgreSQL SQL of the audit trail's read side.
+//! PostgreSQL SQL of the audit trail: filtered reads, exports, the chain and its checkpoints.
 
 use super::PgStore;
-use crate::store::{AuditEntry, StoreError};
+use crate::store::{
+    AuditCheckpoint, AuditEntry, AuditFilter, ChainHead, ChainLink, ChainRecord, PendingRows,
+    StoreError,
+};
+use chrono::{DateTime, Utc};
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+
+/// A connection taken out of the pool for chaining, and whether it holds the chain's lock.
+pub(crate) struct PgAuditChainConn {
+    conn: PgConnection,
+    leading: bool,
+}
+
+impl PgAuditChainConn {
+    pub(crate) async fn try_lead(&mut self) -> Result<bool, StoreError> {
+        // Session-level advisory locks stack: taking it again while holding it would need as
+        // many unlocks, so a leader does not ask twice.
+        if !self.leading {
+            self.leading = sqlx::query_scalar!(
+                r#"SELECT pg_try_advisory_lock(hashtextextended('byokd-audit-chain', 0))
+                       AS "locked!""#
+            )
+            .fetch_one(&mut self.conn)
+            .await?;
+        }
+        Ok(self.leading)
+    }
+
+    pub(crate) async fn head(&mut self) -> Result<Option<ChainHead>, StoreError> {
+        head(&mut self.conn).await
+    }
+
+    pub(crate) async fn chain_batch(
+        &mut self,
+        limit: i64,
+        link: impl FnOnce(Option<&ChainHead>, &[ChainRecord]) -> Vec<ChainLink> + Send,
+    ) -> Result<(Option<ChainHead>, usize), StoreError> {
+        if !self.leading {
+            return Err(StoreError::Conflict(
+                "this connection does not lead the audit chain".to_owned(),
+            ));
+        }
+        let mut tx = self.conn.begin().await?;
+        let head = head(&mut tx).await?;
+        // A row whose transaction is older than every running one is final: no transaction
+        // that could still commit has a txid below the horizon, so (txid, id) order never
+        // gains a row before the rows chained so far.
+        let rows = sqlx::query_as!(
+            ChainRecord,
+            r#"SELECT id, chain_seq, chain, txid::text::bigint AS "txid!", at, tenant_id, client,
+                      provider, key_ref, action, outcome, source, event_id,
+                      detail::text AS "detail!"
+               FROM audit_log
+               WHERE chain_seq IS NULL AND txid < pg_snapshot_xmin(pg_current_snapshot())
+               ORDER BY txid, id
+               LIMIT $1"#,
+            limit
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok((head, 0));
+        }
+        let links = link(head.as_ref(), &rows);
+        let ids: Vec<i64> = links.iter().map(|l| l.id).collect();
+        let seqs: Vec<i64> = links.iter().map(|l| l.chain_seq).collect();
+        let chains: Vec<Vec<u8>> = links.iter().map(|l| l.chain.clone()).collect();
+        let updated = sqlx::query!(
+            "UPDATE audit_log a SET chain_seq = u.seq, chain = u.chain
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::bytea[]) AS u(id, seq, chain)
+             WHERE a.id = u.id AND a.chain_seq IS NULL",
+            &ids,
+            &seqs,
+            &chains
+        )
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() != links.len() as u64 {
+            // Dropping the transaction rolls it back.
+            return Err(StoreError::Conflict(
+                "audit rows were chained by another writer meanwhile; batch rolled back".to_owned(),
+            ));
+        }
+        tx.commit().await?;
+        let new_head = links.last().map(|l| ChainHead {
+            chain_seq: l.chain_seq,
+            chain: l.chain.clone(),
+        });
+        Ok((new_head, links.len()))
+    }
+
+    pub(crate) async fn latest_checkpoint(
+        &mut self,
+    ) -> Result<Option<AuditCheckpoint>, StoreError> {
+        Ok(sqlx::query_as!(
+            AuditCheckpoint,
+            r#"SELECT chain_seq, encode(chain, 'hex') AS "chain!", at FROM audit_checkpoints
+               ORDER BY chain_seq DESC LIMIT 1"#
+        )
+        .fetch_optional(&mut self.conn)
+        .await?)
+    }
+
+    pub(crate) async fn record_checkpoint(
+        &mut self,
+        head: &ChainHead,
+    ) -> Result<Option<AuditCheckpoint>, StoreError> {
+        // A checkpoint is never overwritten: one that disagrees is evidence.
+        Ok(sqlx::query_as!(
+            AuditCheckpoint,
+            r#"INSERT INTO audit_checkpoints (chain_seq, chain) VALUES ($1, $2)
+               ON CONFLICT (chain_seq) DO NOTHING
+               RETURNING chain_seq, encode(chain, 'hex') AS "chain!", at"#,
+            head.chain_seq,
+            &head.chain
+        )
+        .fetch_optional(&mut self.conn)
+        .await?)
+    }
+
+    pub(crate) async fn close(mut self) {
+        // Unlock explicitly so another replica finds the lead free at once (the server ends
+        // a closed session asynchronously); ending the session releases it in any case.
+        if self.leading {
+            let _ = sqlx::query_scalar!(
+                r#"SELECT pg_advisory_unlock(hashtextextended('byokd-audit-chain', 0))
+                       AS "unlocked!""#
+            )
+            .fetch_one(&mut self.conn)
+            .await;
+        }
+        let _ = self.conn.close().await;
+    }
+}
+
+async fn head(conn: &mut PgConnection) -> Result<Option<ChainHead>, StoreError> {
+    Ok(sqlx::query_as!(
+        ChainHead,
+        r#"SELECT chain_seq AS "chain_seq!", chain AS "chain!" FROM audit_log
+           WHERE chain_seq IS NOT NULL ORDER BY chain_seq DESC LIMIT 1"#
+    )
+    .fetch_optional(conn)
+    .await?)
+}
 
 impl PgStore {
     pub(crate) async fn audit_trail(
         &self,
-        tenant_id: &str,
+        filter: &AuditFilter,
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<AuditEntry>, StoreError> {
+        // Two statements, so a tenant's listing always reads the tenant's index (a generic
+        // plan of `$1 IS NULL OR tenant_id = $1` could not).
+        let query =
+            match filter.tenant.as_deref() {
+                Some(tenant) => sqlx::query_as!(
+                    AuditEntry,
+                    r#"SELECT id, chain_seq, encode(chain, 'hex') AS chain, at, tenant_id, client,
+                          provider, key_ref, action, outcome, source, event_id, detail
+                   FROM audit_log
+                   WHERE tenant_id = $1 AND ($2::bigint IS NULL OR id < $2)
+                     AND ($3::text IS NULL OR client = $3) AND ($4::text IS NULL OR action = $4)
+                     AND ($5::text IS NULL OR outcome = $5)
+                     AND ($6::timestamptz IS NULL OR at >= $6)
+                     AND ($7::timestamptz IS NULL OR at < $7)
+                   ORDER BY id DESC LIMIT $8"#,
+                    tenant,
+                    before,
+                    filter.client,
+                    filter.action,
+                    filter.outcome,
+                    filter.since,
+                    filter.until,
+                    limit
+                )
+                .fetch_all(&self.pool)
+                .await?,
+                None => sqlx::query_as!(
+                    AuditEntry,
+                    r#"SELECT id, chain_seq, encode(chain, 'hex') AS chain, at, tenant_id, client,
+                          provider, key_ref, action, outcome, source, event_id, detail
+                   FROM audit_log
+                   WHERE ($1::bigint IS NULL OR id < $1)
+                     AND ($2::text IS NULL OR client = $2) AND ($3::text IS NULL OR action = $3)
+                     AND ($4::text IS NULL OR outcome = $4)
+                     AND ($5::timestamptz IS NULL OR at >= $5)
+                     AND ($6::timestamptz IS NULL OR at < $6)
+                   ORDER BY id DESC LIMIT $7"#,
+                    before,
+                    filter.client,
+                    filter.action,
+                    filter.outcome,
+                    filter.since,
+                    filter.until,
+                    limit
+                )
+                .fetch_all(&self.pool)
+                .await?,
+            };
+        Ok(query)
+    }
+
+    pub(crate) async fn audit_export_page(
+        &self,
+        filter: &AuditFilter,
+        after: Option<(DateTime<Utc>, i64)>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        // Keyset paging on (at, id), which the (at, id) index serves: the first page starts
+        // just before (since, any id).
+        let (after_at, after_id) = match after {
+            Some((at, id)) => (Some(at), id),
+            None => (filter.since, i64::MIN),
+        };
         Ok(sqlx::query_as!(
             AuditEntry,
-            "SELECT id, at, provider, key_ref, action, outcome, source, event_id, detail
-             FROM audit_log
-             WHERE tenant_id = $1 AND ($2::bigint IS NULL OR id < $2)
-             ORDER BY id DESC LIMIT $3",
-            tenant_id,
+            r#"SELECT id, chain_seq, encode(chain, 'hex') AS chain, at, tenant_id, client,
+                      provider, key_ref, action, outcome, source, event_id, detail
+               FROM audit_log
+               WHERE (at, id) > (COALESCE($1::timestamptz, '-infinity'), $2)
+                 AND at < COALESCE($3::timestamptz, 'infinity')
+                 AND ($4::text IS NULL OR tenant_id = $4) AND ($5::text IS NULL OR client = $5)
+                 AND ($6::text IS NULL OR action = $6) AND ($7::text IS NULL OR outcome = $7)
+               ORDER BY at, id LIMIT $8"#,
+            after_at,
+            after_id,
+            filter.until,
+            filter.tenant,
+            filter.client,
+            filter.action,
+            filter.outcome,
+            limit
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub(crate) async fn audit_chain_page(
+        &self,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<ChainRecord>, StoreError> {
+        Ok(sqlx::query_as!(
+            ChainRecord,
+            r#"SELECT id, chain_seq, chain, txid::text::bigint AS "txid!", at, tenant_id, client,
+                      provider, key_ref, action, outcome, source, event_id,
+                      detail::text AS "detail!"
+               FROM audit_log
+               WHERE chain_seq > $1
+               ORDER BY chain_seq
+               LIMIT $2"#,
+            after_seq,
+            limit
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub(crate) async fn audit_pending(
+        &self,
+        tenant_id: Option<&str>,
+    ) -> Result<PendingRows, StoreError> {
+        let count = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "count!" FROM audit_log
+               WHERE chain_seq IS NULL AND ($1::text IS NULL OR tenant_id = $1)"#,
+            tenant_id
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let oldest = sqlx::query!(
+            "SELECT id, at FROM audit_log
+             WHERE chain_seq IS NULL AND ($1::text IS NULL OR tenant_id = $1)
+             ORDER BY at, id LIMIT 1",
+            tenant_id
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| (r.id, r.at));
+        Ok(PendingRows { count, oldest })
+    }
+
+    pub(crate) async fn audit_checkpoints(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<AuditCheckpoint>, StoreError> {
+        Ok(sqlx::query_as!(
+            AuditCheckpoint,
+            r#"SELECT chain_seq, encode(chain, 'hex') AS "chain!", at FROM audit_checkpoints
+               WHERE ($1::bigint IS NULL OR chain_seq < $1)
+               ORDER BY chain_seq DESC LIMIT $2"#,
             before,
             limit
         )
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    pub(crate) async fn audit_checkpoint_mismatch(
+        &self,
+        up_to_seq: i64,
+    ) -> Result<(i64, Option<AuditCheckpoint>), StoreError> {
+        let count = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "count!" FROM audit_checkpoints WHERE chain_seq <= $1"#,
+            up_to_seq
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let mismatch = sqlx::query_as!(
+            AuditCheckpoint,
+            r#"SELECT c.chain_seq, encode(c.chain, 'hex') AS "chain!", c.at
+               FROM audit_checkpoints c LEFT JOIN audit_log a ON a.chain_seq = c.chain_seq
+               WHERE c.chain_seq <= $1 AND a.chain IS DISTINCT FROM c.chain
+               ORDER BY c.chain_seq LIMIT 1"#,
+            up_to_seq
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok((count, mismatch))
+    }
+
+    pub(crate) async fn audit_chain_conn(&self) -> Result<PgAuditChainConn, StoreError> {
+        Ok(PgAuditChainConn {
+            conn: self.pool.acquire().await?.detach(),
+            leading: false,
+        })
     }
 }

@@ -49,6 +49,7 @@ mod reseal;
 mod rewrap;
 mod sweeps;
 
+pub(crate) use audit::PgAuditChainConn;
 pub(crate) use sweeps::PgScheduleLock;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -695,12 +696,13 @@ impl PgTx {
         let sources: Vec<&str> = rows.iter().map(|r| r.source.as_str()).collect();
         let events: Vec<Option<&str>> = rows.iter().map(|r| r.event_id.as_deref()).collect();
         let details: Vec<String> = rows.iter().map(|r| r.detail.to_string()).collect();
-        // WITH ORDINALITY keeps the ids in the order the entries were decided.
+        // WITH ORDINALITY keeps the ids in the order the entries were decided. The client
+        // that made an access attempt is in its detail; the column is what filters read.
         sqlx::query!(
             "INSERT INTO audit_log (tenant_id, provider, key_ref, action, outcome, source,
-                                    event_id, detail)
+                                    event_id, detail, client)
              SELECT u.tenant_id, u.provider, u.key_ref, u.action, u.outcome, u.source,
-                    u.event_id, u.detail::jsonb
+                    u.event_id, u.detail::jsonb, u.detail::jsonb->>'client'
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::text[], $8::text[]) WITH ORDINALITY
                  AS u(tenant_id, provider, key_ref, action, outcome, source, event_id, detail, n)
