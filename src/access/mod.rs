@@ -574,6 +574,9 @@ impl Gate {
         tenant_id: &str,
         ids: &[Uuid],
     ) -> Result<Vec<BatchItem>, Refusal> {
+        // Read before the access check: an access change after it (which drops the
+        // tenant's cached DEKs) must also keep what this request unwraps out of the cache.
+        let epoch = self.inner.epoch.load(Ordering::Acquire);
         if let Err((refusal, cause)) = self.admit(caller, tenant_id, true).await {
             let reason = refusal.to_string();
             let rows = ids
@@ -604,7 +607,6 @@ impl Gate {
         }
         let mut errors: HashMap<Uuid, (ItemError, String)> = HashMap::new();
         if !missing.is_empty() {
-            let epoch = self.inner.epoch.load(Ordering::Acquire);
             let rows = self
                 .inner
                 .store
