@@ -302,19 +302,14 @@ impl Keys {
     /// `NotFound` unless the job exists and failed; store errors.
     pub async fn retry_rewrap_job(&self, job_id: i64) -> Result<String, KeyError> {
         let tenant = self.store.retry_rewrap_job(job_id).await?;
-        let mut tx = self.store.begin().await?;
-        tx.audit(&[AuditRow {
-            tenant_id: Some(tenant.clone()),
-            provider: None,
-            key_ref: None,
-            action: "rewrap_retried".into(),
-            outcome: "applied".into(),
-            source: "api".into(),
-            event_id: None,
-            detail: json!({ "job_id": job_id }),
-        }])
-        .await?;
-        tx.commit().await?;
+        self.store
+            .append_audit(&[AuditRow::operation(
+                Some(&tenant),
+                "rewrap_retried",
+                "api",
+                json!({ "job_id": job_id }),
+            )])
+            .await?;
         self.rewrap_work.notify_one();
         Ok(tenant)
     }

@@ -205,17 +205,12 @@ pub async fn create_client(
         })
         .await?;
     store
-        .append_audit(&[AuditRow {
-            tenant_id: None,
-            provider: None,
-            key_ref: None,
-            action: "client_created".into(),
-            outcome: "applied".into(),
-            source: "api".into(),
-            event_id: None,
-            detail: json!({ "client": row.name, "all_tenants": row.all_tenants,
-                            "tenants": row.tenants }),
-        }])
+        .append_audit(&[AuditRow::operation(
+            None,
+            "client_created",
+            "api",
+            json!({ "client": row.name, "all_tenants": row.all_tenants, "tenants": row.tenants }),
+        )])
         .await?;
     Ok((row, token))
 }
@@ -228,16 +223,12 @@ pub async fn create_client(
 pub async fn revoke_client(store: &Store, name: &str) -> Result<ClientRow, StoreError> {
     let row = store.revoke_client(name).await?;
     store
-        .append_audit(&[AuditRow {
-            tenant_id: None,
-            provider: None,
-            key_ref: None,
-            action: "client_revoked".into(),
-            outcome: "applied".into(),
-            source: "api".into(),
-            event_id: None,
-            detail: json!({ "client": row.name }),
-        }])
+        .append_audit(&[AuditRow::operation(
+            None,
+            "client_revoked",
+            "api",
+            json!({ "client": row.name }),
+        )])
         .await?;
     Ok(row)
 }
@@ -341,37 +332,30 @@ impl Gate {
             Some(_) => "revoked token",
             None => "unknown token",
         };
-        self.record(vec![AuditRow {
-            tenant_id: None,
-            provider: None,
-            key_ref: None,
-            action: "auth".into(),
-            outcome: "refused".into(),
-            source: "api".into(),
-            event_id: None,
-            detail: json!({ "reason": why, "token": self.fingerprint(token),
-                            "client": client.as_ref().map(|c| c.name.clone()),
-                            "route": route }),
-        }])
+        self.record(vec![Self::auth_refused(json!({
+            "reason": why, "token": self.fingerprint(token),
+            "client": client.as_ref().map(|c| c.name.clone()), "route": route,
+        }))])
         .await?;
         Err(Refusal::Unauthenticated(format!(
             "{why}: the bearer token is not accepted"
         )))
     }
 
+    /// The audit row of a refused authentication.
+    fn auth_refused(detail: serde_json::Value) -> AuditRow {
+        AuditRow {
+            outcome: "refused".into(),
+            ..AuditRow::operation(None, "auth", "api", detail)
+        }
+    }
+
     /// Records a failed admin authentication (the token's fingerprint only).
     pub async fn admin_refused(&self, token: Option<&str>, route: &str) {
-        let row = AuditRow {
-            tenant_id: None,
-            provider: None,
-            key_ref: None,
-            action: "auth".into(),
-            outcome: "refused".into(),
-            source: "api".into(),
-            event_id: None,
-            detail: json!({ "reason": if token.is_some() { "wrong admin token" } else { "no token" },
-                            "token": token.map(|t| self.fingerprint(t)), "route": route }),
-        };
+        let row = Self::auth_refused(json!({
+            "reason": if token.is_some() { "wrong admin token" } else { "no token" },
+            "token": token.map(|t| self.fingerprint(t)), "route": route,
+        }));
         if let Err(e) = self.record(vec![row]).await {
             tracing::warn!(error = %e, "could not audit a refused admin authentication");
         }

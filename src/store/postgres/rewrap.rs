@@ -141,18 +141,10 @@ impl PgStore {
     }
 
     pub(crate) async fn dek(&self, tenant_id: &str, id: Uuid) -> Result<DekRow, StoreError> {
-        sqlx::query_as!(
-            DekRow,
-            r#"SELECT d.id, d.tenant_id, k.provider AS "provider: Provider", k.key_ref,
-                      k.state AS "kek_state: KeyState", d.kek_version, d.wrapped, d.kcv
-               FROM deks d JOIN keks k ON k.id = d.kek_id
-               WHERE d.tenant_id = $1 AND d.id = $2"#,
-            tenant_id,
-            id
-        )
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("DEK {id} of tenant {tenant_id:?}")))
+        self.deks_by_ids(tenant_id, &[id])
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::NotFound(format!("DEK {id} of tenant {tenant_id:?}")))
     }
 
     pub(crate) async fn deks_page(
