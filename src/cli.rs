@@ -20,6 +20,11 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod check;
+mod dead;
+pub mod exit;
+mod jobs;
+
 /// byokd: the key-lifecycle daemon behind Bring Your Own Key.
 #[derive(Debug, Parser)]
 #[command(name = "byokd", version, about, long_about = None)]
@@ -50,7 +55,9 @@ pub enum Command {
         #[arg(long)]
         routing_key: Option<String>,
     },
-    /// Load and validate the configuration, print it with secrets redacted, and exit.
+    /// Check everything `run` needs from the configuration (URLs, root key, schedules,
+    /// templates, unknown settings) without connecting; print each check and the
+    /// configuration with secrets redacted. Exit 3 if any check fails.
     CheckConfig,
     /// Run one sweep schedule now and print what it did.
     Sweep {
@@ -251,6 +258,10 @@ pub fn main() -> anyhow::Result<()> {
         generate_root_key(cli.json);
         return Ok(());
     }
+    if let Command::CheckConfig = cli.command {
+        // Reports a configuration that does not load as a failed check, not as an error.
+        return check::run(cli.json);
+    }
     crate::install_crypto_provider();
     let config = Config::load()?;
     crate::telemetry::init_logging(config.log_format);
@@ -308,19 +319,7 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
                     format: ExportFormat::Jsonl,
                 },
         } => export_audit(&config, since, until, tenant).await,
-        Command::CheckConfig => {
-            crate::rewrap::rate_limits(&config.rewrap)
-                .map_err(|e| anyhow::anyhow!("rewrap.rate_limits: {e}"))?;
-            if cli.json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "valid": true, "config": format!("{config:?}") })
-                );
-            } else {
-                println!("configuration is valid\n{config:#?}");
-            }
-            Ok(())
-        }
+        Command::CheckConfig => check::run(cli.json),
     }
 }
 
@@ -387,6 +386,9 @@ fn print(json: bool, value: &serde_json::Value, text: &str) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    for unknown in &config.unknown {
+        tracing::warn!("{unknown}: ignored (byokd check-config lists every unknown setting)");
+    }
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_addr))?;

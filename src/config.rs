@@ -455,6 +455,10 @@ pub struct Config {
     pub operator_webhooks: Vec<OperatorWebhook>,
     /// `[access]`: key access caches and audit batching.
     pub access: AccessSettings,
+    /// Settings given that byokd does not know (filled by [`Config::load`]): `run` logs them,
+    /// `check-config` fails on them.
+    #[serde(skip)]
+    pub unknown: Vec<String>,
 }
 
 impl Default for Config {
@@ -484,6 +488,7 @@ impl Default for Config {
             operator_emails: Vec::new(),
             operator_webhooks: Vec::new(),
             access: AccessSettings::default(),
+            unknown: Vec::new(),
         }
     }
 }
@@ -560,6 +565,93 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// Names the variable or file key an extraction error is about, as the user wrote it.
+const PREFIX: &str = "BYOKD_";
+const FILE_SUFFIX: &str = "_FILE";
+
+/// Reads each `BYOKD_X_FILE` into setting `X` (nested with `__` like the variables), so
+/// secrets can come from mounted files (Kubernetes, Docker secrets) rather than the
+/// environment. One trailing newline is dropped; the contents never appear in an error.
+fn secrets_from_files(
+    vars: &BTreeMap<String, String>,
+    file_vars: &[&str],
+) -> Result<figment::value::Dict, ConfigError> {
+    use figment::value::{Dict, Value};
+    fn insert(dict: &mut Dict, path: &[String], value: Value) {
+        match path {
+            [] => {}
+            [last] => {
+                dict.insert(last.clone(), value);
+            }
+            [first, rest @ ..] => {
+                let entry = dict
+                    .entry(first.clone())
+                    .or_insert_with(|| Value::from(Dict::new()));
+                if let Value::Dict(_, inner) = entry {
+                    insert(inner, rest, value);
+                }
+            }
+        }
+    }
+    let mut errors = Vec::new();
+    let mut dict = Dict::new();
+    for var in file_vars {
+        let file_var = format!("{var}{FILE_SUFFIX}");
+        if vars.contains_key(*var) {
+            errors.push(format!("set {var} or {file_var}, not both"));
+            continue;
+        }
+        let path = &vars[&file_var];
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                errors.push(format!("{file_var}: cannot read {path:?}: {e}"));
+                continue;
+            }
+        };
+        let text = text
+            .strip_suffix('\n')
+            .map(|t| t.strip_suffix('\r').unwrap_or(t))
+            .unwrap_or(&text);
+        let key: Vec<String> = var[PREFIX.len()..]
+            .to_lowercase()
+            .split("__")
+            .map(str::to_owned)
+            .collect();
+        insert(&mut dict, &key, Value::from(text.to_owned()));
+    }
+    if errors.is_empty() {
+        Ok(dict)
+    } else {
+        Err(ConfigError(errors))
+    }
+}
+
+/// Settings given (in the file or as `BYOKD_*` variables) that byokd does not know, named as
+/// they were given: a misspelt `BYOKD_ADMIN_TOKN` would otherwise silently leave the admin
+/// API off. Sections reject unknown keys outright (`deny_unknown_fields`); the top level
+/// cannot, because variables are not only settings.
+fn unknown_settings(figment: &Figment) -> Vec<String> {
+    let Ok(value) = figment.extract::<figment::value::Value>() else {
+        return Vec::new();
+    };
+    let mut unknown = Vec::new();
+    let _: Result<Config, _> = serde_ignored::deserialize(&value, |path| {
+        let key = path.to_string();
+        let from_env = figment
+            .find_metadata(&key)
+            .is_some_and(|m| m.name.contains("environment"));
+        unknown.push(if from_env {
+            format!(
+                "{PREFIX}{} is not a byokd setting",
+                key.replace('.', "__").to_uppercase()
+            )
+        } else {
+            format!("{key:?} in the config file is not a byokd setting")
+        });
+    });
+    unknown
+}
+
 fn describe(e: figment::Error) -> String {
     let key = e.path.join(".");
     let from_env = e
@@ -654,22 +746,50 @@ fn decode_previous_root_keys(
 }
 
 impl Config {
-    /// Loads defaults, then `BYOKD_CONFIG` (if set), then `BYOKD_*` variables, and validates.
+    /// Loads defaults, then `BYOKD_CONFIG` (if set), then `BYOKD_*` variables (and the files
+    /// `BYOKD_*_FILE` variables name), and validates.
     pub fn load() -> Result<Config, ConfigError> {
+        Config::load_from(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        )
+    }
+
+    /// [`Config::load`] over the given variables instead of the process's environment
+    /// (the `BYOKD_*` ones are read from the process either way by figment's `Env`; this list
+    /// decides `BYOKD_CONFIG` and the `_FILE` secrets).
+    fn load_from(vars: impl Iterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let vars: BTreeMap<String, String> = vars.filter(|(k, _)| k.starts_with(PREFIX)).collect();
         // Missing fields take `Config::default()` through `#[serde(default)]`.
         let mut figment = Figment::new();
-        if let Ok(path) = std::env::var("BYOKD_CONFIG") {
-            if !std::path::Path::new(&path).is_file() {
+        if let Some(path) = vars.get("BYOKD_CONFIG") {
+            if !std::path::Path::new(path).is_file() {
                 return Err(ConfigError(vec![format!(
                     "BYOKD_CONFIG names {path:?}, which is not a readable file"
                 )]));
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed("BYOKD_").ignore(&["config"]).split("__"));
-        let config: Config = figment
+        let file_vars: Vec<&str> = vars
+            .keys()
+            .filter_map(|k| k.strip_suffix(FILE_SUFFIX))
+            .collect();
+        let mut ignore: Vec<String> = vec!["config".to_owned()];
+        ignore.extend(
+            file_vars
+                .iter()
+                .map(|v| format!("{}{FILE_SUFFIX}", &v[PREFIX.len()..]).to_lowercase()),
+        );
+        let ignore: Vec<&str> = ignore.iter().map(String::as_str).collect();
+        figment = figment.merge(Env::prefixed(PREFIX).ignore(&ignore).split("__"));
+        let secrets = secrets_from_files(&vars, &file_vars)?;
+        if !secrets.is_empty() {
+            figment = figment.merge(figment::providers::Serialized::defaults(secrets));
+        }
+        let mut config: Config = figment
             .extract()
             .map_err(|e| ConfigError(e.into_iter().map(describe).collect()))?;
+        config.unknown = unknown_settings(&figment);
         config.validate()?;
         Ok(config)
     }

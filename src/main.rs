@@ -1,4 +1,5 @@
-//! The `byokd` binary: everything lives in the library; this only reports the outcome.
+//! The `byokd` binary: everything lives in the library; this only reports the outcome, as one
+//! line and an exit code (README, "Exit codes").
 
 use std::process::ExitCode;
 
@@ -8,7 +9,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // `{:#}` joins the error chain on one line.
             eprintln!("byokd: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(byokd::cli::exit::code(&e))
         }
     }
 }

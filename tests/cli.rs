@@ -69,13 +69,11 @@ fn configuration_mistakes_are_one_clear_line() {
         "the key itself is never printed: {line}"
     );
 
-    let out = byokd()
+    let out = valid_config(&mut byokd())
         .args(["check-config", "--json"])
-        .env("BYOKD_DATABASE_URL", "postgres://app:hunter2@db/byokd")
-        .env("BYOKD_ADMIN_TOKEN", TOKEN)
         .output()
         .expect("run");
-    assert!(out.status.success());
+    assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("\"valid\":true"));
     assert!(
@@ -90,6 +88,188 @@ fn configuration_mistakes_are_one_clear_line() {
         .output()
         .expect("run");
     assert!(one_line_error(&out).contains("cannot read /nonexistent/event.json"));
+}
+
+/// Everything `run` needs, none of it reachable (check-config does not connect).
+fn valid_config(cmd: &mut Command) -> &mut Command {
+    cmd.env("BYOKD_DATABASE_URL", "postgres://app:hunter2@db/byokd")
+        .env("BYOKD_AMQP_URL", "amqp://app:hunter3@mq:5672/%2f")
+        .env("BYOKD_ADMIN_TOKEN", TOKEN)
+        .env("BYOKD_LOCAL_KMS_ROOT_KEY", common::ROOT_KEY)
+        .env(
+            "BYOKD_SCHEDULES_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/schedules"),
+        )
+}
+
+fn check_config(cmd: &mut Command) -> (Option<i32>, serde_json::Value) {
+    let out = cmd.args(["check-config", "--json"]).output().expect("run");
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (out.status.code(), report)
+}
+
+fn failed_checks(report: &serde_json::Value) -> Vec<String> {
+    report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| format!("{}: {}", c["check"].as_str().unwrap_or(""), c["detail"]))
+        .collect()
+}
+
+#[test]
+fn check_config_fails_where_run_would_and_names_unknown_settings() {
+    let (code, report) = check_config(valid_config(&mut byokd()));
+    assert_eq!(
+        (code, failed_checks(&report)),
+        (Some(0), vec![]),
+        "{report}"
+    );
+    assert_eq!(report["valid"], true);
+
+    // What `run` needs but is missing or unparseable: exit 3, each named.
+    let (code, report) = check_config(
+        valid_config(&mut byokd())
+            .env_remove("BYOKD_DATABASE_URL")
+            .env("BYOKD_AMQP_URL", "amqp://mq:notaport"),
+    );
+    assert_eq!(code, Some(3), "{report}");
+    let failed = failed_checks(&report).join("\n");
+    assert!(
+        failed.contains("database_url: \"BYOKD_DATABASE_URL is not set"),
+        "{failed}"
+    );
+    assert!(failed.contains("amqp_url: "), "{failed}");
+    assert_eq!(report["valid"], false);
+
+    // A misspelt variable would silently do nothing in `run`.
+    let (code, report) = check_config(valid_config(&mut byokd()).env("BYOKD_ADMIN_TOKN", "x"));
+    assert_eq!(code, Some(3));
+    let failed = failed_checks(&report).join("\n");
+    assert!(
+        failed.contains("BYOKD_ADMIN_TOKN is not a byokd setting"),
+        "{failed}"
+    );
+
+    // A schedule `sweep` would reject fails here too; crontab's 5 fields are accepted.
+    let dir = tempdir("schedules");
+    std::fs::write(
+        dir.join("ok.toml"),
+        "name = \"probe\"\ncron = \"*/5 * * * *\"\njob = \"key_probe\"\n",
+    )
+    .expect("write");
+    let (code, report) = check_config(valid_config(&mut byokd()).env("BYOKD_SCHEDULES_DIR", &dir));
+    assert_eq!(code, Some(0), "{report}");
+    std::fs::write(
+        dir.join("bad.toml"),
+        "name = \"x\"\ncron = \"61 * * * *\"\njob = \"key_probe\"\n",
+    )
+    .expect("write");
+    let (code, report) = check_config(valid_config(&mut byokd()).env("BYOKD_SCHEDULES_DIR", &dir));
+    assert_eq!(code, Some(3));
+    let failed = failed_checks(&report).join("\n");
+    assert!(
+        failed.contains("schedules: ") && failed.contains("bad.toml"),
+        "{failed}"
+    );
+
+    // Text output: one line per check, and the error is one line on stderr.
+    let out = valid_config(&mut byokd())
+        .env_remove("BYOKD_DATABASE_URL")
+        .arg("check-config")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(3));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("FAIL database_url"), "{stdout}");
+    assert!(stdout.contains("ok   templates"), "{stdout}");
+    one_line_error(&out);
+}
+
+#[test]
+fn secrets_can_come_from_files() {
+    let dir = tempdir("secrets");
+    let token = dir.join("admin-token");
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("write");
+    let root = dir.join("root-key");
+    std::fs::write(&root, common::ROOT_KEY).expect("write");
+    let vault = dir.join("vault-token");
+    std::fs::write(&vault, "s.vault-token-from-a-file").expect("write");
+    let mut cmd = byokd();
+    valid_config(&mut cmd)
+        .env_remove("BYOKD_ADMIN_TOKEN")
+        .env_remove("BYOKD_LOCAL_KMS_ROOT_KEY")
+        .env("BYOKD_ADMIN_TOKEN_FILE", &token)
+        .env("BYOKD_LOCAL_KMS_ROOT_KEY_FILE", &root)
+        .env("BYOKD_KMS__VAULT__ADDRESS", "http://127.0.0.1:8200")
+        .env("BYOKD_KMS__VAULT__TOKEN_FILE", &vault);
+    let (code, report) = check_config(&mut cmd);
+    assert_eq!(
+        (code, failed_checks(&report)),
+        (Some(0), vec![]),
+        "{report}"
+    );
+    let text = report.to_string();
+    assert!(text.contains("[REDACTED]"), "{text}");
+    assert!(
+        !text.contains(TOKEN) && !text.contains("vault-token-from"),
+        "{text}"
+    );
+    assert!(
+        !report["warnings"].to_string().contains("admin API"),
+        "{report}"
+    );
+
+    // Both ways at once, or a file that cannot be read: one clear line, exit 3, no secret.
+    let (code, report) =
+        check_config(valid_config(&mut byokd()).env("BYOKD_ADMIN_TOKEN_FILE", &token));
+    assert_eq!(code, Some(3));
+    assert!(
+        failed_checks(&report)
+            .join("")
+            .contains("set BYOKD_ADMIN_TOKEN or BYOKD_ADMIN_TOKEN_FILE, not both"),
+        "{report}"
+    );
+    let out = valid_config(&mut byokd())
+        .env_remove("BYOKD_ADMIN_TOKEN")
+        .env("BYOKD_ADMIN_TOKEN_FILE", dir.join("missing"))
+        .arg("run")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(one_line_error(&out).contains("BYOKD_ADMIN_TOKEN_FILE: cannot read"));
+}
+
+#[test]
+fn exit_codes_tell_usage_configuration_and_unavailable_apart() {
+    let code = |cmd: &mut Command| cmd.output().expect("run").status.code();
+    assert_eq!(code(byokd().arg("no-such-command")), Some(2));
+    assert_eq!(code(byokd().args(["deks", "verify"])), Some(2));
+    assert_eq!(code(byokd().arg("run")), Some(3));
+    // Nothing listens on port 1: the database is unavailable, not misconfigured.
+    let mut migrate = byokd();
+    migrate.arg("migrate").env(
+        "BYOKD_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:1/byokd",
+    );
+    assert_eq!(code(&mut migrate), Some(4));
+    let mut sweep = byokd();
+    valid_config(&mut sweep)
+        .env(
+            "BYOKD_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:1/byokd",
+        )
+        .args(["sweep", "no-such-schedule"]);
+    let out = sweep.output().expect("run");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+}
+
+fn tempdir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("byokd-{what}-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    dir
 }
 
 #[test]
@@ -318,4 +498,27 @@ async fn migrate_then_publish_then_sigterm_acks_exactly_what_committed() {
             .await;
     }
     db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_is_quiet_and_an_unknown_schedule_is_a_usage_error() {
+    let db = TestDb::create().await;
+    for _ in 0..2 {
+        let out = byokd()
+            .arg("migrate")
+            .env("BYOKD_DATABASE_URL", &db.url)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("already exists"), "{stderr}");
+    }
+    let out = valid_config(&mut byokd())
+        .env("BYOKD_DATABASE_URL", &db.url)
+        .args(["sweep", "no-such-schedule"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(one_line_error(&out).contains("no schedule named \"no-such-schedule\""));
 }

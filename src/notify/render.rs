@@ -100,6 +100,23 @@ fn environment() -> &'static Environment<'static> {
     })
 }
 
+/// Parses every email template compiled into the binary (for `check-config`): the number of
+/// templates, or one line per template that does not parse.
+pub fn check_templates() -> Result<usize, Vec<String>> {
+    let mut env = Environment::new();
+    let mut errors = Vec::new();
+    for (name, source) in TEMPLATES {
+        if let Err(e) = env.add_template(name, source) {
+            errors.push(format!("template {name}: {e}"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(TEMPLATES.len())
+    } else {
+        Err(errors)
+    }
+}
+
 /// Renders the email for notification `id` of type `kind` with stored body `payload`, in the
 /// name of `platform`.
 pub fn render(

@@ -70,23 +70,28 @@ impl StoreError {
     }
 }
 
+/// Whether a database error says nothing about the request: the database could not be
+/// reached, or the transaction lost a conflict with another one. Retrying later may succeed.
+pub fn is_transient_sqlx(e: &sqlx::Error) -> bool {
+    use sqlx::Error as E;
+    match e {
+        E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Tls(_) => true,
+        E::Protocol(_) => true,
+        E::Database(db) => {
+            matches!(
+                db.code().as_deref(),
+                // serialization_failure, deadlock_detected, admin/crash shutdown,
+                // cannot_connect_now, too_many_connections, connection exceptions (08xxx)
+                Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300")
+            ) || db.code().is_some_and(|c| c.starts_with("08"))
+        }
+        _ => false,
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        use sqlx::Error as E;
-        let transient = match &e {
-            E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Tls(_) => true,
-            E::Protocol(_) => true,
-            E::Database(db) => {
-                matches!(
-                    db.code().as_deref(),
-                    // serialization_failure, deadlock_detected, admin/crash shutdown,
-                    // cannot_connect_now, too_many_connections, connection exceptions (08xxx)
-                    Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300")
-                ) || db.code().is_some_and(|c| c.starts_with("08"))
-            }
-            _ => false,
-        };
-        if transient {
+        if is_transient_sqlx(&e) {
             StoreError::Unavailable(e)
         } else {
             StoreError::Other(e)

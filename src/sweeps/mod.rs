@@ -128,6 +128,56 @@ fn params<T: serde::de::DeserializeOwned>(table: toml::Table) -> Result<T, Strin
     T::deserialize(toml::Value::Table(table)).map_err(|e| format!("params: {}", e.message()))
 }
 
+/// Parses a cron line: the standard 5 fields (minute hour day-of-month month day-of-week,
+/// as in crontab), or the `cron` crate's 6/7 fields with seconds first (and a year last), or
+/// a shorthand such as `@hourly`. Five fields run at second 0.
+pub fn parse_cron(line: &str) -> Result<cron::Schedule, String> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let full = if let [minute, hour, dom, month, dow] = fields[..] {
+        format!("0 {minute} {hour} {dom} {month} {}", crontab_weekdays(dow))
+    } else {
+        line.trim().to_owned()
+    };
+    cron::Schedule::from_str(&full).map_err(|e| {
+        format!(
+            "cron {line:?} is not a valid expression (5 fields as in crontab, 6 or 7 with \
+             seconds first, or @hourly and the like): {e}"
+        )
+    })
+}
+
+/// Crontab numbers weekdays 0-7 from Sunday (0 and 7 both Sunday); the `cron` crate numbers
+/// them 1-7 from Sunday. Numbers become names, which both read alike; a range ending at 7
+/// (`5-7`) becomes `FRI-SAT,SUN`. Steps (`*/2`, `1-5/2`) keep their number.
+fn crontab_weekdays(field: &str) -> String {
+    const NAMES: [&str; 8] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"];
+    let name = |day: &str| match day.parse::<usize>() {
+        Ok(n) if n < NAMES.len() => NAMES[n].to_owned(),
+        _ => day.to_owned(),
+    };
+    field
+        .split(',')
+        .map(|item| {
+            let (range, step) = match item.split_once('/') {
+                Some((range, step)) => (range, Some(step)),
+                None => (item, None),
+            };
+            let range = match range.split_once('-') {
+                Some((from, "7")) if step.is_none() && from != "7" => {
+                    format!("{}-SAT,SUN", name(from))
+                }
+                Some((from, to)) => format!("{}-{}", name(from), name(to)),
+                None => name(range),
+            };
+            match step {
+                Some(step) => format!("{range}/{step}"),
+                None => range,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Parses one schedule file's text.
 pub fn parse_schedule(file: &str, text: &str) -> Result<Schedule, ScheduleError> {
     let err = |message: String| ScheduleError {
@@ -138,12 +188,7 @@ pub fn parse_schedule(file: &str, text: &str) -> Result<Schedule, ScheduleError>
     if raw.name.trim().is_empty() {
         return Err(err("name must not be empty".to_owned()));
     }
-    let cron = cron::Schedule::from_str(&raw.cron).map_err(|e| {
-        err(format!(
-            "cron {:?} is not a valid 6/7-field expression: {e}",
-            raw.cron
-        ))
-    })?;
+    let cron = parse_cron(&raw.cron).map_err(err)?;
     let job = match raw.job.as_str() {
         "expiry_scan" => {
             let p: ExpiryParams = params(raw.params).map_err(err)?;
@@ -484,6 +529,47 @@ mod tests {
         Utc.with_ymd_and_hms(2026, 11, 28, h, m, 0)
             .single()
             .expect("valid")
+    }
+
+    #[test]
+    fn cron_accepts_five_six_and_seven_fields_and_shorthands() {
+        let now = DateTime::parse_from_rfc3339("2026-11-29T10:07:30Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let next = |line: &str| {
+            parse_cron(line)
+                .expect(line)
+                .after(&now)
+                .next()
+                .expect("tick")
+        };
+        // Five fields are crontab's: every 15 minutes at second 0.
+        assert_eq!(
+            next("*/15 * * * *").to_rfc3339(),
+            "2026-11-29T10:15:00+00:00"
+        );
+        assert_eq!(next("0 */15 * * * *"), next("*/15 * * * *"));
+        assert_eq!(next("0 */15 * * * * *"), next("*/15 * * * *"));
+        assert_eq!(next("@hourly").to_rfc3339(), "2026-11-29T11:00:00+00:00");
+        // Crontab's weekdays: 1 is Monday (2026-11-30), 0 and 7 are Sunday.
+        assert_eq!(
+            next("  30 2 * * 1  ").to_rfc3339(),
+            "2026-11-30T02:30:00+00:00"
+        );
+        assert_eq!(next("30 2 * * 0").to_rfc3339(), "2026-12-06T02:30:00+00:00");
+        assert_eq!(next("30 2 * * 7"), next("30 2 * * 0"));
+        assert_eq!(next("30 2 * * 1-5"), next("30 2 * * MON-FRI"));
+        assert_eq!(
+            next("30 2 * * 6-7").to_rfc3339(),
+            "2026-12-05T02:30:00+00:00"
+        );
+        assert_eq!(crontab_weekdays("5-7"), "FRI-SAT,SUN");
+        assert_eq!(crontab_weekdays("*/2"), "*/2");
+        assert_eq!(crontab_weekdays("1-5/2,0"), "MON-FRI/2,SUN");
+        for bad in ["", "* * * *", "61 * * * *", "every day", "* * * * * * * *"] {
+            let e = parse_cron(bad).expect_err(bad);
+            assert!(e.contains("5 fields as in crontab"), "{e}");
+        }
     }
 
     #[test]

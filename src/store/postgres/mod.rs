@@ -14,7 +14,7 @@ use crate::domain::{
     Access, EventKind, JobKind, JobState, KekStatus, KeyState, LifecycleEvent, Provider,
 };
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
 use sqlx::{Postgres, Transaction};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -173,11 +173,17 @@ where
 
 impl PgStore {
     pub(super) async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options = url
+            .parse::<PgConnectOptions>()?
+            // PostgreSQL's NOTICEs (sqlx logs them at INFO) say nothing byokd acts on, and
+            // migrations raise one on every start ("relation _sqlx_migrations already
+            // exists"); warnings and errors still come through.
+            .options([("client_min_messages", "warning")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             // Fail fast while the database is down: callers decide how to wait.
             .acquire_timeout(Duration::from_secs(3))
-            .connect(url)
+            .connect_with(options)
             .await?;
         Ok(PgStore { pool })
     }

@@ -1,0 +1,1 @@
+//! `byokd dead ...`: the dead-letter queue.

@@ -1,0 +1,1 @@
+//! `byokd jobs ...`: re-wrap jobs.
