@@ -19,6 +19,9 @@ use tokio::sync::Mutex;
 /// Header carrying the reason a message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-byokd-error";
 
+/// Header carrying when byokd dead-lettered a message (RFC 3339).
+pub const DEAD_AT_HEADER: &str = "x-byokd-dead-lettered-at";
+
 /// Why talking to the broker failed. Every variant is transient from byokd's point of view:
 /// the caller reconnects or retries.
 #[derive(Debug, thiserror::Error)]

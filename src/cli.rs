@@ -88,6 +88,12 @@ pub enum Command {
         #[command(subcommand)]
         command: RootKeyCommand,
     },
+    /// Inspect, replay or purge the lifecycle dead-letter queue.
+    Dead {
+        /// What to do.
+        #[command(subcommand)]
+        command: dead::DeadCommand,
+    },
     /// Verify or export the audit trail.
     Audit {
         /// What to do.
@@ -320,6 +326,7 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
                 },
         } => export_audit(&config, since, until, tenant).await,
         Command::CheckConfig => check::run(cli.json),
+        Command::Dead { command } => dead::run(cli.json, &config, command).await,
     }
 }
 

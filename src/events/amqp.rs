@@ -358,6 +358,10 @@ async fn dead_letter(intake: &Intake, delivery: &Delivery, reason: &str) -> Resu
         AMQPValue::LongString(LongString::from(reason)),
     );
     headers.insert(
+        crate::broker::DEAD_AT_HEADER.into(),
+        AMQPValue::LongString(LongString::from(chrono::Utc::now().to_rfc3339())),
+    );
+    headers.insert(
         "x-byokd-original-exchange".into(),
         AMQPValue::LongString(LongString::from(delivery.exchange.as_str())),
     );
