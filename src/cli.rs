@@ -702,16 +702,23 @@ async fn rotate_root_key(json: bool, config: &Config, batch_size: i64) -> anyhow
     store.migrate().await?;
     let previous = keys.previous.len();
     let report = RootKeyRotation::new(store, &keys, batch_size).run().await?;
-    let (l, w) = (&report.local_kms_keys, &report.webhook_secrets);
+    let (l, w, a) = (
+        &report.local_kms_keys,
+        &report.webhook_secrets,
+        &report.audit_chain_key,
+    );
     let text = format!(
         "re-sealed under the current root key: {} of {} local KMS key versions, {} of {} \
-         webhook secrets; {} failed, {} still under another root key{}",
+         webhook secrets, {} of {} audit chain keys; {} failed, {} still under another root \
+         key{}",
         l.resealed,
         l.total,
         w.resealed,
         w.total,
-        l.failed + w.failed,
-        l.remaining + w.remaining,
+        a.resealed,
+        a.total,
+        l.failed + w.failed + a.failed,
+        l.remaining + w.remaining + a.remaining,
         if report.complete() && previous > 0 {
             "; BYOKD_LOCAL_KMS_PREVIOUS_ROOT_KEYS can now be removed"
         } else {
@@ -719,7 +726,7 @@ async fn rotate_root_key(json: bool, config: &Config, batch_size: i64) -> anyhow
         }
     );
     print(json, &serde_json::to_value(&report)?, &text);
-    let failed = l.failed + w.failed;
+    let failed = l.failed + w.failed + a.failed;
     if failed > 0 {
         bail!(
             "{failed} sealed values cannot be opened with any configured root key and were left \
@@ -731,15 +738,16 @@ async fn rotate_root_key(json: bool, config: &Config, batch_size: i64) -> anyhow
         bail!(
             "{} values were sealed under another root key while the rotation ran (is a daemon \
              still configured with the old root key as current?); run it again",
-            l.remaining + w.remaining
+            l.remaining + w.remaining + a.remaining
         );
     }
     Ok(())
 }
 
 async fn verify_audit(json: bool, config: &Config, tenant: Option<&str>) -> anyhow::Result<()> {
-    let key = crate::audit::ChainKey::derive(&config.require_root_key()?);
+    let keys = config.require_root_keys()?;
     let store = Store::connect(config.require_database_url()?, 2).await?;
+    let key = crate::audit::ChainKey::load(&store, &keys).await?;
     let grace = std::time::Duration::from_secs(config.audit.pending_grace_secs);
     let report = match crate::audit::verify(&store, &key, tenant, grace, Utc::now()).await {
         Ok(report) => report,

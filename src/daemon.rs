@@ -61,6 +61,9 @@ pub enum RunError {
     /// A KMS provider cannot be set up.
     #[error("{0}")]
     Kms(String),
+    /// The audit chain's key cannot be had.
+    #[error(transparent)]
+    AuditKey(#[from] crate::audit::ChainKeyError),
     /// Notification delivery could not be set up (SMTP URL, sender, allowlist).
     #[error(transparent)]
     Notify(#[from] NotifyError),
@@ -293,7 +296,7 @@ async fn supervise(
     // of its own keeps that connection from being one the API or the consumer needs.
     let chainer = Chainer::new(
         Store::connect(&database_url, config.audit.database_connections).await?,
-        ChainKey::derive(&root_keys.current),
+        ChainKey::load(&store, &root_keys).await?,
         config.audit.clone(),
     );
     tasks.spawn(

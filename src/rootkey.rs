@@ -1,5 +1,6 @@
 //! Root-key rotation (`byokd root-key rotate`): re-seals every secret sealed under the root
-//! key (the local KMS's key material, webhook signing secrets) under the current root key.
+//! key (the local KMS's key material, webhook signing secrets, the audit chain's key) under
+//! the current root key.
 //!
 //! This module owns the list of what is sealed under the root key; anything new sealed with
 //! `seal::Sealer` joins it here. Daemons configured with the new key as current and the old
@@ -14,9 +15,12 @@
 //! finished one finds nothing to do. A value no configured key opens is counted, named in
 //! the report and left as it is.
 
+use crate::audit::ChainKey;
 use crate::config::RootKeys;
 use crate::kms::local::material_binding;
-use crate::seal::{LOCAL_KMS_PURPOSE, PREFIX_LEN, Sealer, WEBHOOK_SECRET_PURPOSE};
+use crate::seal::{
+    AUDIT_CHAIN_PURPOSE, LOCAL_KMS_PURPOSE, PREFIX_LEN, Sealer, WEBHOOK_SECRET_PURPOSE,
+};
 use crate::store::{SealedMaterial, SealedWebhookSecrets, Store, StoreError};
 use serde::Serialize;
 use uuid::Uuid;
@@ -47,6 +51,8 @@ pub struct RotationReport {
     pub local_kms_keys: Tally,
     /// Webhook signing secrets (current and previous ones).
     pub webhook_secrets: Tally,
+    /// The audit chain's key (one value, once a daemon has started).
+    pub audit_chain_key: Tally,
     /// The first failures: which row, and why (no secret).
     pub failures: Vec<String>,
 }
@@ -54,7 +60,9 @@ pub struct RotationReport {
 impl RotationReport {
     /// Whether nothing is left under another root key: the previous keys can go.
     pub fn complete(&self) -> bool {
-        self.local_kms_keys.remaining == 0 && self.webhook_secrets.remaining == 0
+        self.local_kms_keys.remaining == 0
+            && self.webhook_secrets.remaining == 0
+            && self.audit_chain_key.remaining == 0
     }
 
     fn fail(&mut self, what: String) {
@@ -68,6 +76,7 @@ impl RotationReport {
 enum Cursor {
     LocalKeys(Option<(String, i32)>),
     Webhooks(Option<Uuid>),
+    AuditKey,
     Done,
 }
 
@@ -77,6 +86,7 @@ pub struct RootKeyRotation {
     store: Store,
     local_kms: Sealer,
     webhooks: Sealer,
+    audit: Sealer,
     prefix: [u8; PREFIX_LEN],
     batch_size: i64,
     cursor: Cursor,
@@ -93,6 +103,7 @@ impl RootKeyRotation {
             prefix: local_kms.current_prefix(),
             local_kms,
             webhooks: Sealer::with_previous(keys, WEBHOOK_SECRET_PURPOSE),
+            audit: Sealer::with_previous(keys, AUDIT_CHAIN_PURPOSE),
             store,
             batch_size: batch_size.max(1),
             cursor: Cursor::LocalKeys(None),
@@ -128,9 +139,13 @@ impl RootKeyRotation {
                     .await?;
                 self.cursor = match rows.last() {
                     Some(last) => Cursor::Webhooks(Some(last.id)),
-                    None => Cursor::Done,
+                    None => Cursor::AuditKey,
                 };
                 self.reseal_webhooks(rows).await?;
+            }
+            Cursor::AuditKey => {
+                self.cursor = Cursor::Done;
+                self.reseal_audit_key().await?;
             }
             Cursor::Done => return Ok(false),
         }
@@ -148,9 +163,10 @@ impl RootKeyRotation {
             while self.next_batch().await? {}
             self.count().await?;
             let r = &self.report;
-            let openable_left = r.local_kms_keys.remaining - r.local_kms_keys.failed as i64
-                + r.webhook_secrets.remaining
-                - r.webhook_secrets.failed as i64;
+            let openable_left = [r.local_kms_keys, r.webhook_secrets, r.audit_chain_key]
+                .iter()
+                .map(|t| t.remaining - t.failed as i64)
+                .sum::<i64>();
             if openable_left <= 0 || self.passes >= MAX_PASSES {
                 return Ok(self.report);
             }
@@ -162,6 +178,7 @@ impl RootKeyRotation {
             self.cursor = Cursor::LocalKeys(None);
             self.report.local_kms_keys.failed = 0;
             self.report.webhook_secrets.failed = 0;
+            self.report.audit_chain_key.failed = 0;
             self.report.failures.clear();
         }
     }
@@ -172,7 +189,11 @@ impl RootKeyRotation {
             .store
             .count_sealed_webhook_secrets(&self.prefix)
             .await?;
+        let chain_key = self.store.audit_chain_key().await?;
         let r = &mut self.report;
+        r.audit_chain_key.total = i64::from(chain_key.is_some());
+        r.audit_chain_key.remaining =
+            i64::from(chain_key.is_some_and(|k| !k.starts_with(&self.prefix)));
         (r.local_kms_keys.total, r.local_kms_keys.remaining) =
             (materials.total, materials.without_prefix);
         (r.webhook_secrets.total, r.webhook_secrets.remaining) =
@@ -241,6 +262,28 @@ impl RootKeyRotation {
             resealed = count,
             "re-sealed a batch of webhook signing secrets under the current root key"
         );
+        Ok(())
+    }
+
+    async fn reseal_audit_key(&mut self) -> Result<(), StoreError> {
+        let Some(sealed) = self.store.audit_chain_key().await? else {
+            return Ok(());
+        };
+        if sealed.starts_with(&self.prefix) {
+            return Ok(());
+        }
+        match ChainKey::reseal(&self.audit, &sealed) {
+            Ok(new) => {
+                if self.store.reseal_audit_chain_key(&sealed, &new).await? {
+                    self.report.audit_chain_key.resealed += 1;
+                    tracing::info!("re-sealed the audit chain key under the current root key");
+                }
+            }
+            Err(e) => {
+                self.report.audit_chain_key.failed += 1;
+                self.report.fail(format!("audit chain key: {e}"));
+            }
+        }
         Ok(())
     }
 

@@ -37,6 +37,9 @@ pub const WEBHOOK_SECRET_PURPOSE: &str = "webhook-secret";
 /// Sealing purpose of the local KMS's key material.
 pub const LOCAL_KMS_PURPOSE: &str = "local-kms-key";
 
+/// Seal purpose of the audit chain's HMAC key.
+pub const AUDIT_CHAIN_PURPOSE: &str = "audit-chain-key";
+
 const LEGACY: u8 = 1;
 const VERSION: u8 = 2;
 const KEY_ID_LEN: usize = 8;

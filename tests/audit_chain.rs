@@ -81,12 +81,19 @@ async fn wait_chained(pool: &PgPool) {
     .await;
 }
 
-fn chain_key() -> ChainKey {
+fn root_keys() -> byokd::config::RootKeys {
     let config = byokd::config::Config {
         local_kms_root_key: Some(secrecy::SecretString::from(ROOT_KEY)),
         ..byokd::config::Config::default()
     };
-    ChainKey::derive(&config.require_root_key().expect("root key"))
+    config.require_root_keys().expect("root key")
+}
+
+/// The chain key the daemon uses on this database (stored on first use).
+async fn chain_key(store: &Store) -> ChainKey {
+    ChainKey::load(store, &root_keys())
+        .await
+        .expect("chain key")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,7 +257,11 @@ async fn verify_catches_a_modified_a_deleted_an_inserted_row_and_a_truncated_tai
     )
     .await;
     let store = Store::connect(&app.db.url, 2).await.expect("store");
-    let chainer = Chainer::new(store, chain_key(), AuditSettings::default());
+    let chainer = Chainer::new(
+        store.clone(),
+        chain_key(&store).await,
+        AuditSettings::default(),
+    );
     let mut seat = chainer.seat().await.expect("seat");
     let rounds = chain_everything(&chainer, &mut seat, &app.pool, Utc::now()).await;
     assert_eq!(rounds.iter().map(|r| r.chained).sum::<usize>(), 3);
@@ -413,7 +424,7 @@ async fn rows_wait_for_every_older_transaction_and_one_seat_leads() {
         checkpoint_interval_secs: 60,
         ..AuditSettings::default()
     };
-    let chainer = Chainer::new(store.clone(), chain_key(), settings);
+    let chainer = Chainer::new(store.clone(), chain_key(&store).await, settings);
     let mut seat = chainer.seat().await.expect("seat");
 
     // An open transaction that has written holds back every row inserted after it began.
@@ -464,7 +475,11 @@ async fn rows_wait_for_every_older_transaction_and_one_seat_leads() {
     assert_eq!(round.checkpoint, None, "the head did not move");
 
     // Another replica's seat waits while this one leads, and takes over when it is gone.
-    let other = Chainer::new(store.clone(), chain_key(), AuditSettings::default());
+    let other = Chainer::new(
+        store.clone(),
+        chain_key(&store).await,
+        AuditSettings::default(),
+    );
     let mut other_seat = other.seat().await.expect("seat");
     let round = other
         .round(&mut other_seat, Utc::now())
@@ -481,7 +496,7 @@ async fn rows_wait_for_every_older_transaction_and_one_seat_leads() {
 
     let report = byokd::audit::verify(
         &store,
-        &chain_key(),
+        &chain_key(&store).await,
         None,
         Duration::from_secs(300),
         Utc::now(),
@@ -667,4 +682,87 @@ async fn audit_filters_checkpoints_and_the_jsonl_export() {
 /// Percent-encodes the `+` and `:` of an RFC 3339 time for a query string.
 fn urlencode(s: &str) -> String {
     s.replace('+', "%2B").replace(':', "%3A")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_from_before_stored_keys_keeps_verifying_and_a_new_one_gets_a_random_key() {
+    // A deployment from before the key was stored chained with HKDF(root key).
+    let db = TestDb::create().await;
+    let store = Store::connect(&db.url, 4).await.expect("store");
+    store.migrate().await.expect("migrate");
+    let pool = PgPool::connect(&db.url).await.expect("pool");
+    let derived = ChainKey::derive(&root_keys().current);
+    let chainer = Chainer::new(store.clone(), derived, AuditSettings::default());
+    let mut seat = chainer.seat().await.expect("seat");
+    for i in 0..3 {
+        insert_in(
+            &mut pool.acquire().await.expect("conn"),
+            &format!("legacy-{i}"),
+        )
+        .await;
+    }
+    let rounds = chain_everything(&chainer, &mut seat, &pool, Utc::now()).await;
+    assert_eq!(rounds.iter().map(|r| r.chained).sum::<usize>(), 3);
+    seat.close().await;
+    let origin = || async {
+        sqlx::query_scalar::<_, String>("SELECT origin FROM audit_chain_key")
+            .fetch_optional(&pool)
+            .await
+            .expect("origin")
+    };
+    assert_eq!(origin().await, None, "nothing stored before a daemon asks");
+    let verify = |key: ChainKey| {
+        let store = store.clone();
+        async move {
+            byokd::audit::verify(&store, &key, None, Duration::from_secs(300), Utc::now()).await
+        }
+    };
+    let report = verify(chain_key(&store).await).await.expect("verified");
+    assert_eq!(report.rows, 3);
+    assert_eq!(origin().await.as_deref(), Some("derived"));
+
+    // A new deployment's key is random: the derived one does not verify its chain.
+    let fresh = TestDb::create().await;
+    let fresh_store = Store::connect(&fresh.url, 4).await.expect("store");
+    fresh_store.migrate().await.expect("migrate");
+    let fresh_pool = PgPool::connect(&fresh.url).await.expect("pool");
+    let chainer = Chainer::new(
+        fresh_store.clone(),
+        chain_key(&fresh_store).await,
+        AuditSettings::default(),
+    );
+    let mut seat = chainer.seat().await.expect("seat");
+    insert_in(&mut fresh_pool.acquire().await.expect("conn"), "new").await;
+    chain_everything(&chainer, &mut seat, &fresh_pool, Utc::now()).await;
+    seat.close().await;
+    let stored: String = sqlx::query_scalar("SELECT origin FROM audit_chain_key")
+        .fetch_one(&fresh_pool)
+        .await
+        .expect("origin");
+    assert_eq!(stored, "random");
+    let derived = ChainKey::derive(&root_keys().current);
+    let wrong = byokd::audit::verify(
+        &fresh_store,
+        &derived,
+        None,
+        Duration::from_secs(300),
+        Utc::now(),
+    )
+    .await;
+    assert!(
+        wrong.is_err(),
+        "the derived key must not verify a random-key chain"
+    );
+    let ok = byokd::audit::verify(
+        &fresh_store,
+        &chain_key(&fresh_store).await,
+        None,
+        Duration::from_secs(300),
+        Utc::now(),
+    )
+    .await
+    .expect("verified");
+    assert_eq!(ok.rows, 1);
+    fresh.drop_db().await;
+    db.drop_db().await;
 }

@@ -322,6 +322,7 @@ async fn legacy_seals_still_open_and_rotation_rewrites_them_bound_once() {
         json!({
             "local_kms_keys": { "total": 1, "resealed": 1, "failed": 0, "remaining": 0 },
             "webhook_secrets": { "total": 2, "resealed": 2, "failed": 0, "remaining": 0 },
+            "audit_chain_key": { "total": 0, "resealed": 0, "failed": 0, "remaining": 0 },
             "failures": [],
         })
     );
@@ -374,7 +375,10 @@ async fn legacy_seals_still_open_and_rotation_rewrites_them_bound_once() {
     assert!(again.status.success());
     let text = String::from_utf8_lossy(&again.stdout);
     assert!(
-        text.contains("0 of 1 local KMS key versions, 0 of 2 webhook secrets; 0 failed, 0 still"),
+        text.contains(
+            "0 of 1 local KMS key versions, 0 of 2 webhook secrets, 0 of 0 audit chain keys; \
+             0 failed, 0 still"
+        ),
         "{text}"
     );
 
@@ -436,6 +440,34 @@ fn verify_with(app: &TestApp, tenant: &str, current: &str, previous: &[&str]) ->
     (stdout_json(&out), out)
 }
 
+/// Waits until the daemon's chainer has chained every audit row.
+async fn wait_chained(pool: &sqlx::PgPool) {
+    common::wait_for(
+        "every audit row chained",
+        Duration::from_secs(30),
+        || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_log WHERE chain_seq IS NULL")
+                .fetch_one(pool)
+                .await
+                .is_ok_and(|n| n == 0)
+        },
+    )
+    .await;
+}
+
+/// `byokd audit verify --json` with these root keys: the report and success.
+fn audit_verify_with(app: &TestApp, current: &str, previous: &[&str]) -> (Value, Output) {
+    let mut cmd = byokd_command();
+    with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
+    cmd.env("BYOKD_LOCAL_KMS_ROOT_KEY", current)
+        .args(["audit", "verify", "--json"]);
+    if !previous.is_empty() {
+        cmd.env("BYOKD_LOCAL_KMS_PREVIOUS_ROOT_KEYS", previous.join(","));
+    }
+    let out = cmd.output().expect("audit verify");
+    (stdout_json(&out), out)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_key_rotates_while_a_daemon_keeps_unwrapping_and_signing_webhooks() {
     let receiver = Receiver::start().await;
@@ -472,6 +504,11 @@ async fn root_key_rotates_while_a_daemon_keeps_unwrapping_and_signing_webhooks()
 
     // The daemon restarts with B as the current root key and A as the previous one: what A
     // sealed still opens.
+    wait_chained(&app.pool).await;
+    let (audit, out) = audit_verify_with(&app, ROOT_KEY, &[]);
+    assert!(out.status.success(), "{audit} {out:?}");
+    let chained_under_a = audit["rows"].as_i64().expect("rows");
+    assert!(chained_under_a > 0, "{audit}");
     app.stop().await;
     app.config.local_kms_root_key = Some(SecretString::from(ROOT_KEY_B));
     app.config.local_kms_previous_root_keys = Some(SecretString::from(ROOT_KEY));
@@ -479,6 +516,10 @@ async fn root_key_rotates_while_a_daemon_keeps_unwrapping_and_signing_webhooks()
     let (report, out) = verify_with(&app, "t", ROOT_KEY_B, &[ROOT_KEY]);
     assert!(out.status.success(), "{report}");
     assert_eq!(report["ok"], 1000);
+    // The audit chain goes on under the same key: rows chained under A and under B verify.
+    wait_chained(&app.pool).await;
+    let (audit, out) = audit_verify_with(&app, ROOT_KEY_B, &[ROOT_KEY]);
+    assert!(out.status.success(), "{audit} {out:?}");
 
     // The rotation re-seals the first two batches (keys a-00..a-19) ...
     let keys = root_keys(ROOT_KEY_B, &[ROOT_KEY]);
@@ -520,6 +561,14 @@ async fn root_key_rotates_while_a_daemon_keeps_unwrapping_and_signing_webhooks()
         ),
         (1, 1)
     );
+    assert_eq!(
+        (
+            report.audit_chain_key.total,
+            report.audit_chain_key.resealed
+        ),
+        (1, 1),
+        "the chain key the daemon stored under A"
+    );
     let again = RootKeyRotation::new(store.clone(), &keys, 10)
         .run()
         .await
@@ -543,6 +592,23 @@ async fn root_key_rotates_while_a_daemon_keeps_unwrapping_and_signing_webhooks()
     let (report, out) = verify_with(&app, "t", ROOT_KEY_B, &[]);
     assert!(out.status.success(), "{report}");
     assert_eq!(report["ok"], 1001);
+    wait_chained(&app.pool).await;
+    let (audit, out) = audit_verify_with(&app, ROOT_KEY_B, &[]);
+    assert!(out.status.success(), "{audit} {out:?}");
+    assert!(
+        audit["rows"].as_i64().is_some_and(|n| n > chained_under_a),
+        "{audit}"
+    );
+    // ... and A alone cannot open the chain key any more: a configuration error.
+    let mut cmd = byokd_command();
+    with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
+    let out = cmd
+        .env("BYOKD_LOCAL_KMS_ROOT_KEY", ROOT_KEY)
+        .args(["audit", "verify"])
+        .output()
+        .expect("audit verify");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(one_line_error(&out).contains("the audit chain key cannot be opened"));
     assert_eq!(rotate_kek(&app, "m-kek", 3).await, "4");
     wait_rotated(&app, &receiver, "t", "4").await;
 

@@ -8,9 +8,11 @@
 //! breaks every stored chain, so a test pins one value.
 
 use crate::config::RootKey;
+use crate::seal::{AUDIT_CHAIN_PURPOSE, Sealer};
 use crate::store::{ChainHead, ChainLink, ChainRecord};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
+use rand::RngCore;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
@@ -21,9 +23,23 @@ const FORMAT: &[u8] = b"byokd-audit-row/v1";
 /// What the first row chains from.
 pub const GENESIS: [u8; 32] = [0; 32];
 
-/// The key of the chain's HMAC, derived from the root key (HKDF-SHA256) whenever byokd
-/// starts; never stored. Zeroized on drop.
+/// Binding of the sealed chain key (see [`crate::seal::Sealer::seal_bytes`]).
+const SEAL_BINDING: &[u8] = b"byokd/audit-chain-key/v1";
+
+/// The key of the chain's HMAC. Stored sealed under the root key ([`ChainKey::load`]), so a
+/// root-key rotation re-seals it and never changes it. Zeroized on drop.
 pub struct ChainKey(Zeroizing<[u8; 32]>);
+
+/// Why the chain key cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainKeyError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The stored key does not open with any configured root key.
+    #[error("the audit chain key cannot be opened")]
+    Sealed(#[from] crate::seal::SealError),
+}
 
 impl std::fmt::Debug for ChainKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -32,7 +48,55 @@ impl std::fmt::Debug for ChainKey {
 }
 
 impl ChainKey {
-    /// The chain key of `root`.
+    /// The stored chain key, opened with any of `keys`; stored first if there is none.
+    ///
+    /// A deployment whose rows were chained before keys were stored used the key derived
+    /// from the root key (HKDF), so that one is stored, and those rows keep verifying; a new
+    /// deployment gets 32 random bytes. Replicas starting together store one key between
+    /// them (the first insert wins, everyone reads it back).
+    ///
+    /// # Errors
+    ///
+    /// The database failed, or the stored key is sealed under a root key not configured.
+    pub async fn load(
+        store: &crate::store::Store,
+        keys: &crate::config::RootKeys,
+    ) -> Result<ChainKey, ChainKeyError> {
+        let sealer = Sealer::with_previous(keys, AUDIT_CHAIN_PURPOSE);
+        let sealed = match store.audit_chain_key().await? {
+            Some(sealed) => sealed,
+            None => {
+                let (key, origin) = if store.audit_has_chained_rows().await? {
+                    (ChainKey::derive(&keys.current), "derived")
+                } else {
+                    let mut bytes = Zeroizing::new([0u8; 32]);
+                    rand::rng().fill_bytes(bytes.as_mut());
+                    (ChainKey(bytes), "random")
+                };
+                let sealed = sealer.seal_bytes(key.0.as_slice(), SEAL_BINDING);
+                store.init_audit_chain_key(&sealed, origin).await?
+            }
+        };
+        ChainKey::open(&sealer, &sealed).map_err(ChainKeyError::Sealed)
+    }
+
+    /// Opens a sealed chain key.
+    pub fn open(sealer: &Sealer, sealed: &[u8]) -> Result<ChainKey, crate::seal::SealError> {
+        let plain = sealer.open_bytes(sealed, SEAL_BINDING)?;
+        let bytes: [u8; 32] = plain
+            .as_slice()
+            .try_into()
+            .map_err(|_| crate::seal::SealError::Malformed)?;
+        Ok(ChainKey(Zeroizing::new(bytes)))
+    }
+
+    /// Seals `sealed`'s key anew under `sealer`'s current root key (root-key rotation).
+    pub fn reseal(sealer: &Sealer, sealed: &[u8]) -> Result<Vec<u8>, crate::seal::SealError> {
+        let key = ChainKey::open(sealer, sealed)?;
+        Ok(sealer.seal_bytes(key.0.as_slice(), SEAL_BINDING))
+    }
+
+    /// The chain key derived from `root`: what deployments used before the key was stored.
     pub fn derive(root: &RootKey) -> ChainKey {
         // The root key is 32 random bytes, so HKDF needs no salt to extract from it.
         let hkdf = Hkdf::<Sha256>::new(None, root.0.as_slice());

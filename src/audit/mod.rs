@@ -1,6 +1,6 @@
 //! Tamper evidence of the audit trail, and its export.
 //!
-//! Owns the chain: its key ([`ChainKey`], derived from the root key), the canonical
+//! Owns the chain: its key ([`ChainKey`], stored sealed under the root key), the canonical
 //! encoding of a row and the HMAC link (`chain`), the daemon task that chains new rows and
 //! records checkpoints (`chainer`), the walk that verifies it all (`verify`), and the JSON
 //! lines export for a SIEM ([`export`]). The SQL behind them is the store's.
@@ -22,7 +22,7 @@ mod chain;
 mod chainer;
 mod verify;
 
-pub use chain::ChainKey;
+pub use chain::{ChainKey, ChainKeyError};
 pub use chainer::{Chainer, Round, Seat, chain_loop};
 pub use verify::{Broken, Head, Report, TenantShare, VerifyError, verify};
 

@@ -39,8 +39,13 @@ pub fn code(error: &anyhow::Error) -> u8 {
             match e {
                 R::Config(_) | R::Schedule(_) | R::Kms(_) | R::Notify(_) => return CONFIG,
                 R::Store(e) if e.is_transient() => return UNAVAILABLE,
+                R::AuditKey(crate::audit::ChainKeyError::Sealed(_)) => return CONFIG,
                 _ => continue,
             }
+        }
+        if let Some(crate::audit::ChainKeyError::Sealed(_)) = cause.downcast_ref() {
+            // Sealed under a root key that is not configured.
+            return CONFIG;
         }
         if cause.is::<Usage>() {
             return USAGE;

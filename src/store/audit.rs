@@ -188,6 +188,31 @@ impl AuditChainConn {
 }
 
 impl Store {
+    /// The audit chain's key, sealed, if one was stored.
+    pub async fn audit_chain_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        dispatch!(self, s => s.audit_chain_key().await)
+    }
+
+    /// Whether any audit row is chained already.
+    pub async fn audit_has_chained_rows(&self) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.audit_has_chained_rows().await)
+    }
+
+    /// Stores the sealed chain key unless one is stored already; returns the stored one
+    /// (replicas starting together all end up with the first).
+    pub async fn init_audit_chain_key(
+        &self,
+        sealed: &[u8],
+        origin: &str,
+    ) -> Result<Vec<u8>, StoreError> {
+        dispatch!(self, s => s.init_audit_chain_key(sealed, origin).await)
+    }
+
+    /// Replaces the sealed chain key where it still is `old`; says whether it was.
+    pub async fn reseal_audit_chain_key(&self, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.reseal_audit_chain_key(old, new).await)
+    }
+
     /// Audit entries matching `filter`, newest first, older than row `before` when given.
     pub async fn audit_trail(
         &self,

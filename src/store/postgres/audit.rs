@@ -324,6 +324,58 @@ impl PgStore {
         Ok((count, mismatch))
     }
 
+    pub(crate) async fn audit_chain_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(
+            sqlx::query_scalar!("SELECT sealed FROM audit_chain_key WHERE id = 1")
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    pub(crate) async fn audit_has_chained_rows(&self) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM audit_log WHERE chain_seq IS NOT NULL) AS "e!""#
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub(crate) async fn init_audit_chain_key(
+        &self,
+        sealed: &[u8],
+        origin: &str,
+    ) -> Result<Vec<u8>, StoreError> {
+        sqlx::query!(
+            "INSERT INTO audit_chain_key (id, sealed, origin) VALUES (1, $1, $2)
+             ON CONFLICT (id) DO NOTHING",
+            sealed,
+            origin
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(
+            sqlx::query_scalar!("SELECT sealed FROM audit_chain_key WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    pub(crate) async fn reseal_audit_chain_key(
+        &self,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        Ok(sqlx::query!(
+            "UPDATE audit_chain_key SET sealed = $2 WHERE id = 1 AND sealed = $1",
+            old,
+            new
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
     pub(crate) async fn audit_chain_conn(&self) -> Result<PgAuditChainConn, StoreError> {
         Ok(PgAuditChainConn {
             conn: self.pool.acquire().await?.detach(),
