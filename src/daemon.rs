@@ -8,7 +8,7 @@
 //!
 //! Every long-running task runs in one [`JoinSet`] under a name: `consumer`,
 //! `urgent_consumer`, `access_relay`, `outbox`, `rewrap_1`..`rewrap_N`, `confirmer`, `sweeps`,
-//! `audit_chainer` and `http`. Each loop retries its own errors (a lost broker, database or
+//! `audit_chainer`, `metrics_collector` and `http`. Each loop retries its own errors (a lost broker, database or
 //! KMS), so a task that panics, fails, or returns before it was told to stop has *died*: a
 //! bug, not a bad day. A replica with a dead task must not look healthy, so the supervisor then
 //!
@@ -176,7 +176,7 @@ async fn supervise(
     let intake = Intake {
         queue: config.amqp.lifecycle_queue.clone(),
         store: store.clone(),
-        url: amqp_url,
+        url: amqp_url.clone(),
         settings: config.amqp.clone(),
         health: health.clone(),
         access_changed: access_changed.clone(),
@@ -250,6 +250,25 @@ async fn supervise(
         "confirmer",
         &stop_rx,
         reconcile::confirm_loop(confirmer, stop_rx.clone()),
+    );
+
+    // The collector's aggregate queries share the sweeps' pool: both are periodic and
+    // brief, and neither may take the consumer's connections.
+    let collector = crate::telemetry::collector::Collector {
+        store: reconcile_store.clone(),
+        amqp_url: amqp_url.clone(),
+        dead_letter_queue: config.amqp.dead_letter_queue.clone(),
+        schedules: schedules.clone(),
+        consumers: vec![
+            (config.amqp.lifecycle_queue.clone(), health.clone()),
+            (config.amqp.urgent_queue.clone(), urgent_health.clone()),
+        ],
+        interval: Duration::from_millis(config.metrics.collect_interval_ms),
+    };
+    tasks.spawn(
+        "metrics_collector",
+        &stop_rx,
+        crate::telemetry::collector::collect_loop(collector, stop_rx.clone()),
     );
 
     let sweeper = Sweeper {
