@@ -464,3 +464,17 @@ pub fn message_routing_key(events: &[crate::domain::LifecycleEvent]) -> String {
         .or(events.first())
         .map_or_else(|| "unknown".to_owned(), routing_key)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::publish_latency;
+
+    #[test]
+    fn publish_latency_needs_a_timestamp_and_is_never_negative() {
+        assert_eq!(publish_latency(None, 1000.5), None);
+        assert_eq!(publish_latency(Some(0), 1000.5), None);
+        assert_eq!(publish_latency(Some(998), 1000.5), Some(2.5));
+        // The publisher's clock runs ahead of ours.
+        assert_eq!(publish_latency(Some(1002), 1000.5), Some(0.0));
+    }
+}
