@@ -205,8 +205,8 @@ metrics_table! {
         "DEKs processed by re-wrap jobs (rewrapped, failed).";
     REWRAP_JOBS_FINISHED, "byokd_rewrap_jobs_finished_total", Counter, None, ["state"], None,
         "Re-wrap jobs finished, by final state.";
-    REWRAP_DEKS_REMAINING, "byokd_rewrap_deks_remaining", Gauge, None, ["job", "kind", "state"], None,
-        "DEKs an active re-wrap job (pending, running, waiting) still has to move, by job id, kind and state; the oldest 100 active jobs only.";
+    REWRAP_DEKS_REMAINING, "byokd_rewrap_deks_remaining", Gauge, None, ["job_id", "kind", "state"], None,
+        "DEKs an active re-wrap job (pending, running, waiting) still has to move, by job id (label job_id: `job` is Prometheus' own), kind and state; the oldest 100 active jobs only.";
     // Schedules.
     SCHEDULE_LAST_SUCCESS, "byokd_schedule_last_success_timestamp_seconds", Gauge, Some(Unit::Seconds), ["schedule"], None,
         "Unix time of the last successful run of each schedule, on any replica; absent until its first success.";

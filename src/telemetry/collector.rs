@@ -151,13 +151,13 @@ impl Collector {
         let active = self.store.active_job_progress(MAX_JOB_SERIES).await?;
         let (current, finished) = job_series(&active, jobs);
         for job in &active {
-            metrics::gauge!(REWRAP_DEKS_REMAINING, "job" => job.id.to_string(),
+            metrics::gauge!(REWRAP_DEKS_REMAINING, "job_id" => job.id.to_string(),
                 "kind" => job.kind.clone(), "state" => job.state.clone())
             .set(job.remaining as f64);
         }
         for (id, labels) in finished {
             let (kind, state) = labels.split_once('/').unwrap_or((&labels, ""));
-            metrics::gauge!(REWRAP_DEKS_REMAINING, "job" => id.to_string(),
+            metrics::gauge!(REWRAP_DEKS_REMAINING, "job_id" => id.to_string(),
                 "kind" => kind.to_owned(), "state" => state.to_owned())
             .set(0.0);
         }
