@@ -7,10 +7,9 @@
 //! would render summaries, which cannot be aggregated across replicas.
 //!
 //! Labels are bounded sets only (provider, channel, state, outcome, schedule, and the ids of
-//! at most [`collector::MAX_JOB_SERIES`] active re-wrap jobs): never a tenant, a key or a DEK.
-//! The gauges read from the database and the broker are refreshed by [`collector`].
-
-pub mod collector;
+//! at most [`MAX_JOB_SERIES`] active re-wrap jobs): never a tenant, a key or a DEK. The
+//! gauges read from the database and the broker are refreshed by the daemon's collector task
+//! (`daemon::collector`).
 
 use crate::config::LogFormat;
 use metrics::Unit;
@@ -61,6 +60,23 @@ pub fn metrics() -> &'static PrometheusHandle {
         describe();
         handle
     })
+}
+
+/// Most re-wrap jobs with a `byokd_rewrap_deks_remaining` series of their own (the oldest
+/// active ones), so a burst of rotations cannot blow up the label set.
+pub const MAX_JOB_SERIES: i64 = 100;
+
+/// The process metrics collector (CPU, memory, fds, threads, start time).
+pub fn process() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// The build's git commit, when the build was given one (`BYOKD_GIT_SHA` at compile time).
+pub fn git_sha() -> &'static str {
+    option_env!("BYOKD_GIT_SHA")
+        .filter(|s| !s.is_empty())
+        .unwrap_or("unknown")
 }
 
 /// The kind of a metric.
@@ -246,7 +262,7 @@ pub fn describe() {
             (Kind::Histogram, None) => metrics::describe_histogram!(def.name, def.help),
         }
     }
-    collector::process().describe();
+    process().describe();
 }
 
 /// Every metric name a dashboard or an alert may use: byokd's own, the series a histogram

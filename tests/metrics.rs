@@ -361,6 +361,12 @@ async fn metrics_are_described_and_show_the_work_done() {
         1.0,
         elapsed,
     );
+    // Only the revocation that made a tenant inaccessible counts, not the one for a key no
+    // tenant has.
+    assert_eq!(
+        s.sum("byokd_revocation_effect_latency_seconds_count", &[]),
+        1.0
+    );
     check_histogram(&s, "byokd_event_batch_size", &[], 1.0, 10_000.0);
     assert_eq!(
         s.values(

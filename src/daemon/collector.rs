@@ -9,47 +9,36 @@
 //! A failed source keeps its gauges at their last value and counts
 //! `byokd_metrics_collector_errors_total`; the next round tries again.
 
-use super::{
-    BUILD_INFO, COLLECTOR_ERRORS, CONSUMER_UP, DEAD_LETTER_QUEUE_MESSAGES, KEYS, KEYS_UNREACHABLE,
-    OUTBOX_OLDEST_AGE, OUTBOX_ROWS, REWRAP_DEKS_REMAINING, SCHEDULE_INTERVAL,
-    SCHEDULE_LAST_SUCCESS, TENANTS,
-};
 use crate::broker::SETUP_TIMEOUT;
 use crate::domain::{Access, KeyState, Provider};
 use crate::events::amqp::{ConsumerHealth, ConsumerState};
 use crate::store::Store;
 use crate::store::metrics::{JobProgress, KeyCount, OutboxDepth};
 use crate::sweeps::Schedule;
+use crate::telemetry::{
+    BUILD_INFO, COLLECTOR_ERRORS, CONSUMER_UP, DEAD_LETTER_QUEUE_MESSAGES, KEYS, KEYS_UNREACHABLE,
+    MAX_JOB_SERIES, OUTBOX_OLDEST_AGE, OUTBOX_ROWS, REWRAP_DEKS_REMAINING, SCHEDULE_INTERVAL,
+    SCHEDULE_LAST_SUCCESS, TENANTS, git_sha, process,
+};
 use chrono::{DateTime, Utc};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Most re-wrap jobs with a `byokd_rewrap_deks_remaining` series of their own (the oldest
-/// active ones), so a burst of rotations cannot blow up the label set.
-pub const MAX_JOB_SERIES: i64 = 100;
+/// A re-wrap job's series: its id and `kind/state`.
+type JobSeries = (i64, String);
+
+/// Keys per (provider, state).
+type KeysByProviderState = BTreeMap<(String, String), i64>;
 
 /// Outbox channels and the undelivered statuses, zero-filled so an empty outbox shows 0
 /// rather than no series.
 const OUTBOX_CHANNELS: &[&str] = &["amqp", "email", "webhook", "operator"];
 const OUTBOX_STATUSES: &[&str] = &["pending", "dead"];
-
-/// The process metrics collector (CPU, memory, fds, threads, start time).
-pub fn process() -> &'static metrics_process::Collector {
-    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
-    COLLECTOR.get_or_init(metrics_process::Collector::default)
-}
-
-/// The build's git commit, when the build was given one (`BYOKD_GIT_SHA` at compile time).
-pub fn git_sha() -> &'static str {
-    option_env!("BYOKD_GIT_SHA")
-        .filter(|s| !s.is_empty())
-        .unwrap_or("unknown")
-}
 
 /// What the collector reads.
 #[derive(Clone)]
@@ -87,7 +76,7 @@ pub async fn collect_loop(collector: Collector, mut shutdown: watch::Receiver<bo
 impl Collector {
     /// One round: every gauge the collector owns. `jobs` carries the job series set last
     /// round, so a job that finished is set to 0 once (then dropped as idle).
-    async fn round(&self, broker: &mut Option<Connection>, jobs: &mut BTreeSet<(i64, String)>) {
+    async fn round(&self, broker: &mut Option<Connection>, jobs: &mut BTreeSet<JobSeries>) {
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "git_sha" => git_sha())
             .set(1.0);
         process().collect();
@@ -126,7 +115,7 @@ impl Collector {
     async fn database(
         &self,
         now: DateTime<Utc>,
-        jobs: &mut BTreeSet<(i64, String)>,
+        jobs: &mut BTreeSet<JobSeries>,
     ) -> Result<(), crate::store::StoreError> {
         for ((channel, status), (rows, age)) in
             outbox_series(&self.store.outbox_depth().await?, now)
@@ -233,8 +222,7 @@ pub fn outbox_series(
 
 /// Keys per (provider, state) and unreachable keys per provider, zero-filled over every
 /// provider and state.
-#[allow(clippy::type_complexity)]
-pub fn key_series(counts: &[KeyCount]) -> (BTreeMap<(String, String), i64>, BTreeMap<String, i64>) {
+pub fn key_series(counts: &[KeyCount]) -> (KeysByProviderState, BTreeMap<String, i64>) {
     let mut keys = BTreeMap::new();
     let mut unreachable = BTreeMap::new();
     for provider in Provider::ALL {
@@ -268,9 +256,9 @@ pub fn tenant_series(counts: &[(String, i64)]) -> BTreeMap<String, i64> {
 /// gone (the job finished or changed state) and are to be zeroed once.
 pub fn job_series(
     active: &[JobProgress],
-    previous: &BTreeSet<(i64, String)>,
-) -> (BTreeSet<(i64, String)>, Vec<(i64, String)>) {
-    let current: BTreeSet<(i64, String)> = active
+    previous: &BTreeSet<JobSeries>,
+) -> (BTreeSet<JobSeries>, Vec<JobSeries>) {
+    let current: BTreeSet<JobSeries> = active
         .iter()
         .map(|j| (j.id, format!("{}/{}", j.kind, j.state)))
         .collect();
