@@ -442,3 +442,36 @@ fn compose_binds_to_loopback_and_restarts_a_healthchecked_byokd() {
         assert!(ok, "compose config: {out}");
     }
 }
+
+#[test]
+fn readme_lists_every_metric_and_alert() {
+    let readme = read("README.md");
+    let section = readme
+        .split("## Operating byokd")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("an Operating byokd section");
+    for def in byokd::telemetry::METRICS {
+        assert!(
+            section.contains(&format!("| `{}` | {} |", def.name, def.kind.as_str())),
+            "the README's metrics table lacks {} ({})",
+            def.name,
+            def.kind.as_str()
+        );
+    }
+    for name in byokd::telemetry::PROCESS_METRICS {
+        assert!(section.contains(name), "the README lacks {name}");
+    }
+    let rules = yaml("deploy/prometheus/byokd-alerts.yml")
+        .pop()
+        .expect("rules");
+    for group in rules["groups"].as_array().expect("groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            let alert = rule["alert"].as_str().expect("alert");
+            assert!(
+                section.contains(&format!("| `{alert}` |")),
+                "the README lacks the alert {alert}"
+            );
+        }
+    }
+}
