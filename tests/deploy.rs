@@ -116,6 +116,12 @@ fn alert_rules_use_only_described_metrics_and_cover_the_on_call_questions() {
     }
     if let Some((ok, out)) = run_if_installed("promtool", &["check", "rules", path], &[]) {
         assert!(ok, "promtool check rules: {out}");
+        // The rules' unit tests: each alert fires on the series it is for, and not on the
+        // healthy ones beside them.
+        let tests = "deploy/prometheus/byokd-alerts.test.yml";
+        let (ok, out) =
+            run_if_installed("promtool", &["test", "rules", tests], &[]).expect("promtool");
+        assert!(ok, "promtool test rules: {out}");
     }
 }
 
@@ -285,6 +291,27 @@ fn kubernetes_manifests_have_their_essentials() {
         "no secrets in the ConfigMap"
     );
     assert!(config.contains_key("http_addr"));
+    // And byokd itself accepts it.
+    let file_path =
+        std::env::temp_dir().join(format!("byokd-configmap-{}.toml", std::process::id()));
+    std::fs::write(&file_path, toml_text).expect("write config");
+    let mut check = Command::new(env!("CARGO_BIN_EXE_byokd"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BYOKD_")) {
+        check.env_remove(k);
+    }
+    let output = check
+        .arg("check-config")
+        .env("BYOKD_CONFIG", &file_path)
+        // The image's schedules directory does not exist outside it.
+        .env("BYOKD_SCHEDULES_DIR", root().join("schedules"))
+        .output()
+        .expect("byokd check-config");
+    let _ = std::fs::remove_file(&file_path);
+    assert!(
+        output.status.success(),
+        "byokd check-config refuses the ConfigMap's file: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     for needed in [
         "Service",
