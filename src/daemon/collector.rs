@@ -61,8 +61,12 @@ pub struct Collector {
 pub async fn collect_loop(collector: Collector, mut shutdown: watch::Receiver<bool>) {
     let mut broker = None;
     let mut jobs = BTreeSet::new();
+    // The consumers declare the topology as the daemon starts: a passive declare of the
+    // dead-letter queue in the same instant would count an error for nothing.
+    let mut first = true;
     while !*shutdown.borrow() {
-        collector.round(&mut broker, &mut jobs).await;
+        collector.round(&mut broker, &mut jobs, !first).await;
+        first = false;
         tokio::select! {
             _ = tokio::time::sleep(collector.interval) => {}
             _ = shutdown.changed() => {}
@@ -76,7 +80,12 @@ pub async fn collect_loop(collector: Collector, mut shutdown: watch::Receiver<bo
 impl Collector {
     /// One round: every gauge the collector owns. `jobs` carries the job series set last
     /// round, so a job that finished is set to 0 once (then dropped as idle).
-    async fn round(&self, broker: &mut Option<Connection>, jobs: &mut BTreeSet<JobSeries>) {
+    async fn round(
+        &self,
+        broker: &mut Option<Connection>,
+        jobs: &mut BTreeSet<JobSeries>,
+        read_broker: bool,
+    ) {
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "git_sha" => git_sha())
             .set(1.0);
         process().collect();
@@ -95,6 +104,9 @@ impl Collector {
         if let Err(e) = self.database(now, jobs).await {
             metrics::counter!(COLLECTOR_ERRORS, "source" => "database").increment(1);
             tracing::debug!(error = %e, "metrics collector: database query failed");
+        }
+        if !read_broker {
+            return;
         }
         match self.dead_letters(broker).await {
             Ok(depth) => metrics::gauge!(DEAD_LETTER_QUEUE_MESSAGES).set(f64::from(depth)),

@@ -202,7 +202,7 @@ async fn session(
         };
         let first = first.ok_or(AmqpError::ConsumerCancelled)??;
         // Receipt time: whatever else is prefetched joins the batch at once.
-        let received = Received::now();
+        let received = Instant::now();
         let mut batch = vec![first];
         let mut pending_error = None;
         while batch.len() < s.batch_size {
@@ -271,18 +271,6 @@ async fn apply_with_retry(
     }
 }
 
-/// When a batch's deliveries were received (the monotonic clock: latencies measured here).
-#[derive(Debug, Clone, Copy)]
-struct Received {
-    at: Instant,
-}
-
-impl Received {
-    fn now() -> Received {
-        Received { at: Instant::now() }
-    }
-}
-
 /// Seconds from a message's publication (its AMQP `timestamp`, whole seconds since the
 /// epoch, when the publisher set one) to `committed_unix` seconds; `None` without one. A
 /// publisher's clock ahead of ours gives 0, not a negative latency.
@@ -295,8 +283,8 @@ pub fn publish_latency(timestamp: Option<u64>, committed_unix: f64) -> Option<f6
 /// Records the publish-to-commit latency of each delivery and the revocation-to-effect
 /// latency of each revoking event that made its tenant inaccessible (`revocations`; every
 /// event of a batch was received at the same moment).
-fn record_latencies(deliveries: &[&Delivery], revocations: &[usize], received: Received) {
-    let committed = received.at.elapsed().as_secs_f64();
+fn record_latencies(deliveries: &[&Delivery], revocations: &[usize], received: Instant) {
+    let committed = received.elapsed().as_secs_f64();
     let committed_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
@@ -318,7 +306,7 @@ fn record_latencies(deliveries: &[&Delivery], revocations: &[usize], received: R
 async fn process_batch(
     intake: &Intake,
     batch: Vec<Delivery>,
-    received: Received,
+    received: Instant,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<BatchEnd, AmqpError> {
     // A delivery may hold several events (an Event Grid array); `good[i]` owns the next
