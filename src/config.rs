@@ -399,6 +399,24 @@ impl Default for AuditSettings {
     }
 }
 
+/// The metrics collector (`[metrics]`, `BYOKD_METRICS__*`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// How often the collector refreshes the gauges read from the database and the broker
+    /// (outbox depth, dead letters, keys, tenants, re-wrap jobs, schedules). Each refresh is
+    /// a handful of aggregate queries per replica.
+    pub collect_interval_ms: u64,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            collect_interval_ms: 15_000,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Deserialize)]
 #[serde(default)]
@@ -455,6 +473,8 @@ pub struct Config {
     pub operator_webhooks: Vec<OperatorWebhook>,
     /// `[access]`: key access caches and audit batching.
     pub access: AccessSettings,
+    /// `[metrics]`: the periodic metrics collector.
+    pub metrics: MetricsSettings,
     /// Settings given that byokd does not know (filled by [`Config::load`]): `run` logs them,
     /// `check-config` fails on them.
     #[serde(skip)]
@@ -488,6 +508,7 @@ impl Default for Config {
             operator_emails: Vec::new(),
             operator_webhooks: Vec::new(),
             access: AccessSettings::default(),
+            metrics: MetricsSettings::default(),
             unknown: Vec::new(),
         }
     }
@@ -541,6 +562,7 @@ impl std::fmt::Debug for Config {
             .field("operator_emails", &self.operator_emails)
             .field("operator_webhooks", &self.operator_webhooks)
             .field("access", &self.access)
+            .field("metrics", &self.metrics)
             .finish()
     }
 }
@@ -933,6 +955,11 @@ impl Config {
                  database_connections must be at least 1"
                     .to_owned(),
             );
+        }
+        // Gauges not refreshed for five minutes drop out of /metrics (see telemetry): the
+        // collector must refresh them well within that.
+        if !(100..=60_000).contains(&self.metrics.collect_interval_ms) {
+            errors.push("metrics.collect_interval_ms must be between 100 and 60000".to_owned());
         }
         if self.database_max_connections < 2 {
             errors.push("database_max_connections must be at least 2".to_owned());

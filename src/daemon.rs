@@ -8,9 +8,9 @@
 //!
 //! Every long-running task runs in one [`JoinSet`] under a name: `consumer`,
 //! `urgent_consumer`, `access_relay`, `outbox`, `rewrap_1`..`rewrap_N`, `confirmer`, `sweeps`,
-//! `audit_chainer` and `http`. Each loop retries its own errors (a lost broker, database or
-//! KMS), so a task that panics, fails, or returns before it was told to stop has *died*: a
-//! bug, not a bad day. A replica with a dead task must not look healthy, so the supervisor then
+//! `audit_chainer`, `metrics_collector` and `http`. Each loop retries its own errors (a lost
+//! broker, database or KMS), so a task that panics, fails, or returns before it was told to
+//! stop has *died*: a bug, not a bad day. A replica with a dead task must not look healthy, so the supervisor then
 //!
 //! 1. logs the task and its cause at error level and records its name in the
 //!    [`TaskRegistry`], which turns `/readyz` to 503 naming it;
@@ -22,6 +22,8 @@
 //! On SIGTERM the workers and the HTTP server stop together; tasks still running when the
 //! grace period ends are aborted rather than awaited (their work is redelivered: unacked
 //! events go back to the queue, leased notifications and jobs are picked up again).
+
+pub mod collector;
 
 use crate::audit::{self, ChainKey, Chainer};
 use crate::broker::Publisher;
@@ -179,7 +181,7 @@ async fn supervise(
     let intake = Intake {
         queue: config.amqp.lifecycle_queue.clone(),
         store: store.clone(),
-        url: amqp_url,
+        url: amqp_url.clone(),
         settings: config.amqp.clone(),
         health: health.clone(),
         access_changed: access_changed.clone(),
@@ -253,6 +255,25 @@ async fn supervise(
         "confirmer",
         &stop_rx,
         reconcile::confirm_loop(confirmer, stop_rx.clone()),
+    );
+
+    // The collector's aggregate queries share the sweeps' pool: both are periodic and
+    // brief, and neither may take the consumer's connections.
+    let metrics_collector = collector::Collector {
+        store: reconcile_store.clone(),
+        amqp_url: amqp_url.clone(),
+        dead_letter_queue: config.amqp.dead_letter_queue.clone(),
+        schedules: schedules.clone(),
+        consumers: vec![
+            (config.amqp.lifecycle_queue.clone(), health.clone()),
+            (config.amqp.urgent_queue.clone(), urgent_health.clone()),
+        ],
+        interval: Duration::from_millis(config.metrics.collect_interval_ms),
+    };
+    tasks.spawn(
+        "metrics_collector",
+        &stop_rx,
+        collector::collect_loop(metrics_collector, stop_rx.clone()),
     );
 
     let sweeper = Sweeper {

@@ -8,7 +8,8 @@
 //!
 //! * `cli`: clap definitions and dispatch; `main.rs` only prints the outcome.
 //! * `config`: defaults, then a TOML file, then `BYOKD_*` variables, validated once.
-//! * `telemetry`: tracing subscriber and the Prometheus registry.
+//! * `telemetry`: tracing subscriber and the Prometheus registry; every metric's name, type,
+//!   unit, labels and help text in one table.
 //! * `domain`: pure types and the KEK state machine / access derivation; no I/O.
 //! * `broker`: RabbitMQ topology, the confirmed publisher and reconnect backoff.
 //! * `events`: intake. `normalize` turns messages (canonical, AWS, Azure, GCP) into events;
@@ -35,7 +36,8 @@
 //! * `store`: all SQL, behind a back-end-neutral API.
 //! * `seal`: encryption of secrets at rest under the root key (current and previous keys).
 //! * `rootkey`: root-key rotation, re-sealing everything sealed under the root key.
-//! * `daemon`: `run`, wiring it all together with graceful shutdown.
+//! * `daemon`: `run`, wiring it all together with graceful shutdown; `collector` refreshes
+//!   the gauges read from the database and the broker.
 //!
 //! Data flows one way: intake -> normalize -> lifecycle (one transaction) -> ack; slow work
 //! is picked up later from the database by its own loop.

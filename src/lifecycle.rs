@@ -98,6 +98,9 @@ pub struct BatchResult {
     pub rewrap_work: bool,
     /// Whether a key now waits for confirmation at its KMS.
     pub confirm_work: bool,
+    /// Positions (in the input events) of revoking events whose commit made their tenant
+    /// inaccessible, for the revocation-to-effect latency.
+    pub revocations: Vec<usize>,
 }
 
 /// Everything a transaction writes, decided without I/O.
@@ -121,6 +124,9 @@ pub struct Plan {
     pub confirm_now: Vec<i64>,
     /// KEKs to observe after [`CLAIM_SETTLE`] (revocations).
     pub confirm_settled: Vec<i64>,
+    /// Positions (in the events planned) of revoking events that made their tenant
+    /// inaccessible: the revocations this transaction puts into effect.
+    pub revocations: Vec<usize>,
 }
 
 /// Why a tenant's access is being recomputed: names the change in messages, notifications
@@ -409,6 +415,13 @@ pub async fn apply_batch(
     write(&mut tx, &plan, now).await?;
     tx.commit().await?;
 
+    // Planned positions count fresh events only; map them back to input positions.
+    let fresh_positions: Vec<usize> = (0..events.len()).filter(|&i| fresh[i]).collect();
+    let revocations = plan
+        .revocations
+        .iter()
+        .filter_map(|&k| fresh_positions.get(k).copied())
+        .collect();
     let mut planned = plan.outcomes.into_iter();
     let outcomes = fresh
         .iter()
@@ -425,6 +438,7 @@ pub async fn apply_batch(
         access_changed: !plan.access.is_empty(),
         rewrap_work: !plan.jobs.is_empty() || !plan.resume.is_empty(),
         confirm_work: !plan.confirm_now.is_empty() || !plan.confirm_settled.is_empty(),
+        revocations,
     })
 }
 
@@ -438,7 +452,7 @@ pub fn plan(
     let mut ledger = Ledger::new(keks, tenants, now);
     let mut confirm_now = BTreeSet::new();
     let mut confirm_settled = BTreeSet::new();
-    for event in events {
+    for (position, event) in events.iter().enumerate() {
         let mut audit = AuditRow {
             tenant_id: None,
             provider: Some(event.provider),
@@ -495,7 +509,15 @@ pub fn plan(
         }
         ledger.plan.outcomes.push(outcome);
         ledger.plan.audit.push(audit);
+        let access = |l: &Ledger| l.tenants.get(&tenant_id).map(|t| t.access);
+        let before = access(&ledger);
         ledger.settle(&tenant_id, &Cause::event(event));
+        if event.kind.is_revoking()
+            && before != Some(Access::Inaccessible)
+            && access(&ledger) == Some(Access::Inaccessible)
+        {
+            ledger.plan.revocations.push(position);
+        }
     }
     // A key asked about at once need not be asked again later.
     ledger.plan.confirm_now = confirm_now.into_iter().collect();
@@ -620,7 +642,7 @@ pub async fn apply_observations(
         let key = (before.provider, before.key_ref.clone());
         if let Some(claim) = effect.unconfirmed {
             report.unconfirmed += 1;
-            metrics::counter!("byokd_revocations_unconfirmed_total").increment(1);
+            metrics::counter!(crate::telemetry::REVOCATIONS_UNCONFIRMED).increment(1);
             tracing::warn!(provider = %before.provider, key_ref = %before.key_ref, %claim,
                 "a revocation the KMS does not confirm: the key is usable at its KMS");
             ledger.plan.audit.push(AuditRow {

@@ -75,9 +75,9 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<(Vec<AuditRow>, Ack)>, 
         if let Err(e) = &result {
             tracing::error!(error = %e, rows = rows.len(),
                 "could not write access attempts to the audit trail; they are refused");
-            metrics::counter!("byokd_audit_write_failures_total").increment(1);
+            metrics::counter!(crate::telemetry::AUDIT_WRITE_FAILURES).increment(1);
         }
-        metrics::counter!("byokd_access_attempts_audited_total").increment(rows.len() as u64);
+        metrics::counter!(crate::telemetry::ACCESS_ATTEMPTS_AUDITED).increment(rows.len() as u64);
         for ack in acks {
             let _ = ack.send(result.clone());
         }

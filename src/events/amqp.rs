@@ -21,6 +21,10 @@ use crate::config::AmqpSettings;
 use crate::events::normalize::{check_times, normalize};
 use crate::lifecycle::{self, BatchResult};
 use crate::store::{Store, StoreError};
+use crate::telemetry::{
+    CONSUMER_UP, EVENT_BATCH_SIZE, EVENT_COMMIT_LATENCY, EVENTS, EVENTS_DEAD_LETTERED,
+    REVOCATION_EFFECT_LATENCY,
+};
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
@@ -29,7 +33,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Connection, ConnectionProperties, message::Delivery};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
 /// The consumer's state, for `/readyz` and metrics.
@@ -90,7 +94,7 @@ impl ConsumerHealth {
     fn set(&self, state: ConsumerState, queue: &str) {
         let previous = self.0.swap(state as u8, Ordering::Relaxed);
         if previous != state as u8 {
-            metrics::gauge!("byokd_consumer_up", "queue" => queue.to_owned())
+            metrics::gauge!(CONSUMER_UP, "queue" => queue.to_owned())
                 .set(f64::from(u8::from(state == ConsumerState::Consuming)));
         }
     }
@@ -197,6 +201,8 @@ async fn session(
             return Ok(());
         };
         let first = first.ok_or(AmqpError::ConsumerCancelled)??;
+        // Receipt time: whatever else is prefetched joins the batch at once.
+        let received = Instant::now();
         let mut batch = vec![first];
         let mut pending_error = None;
         while batch.len() < s.batch_size {
@@ -209,7 +215,7 @@ async fn session(
                 _ => break,
             }
         }
-        match process_batch(intake, batch, shutdown).await? {
+        match process_batch(intake, batch, received, shutdown).await? {
             BatchEnd::Done => {}
             BatchEnd::Shutdown => {
                 let _ = conn.close(200, "shutdown".into()).await;
@@ -265,9 +271,42 @@ async fn apply_with_retry(
     }
 }
 
+/// Seconds from a message's publication (its AMQP `timestamp`, whole seconds since the
+/// epoch, when the publisher set one) to `committed_unix` seconds; `None` without one. A
+/// publisher's clock ahead of ours gives 0, not a negative latency.
+pub fn publish_latency(timestamp: Option<u64>, committed_unix: f64) -> Option<f64> {
+    timestamp
+        .filter(|t| *t > 0)
+        .map(|t| (committed_unix - t as f64).max(0.0))
+}
+
+/// Records the publish-to-commit latency of each delivery and the revocation-to-effect
+/// latency of each revoking event that made its tenant inaccessible (`revocations`; every
+/// event of a batch was received at the same moment).
+fn record_latencies(deliveries: &[&Delivery], revocations: &[usize], received: Instant) {
+    let committed = received.elapsed().as_secs_f64();
+    let committed_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    for delivery in deliveries {
+        match publish_latency(*delivery.properties.timestamp(), committed_unix) {
+            Some(latency) => {
+                metrics::histogram!(EVENT_COMMIT_LATENCY, "from" => "published").record(latency)
+            }
+            None => {
+                metrics::histogram!(EVENT_COMMIT_LATENCY, "from" => "received").record(committed)
+            }
+        }
+    }
+    for _ in revocations {
+        metrics::histogram!(REVOCATION_EFFECT_LATENCY).record(committed);
+    }
+}
+
 async fn process_batch(
     intake: &Intake,
     batch: Vec<Delivery>,
+    received: Instant,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<BatchEnd, AmqpError> {
     // A delivery may hold several events (an Event Grid array); `good[i]` owns the next
@@ -287,7 +326,7 @@ async fn process_batch(
                 good.push(delivery);
             }
             Err(e) if e.is_ignored() => {
-                metrics::counter!("byokd_events_total", "outcome" => "ignored").increment(1);
+                metrics::counter!(EVENTS, "kind" => "other", "outcome" => "ignored").increment(1);
                 tracing::debug!(reason = %e, "acking a provider event that changes nothing");
                 delivery.acker.ack(BasicAckOptions::default()).await?;
             }
@@ -297,10 +336,12 @@ async fn process_batch(
     if events.is_empty() {
         return Ok(BatchEnd::Done);
     }
-    metrics::histogram!("byokd_event_batch_size").record(events.len() as f64);
+    metrics::histogram!(EVENT_BATCH_SIZE).record(events.len() as f64);
     match apply_with_retry(intake, &events, shutdown).await {
         Applied::Ok(result) => {
-            record(intake, &result);
+            record(intake, &events, &result);
+            let deliveries: Vec<&Delivery> = good.iter().collect();
+            record_latencies(&deliveries, &result.revocations, received);
             if let Some(last) = good.last() {
                 last.acker.ack(BasicAckOptions { multiple: true }).await?;
             }
@@ -317,7 +358,8 @@ async fn process_batch(
                 rest = after;
                 match apply_with_retry(intake, mine, shutdown).await {
                     Applied::Ok(result) => {
-                        record(intake, &result);
+                        record(intake, mine, &result);
+                        record_latencies(&[&delivery], &result.revocations, received);
                         delivery.acker.ack(BasicAckOptions::default()).await?;
                     }
                     Applied::Shutdown => return Ok(BatchEnd::Shutdown),
@@ -331,9 +373,10 @@ async fn process_batch(
 
 /// Counts outcomes and, when an access message waits in the outbox, wakes the relay so the
 /// platform hears of it now rather than at the next poll.
-fn record(intake: &Intake, result: &BatchResult) {
-    for outcome in &result.outcomes {
-        metrics::counter!("byokd_events_total", "outcome" => outcome.as_str()).increment(1);
+fn record(intake: &Intake, events: &[crate::domain::LifecycleEvent], result: &BatchResult) {
+    for (event, outcome) in events.iter().zip(&result.outcomes) {
+        metrics::counter!(EVENTS, "kind" => event.kind.as_str(), "outcome" => outcome.as_str())
+            .increment(1);
     }
     if result.access_changed {
         intake.access_changed.notify_one();
@@ -350,7 +393,7 @@ fn record(intake: &Intake, result: &BatchResult) {
 /// acks it. If that publish fails, rejects it without requeue so the broker dead-letters it
 /// itself (without our header, but not lost).
 async fn dead_letter(intake: &Intake, delivery: &Delivery, reason: &str) -> Result<(), AmqpError> {
-    metrics::counter!("byokd_events_dead_lettered_total").increment(1);
+    metrics::counter!(EVENTS_DEAD_LETTERED).increment(1);
     tracing::warn!(reason, routing_key = %delivery.routing_key, "dead-lettering message");
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(
@@ -412,4 +455,18 @@ pub fn message_routing_key(events: &[crate::domain::LifecycleEvent]) -> String {
         })
         .or(events.first())
         .map_or_else(|| "unknown".to_owned(), routing_key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::publish_latency;
+
+    #[test]
+    fn publish_latency_needs_a_timestamp_and_is_never_negative() {
+        assert_eq!(publish_latency(None, 1000.5), None);
+        assert_eq!(publish_latency(Some(0), 1000.5), None);
+        assert_eq!(publish_latency(Some(998), 1000.5), Some(2.5));
+        // The publisher's clock runs ahead of ours.
+        assert_eq!(publish_latency(Some(1002), 1000.5), Some(0.0));
+    }
 }

@@ -58,15 +58,31 @@ pub(super) async fn create_dek(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
+/// Times an unwrap route's answer into `byokd_unwrap_duration_seconds`.
+async fn timed<T>(
+    route: &'static str,
+    answer: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    let started = std::time::Instant::now();
+    let result = answer.await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::histogram!(crate::telemetry::UNWRAP_DURATION, "route" => route, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    result
+}
+
 /// `POST /v1/tenants/{id}/deks/{dek_id}/unwrap`.
 pub(super) async fn unwrap_one(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path((tenant_id, dek)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = dek_id(&dek)?;
-    let u = state.gate.unwrap(&caller, &tenant_id, id).await?;
-    Ok(Json(unwrapped_json(&u)))
+    timed("single", async {
+        let id = dek_id(&dek)?;
+        let u = state.gate.unwrap(&caller, &tenant_id, id).await?;
+        Ok(Json(unwrapped_json(&u)))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -80,6 +96,15 @@ pub(super) async fn unwrap_batch(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(tenant_id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    timed("batch", unwrap_batch_answer(state, caller, tenant_id, body)).await
+}
+
+async fn unwrap_batch_answer(
+    state: AppState,
+    caller: Caller,
+    tenant_id: String,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let req: BatchRequest = super::admin::parse_body(&body)?;

@@ -14,6 +14,7 @@ pub use vault::VaultKms;
 
 use crate::domain::{KeyState, Provider};
 use crate::store::StoreError;
+use crate::telemetry::{KMS_ERRORS, KMS_REQUEST_DURATION};
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -198,6 +199,22 @@ pub enum KmsError {
 }
 
 impl KmsError {
+    /// The error's class, a bounded name for metrics (`byokd_kms_errors_total`).
+    pub fn class(&self) -> &'static str {
+        match self {
+            KmsError::NotFound { .. } => "not_found",
+            KmsError::Unusable { .. } => "unusable",
+            KmsError::AccessDenied { .. } => "access_denied",
+            KmsError::Unreachable { .. } => "unreachable",
+            KmsError::Integrity => "integrity",
+            KmsError::SealedMaterial { .. } => "sealed_material",
+            KmsError::NoSuchVersion { .. } => "no_such_version",
+            KmsError::InvalidKeyRef { .. } => "invalid_key_ref",
+            KmsError::NotConfigured(_) => "not_configured",
+            KmsError::Store(_) => "store",
+        }
+    }
+
     /// Whether the same call may succeed later without anyone changing the key.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -383,9 +400,49 @@ macro_rules! backend {
     };
 }
 
+impl Backend {
+    /// The provider this back end talks to.
+    pub fn provider(&self) -> Provider {
+        match self {
+            Backend::Local(_) => Provider::Local,
+            Backend::Vault(_) => Provider::Vault,
+        }
+    }
+
+    /// Records a call's duration and its failures (the call's own, or per item for a
+    /// batch) under this provider and `operation`. Every provider goes through this
+    /// dispatch, so every provider is measured alike.
+    fn observe<'e>(
+        &self,
+        operation: &'static str,
+        started: std::time::Instant,
+        errors: impl IntoIterator<Item = &'e KmsError>,
+    ) {
+        let provider = self.provider().as_str();
+        metrics::histogram!(KMS_REQUEST_DURATION, "provider" => provider, "operation" => operation)
+            .record(started.elapsed().as_secs_f64());
+        for e in errors {
+            metrics::counter!(KMS_ERRORS, "provider" => provider, "operation" => operation,
+                "class" => e.class())
+            .increment(1);
+        }
+    }
+}
+
+/// A batch call's failures: the whole call's, or each failed item's.
+fn batch_errors<T>(result: &Result<Vec<Result<T, KmsError>>, KmsError>) -> Vec<&KmsError> {
+    match result {
+        Ok(items) => items.iter().filter_map(|r| r.as_ref().err()).collect(),
+        Err(e) => vec![e],
+    }
+}
+
 impl KmsProvider for Backend {
     async fn describe(&self, key_ref: &str) -> Result<KeyInfo, KmsError> {
-        backend!(self, b => b.describe(key_ref).await)
+        let started = std::time::Instant::now();
+        let result = backend!(self, b => b.describe(key_ref).await);
+        self.observe("describe", started, result.as_ref().err());
+        result
     }
 
     fn describe_is_complete(&self) -> bool {
@@ -398,7 +455,10 @@ impl KmsProvider for Backend {
         version: Option<&str>,
         items: &[(&Dek, DekContext<'_>)],
     ) -> Result<Vec<Wrapped>, KmsError> {
-        backend!(self, b => b.wrap_many(key_ref, version, items).await)
+        let started = std::time::Instant::now();
+        let result = backend!(self, b => b.wrap_many(key_ref, version, items).await);
+        self.observe("wrap", started, result.as_ref().err());
+        result
     }
 
     async fn unwrap_many(
@@ -406,7 +466,10 @@ impl KmsProvider for Backend {
         key_ref: &str,
         items: &[WrappedRef<'_>],
     ) -> Result<Vec<Result<Dek, KmsError>>, KmsError> {
-        backend!(self, b => b.unwrap_many(key_ref, items).await)
+        let started = std::time::Instant::now();
+        let result = backend!(self, b => b.unwrap_many(key_ref, items).await);
+        self.observe("unwrap", started, batch_errors(&result));
+        result
     }
 
     async fn rewrap(
@@ -415,7 +478,10 @@ impl KmsProvider for Backend {
         items: &[WrappedRef<'_>],
         target_version: &str,
     ) -> Result<Vec<Result<Wrapped, KmsError>>, KmsError> {
-        backend!(self, b => b.rewrap(key_ref, items, target_version).await)
+        let started = std::time::Instant::now();
+        let result = backend!(self, b => b.rewrap(key_ref, items, target_version).await);
+        self.observe("rewrap", started, batch_errors(&result));
+        result
     }
 }
 

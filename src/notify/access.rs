@@ -72,7 +72,15 @@ impl Relay {
         let mut delivered = Vec::new();
         for (row, result) in rows.iter().zip(results) {
             match result {
-                Ok(()) => delivered.push(row.id),
+                Ok(()) => {
+                    metrics::histogram!(crate::telemetry::NOTIFICATION_DELIVERY_LATENCY,
+                        "channel" => "amqp")
+                    .record(crate::notify::outbox::seconds_since(
+                        row.created_at,
+                        Utc::now(),
+                    ));
+                    delivered.push(row.id);
+                }
                 Err(e) => {
                     let attempt = u32::try_from(row.attempts).unwrap_or(0).min(6);
                     let delay = chrono::Duration::seconds(1 << attempt);
@@ -84,7 +92,7 @@ impl Relay {
         }
         tx.remove_published(&delivered).await?;
         tx.commit().await?;
-        metrics::counter!("byokd_access_messages_published_total")
+        metrics::counter!(crate::telemetry::ACCESS_MESSAGES_PUBLISHED)
             .increment(delivered.len() as u64);
         Ok(delivered.len())
     }

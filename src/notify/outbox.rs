@@ -344,22 +344,27 @@ impl Dispatcher {
         if !kept {
             tracing::warn!(id = %row.id, "lease expired during delivery; another worker owns the row");
         }
+        if result.is_ok() {
+            metrics::histogram!(crate::telemetry::NOTIFICATION_DELIVERY_LATENCY,
+                "channel" => row.channel.as_str())
+            .record(seconds_since(row.created_at, now));
+        }
         match (&result, row.channel) {
             (Ok(_), Channel::Webhook) => {
                 if let Ok(endpoint) = row.recipient.parse::<Uuid>() {
                     self.inner.store.endpoint_succeeded(endpoint).await?;
                 }
-                metrics::counter!("byokd_notifications_delivered_total", "channel" => "webhook")
+                metrics::counter!(crate::telemetry::NOTIFICATIONS_DELIVERED, "channel" => "webhook")
                     .increment(1);
             }
             (Ok(_), _) => {
-                metrics::counter!("byokd_notifications_delivered_total", "channel" => "email")
+                metrics::counter!(crate::telemetry::NOTIFICATIONS_DELIVERED, "channel" => "email")
                     .increment(1);
             }
             (Err(e), _) => {
                 tracing::warn!(id = %row.id, kind = %row.kind, channel = row.channel.as_str(),
                     error = %e, outcome = resolution.as_str(), "notification attempt failed");
-                metrics::counter!("byokd_notification_failures_total",
+                metrics::counter!(crate::telemetry::NOTIFICATION_FAILURES,
                     "channel" => row.channel.as_str(), "outcome" => resolution.as_str())
                 .increment(1);
             }
@@ -629,6 +634,11 @@ pub async fn outbox_loop(dispatcher: Dispatcher, mut shutdown: watch::Receiver<b
 /// Store errors.
 pub async fn prune(store: &Store, older_than: DateTime<Utc>) -> Result<u64, StoreError> {
     store.prune_delivered(older_than).await
+}
+
+/// Seconds from `then` to `now`; 0 when another replica's clock put `then` ahead.
+pub fn seconds_since(then: DateTime<Utc>, now: DateTime<Utc>) -> f64 {
+    ((now - then).num_milliseconds() as f64 / 1000.0).max(0.0)
 }
 
 #[cfg(test)]

@@ -195,8 +195,8 @@ impl Rewrapper {
         )
         .await?;
         tx.commit().await?;
-        metrics::counter!("byokd_rewrap_deks_total", "outcome" => "rewrapped").increment(done);
-        metrics::counter!("byokd_rewrap_deks_total", "outcome" => "failed")
+        metrics::counter!(crate::telemetry::REWRAP_DEKS, "outcome" => "rewrapped").increment(done);
+        metrics::counter!(crate::telemetry::REWRAP_DEKS, "outcome" => "failed")
             .increment(failures.len() as u64);
         if !failures.is_empty() {
             tracing::warn!(job = job.id, failed = failures.len(), first = %failures[0].1,
@@ -396,7 +396,7 @@ impl Rewrapper {
             )
             .await?;
         }
-        metrics::counter!("byokd_rewrap_jobs_finished_total", "state" => state.as_str())
+        metrics::counter!(crate::telemetry::REWRAP_JOBS_FINISHED, "state" => state.as_str())
             .increment(1);
         tracing::info!(job = job.id, tenant = %job.tenant_id, state = state.as_str(), done, failed,
             "re-wrap job finished");

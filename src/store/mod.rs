@@ -17,6 +17,7 @@ macro_rules! dispatch {
 pub mod access;
 mod audit;
 mod kms;
+pub mod metrics;
 pub mod outbox;
 mod postgres;
 mod reseal;
@@ -328,6 +329,8 @@ pub struct OutboxRow {
     pub payload: serde_json::Value,
     /// Attempts so far.
     pub attempts: i32,
+    /// When it was enqueued (delivery latency).
+    pub created_at: DateTime<Utc>,
 }
 
 /// A KEK as shown by the API.

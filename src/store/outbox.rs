@@ -29,6 +29,8 @@ pub struct ClaimedNotification {
     pub payload: serde_json::Value,
     /// Attempts recorded before this one.
     pub attempts: i32,
+    /// When it was enqueued (delivery latency).
+    pub created_at: DateTime<Utc>,
 }
 
 /// What a claim may take: how many rows, for how long, and which recipients are busy.

@@ -168,7 +168,7 @@ pub async fn anomaly_scan(
             continue;
         }
         report.raised += 1;
-        metrics::counter!("byokd_access_anomalies_total", "rule" => rule).increment(1);
+        metrics::counter!(crate::telemetry::ACCESS_ANOMALIES, "rule" => rule).increment(1);
         tracing::warn!(rule, subject = %count.subject, observed = count.n, threshold,
             "key-access anomaly");
         let notice = Notification::AccessAnomaly(AccessAnomaly {

@@ -44,6 +44,7 @@ macro_rules! query_recipients {
 mod access;
 mod audit;
 mod kms;
+mod metrics;
 mod outbox;
 mod reseal;
 mod rewrap;
@@ -769,7 +770,8 @@ impl PgTx {
     ) -> Result<Vec<OutboxRow>, StoreError> {
         Ok(sqlx::query_as!(
             OutboxRow,
-            "SELECT id, tenant_id, dedupe_key, recipient, kind, payload, attempts FROM outbox
+            "SELECT id, tenant_id, dedupe_key, recipient, kind, payload, attempts, created_at
+             FROM outbox
              WHERE channel = $1 AND status = 'pending' AND next_attempt_at <= $2
              ORDER BY seq
              LIMIT $3

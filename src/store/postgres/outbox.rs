@@ -49,7 +49,7 @@ impl PgStore {
              UPDATE outbox o SET locked_until = $6, lease_id = $7
              FROM picked WHERE o.id = picked.id
              RETURNING o.id, o.seq, o.tenant_id, o.channel, o.recipient, o.kind, o.payload,
-                       o.attempts",
+                       o.attempts, o.created_at",
             r.now,
             r.limit,
             &busy_recipients as &[&str],
@@ -78,6 +78,7 @@ impl PgStore {
                         kind: row.kind,
                         payload: row.payload,
                         attempts: row.attempts,
+                        created_at: row.created_at,
                     },
                 )
             })

@@ -73,13 +73,15 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         sqlx::query!(
             "INSERT INTO schedule_runs (name, last_tick_at, last_started_at, last_finished_at,
-                                        last_status, last_report)
-             VALUES ($1, $2, $3, now(), $4, $5)
+                                        last_status, last_report, last_success_at)
+             VALUES ($1, $2, $3, now(), $4, $5, CASE WHEN $4 = 'ok' THEN now() END)
              ON CONFLICT (name) DO UPDATE
              SET last_tick_at = GREATEST(schedule_runs.last_tick_at, EXCLUDED.last_tick_at),
                  last_started_at = EXCLUDED.last_started_at,
                  last_finished_at = EXCLUDED.last_finished_at,
-                 last_status = EXCLUDED.last_status, last_report = EXCLUDED.last_report",
+                 last_status = EXCLUDED.last_status, last_report = EXCLUDED.last_report,
+                 last_success_at = COALESCE(EXCLUDED.last_success_at,
+                                            schedule_runs.last_success_at)",
             name,
             tick,
             started_at,
