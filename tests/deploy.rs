@@ -304,6 +304,17 @@ fn kubernetes_manifests_have_their_essentials() {
         .env("BYOKD_CONFIG", &file_path)
         // The image's schedules directory does not exist outside it.
         .env("BYOKD_SCHEDULES_DIR", root().join("schedules"))
+        // What the Deployment takes from its Secret, as placeholders.
+        .env(
+            "BYOKD_DATABASE_URL",
+            "postgres://byokd:secret@postgres:5432/byokd",
+        )
+        .env("BYOKD_AMQP_URL", "amqp://byokd:secret@rabbitmq:5672/%2f")
+        .env("BYOKD_ADMIN_TOKEN", "placeholder-admin-token-0123456789")
+        .env(
+            "BYOKD_LOCAL_KMS_ROOT_KEY",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        )
         .output()
         .expect("byokd check-config");
     let _ = std::fs::remove_file(&file_path);
