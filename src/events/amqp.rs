@@ -283,9 +283,10 @@ async fn process_batch(
     let mut good = Vec::with_capacity(batch.len());
     let mut counts = Vec::with_capacity(batch.len());
     for delivery in batch {
-        let parsed = normalize_delivery(&delivery, intake.settings.max_message_bytes).and_then(
-            |parsed| check_times(&parsed, chrono::Utc::now(), intake.max_skew).map(|()| parsed),
-        );
+        let parsed =
+            normalize_delivery(&delivery, intake.settings.max_message_bytes).and_then(|parsed| {
+                check_times(&parsed, chrono::Utc::now(), intake.max_skew).map(|()| parsed)
+            });
         match parsed {
             Ok(parsed) => {
                 counts.push(parsed.len());
@@ -354,7 +355,11 @@ pub fn normalize_delivery(
     if attributes.is_empty() {
         return normalize(&delivery.data, limit);
     }
-    let content_type = delivery.properties.content_type().as_ref().map(|c| c.as_str());
+    let content_type = delivery
+        .properties
+        .content_type()
+        .as_ref()
+        .map(|c| c.as_str());
     let structured = binary::to_structured(
         &attributes,
         CE_PREFIXES[0],

@@ -256,6 +256,7 @@ pub(super) struct ClientRequest {
     request_body = ClientRequest,
     responses(
         (status = 201, description = "created; the token is shown once", body = ClientCreated),
+        (status = 404, description = "a tenant in its scope does not exist", body = ErrorBody),
         (status = 409, description = "a client with this name exists", body = ErrorBody),
         (status = 422, description = "a field is invalid", body = ErrorBody),
         CommonErrors,
@@ -311,7 +312,9 @@ pub(super) async fn revoke_client(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<ClientRow>, ApiError> {
-    Ok(Json(crate::access::revoke_client(&state.store, &name).await?))
+    Ok(Json(
+        crate::access::revoke_client(&state.store, &name).await?,
+    ))
 }
 
 /// `GET /v1/alerts`: anomaly alerts, newest first.

@@ -20,8 +20,8 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -514,9 +514,7 @@ fn ce_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
         let decoded = percent_encoding::percent_decode(value.as_bytes())
             .decode_utf8()
             .map_err(|_| {
-                unprocessable(format!(
-                    "header {name} is not UTF-8 once percent-decoded"
-                ))
+                unprocessable(format!("header {name} is not UTF-8 once percent-decoded"))
             })?;
         attributes.push((attribute.to_owned(), decoded.into_owned()));
     }

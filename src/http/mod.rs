@@ -26,16 +26,16 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use serde::de::DeserializeOwned;
-use utoipa::OpenApi;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::Notify;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The names of the daemon's tasks that died, for `/readyz`. Only ever grows: a daemon with a
 /// dead task is on its way out and never ready again.
@@ -305,11 +305,7 @@ async fn healthz() -> Json<Health> {
                content_type = "application/json", body = Object)))]
 async fn openapi_json() -> Response {
     static SPEC: std::sync::LazyLock<String> = std::sync::LazyLock::new(openapi::spec_json);
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        SPEC.as_str(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], SPEC.as_str()).into_response()
 }
 
 /// Answers of the key-access routes may carry DEK plaintext: never stored by a cache.

@@ -180,8 +180,14 @@ mod tests {
 
     #[test]
     fn binary_and_structured_give_the_same_event() {
-        let binary = to_structured(&base(), "ce-", Some("application/json"), DATA.as_bytes(), 4096)
-            .expect("binary");
+        let binary = to_structured(
+            &base(),
+            "ce-",
+            Some("application/json"),
+            DATA.as_bytes(),
+            4096,
+        )
+        .expect("binary");
         let structured = format!(
             r#"{{"specversion":"1.0","id":"e-1","source":"kms://test","type":"byok.key.disabled",
                 "time":"2026-11-29T10:00:00Z","subject":"k1","data":{DATA}}}"#
@@ -204,7 +210,10 @@ mod tests {
                 "missing ce-id",
             ),
             (
-                base().into_iter().filter(|(k, _)| k != "specversion").collect(),
+                base()
+                    .into_iter()
+                    .filter(|(k, _)| k != "specversion")
+                    .collect(),
                 None,
                 DATA,
                 "missing ce-specversion",
@@ -218,13 +227,24 @@ mod tests {
             (
                 base()
                     .into_iter()
-                    .map(|(k, v)| if k == "specversion" { (k, "2.0".to_owned()) } else { (k, v) })
+                    .map(|(k, v)| {
+                        if k == "specversion" {
+                            (k, "2.0".to_owned())
+                        } else {
+                            (k, v)
+                        }
+                    })
                     .collect(),
                 None,
                 DATA,
                 "specversion \"2.0\" is not supported",
             ),
-            (base(), Some(STRUCTURED_CONTENT_TYPE), DATA, "says structured mode"),
+            (
+                base(),
+                Some(STRUCTURED_CONTENT_TYPE),
+                DATA,
+                "says structured mode",
+            ),
             (
                 [base(), attrs(&[("datacontenttype", "application/json")])].concat(),
                 Some("text/plain"),
@@ -234,8 +254,18 @@ mod tests {
             (base(), Some("text/plain"), DATA, "is not JSON"),
             (base(), None, "not json", "is not JSON"),
             (base(), None, "  ", "is empty"),
-            ([base(), attrs(&[("Bad-Name", "x")])].concat(), None, DATA, "attribute name"),
-            ([base(), attrs(&[("data", "x")])].concat(), None, DATA, "body is the data"),
+            (
+                [base(), attrs(&[("Bad-Name", "x")])].concat(),
+                None,
+                DATA,
+                "attribute name",
+            ),
+            (
+                [base(), attrs(&[("data", "x")])].concat(),
+                None,
+                DATA,
+                "body is the data",
+            ),
         ];
         for (attributes, ct, body, expected) in cases {
             let err = to_structured(&attributes, "ce-", ct, body.as_bytes(), 4096)
