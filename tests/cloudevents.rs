@@ -124,7 +124,9 @@ async fn hostile_binary_events_over_http_are_refused_with_the_reason() {
         good.iter().copied().chain(extra.iter().copied()).collect()
     };
     let body = data("k");
-    let cases: Vec<(Vec<(&str, &str)>, String, &str)> = vec![
+    // (headers, body, what the error says)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, String, &'a str);
+    let cases: Vec<Case> = vec![
         (without("ce-id"), body.clone(), "missing ce-id"),
         (without("ce-source"), body.clone(), "missing ce-source"),
         (without("ce-type"), body.clone(), "missing ce-type"),
@@ -284,7 +286,9 @@ async fn binary_mode_over_amqp_with_every_prefix_and_hostile_messages_dead_lette
     .await;
 
     // Hostile binary messages: each dead-lettered with its reason.
-    let hostile: Vec<(Vec<(&str, AMQPValue)>, Option<&str>, &str, &str)> = vec![
+    // (application properties, content type, body, what the reason says)
+    type Case<'a> = (Vec<(&'a str, AMQPValue)>, Option<&'a str>, &'a str, &'a str);
+    let hostile: Vec<Case> = vec![
         (
             vec![
                 ("cloudEvents:specversion", s("1.0")),

@@ -203,7 +203,9 @@ async fn schemathesis_finds_no_server_error_and_nothing_outside_the_spec() {
 async fn hostile_paths_queries_and_bodies_get_a_json_4xx() {
     let app = TestApp::spawn().await;
     app.tenant_with_key("acme", "acme-kek").await;
-    let cases: Vec<(reqwest::Method, &str, Option<Value>, u16)> = vec![
+    // (method, path, body, status)
+    type Case<'a> = (reqwest::Method, &'a str, Option<Value>, u16);
+    let cases: Vec<Case> = vec![
         // A NUL cannot be stored or looked up in PostgreSQL text.
         (reqwest::Method::GET, "/v1/tenants/a%00b", None, 400),
         (reqwest::Method::GET, "/v1/audit?tenant=a%00b", None, 400),

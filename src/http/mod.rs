@@ -139,6 +139,16 @@ impl From<StoreError> for ApiError {
                      (such as a NUL character)",
                 )
             }
+            // An integrity violation the store did not turn into a conflict itself: the
+            // request raced a change such as a tenant's deletion.
+            StoreError::Other(sqlx::Error::Database(ref db))
+                if db.code().is_some_and(|c| c.starts_with("23")) =>
+            {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "the request conflicts with a concurrent change; look again and retry",
+                )
+            }
             other => {
                 tracing::error!(error = %other, "store error in API call");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
