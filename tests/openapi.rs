@@ -138,6 +138,8 @@ async fn schemathesis(
         "all",
     ])
     .args(filter)
+    // Its cache of crashes goes there, not into the work tree.
+    .current_dir(std::env::temp_dir())
     .env("NO_COLOR", "1")
     .kill_on_drop(true);
     let output = match tokio::time::timeout(limit, cmd.output()).await {

@@ -177,6 +177,7 @@ pub(super) async fn unwrap_one(
 #[serde(deny_unknown_fields)]
 pub(super) struct BatchRequest {
     /// 1 to 1000 DEK ids.
+    #[schema(min_items = 1, max_items = 1000)]
     dek_ids: Vec<String>,
 }
 
@@ -240,7 +241,8 @@ pub(super) async fn unwrap_batch(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ClientRequest {
-    /// Unique name.
+    /// Unique name: 1 to 64 letters, digits, `.`, `_` or `-`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     name: String,
     /// The tenants in scope (or `all_tenants`).
     #[serde(default)]

@@ -45,11 +45,14 @@ fn unprocessable(message: impl Into<String>) -> ApiError {
 #[serde(deny_unknown_fields)]
 pub(super) struct TenantRequest {
     /// 1-128 letters, digits, `-`, `_` or `.`; chosen by the caller.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$")]
     id: String,
     /// Display name, not empty.
+    #[schema(min_length = 1)]
     name: String,
     /// Email addresses to notify.
     #[serde(default)]
+    #[schema(value_type = Vec<String>, format = Email)]
     contacts: Vec<String>,
     /// Webhook endpoints to notify.
     #[serde(default)]
@@ -233,6 +236,7 @@ pub(super) async fn get_tenant(
 #[serde(deny_unknown_fields)]
 pub(super) struct KekRequest {
     /// `local`, `aws`, `azure`, `gcp` or `vault`.
+    #[schema(value_type = Provider)]
     provider: String,
     /// The key's name at its KMS (canonicalised per provider).
     key_ref: String,
@@ -303,6 +307,7 @@ pub(super) struct RotateSecretRequest {
     #[schema(value_type = Option<String>)]
     secret: Option<SecretString>,
     /// How long the previous secret keeps signing alongside (default 24, at most 168).
+    #[schema(maximum = 168)]
     overlap_hours: Option<u32>,
 }
 
