@@ -386,5 +386,12 @@ async fn deleting_a_tenant_shreds_its_deks_and_keeps_the_audit_trail_verifiable(
     assert!(ok, "audit verify after a deletion: {stderr}");
     let report: Value = serde_json::from_str(&stdout).expect("report");
     assert_eq!(report["ok"], true, "{report}");
+    // The deleted tenant's own rows still verify by its id.
+    let (stdout, stderr, ok) = byokd(&app, &["audit", "verify", "--json", "--tenant", "acme"]);
+    assert!(ok, "audit verify --tenant of a deleted tenant: {stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("report");
+    let rows = count(&app, "SELECT count(*) FROM audit_log WHERE tenant_id = $1").await;
+    assert_eq!(report["tenant"]["rows"], rows, "{report}");
+    assert!(rows >= 3, "created, key registered, deleted: {rows}");
     app.shutdown().await;
 }
