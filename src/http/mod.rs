@@ -1,8 +1,13 @@
-//! The HTTP surface: health, metrics and the admin API (axum).
+//! The HTTP surface: health, metrics, the admin API and key access (axum).
 //!
-//! `/healthz`, `/readyz` and `/metrics` are open; every `/v1` route requires
-//! `Authorization: Bearer $BYOKD_ADMIN_TOKEN`, and with no token configured `/v1` refuses
-//! everyone. Errors are `{"error": "<one sentence>"}` with a meaningful status.
+//! `/healthz`, `/readyz`, `/metrics` and `/openapi.json` are open; every admin `/v1` route
+//! requires `Authorization: Bearer $BYOKD_ADMIN_TOKEN`, and with no token configured `/v1`
+//! refuses everyone. Errors are `{"error": "<one sentence>"}` with a meaningful status, the
+//! extractors' rejections included (this module's `Query` and `Path`).
+//!
+//! Every route is added in `routes` through `utoipa_axum`, together with its OpenAPI
+//! description (the handler's `#[utoipa::path]`); a route added any other way would be
+//! missing from `/openapi.json` (see [`openapi`]).
 //!
 //! `/readyz` reports what it is told: the consumers' [`ConsumerHealth`] and the daemon's dead
 //! tasks in the [`TaskRegistry`] that the daemon's supervisor fills.
