@@ -12,8 +12,9 @@
 //!   unit, labels and help text in one table.
 //! * `domain`: pure types and the KEK state machine / access derivation; no I/O.
 //! * `broker`: RabbitMQ topology, the confirmed publisher and reconnect backoff.
-//! * `events`: intake. `normalize` turns messages (canonical, AWS, Azure, GCP) into events;
-//!   `amqp` consumes them in batches and dead-letters what cannot be applied.
+//! * `events`: intake. `normalize` turns messages (canonical, AWS, Azure, GCP; CloudEvents
+//!   in structured or binary mode) into events; `amqp` consumes them in batches and
+//!   dead-letters what cannot be applied.
 //! * `lifecycle`: applies events, KMS observations and the passing of time, one transaction
 //!   each (dedupe, key record, derived access, audit, outbox).
 //! * `access`: key access for the platform's services: client tokens, DEK unwrap with a
@@ -32,7 +33,8 @@
 //!   every notification byokd sends, with its facts, audience and advice.
 //! * `audit`: tamper evidence of the audit trail (an HMAC chain in one total order across
 //!   replicas, its chainer task, checkpoints, `audit verify`) and its JSON lines export.
-//! * `http`: health, metrics and the admin API.
+//! * `http`: health, metrics, the admin API (with the fleet views) and key access, each
+//!   route registered with its OpenAPI description (`http::openapi`).
 //! * `store`: all SQL, behind a back-end-neutral API.
 //! * `seal`: encryption of secrets at rest under the root key (current and previous keys).
 //! * `rootkey`: root-key rotation, re-sealing everything sealed under the root key.

@@ -184,7 +184,8 @@ pub struct Report {
 /// # Errors
 ///
 /// [`VerifyError::Broken`] naming the first row found modified, inserted or deleted; or a
-/// database failure (an unknown tenant is [`StoreError::NotFound`]).
+/// database failure (a tenant that neither exists nor has rows in the trail is
+/// [`StoreError::NotFound`]).
 pub async fn verify(
     store: &Store,
     key: &ChainKey,
@@ -193,7 +194,22 @@ pub async fn verify(
     now: DateTime<Utc>,
 ) -> Result<Report, VerifyError> {
     if let Some(tenant) = tenant {
-        store.tenant(tenant).await?;
+        match store.tenant(tenant).await {
+            // A deleted (crypto-shredded) tenant's rows stay in the trail, verifiable by the
+            // id they carry; a tenant that never had a row is a typo.
+            Err(StoreError::NotFound(what)) => {
+                let filter = crate::store::AuditFilter {
+                    tenant: Some(tenant.to_owned()),
+                    ..Default::default()
+                };
+                if store.audit_trail(&filter, None, 1).await?.is_empty() {
+                    return Err(StoreError::NotFound(what).into());
+                }
+            }
+            other => {
+                other?;
+            }
+        }
     }
     // Read before the walk: every checkpoint recorded by then is of a head the walk reaches.
     let latest = store.audit_checkpoints(None, 1).await?.into_iter().next();

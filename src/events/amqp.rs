@@ -8,6 +8,12 @@
 //! can never succeed is published to the dead-letter exchange with the reason in the
 //! `x-byokd-error` header and then acked; the consumer goes on with the next one.
 //!
+//! Events come in CloudEvents structured mode (the body is the event) or binary mode (the
+//! attributes are application properties, `cloudEvents:` or the older `cloudEvents_` and
+//! `ce_` prefixes, and the body is the data): [`normalize_delivery`] turns both into the
+//! same events; a binary-mode message with a missing or conflicting attribute is
+//! dead-lettered with the reason like any other message that can never succeed.
+//!
 //! Revocations must not wait behind a backlog: an urgent lane (a second quorum queue bound to
 //! the lifecycle exchange with the revocation routing keys, `<provider>.disabled` etc.) gets
 //! its own copy of those events and its own consumer. Whichever copy is applied first wins;
@@ -18,7 +24,8 @@ use crate::broker::{
     AmqpError, Backoff, ERROR_HEADER, Outgoing, Publisher, SETUP_TIMEOUT, declare_topology,
 };
 use crate::config::AmqpSettings;
-use crate::events::normalize::{check_times, normalize};
+use crate::domain::LifecycleEvent;
+use crate::events::normalize::{NormalizeError, binary, check_times, normalize};
 use crate::lifecycle::{self, BatchResult};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{
@@ -316,7 +323,7 @@ async fn process_batch(
     let mut counts = Vec::with_capacity(batch.len());
     for delivery in batch {
         let parsed =
-            normalize(&delivery.data, intake.settings.max_message_bytes).and_then(|parsed| {
+            normalize_delivery(&delivery, intake.settings.max_message_bytes).and_then(|parsed| {
                 check_times(&parsed, chrono::Utc::now(), intake.max_skew).map(|()| parsed)
             });
         match parsed {
@@ -369,6 +376,90 @@ async fn process_batch(
         }
     }
     Ok(BatchEnd::Done)
+}
+
+/// Application-property prefixes of CloudEvents attributes in binary mode: the AMQP
+/// binding's `cloudEvents:`, the `cloudEvents_` of its earlier drafts (for brokers that
+/// refuse `:` in names), and the `ce_` some SDKs send.
+pub const CE_PREFIXES: [&str; 3] = ["cloudEvents:", "cloudEvents_", "ce_"];
+
+/// The events of one delivery, whichever CloudEvents content mode it uses (or a provider's
+/// native format).
+///
+/// # Errors
+///
+/// Whatever [`normalize`] or [`binary::to_structured`] refuses, to dead-letter with.
+pub fn normalize_delivery(
+    delivery: &Delivery,
+    limit: usize,
+) -> Result<Vec<LifecycleEvent>, NormalizeError> {
+    let attributes = binary_attributes(delivery.properties.headers().as_ref())?;
+    if attributes.is_empty() {
+        return normalize(&delivery.data, limit);
+    }
+    let content_type = delivery
+        .properties
+        .content_type()
+        .as_ref()
+        .map(|c| c.as_str());
+    let structured = binary::to_structured(
+        &attributes,
+        CE_PREFIXES[0],
+        content_type,
+        &delivery.data,
+        limit,
+    )?;
+    // The body was checked against the limit; the attributes add what the frame allowed.
+    normalize(&structured, limit.saturating_add(structured.len()))
+}
+
+/// The CloudEvents attributes among a message's application properties, prefix removed.
+///
+/// # Errors
+///
+/// [`NormalizeError::Schema`] for an attribute whose value is not a string, a number, a
+/// boolean or (for `time`) a timestamp.
+pub fn binary_attributes(
+    headers: Option<&FieldTable>,
+) -> Result<Vec<(String, String)>, NormalizeError> {
+    let mut attributes = Vec::new();
+    let Some(headers) = headers else {
+        return Ok(attributes);
+    };
+    for (key, value) in headers.inner() {
+        let key = key.as_str();
+        let Some(name) = CE_PREFIXES.iter().find_map(|p| key.strip_prefix(p)) else {
+            continue;
+        };
+        let text = match value {
+            AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            AMQPValue::Boolean(b) => Some(b.to_string()),
+            AMQPValue::ShortShortInt(n) => Some(n.to_string()),
+            AMQPValue::ShortShortUInt(n) => Some(n.to_string()),
+            AMQPValue::ShortInt(n) => Some(n.to_string()),
+            AMQPValue::ShortUInt(n) => Some(n.to_string()),
+            AMQPValue::LongInt(n) => Some(n.to_string()),
+            AMQPValue::LongUInt(n) => Some(n.to_string()),
+            AMQPValue::LongLongInt(n) => Some(n.to_string()),
+            // The binding maps `time` to the AMQP timestamp type (seconds, in AMQP 0-9-1).
+            AMQPValue::Timestamp(t) => i64::try_from(*t)
+                .ok()
+                .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            _ => None,
+        };
+        let Some(text) = text else {
+            return Err(NormalizeError::Schema {
+                format: "CloudEvents binary-mode",
+                detail: format!(
+                    "application property {key:?} is not a UTF-8 string, a number, a boolean                      or a timestamp"
+                ),
+            });
+        };
+        attributes.push((name.to_owned(), text));
+    }
+    Ok(attributes)
 }
 
 /// Counts outcomes and, when an access message waits in the outbox, wakes the relay so the

@@ -2,17 +2,86 @@
 //! and client management for the admin. Every response here carries
 //! `Cache-Control: no-store`; plaintext goes only into the body of a successful answer.
 
-use super::{ApiError, AppState};
+use super::openapi::{CommonErrors, ErrorBody};
+use super::{ApiError, AppState, Path};
 use crate::access::{BatchItem, Caller, ClientError, Refusal, Unwrapped};
+use crate::store::access::{AlertRow, ClientRow};
 use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use base64::Engine;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+/// An unwrapped DEK (key access only; never stored by a cache: `Cache-Control: no-store`).
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct PlainDek {
+    dek_id: Uuid,
+    /// The KEK version it is wrapped under.
+    kek_version: String,
+    /// Key check value.
+    kcv: String,
+    /// Base64 of the 32-byte DEK.
+    plaintext: String,
+}
+
+/// A created DEK.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct CreatedDek {
+    dek_id: Uuid,
+    /// The KEK version it is wrapped under.
+    kek_version: String,
+    /// Key check value.
+    kcv: String,
+    /// Base64 of the DEK: for a client only, once (like GenerateDataKey).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plaintext: Option<String>,
+}
+
+/// One DEK of a batch unwrap: unwrapped, or why not.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub(super) enum BatchDek {
+    /// Unwrapped.
+    Ok(PlainDek),
+    /// Refused or failed.
+    Err {
+        /// The id as asked.
+        dek_id: String,
+        /// Why.
+        error: String,
+    },
+}
+
+/// A batch unwrap's answer, in the order asked (ids that are not UUIDs last).
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct BatchAnswer {
+    deks: Vec<BatchDek>,
+}
+
+/// A client with its token, shown this once.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct ClientCreated {
+    #[serde(flatten)]
+    client: ClientRow,
+    /// The bearer token; only its hash is stored.
+    token: String,
+}
+
+/// Every client.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct ClientList {
+    clients: Vec<ClientRow>,
+}
+
+/// Anomaly alerts.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct AlertList {
+    /// Newest first.
+    alerts: Vec<AlertRow>,
+}
 
 /// Most DEKs one batch unwrap may ask for.
 pub const MAX_BATCH: usize = 1000;
@@ -33,9 +102,13 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn unwrapped_json(u: &Unwrapped) -> Value {
-    json!({ "dek_id": u.dek_id, "kek_version": u.kek_version, "kcv": u.kcv,
-            "plaintext": b64(u.plaintext.expose()) })
+fn unwrapped(u: &Unwrapped) -> PlainDek {
+    PlainDek {
+        dek_id: u.dek_id,
+        kek_version: u.kek_version.clone(),
+        kcv: u.kcv.clone(),
+        plaintext: b64(u.plaintext.expose()),
+    }
 }
 
 fn dek_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -45,17 +118,35 @@ fn dek_id(raw: &str) -> Result<Uuid, ApiError> {
 
 /// `POST /v1/tenants/{id}/deks`: a client gets the plaintext once (like GenerateDataKey);
 /// the admin gets the wrapped DEK's id only, as before.
+#[utoipa::path(post, path = "/tenants/{id}/deks", tag = "key-access", operation_id = "create_dek",
+    params(("id" = String, Path, description = "tenant id")),
+    responses(
+        (status = 201, description = "created (with the plaintext for a client)", body = CreatedDek),
+        (status = 404, description = "no such tenant", body = ErrorBody),
+        (status = 409, description = "the tenant is not accessible, or has no KEK", body = ErrorBody),
+        (status = 422, description = "the tenant's KMS is not configured", body = ErrorBody),
+        CommonErrors,
+    ),
+    security(("client_token" = []), ("admin_token" = [])))]
 pub(super) async fn create_dek(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(tenant_id): Path<String>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedDek>), ApiError> {
     let dek = state.gate.create_dek(&caller, &tenant_id).await?;
-    let mut body = json!({ "dek_id": dek.id, "kek_version": dek.kek_version, "kcv": dek.kcv });
-    if let Caller::Client(_) = caller {
-        body["plaintext"] = b64(dek.plaintext.expose()).into();
-    }
-    Ok((StatusCode::CREATED, Json(body)))
+    let plaintext = match caller {
+        Caller::Client(_) => Some(b64(dek.plaintext.expose())),
+        _ => None,
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedDek {
+            dek_id: dek.id,
+            kek_version: dek.kek_version,
+            kcv: dek.kcv,
+            plaintext,
+        }),
+    ))
 }
 
 /// Times an unwrap route's answer into `byokd_unwrap_duration_seconds`.
@@ -72,32 +163,59 @@ async fn timed<T>(
 }
 
 /// `POST /v1/tenants/{id}/deks/{dek_id}/unwrap`.
+#[utoipa::path(post, path = "/tenants/{id}/deks/{dek_id}/unwrap", tag = "key-access",
+    operation_id = "unwrap_dek",
+    params(("id" = String, Path, description = "tenant id"),
+           ("dek_id" = String, Path, description = "DEK id (a UUID)")),
+    responses(
+        (status = 200, description = "the DEK", body = PlainDek),
+        (status = 404, description = "no such DEK for this tenant", body = ErrorBody),
+        (status = 409, description = "the KMS refused the unwrap", body = ErrorBody),
+        (status = 422, description = "the tenant's KMS is not configured", body = ErrorBody),
+        CommonErrors,
+    ),
+    security(("client_token" = [])))]
 pub(super) async fn unwrap_one(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path((tenant_id, dek)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PlainDek>, ApiError> {
     timed("single", async {
         let id = dek_id(&dek)?;
         let u = state.gate.unwrap(&caller, &tenant_id, id).await?;
-        Ok(Json(unwrapped_json(&u)))
+        Ok(Json(unwrapped(&u)))
     })
     .await
 }
 
-#[derive(Deserialize)]
+/// DEKs to unwrap.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct BatchRequest {
+    /// 1 to 1000 DEK ids.
+    #[schema(min_items = 1, max_items = 1000)]
     dek_ids: Vec<String>,
 }
 
 /// `POST /v1/tenants/{id}/deks/unwrap` with `{"dek_ids": [...]}` (up to 1000).
+#[utoipa::path(post, path = "/tenants/{id}/deks/unwrap", tag = "key-access",
+    operation_id = "unwrap_deks",
+    params(("id" = String, Path, description = "tenant id")),
+    request_body = BatchRequest,
+    responses(
+        (status = 200, description = "each DEK, or why not", body = BatchAnswer),
+        (status = 404, description = "no such tenant", body = ErrorBody),
+        (status = 409, description = "the KMS refused the unwrap", body = ErrorBody),
+        (status = 422, description = "dek_ids is empty or too long", body = ErrorBody),
+        CommonErrors,
+    ),
+    security(("client_token" = [])))]
 pub(super) async fn unwrap_batch(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(tenant_id): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BatchAnswer>, ApiError> {
     timed("batch", unwrap_batch_answer(state, caller, tenant_id, body)).await
 }
 
@@ -106,7 +224,7 @@ async fn unwrap_batch_answer(
     caller: Caller,
     tenant_id: String,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BatchAnswer>, ApiError> {
     let req: BatchRequest = super::admin::parse_body(&body)?;
     if req.dek_ids.is_empty() || req.dek_ids.len() > MAX_BATCH {
         return Err(ApiError::new(
@@ -127,41 +245,57 @@ async fn unwrap_batch_answer(
     } else {
         state.gate.unwrap_many(&caller, &tenant_id, &ids).await?
     };
-    let mut deks: Vec<Value> = items
+    let mut deks: Vec<BatchDek> = items
         .iter()
         .map(|item| match item {
-            BatchItem::Ok(u) => unwrapped_json(u),
-            BatchItem::Err(id, _, why) => json!({ "dek_id": id, "error": why }),
+            BatchItem::Ok(u) => BatchDek::Ok(unwrapped(u)),
+            BatchItem::Err(id, _, why) => BatchDek::Err {
+                dek_id: id.to_string(),
+                error: why.to_string(),
+            },
         })
         .collect();
-    deks.extend(
-        bad.into_iter()
-            .map(|raw| json!({ "dek_id": raw, "error": "not a DEK id" })),
-    );
-    Ok(Json(json!({ "deks": deks })))
+    deks.extend(bad.into_iter().map(|raw| BatchDek::Err {
+        dek_id: raw,
+        error: "not a DEK id".to_owned(),
+    }));
+    Ok(Json(BatchAnswer { deks }))
 }
 
-#[derive(Deserialize)]
+/// A client to create.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ClientRequest {
+    /// Unique name: 1 to 64 letters, digits, `.`, `_` or `-`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     name: String,
+    /// The tenants in scope (or `all_tenants`).
     #[serde(default)]
     tenants: Vec<String>,
+    /// Every tenant is in scope.
     #[serde(default)]
     all_tenants: bool,
 }
 
 /// `POST /v1/clients` `{name, tenants:[..] | all_tenants:true}` -> 201 with the token, shown
 /// once.
+#[utoipa::path(post, path = "/clients", tag = "clients", operation_id = "create_client",
+    request_body = ClientRequest,
+    responses(
+        (status = 201, description = "created; the token is shown once", body = ClientCreated),
+        (status = 404, description = "a tenant in its scope does not exist", body = ErrorBody),
+        (status = 409, description = "a client with this name exists", body = ErrorBody),
+        (status = 422, description = "a field is invalid", body = ErrorBody),
+        CommonErrors,
+    ),
+    security(("admin_token" = [])))]
 pub(super) async fn create_client(
     State(state): State<AppState>,
     body: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<ClientCreated>), ApiError> {
     let req: ClientRequest = super::admin::parse_body(&body)?;
-    let (row, token) = create(&state, req.name, req.tenants, req.all_tenants).await?;
-    let mut view = serde_json::to_value(row).unwrap_or_default();
-    view["token"] = token.into();
-    Ok((StatusCode::CREATED, Json(view)))
+    let (client, token) = create(&state, req.name, req.tenants, req.all_tenants).await?;
+    Ok((StatusCode::CREATED, Json(ClientCreated { client, token })))
 }
 
 /// Creates a client after checking its name and scope; the token is returned once.
@@ -180,21 +314,42 @@ pub(crate) async fn create(
 }
 
 /// `GET /v1/clients`.
-pub(super) async fn list_clients(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "clients": state.store.clients().await? })))
+#[utoipa::path(get, path = "/clients", tag = "clients", operation_id = "list_clients",
+    responses((status = 200, description = "every client", body = ClientList), CommonErrors),
+    security(("admin_token" = [])))]
+pub(super) async fn list_clients(
+    State(state): State<AppState>,
+) -> Result<Json<ClientList>, ApiError> {
+    Ok(Json(ClientList {
+        clients: state.store.clients().await?,
+    }))
 }
 
 /// `DELETE /v1/clients/{name}`: revokes it on every replica (within the notification's
 /// latency; `access.client_cache_ms` at worst).
+#[utoipa::path(delete, path = "/clients/{name}", tag = "clients", operation_id = "revoke_client",
+    params(("name" = String, Path, description = "client name")),
+    responses(
+        (status = 200, description = "revoked", body = ClientRow),
+        (status = 404, description = "no such client", body = ErrorBody),
+        CommonErrors,
+    ),
+    security(("admin_token" = [])))]
 pub(super) async fn revoke_client(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let row = crate::access::revoke_client(&state.store, &name).await?;
-    Ok(Json(serde_json::to_value(row).unwrap_or_default()))
+) -> Result<Json<ClientRow>, ApiError> {
+    Ok(Json(
+        crate::access::revoke_client(&state.store, &name).await?,
+    ))
 }
 
 /// `GET /v1/alerts`: anomaly alerts, newest first.
-pub(super) async fn alerts(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "alerts": state.store.alerts(200).await? })))
+#[utoipa::path(get, path = "/alerts", tag = "audit", operation_id = "alerts",
+    responses((status = 200, description = "the last 200 alerts", body = AlertList), CommonErrors),
+    security(("admin_token" = [])))]
+pub(super) async fn alerts(State(state): State<AppState>) -> Result<Json<AlertList>, ApiError> {
+    Ok(Json(AlertList {
+        alerts: state.store.alerts(200).await?,
+    }))
 }

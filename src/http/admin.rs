@@ -1,23 +1,27 @@
 //! `/v1` handlers: tenants, KEK registration, event intake.
 
-use super::{ApiError, AppState};
+use super::openapi::{CommonErrors, ErrorBody};
+use super::{ApiError, AppState, Path, Query};
 use crate::broker::Outgoing;
 use crate::domain::Provider;
 use crate::events::amqp::message_routing_key;
-use crate::events::normalize::{NormalizeError, check_times, normalize};
+use crate::events::normalize::{NormalizeError, binary, check_times, normalize};
 use crate::keys::NewKek;
 use crate::seal::generate_webhook_secret;
-use crate::store::{AuditFilter, AuditRow, NewTenant, NewWebhook};
+use crate::store::{
+    AuditCheckpoint, AuditEntry, AuditFilter, AuditRow, NewTenant, NewWebhook, TenantView,
+};
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -36,22 +40,55 @@ fn unprocessable(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message)
 }
 
-#[derive(Deserialize)]
+/// A tenant to create.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct TenantRequest {
+    /// 1-128 letters, digits, `-`, `_` or `.`; chosen by the caller.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,128}$")]
     id: String,
+    /// Display name, not empty.
+    #[schema(min_length = 1)]
     name: String,
+    /// Email addresses to notify.
     #[serde(default)]
+    #[schema(value_type = Vec<String>, format = Email)]
     contacts: Vec<String>,
+    /// Webhook endpoints to notify.
     #[serde(default)]
     webhooks: Vec<WebhookRequest>,
 }
 
-#[derive(Deserialize)]
+/// A webhook endpoint to create.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct WebhookRequest {
+    /// An http(s) URL.
     url: String,
+    /// `whsec_` + base64 of 24 to 64 bytes; generated (and returned once) when absent.
+    #[schema(value_type = Option<String>)]
     secret: Option<SecretString>,
+}
+
+/// A created tenant.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct TenantCreated {
+    id: String,
+    name: String,
+    /// Always `accessible` at first.
+    access: crate::domain::Access,
+    contacts: Vec<String>,
+    webhooks: Vec<WebhookCreated>,
+}
+
+/// A created webhook endpoint.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct WebhookCreated {
+    id: Uuid,
+    url: String,
+    /// The generated signing secret, shown this once; absent when the caller gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
 }
 
 fn valid_tenant_id(id: &str) -> bool {
@@ -85,10 +122,21 @@ fn valid_webhook_secret(secret: &str) -> bool {
         .is_some_and(|raw| (24..=64).contains(&raw.len()))
 }
 
+/// Creates a tenant with its contacts and webhook endpoints.
+#[utoipa::path(post, path = "/tenants", tag = "tenants", operation_id = "create_tenant",
+    request_body = TenantRequest,
+    responses(
+        (status = 201, description = "created; generated webhook secrets are shown once",
+         body = TenantCreated),
+        (status = 409, description = "a tenant with this id exists", body = ErrorBody),
+        (status = 422, description = "a field is invalid", body = ErrorBody),
+        CommonErrors,
+    ),
+    security(("admin_token" = [])))]
 pub(super) async fn create_tenant(
     State(state): State<AppState>,
     body: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<TenantCreated>), ApiError> {
     let req: TenantRequest = parse_body(&body)?;
     if !valid_tenant_id(&req.id) {
         return Err(unprocessable(
@@ -122,12 +170,12 @@ pub(super) async fn create_tenant(
             None => (generate_webhook_secret(), true),
         };
         let id = Uuid::now_v7();
-        let mut view = json!({ "id": id, "url": url.as_str() });
-        if generated {
+        shown.push(WebhookCreated {
+            id,
+            url: url.to_string(),
             // Shown once, here; only the sealed form is stored.
-            view["secret"] = secret.expose_secret().into();
-        }
-        shown.push(view);
+            secret: generated.then(|| secret.expose_secret().to_owned()),
+        });
         webhooks.push(NewWebhook {
             id,
             url: url.to_string(),
@@ -143,7 +191,7 @@ pub(super) async fn create_tenant(
     state.store.create_tenant(&tenant).await?;
     let endpoints: Vec<Value> = shown
         .iter()
-        .map(|w| json!({ "id": w["id"], "url": w["url"] }))
+        .map(|w| json!({ "id": w.id, "url": w.url }))
         .collect();
     state
         .store
@@ -156,29 +204,43 @@ pub(super) async fn create_tenant(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "id": tenant.id,
-            "name": tenant.name,
-            "access": "accessible",
-            "contacts": tenant.contacts,
-            "webhooks": shown,
-        })),
+        Json(TenantCreated {
+            id: tenant.id,
+            name: tenant.name,
+            access: crate::domain::Access::Accessible,
+            contacts: tenant.contacts,
+            webhooks: shown,
+        }),
     ))
 }
 
+/// A tenant with its current access (derived now) and its KEKs.
+#[utoipa::path(get, path = "/tenants/{id}", tag = "tenants", operation_id = "get_tenant",
+    params(("id" = String, Path, description = "tenant id")),
+    responses(
+        (status = 200, description = "the tenant", body = TenantView),
+        (status = 404, description = "no such tenant", body = ErrorBody),
+        CommonErrors,
+    ),
+    security(("admin_token" = [])))]
 pub(super) async fn get_tenant(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TenantView>, ApiError> {
     let (_, tenant) = state.keys.current_access(&id, Utc::now()).await?;
-    Ok(Json(serde_json::to_value(tenant).unwrap_or_default()))
+    Ok(Json(tenant))
 }
 
-#[derive(Deserialize)]
+/// A KEK to register.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct KekRequest {
+    /// `local`, `aws`, `azure`, `gcp` or `vault`.
+    #[schema(value_type = Provider)]
     provider: String,
+    /// The key's name at its KMS (canonicalised per provider).
     key_ref: String,
+    /// When the key expires, if byokd is to track it.
     #[serde(default)]
     expires_at: Option<DateTime<Utc>>,
     /// Replace the tenant's current key: its DEKs move to this one, then it is retired.
@@ -186,13 +248,35 @@ pub(super) struct KekRequest {
     replace: bool,
 }
 
+/// A tenant after a KEK registration, with the replacement job it started, if any.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct KekRegistered {
+    #[serde(flatten)]
+    tenant: TenantView,
+    /// The re-wrap job moving the DEKs off the replaced key (`replace: true`).
+    rewrap_job: Option<i64>,
+}
+
 /// Registers a KEK after a test wrap/unwrap against its KMS succeeds: a key the platform
 /// cannot use is refused (422) instead of failing later on the first DEK.
+#[utoipa::path(post, path = "/tenants/{id}/keks", tag = "tenants", operation_id = "register_kek",
+    params(("id" = String, Path, description = "tenant id")),
+    request_body = KekRequest,
+    responses(
+        (status = 201, description = "registered after a test wrap/unwrap", body = KekRegistered),
+        (status = 404, description = "no such tenant", body = ErrorBody),
+        (status = 409, description = "the key is bound to another tenant, or the KMS refused it",
+         body = ErrorBody),
+        (status = 422, description = "a field is invalid, or the provider is not configured",
+         body = ErrorBody),
+        CommonErrors,
+    ),
+    security(("admin_token" = [])))]
 pub(super) async fn register_kek(
     State(state): State<AppState>,
     Path(tenant_id): Path<String>,
     body: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<KekRegistered>), ApiError> {
     let req: KekRequest = parse_body(&body)?;
     let provider: Provider = req
         .provider
@@ -206,26 +290,59 @@ pub(super) async fn register_kek(
     };
     let job = state.keys.register_kek(&tenant_id, kek, Utc::now()).await?;
     let tenant = state.store.tenant(&tenant_id).await?;
-    let mut view = serde_json::to_value(tenant).unwrap_or_default();
-    view["rewrap_job"] = json!(job);
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok((
+        StatusCode::CREATED,
+        Json(KekRegistered {
+            tenant,
+            rewrap_job: job,
+        }),
+    ))
 }
 
-#[derive(Deserialize, Default)]
+/// A new signing secret for a webhook endpoint (the body may be empty).
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RotateSecretRequest {
+    /// `whsec_` + base64 of 24 to 64 bytes; generated (and returned once) when absent.
+    #[schema(value_type = Option<String>)]
     secret: Option<SecretString>,
+    /// How long the previous secret keeps signing alongside (default 24, at most 168).
+    #[schema(maximum = 168)]
     overlap_hours: Option<u32>,
+}
+
+/// A rotated webhook secret.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct SecretRotated {
+    /// The endpoint.
+    id: Uuid,
+    /// Until when the previous secret signs too.
+    previous_secret_valid_until: DateTime<Utc>,
+    /// The generated secret, shown this once; absent when the caller gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
 }
 
 /// Gives a webhook endpoint a new signing secret (generated unless given, shown once). The
 /// previous secret keeps signing alongside for `overlap_hours` (default 24, at most 168), so
 /// the tenant can switch its receiver without dropping a notification.
+#[utoipa::path(post, path = "/tenants/{id}/webhooks/{webhook_id}/rotate-secret", tag = "tenants",
+    operation_id = "rotate_webhook_secret",
+    params(("id" = String, Path, description = "tenant id"),
+           ("webhook_id" = String, Path, description = "webhook endpoint id")),
+    request_body(content = Option<RotateSecretRequest>, description = "optional"),
+    responses(
+        (status = 200, description = "rotated", body = SecretRotated),
+        (status = 404, description = "no such tenant or endpoint", body = ErrorBody),
+        (status = 422, description = "a field is invalid", body = ErrorBody),
+        CommonErrors,
+    ),
+    security(("admin_token" = [])))]
 pub(super) async fn rotate_webhook_secret(
     State(state): State<AppState>,
     Path((tenant_id, endpoint)): Path<(String, String)>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SecretRotated>, ApiError> {
     let req: RotateSecretRequest = if body.is_empty() {
         RotateSecretRequest::default()
     } else {
@@ -266,11 +383,11 @@ pub(super) async fn rotate_webhook_secret(
                     "generated": generated }),
         )])
         .await?;
-    let mut view = json!({ "id": endpoint_id, "previous_secret_valid_until": until });
-    if generated {
-        view["secret"] = secret.expose_secret().into();
-    }
-    Ok(Json(view))
+    Ok(Json(SecretRotated {
+        id: endpoint_id,
+        previous_secret_valid_until: until,
+        secret: generated.then(|| secret.expose_secret().to_owned()),
+    }))
 }
 
 #[derive(Deserialize)]
@@ -304,14 +421,38 @@ fn time_param(name: &str, value: Option<&str>) -> Result<Option<DateTime<Utc>>, 
         .transpose()
 }
 
+/// A page of a tenant's audit trail.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct AuditPage {
+    tenant: Option<String>,
+    /// Newest first.
+    entries: Vec<AuditEntry>,
+}
+
 /// A tenant's audit trail, newest first: every key operation and access decision, with
 /// where it came from (event, api, probe, sweep) and its place in the chain. Filters:
 /// `client`, `action`, `outcome` (exact), `since` (inclusive) and `until` (exclusive), RFC
 /// 3339. Page with `before=<id>`.
+#[utoipa::path(get, path = "/audit", tag = "audit", operation_id = "audit_trail",
+    params(
+        ("tenant" = String, Query, description = "tenant id"),
+        ("before" = Option<i64>, Query, description = "entries with an id below this"),
+        ("limit" = Option<i64>, Query, description = "page size (1-1000, default 100)"),
+        ("client" = Option<String>, Query), ("action" = Option<String>, Query),
+        ("outcome" = Option<String>, Query),
+        ("since" = Option<String>, Query, description = "RFC 3339, inclusive"),
+        ("until" = Option<String>, Query, description = "RFC 3339, exclusive"),
+    ),
+    responses(
+        (status = 200, description = "entries", body = AuditPage),
+        (status = 404, description = "no such tenant", body = ErrorBody),
+        CommonErrors,
+    ),
+    security(("admin_token" = [])))]
 pub(super) async fn audit(
     State(state): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
-) -> Result<Json<Value>, ApiError> {
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<AuditPage>, ApiError> {
     let filter = AuditFilter {
         since: time_param("since", q.since.as_deref())?,
         until: time_param("until", q.until.as_deref())?,
@@ -322,7 +463,10 @@ pub(super) async fn audit(
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let entries = state.store.audit_trail(&filter, q.before, limit).await?;
-    Ok(Json(json!({ "tenant": filter.tenant, "entries": entries })))
+    Ok(Json(AuditPage {
+        tenant: filter.tenant,
+        entries,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -331,15 +475,83 @@ pub(super) struct CheckpointsQuery {
     limit: Option<i64>,
 }
 
+/// Checkpoints of the chain's head.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct CheckpointPage {
+    /// Newest first.
+    checkpoints: Vec<AuditCheckpoint>,
+}
+
 /// Checkpoints of the audit chain's head, newest first: `{chain_seq, chain, at}`. Page with
 /// `before=<chain_seq>`.
+#[utoipa::path(get, path = "/audit/checkpoints", tag = "audit",
+    operation_id = "audit_checkpoints",
+    params(
+        ("before" = Option<i64>, Query, description = "checkpoints below this chain_seq"),
+        ("limit" = Option<i64>, Query, description = "page size (1-1000, default 100)"),
+    ),
+    responses((status = 200, description = "checkpoints", body = CheckpointPage), CommonErrors),
+    security(("admin_token" = [])))]
 pub(super) async fn audit_checkpoints(
     State(state): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<CheckpointsQuery>,
-) -> Result<Json<Value>, ApiError> {
+    Query(q): Query<CheckpointsQuery>,
+) -> Result<Json<CheckpointPage>, ApiError> {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let checkpoints = state.store.audit_checkpoints(q.before, limit).await?;
-    Ok(Json(json!({ "checkpoints": checkpoints })))
+    Ok(Json(CheckpointPage { checkpoints }))
+}
+
+/// The CloudEvents attributes of a binary-mode request: its `ce-*` headers, prefix removed
+/// and percent-decoded (HTTP binding 3.1.3.2). Empty when there are none (structured mode
+/// or a provider's native format).
+fn ce_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
+    let mut attributes: Vec<(String, String)> = Vec::new();
+    for name in headers.keys() {
+        let Some(attribute) = name.as_str().strip_prefix("ce-") else {
+            continue;
+        };
+        let mut values = headers.get_all(name).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return Err(unprocessable(format!(
+                "header {name} is given more than once; a CloudEvents attribute has one value"
+            )));
+        };
+        let decoded = percent_encoding::percent_decode(value.as_bytes())
+            .decode_utf8()
+            .map_err(|_| {
+                unprocessable(format!("header {name} is not UTF-8 once percent-decoded"))
+            })?;
+        attributes.push((attribute.to_owned(), decoded.into_owned()));
+    }
+    Ok(attributes)
+}
+
+/// An event message accepted and published.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct EventAccepted {
+    /// The first event's id.
+    id: String,
+    /// The first event's provider.
+    provider: Provider,
+    /// The first event's kind.
+    kind: crate::domain::EventKind,
+    /// Every event of the message.
+    events: Vec<EventSummary>,
+}
+
+/// One event of a message.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct EventSummary {
+    id: String,
+    provider: Provider,
+    kind: crate::domain::EventKind,
+}
+
+/// A provider event that changes nothing, not published.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct EventIgnored {
+    /// Why it changes nothing.
+    ignored: String,
 }
 
 /// Accepts one lifecycle message in any supported format and publishes it to the lifecycle
@@ -347,17 +559,62 @@ pub(super) async fn audit_checkpoints(
 /// hold several events (an Event Grid array); it is published once, as received. A provider
 /// event that changes nothing (a failed API call, a secret's expiry) is answered 200 with the
 /// reason and not published.
+///
+/// CloudEvents come in structured mode (the body is the event) or binary mode (`ce-*`
+/// headers hold the attributes, the body is the data, `Content-Type` its type); a binary
+/// event is published in its structured form, so the consumer sees one format.
+#[utoipa::path(post, path = "/events", tag = "events", operation_id = "post_event",
+    params(
+        ("ce-specversion" = Option<String>, Header, description = "binary mode: 1.0"),
+        ("ce-id" = Option<String>, Header, description = "binary mode: the event id"),
+        ("ce-source" = Option<String>, Header, description = "binary mode: the event source"),
+        ("ce-type" = Option<String>, Header, description = "binary mode: byok.key.<kind>"),
+        ("ce-time" = Option<String>, Header, description = "binary mode: RFC 3339"),
+        ("ce-subject" = Option<String>, Header, description = "binary mode: the subject"),
+    ),
+    request_body(content = Object, description = "a lifecycle event: canonical CloudEvents \
+        (structured mode, or its data in binary mode), AWS EventBridge, Azure Event Grid, GCP \
+        audit log"),
+    responses(
+        (status = 202, description = "published", body = EventAccepted),
+        (status = 200, description = "valid, but changes nothing; not published",
+         body = EventIgnored),
+        (status = 400, description = "not JSON", body = ErrorBody),
+        (status = 422, description = "not a lifecycle event byokd can apply, with the reason",
+         body = ErrorBody),
+        CommonErrors,
+    ),
+    security(("admin_token" = [])))]
 pub(super) async fn post_event(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let parsed = normalize(&body, state.amqp.max_message_bytes).and_then(|events| {
+) -> Result<Response, ApiError> {
+    let limit = state.amqp.max_message_bytes;
+    let attributes = ce_headers(&headers)?;
+    // A binary event's body was held to the limit; its attributes add what the headers did.
+    let (message, normalize_limit) = if attributes.is_empty() {
+        (body, limit)
+    } else {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| unprocessable("the Content-Type header is not ASCII"))
+            })
+            .transpose()?;
+        let structured = binary::to_structured(&attributes, "ce-", content_type, &body, limit)
+            .map_err(|e| unprocessable(e.to_string()))?;
+        let len = structured.len();
+        (Bytes::from(structured), limit.saturating_add(len))
+    };
+    let parsed = normalize(&message, normalize_limit).and_then(|events| {
         check_times(&events, Utc::now(), state.state.max_skew()).map(|()| events)
     });
     let events = match parsed {
         Ok(events) => events,
         Err(NormalizeError::Ignored(reason)) => {
-            return Ok((StatusCode::OK, Json(json!({ "ignored": reason }))));
+            return Ok((StatusCode::OK, Json(EventIgnored { ignored: reason })).into_response());
         }
         Err(e) => {
             let status = match e {
@@ -379,7 +636,7 @@ pub(super) async fn post_event(
         .publish(Outgoing {
             exchange: &state.amqp.lifecycle_exchange,
             routing_key: &key,
-            body: &body,
+            body: &message,
             properties: BasicProperties::default()
                 .with_content_type("application/json".into())
                 .with_message_id(first.event_id.as_str().into()),
@@ -393,19 +650,24 @@ pub(super) async fn post_event(
                 "the message broker did not accept the event; retry later",
             )
         })?;
-    let all: Vec<Value> = events
+    let all = events
         .iter()
-        .map(|e| json!({ "id": e.event_id, "provider": e.provider, "kind": e.kind }))
+        .map(|e| EventSummary {
+            id: e.event_id.clone(),
+            provider: e.provider,
+            kind: e.kind,
+        })
         .collect();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({
-            "id": first.event_id,
-            "provider": first.provider,
-            "kind": first.kind,
-            "events": all,
-        })),
-    ))
+        Json(EventAccepted {
+            id: first.event_id.clone(),
+            provider: first.provider,
+            kind: first.kind,
+            events: all,
+        }),
+    )
+        .into_response())
 }
 
 #[cfg(test)]

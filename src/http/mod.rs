@@ -1,8 +1,13 @@
-//! The HTTP surface: health, metrics and the admin API (axum).
+//! The HTTP surface: health, metrics, the admin API and key access (axum).
 //!
-//! `/healthz`, `/readyz` and `/metrics` are open; every `/v1` route requires
-//! `Authorization: Bearer $BYOKD_ADMIN_TOKEN`, and with no token configured `/v1` refuses
-//! everyone. Errors are `{"error": "<one sentence>"}` with a meaningful status.
+//! `/healthz`, `/readyz`, `/metrics` and `/openapi.json` are open; every admin `/v1` route
+//! requires `Authorization: Bearer $BYOKD_ADMIN_TOKEN`, and with no token configured `/v1`
+//! refuses everyone. Errors are `{"error": "<one sentence>"}` with a meaningful status, the
+//! extractors' rejections included (this module's `Query` and `Path`).
+//!
+//! Every route is added in `routes` through `utoipa_axum`, together with its OpenAPI
+//! description (the handler's `#[utoipa::path]`); a route added any other way would be
+//! missing from `/openapi.json` (see [`openapi`]).
 //!
 //! `/readyz` reports what it is told: the consumers' [`ConsumerHealth`] and the daemon's dead
 //! tasks in the [`TaskRegistry`] that the daemon's supervisor fills.
@@ -10,7 +15,9 @@
 mod access;
 mod admin;
 mod deks;
+mod fleet;
 mod notifications;
+pub mod openapi;
 
 use crate::broker::Publisher;
 use crate::config::AmqpSettings;
@@ -18,18 +25,22 @@ use crate::events::amqp::{ConsumerHealth, ConsumerState};
 use crate::kms::{Kms, KmsError};
 use crate::seal::Sealer;
 use crate::store::{Store, StoreError};
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::Notify;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The names of the daemon's tasks that died, for `/readyz`. Only ever grows: a daemon with a
 /// dead task is on its way out and never ready again.
@@ -122,6 +133,27 @@ impl From<StoreError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the database is unavailable; retry later",
             ),
+            // A data exception (class 22): a value from the request the database cannot
+            // hold, such as a NUL character in a text parameter. The request is at fault.
+            StoreError::Other(sqlx::Error::Database(ref db))
+                if db.code().is_some_and(|c| c.starts_with("22")) =>
+            {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "the request holds a value that cannot be stored or looked up \
+                     (such as a NUL character)",
+                )
+            }
+            // An integrity violation the store did not turn into a conflict itself: the
+            // request raced a change such as a tenant's deletion.
+            StoreError::Other(sqlx::Error::Database(ref db))
+                if db.code().is_some_and(|c| c.starts_with("23")) =>
+            {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "the request conflicts with a concurrent change; look again and retry",
+                )
+            }
             other => {
                 tracing::error!(error = %other, "store error in API call");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
@@ -180,54 +212,115 @@ pub(crate) async fn tenant_param(
     Ok(tenant)
 }
 
+/// `axum::extract::Query` whose rejection is an [`ApiError`] (JSON, 400) like every other
+/// error, instead of axum's plain-text answer.
+pub(crate) struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| Query(q.0))
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid query string: {}", e.body_text()),
+                )
+            })
+    }
+}
+
+/// `axum::extract::Path` whose rejection (a segment that is not UTF-8, or not of the
+/// expected type) is an [`ApiError`] (JSON, 400).
+pub(crate) struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Path(p.0))
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid path: {}", e.body_text()),
+                )
+            })
+    }
+}
+
+/// Every route with its OpenAPI description. With `state`, the admin routes require the
+/// admin token and the key-access routes authenticate their caller; without, the routes are
+/// only there for their description ([`openapi::spec`]).
+pub(crate) fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
+    let mut admin = OpenApiRouter::new()
+        .routes(routes!(admin::create_tenant, fleet::list_tenants))
+        .routes(routes!(admin::get_tenant, fleet::delete_tenant))
+        .routes(routes!(admin::register_kek))
+        .routes(routes!(admin::rotate_webhook_secret))
+        .routes(routes!(deks::get_dek))
+        .routes(routes!(deks::rewrap_jobs))
+        .routes(routes!(deks::retry_rewrap_job))
+        .routes(routes!(admin::audit))
+        .routes(routes!(admin::audit_checkpoints))
+        .routes(routes!(admin::post_event))
+        .routes(routes!(notifications::list))
+        .routes(routes!(notifications::retry))
+        .routes(routes!(access::list_clients, access::create_client))
+        .routes(routes!(access::revoke_client))
+        .routes(routes!(access::alerts));
+    // Reached with a client token (or the admin token, which may create but never unwrap).
+    let mut keys = OpenApiRouter::new()
+        .routes(routes!(access::create_dek))
+        .routes(routes!(access::unwrap_batch))
+        .routes(routes!(access::unwrap_one));
+    if let Some(state) = state {
+        admin = admin.route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+        keys = keys
+            .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+            .layer(axum::middleware::map_response(no_store));
+    }
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .nest("/v1", admin.merge(keys))
+}
+
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
-    let admin = Router::new()
-        .route("/tenants", post(admin::create_tenant))
-        .route("/tenants/{id}", get(admin::get_tenant))
-        .route("/tenants/{id}/keks", post(admin::register_kek))
-        .route(
-            "/tenants/{id}/webhooks/{webhook_id}/rotate-secret",
-            post(admin::rotate_webhook_secret),
-        )
-        .route("/tenants/{id}/deks/{dek_id}", get(deks::get_dek))
-        .route("/rewrap-jobs", get(deks::rewrap_jobs))
-        .route("/rewrap-jobs/{id}/retry", post(deks::retry_rewrap_job))
-        .route("/audit", get(admin::audit))
-        .route("/audit/checkpoints", get(admin::audit_checkpoints))
-        .route("/events", post(admin::post_event))
-        .route("/notifications", get(notifications::list))
-        .route("/notifications/{id}/retry", post(notifications::retry))
-        .route(
-            "/clients",
-            get(access::list_clients).post(access::create_client),
-        )
-        .route(
-            "/clients/{name}",
-            axum::routing::delete(access::revoke_client),
-        )
-        .route("/alerts", get(access::alerts))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
-    // Reached with a client token (or the admin token, which may create but never unwrap).
-    let keys = Router::new()
-        .route("/tenants/{id}/deks", post(access::create_dek))
-        .route("/tenants/{id}/deks/unwrap", post(access::unwrap_batch))
-        .route(
-            "/tenants/{id}/deks/{dek_id}/unwrap",
-            post(access::unwrap_one),
-        )
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .layer(axum::middleware::map_response(no_store));
-    Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(json!({ "status": "ok" })) }),
-        )
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .nest("/v1", admin.merge(keys))
+    let (router, _) = routes(Some(&state)).split_for_parts();
+    router
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
+}
+
+/// `{"status": "ok"}`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "alive", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".to_owned(),
+    })
+}
+
+/// This API's OpenAPI 3.1 description (also committed as `openapi.json`).
+#[utoipa::path(get, path = "/openapi.json", tag = "health",
+    responses((status = 200, description = "the OpenAPI description",
+               content_type = "application/json", body = Object)))]
+async fn openapi_json() -> Response {
+    static SPEC: std::sync::LazyLock<String> = std::sync::LazyLock::new(openapi::spec_json);
+    ([(header::CONTENT_TYPE, "application/json")], SPEC.as_str()).into_response()
 }
 
 /// Answers of the key-access routes may carry DEK plaintext: never stored by a cache.
@@ -324,6 +417,27 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
     next.run(request).await
 }
 
+/// Readiness: the database, the consumers and the daemon's tasks.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// `ok` or `unavailable`.
+    pub status: String,
+    /// Whether this replica should get traffic.
+    pub ready: bool,
+    /// `ok` or `unavailable`.
+    pub database: String,
+    /// The lifecycle consumer's state (`consuming`, `reconnecting`, ...).
+    pub consumer: String,
+    /// The urgent lane consumer's state (`disabled` when switched off).
+    pub urgent_consumer: String,
+    /// The daemon's tasks that died.
+    pub failed_tasks: Vec<String>,
+}
+
+/// Ready when the database answers, the consumers consume and no task died.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "ready", body = Readiness),
+              (status = 503, description = "not ready", body = Readiness)))]
 async fn readyz(State(state): State<AppState>) -> Response {
     let db = tokio::time::timeout(Duration::from_secs(2), state.store.ping())
         .await
@@ -340,20 +454,21 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        Json(json!({
-            "status": if ready { "ok" } else { "unavailable" },
-            "ready": ready,
-            "database": if db { "ok" } else { "unavailable" },
-            "consumer": consumer.as_str(),
-            "urgent_consumer": urgent.as_str(),
-            "failed_tasks": failed,
-        })),
-    )
-        .into_response()
+    let body = Readiness {
+        status: if ready { "ok" } else { "unavailable" }.to_owned(),
+        ready,
+        database: if db { "ok" } else { "unavailable" }.to_owned(),
+        consumer: consumer.as_str().to_owned(),
+        urgent_consumer: urgent.as_str().to_owned(),
+        failed_tasks: failed,
+    };
+    (status, Json(body)).into_response()
 }
 
+/// Prometheus metrics, in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text exposition",
+               content_type = "text/plain", body = String)))]
 async fn metrics() -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -12,7 +12,7 @@ pub const ACCESS_CHANNEL: &str = "byokd_access";
 pub const CLIENTS_CHANNEL: &str = "byokd_clients";
 
 /// A client of the key-access API.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct ClientRow {
     /// Unique name.
     pub name: String,
@@ -40,7 +40,7 @@ pub struct NewClient {
 }
 
 /// An alert an anomaly rule raised.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct AlertRow {
     /// Id.
     pub id: i64,

@@ -9,7 +9,7 @@ use super::{Store, StoreError};
 use chrono::{DateTime, Utc};
 
 /// One audit entry as the API and exports show it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// Row id, in insertion order (newest is highest).
     pub id: i64,
@@ -114,7 +114,7 @@ pub struct ChainLink {
 }
 
 /// A recorded head of the chain.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct AuditCheckpoint {
     /// The head's place.
     pub chain_seq: i64,

@@ -16,6 +16,7 @@ macro_rules! dispatch {
 
 pub mod access;
 mod audit;
+pub mod fleet;
 mod kms;
 pub mod metrics;
 pub mod outbox;
@@ -334,7 +335,7 @@ pub struct OutboxRow {
 }
 
 /// A KEK as shown by the API.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct KekView {
     /// Provider.
     pub provider: Provider,
@@ -364,7 +365,7 @@ pub struct KekView {
 }
 
 /// A tenant as shown by the API.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct TenantView {
     /// Tenant id.
     pub id: String,

@@ -119,7 +119,7 @@ pub struct AttemptRecord {
 }
 
 /// One attempt as the API shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct AttemptView {
     /// When.
     pub at: DateTime<Utc>,
@@ -134,7 +134,7 @@ pub struct AttemptView {
 }
 
 /// An outbox row as the API shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct NotificationView {
     /// Row id (the webhook-id).
     pub id: Uuid,

@@ -92,10 +92,12 @@ pub struct RewrapJob {
 }
 
 /// A job as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RewrapJobView {
     /// Id.
     pub id: i64,
+    /// The tenant whose DEKs it moves.
+    pub tenant_id: String,
     /// Rotation or replacement.
     pub kind: JobKind,
     /// Source key.

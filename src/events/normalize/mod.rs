@@ -1,6 +1,7 @@
 //! Normalization of every supported event format into [`LifecycleEvent`]s.
 //!
-//! Formats: byokd's canonical CloudEvents ([`canonical`]), AWS EventBridge incl. CloudTrail API
+//! Formats: byokd's canonical CloudEvents ([`canonical`]; in binary content mode through
+//! [`binary`]), AWS EventBridge incl. CloudTrail API
 //! calls ([`aws`]), Azure Event Grid in both schemas ([`azure`]) and GCP Cloud Audit Log entries,
 //! bare or in a Pub/Sub push envelope ([`gcp`]). One message may hold several events (Event Grid
 //! delivers arrays), so [`normalize`] returns all of them; they stand or fall together.
@@ -13,6 +14,7 @@
 
 pub mod aws;
 pub mod azure;
+pub mod binary;
 pub mod canonical;
 pub mod gcp;
 

@@ -43,6 +43,7 @@ macro_rules! query_recipients {
 
 mod access;
 mod audit;
+mod fleet;
 mod kms;
 mod metrics;
 mod outbox;

@@ -174,7 +174,7 @@ impl PgStore {
     ) -> Result<Vec<RewrapJobView>, StoreError> {
         Ok(sqlx::query_as!(
             RewrapJobView,
-            r#"SELECT j.id, j.kind AS "kind: JobKind", s.provider AS "provider: Provider",
+            r#"SELECT j.id, j.tenant_id, j.kind AS "kind: JobKind", s.provider AS "provider: Provider",
                       s.key_ref, t.key_ref AS target_key_ref, j.from_versions, j.target_version,
                       j.state AS "state: JobState", j.total, j.done, j.failed, j.last_error,
                       j.created_at, j.completed_at
