@@ -88,6 +88,12 @@ pub enum Command {
         #[command(subcommand)]
         command: RootKeyCommand,
     },
+    /// Follow re-wrap jobs.
+    Jobs {
+        /// What to do.
+        #[command(subcommand)]
+        command: jobs::JobsCommand,
+    },
     /// Inspect, replay or purge the lifecycle dead-letter queue.
     Dead {
         /// What to do.
@@ -327,6 +333,7 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
         } => export_audit(&config, since, until, tenant).await,
         Command::CheckConfig => check::run(cli.json),
         Command::Dead { command } => dead::run(cli.json, &config, command).await,
+        Command::Jobs { command } => jobs::run(cli.json, &config, command).await,
     }
 }
 
