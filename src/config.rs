@@ -278,6 +278,14 @@ pub struct AwsSettings {
     /// `endpoint_url` so a KMS VPC endpoint is never sent STS calls.
     #[serde(default)]
     pub sts_endpoint_url: Option<String>,
+    /// Named profile of the shared config and credentials files (the SDK's default chain
+    /// otherwise; `AWS_PROFILE` works too).
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// A credentials file read instead of `~/.aws/credentials` (e.g. a mounted secret), in
+    /// the shared credentials file format.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
     /// Per-attempt timeout of one KMS request.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,

@@ -45,6 +45,7 @@ use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::sts::AssumeRoleProvider;
 use aws_config::timeout::TimeoutConfig;
+use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
 use aws_sdk_kms::Client;
 use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
@@ -411,11 +412,22 @@ impl AwsKms {
                         aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
                     ))
                     .build_https();
-                aws_config::defaults(BehaviorVersion::latest())
-                    .region(aws_config::Region::new(self.inner.settings.region.clone()))
-                    .http_client(http)
-                    .load()
-                    .await
+                let s = &self.inner.settings;
+                let mut loader = aws_config::defaults(BehaviorVersion::latest())
+                    .region(aws_config::Region::new(s.region.clone()))
+                    .http_client(http);
+                if let Some(profile) = &s.profile {
+                    loader = loader.profile_name(profile);
+                }
+                if let Some(file) = &s.credentials_file {
+                    loader = loader.profile_files(
+                        EnvConfigFiles::builder()
+                            .include_default_config_file(true)
+                            .with_file(EnvConfigFileKind::Credentials, file)
+                            .build(),
+                    );
+                }
+                loader.load().await
             })
             .await
     }
