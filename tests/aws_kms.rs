@@ -4,16 +4,17 @@
 //! re-wrapped with ReEncrypt, deletion scheduled and cancelled, a key policy that shuts byokd
 //! out, the tenant's role assumed through STS, and every native AWS event format.
 //!
-//! Two things moto does not do are played by [`Gate`], an HTTP server in front of it, and
+//! Three things moto does not do are played by [`Gate`], an HTTP server in front of it, and
 //! each test that uses it says so: enforcing a revoked grant (moto records grants and never
-//! checks them) and throttling. moto also still encrypts with a disabled key; byokd reads the
+//! checks them), imported key material with a `ValidTo` (moto has no ImportKeyMaterial), and
+//! throttling. moto also still encrypts with a disabled key; byokd reads the
 //! key's state first, so that gap does not hide a revocation here.
 
 mod common;
 
 use aws_sdk_kms::Client;
 use byokd::kms::Dek;
-use chrono::Utc;
+use chrono::{Timelike, Utc};
 use common::aws::{self, Gate, create_aliased_key, create_key, tenant_client};
 use common::sweeps::{run, sweeper};
 use common::{TestApp, at, outbox_count, wait_for};
@@ -522,6 +523,37 @@ async fn a_revoked_grant_is_found_by_the_probe_and_a_denying_key_policy_too() {
     app.shutdown().await;
 }
 
+/// moto implements no ImportKeyMaterial, so [`Gate`] adds the `ValidTo` AWS reports for a
+/// key with expiring imported material to moto's DescribeKey answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imported_material_valid_to_becomes_the_keys_expiry_and_blocks_once_past() {
+    let gate = Gate::start().await;
+    let app = app_at(&gate.url).await;
+    let kms = tenant_client();
+    let (_, arn) = tenant_with_key(&app, &kms, "im").await;
+    assert_eq!(app.tenant("im").await["keks"][0]["expires_at"], Value::Null);
+    let s = sweeper(&app).await;
+
+    let valid_to = (Utc::now() + chrono::Duration::days(10))
+        .with_nanosecond(0)
+        .expect("whole seconds");
+    gate.set_valid_to(&arn, valid_to);
+    run(&s, "key-probe", Utc::now()).await;
+    let tenant = app.tenant("im").await;
+    let expires: chrono::DateTime<Utc> =
+        serde_json::from_value(tenant["keks"][0]["expires_at"].clone()).expect("expires_at");
+    assert_eq!(expires, valid_to, "{tenant}");
+    assert_eq!(tenant["access"], "accessible", "{tenant}");
+
+    // The material's date passed: AWS refuses every operation with it, so the tenant is
+    // blocked outright, not only from new DEKs.
+    gate.set_valid_to(&arn, Utc::now() - chrono::Duration::minutes(1));
+    run(&s, "key-probe", Utc::now()).await;
+    let tenant = app.tenant("im").await;
+    assert_eq!(tenant["access"], "inaccessible", "{tenant}");
+    app.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tenants_role_is_assumed_to_reach_a_key_in_its_own_account() {
     let app = app_at(&aws::moto_url()).await;
@@ -765,6 +797,23 @@ async fn every_native_aws_event_format_reaches_its_bound_key() {
         .expect("audit");
         assert!(matched >= 1, "{name}: the event reached {arn}");
         wait_access(&app, tenant, want).await;
+    }
+    // The revocations KMS does not bear out (material "expired" or deleted while the key is
+    // enabled, with no ValidTo) were claims, refuted by the confirmation and audited so.
+    for (name, _, arn, _) in published.iter().filter(|p| {
+        matches!(
+            *p.0,
+            "svc-material-expired" | "ct-delete-material" | "ct-delete-expired"
+        )
+    }) {
+        let refuted: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM audit_log WHERE key_ref = $1 AND action = 'revocation_unconfirmed'",
+        )
+        .bind(arn)
+        .fetch_one(&app.pool)
+        .await
+        .expect("audit");
+        assert_eq!(refuted, 1, "{name}");
     }
     app.shutdown().await;
 }

@@ -156,6 +156,9 @@ pub async fn create_aliased_key(client: &Client, prefix: &str) -> (String, Strin
 struct Rules {
     /// Keys (id or ARN, as the request names them) whose Encrypt/Decrypt/ReEncrypt is denied.
     denied: HashSet<String>,
+    /// Keys whose DescribeKey answer carries this `ValidTo` (epoch seconds), as a key with
+    /// imported, expiring material would.
+    valid_to: std::collections::HashMap<String, f64>,
 }
 
 struct GateState {
@@ -235,6 +238,17 @@ impl Gate {
             .insert(key.to_owned());
     }
 
+    /// From now on DescribeKey naming `key` reports imported material valid until `at`
+    /// (moto implements no ImportKeyMaterial).
+    pub fn set_valid_to(&self, key: &str, at: chrono::DateTime<chrono::Utc>) {
+        self.state
+            .rules
+            .lock()
+            .expect("rules")
+            .valid_to
+            .insert(key.to_owned(), at.timestamp() as f64);
+    }
+
     /// Undoes [`Gate::revoke_grant`] (a new grant).
     pub fn restore_grant(&self, key: &str) {
         self.state.rules.lock().expect("rules").denied.remove(key);
@@ -300,11 +314,11 @@ async fn gate(
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let asked: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     // Whose DEK a request carries: its encryption context's tenant.
     let tenant = ["EncryptionContext", "SourceEncryptionContext"]
         .iter()
-        .find_map(|k| request[*k]["tenant"].as_str())
+        .find_map(|k| asked[*k]["tenant"].as_str())
         .map(str::to_owned);
     if matches!(
         target,
@@ -312,7 +326,7 @@ async fn gate(
     ) {
         let named = ["KeyId", "SourceKeyId", "DestinationKeyId"]
             .iter()
-            .filter_map(|k| request[*k].as_str())
+            .filter_map(|k| asked[*k].as_str())
             .any(|k| state.rules.lock().expect("rules").denied.contains(k));
         if named {
             state.denied.fetch_add(1, Ordering::SeqCst);
@@ -355,7 +369,18 @@ async fn gate(
                     }
                 }
             }
-            let bytes = r.bytes().await.unwrap_or_default();
+            let mut bytes = r.bytes().await.unwrap_or_default().to_vec();
+            let valid_to = asked["KeyId"]
+                .as_str()
+                .and_then(|k| state.rules.lock().expect("rules").valid_to.get(k).copied());
+            if let (Some(valid_to), "TrentService.DescribeKey") = (valid_to, target) {
+                let mut answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let meta = &mut answer["KeyMetadata"];
+                meta["ValidTo"] = json!(valid_to);
+                meta["Origin"] = json!("EXTERNAL");
+                meta["ExpirationModel"] = json!("KEY_MATERIAL_EXPIRES");
+                bytes = answer.to_string().into_bytes();
+            }
             (status, out, bytes).into_response()
         }
         Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
