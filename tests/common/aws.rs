@@ -191,15 +191,11 @@ impl Gate {
         Gate::serve(None).await
     }
 
-    /// A gate that throttles beyond `per_sec` requests per second (a tenth of a second's
-    /// worth at once).
+    /// A gate that throttles beyond `per_sec` requests per second (AWS counts per second: a
+    /// second's worth may come at once).
     pub async fn with_quota(per_sec: u32) -> Gate {
         let rate = NonZeroU32::new(per_sec).expect("a quota above 0");
-        let burst = NonZeroU32::new(per_sec / 10).unwrap_or(NonZeroU32::MIN);
-        Gate::serve(Some(RateLimiter::direct(
-            Quota::per_second(rate).allow_burst(burst),
-        )))
-        .await
+        Gate::serve(Some(RateLimiter::direct(Quota::per_second(rate)))).await
     }
 
     async fn serve(limiter: Option<DefaultDirectRateLimiter>) -> Gate {
