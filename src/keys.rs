@@ -129,6 +129,11 @@ impl Keys {
         // Canonical before the one-key-one-tenant check, so two spellings cannot bind one key.
         let key_ref = kms::canonical_key_ref(provider, &kek.key_ref)
             .map_err(|e| KeyError::Invalid(e.to_string()))?;
+        if kek.aws_role.is_some() && provider != Provider::Aws {
+            return Err(KeyError::Invalid(format!(
+                "role_arn and external_id are for aws keys, not {provider} keys"
+            )));
+        }
         self.store.tenant(tenant_id).await?;
         // AWS resolves aliases and key ids to the key ARN here, still before the check.
         let (key_ref, mut info) = self

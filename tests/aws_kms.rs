@@ -175,10 +175,16 @@ async fn an_alias_binds_the_key_arn_once_and_bad_keys_are_refused_with_the_kms_r
         &app,
         "ab2",
         &id,
-        json!({ "role_arn": "arn:aws:iam::123456789012:role/r", "provider": "vault" }),
+        json!({ "role_arn": "arn:aws:iam::123456789012:role/r", "provider": "local" }),
     )
     .await;
     assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("for aws keys")),
+        "{body}"
+    );
     for (extra, says) in [
         (json!({ "role_arn": "not-an-arn" }), "role_arn"),
         (json!({ "role_arn": "arn:aws:iam::1:role/r" }), "role_arn"),
@@ -548,9 +554,28 @@ async fn imported_material_valid_to_becomes_the_keys_expiry_and_blocks_once_past
     // The material's date passed: AWS refuses every operation with it, so the tenant is
     // blocked outright, not only from new DEKs.
     gate.set_valid_to(&arn, Utc::now() - chrono::Duration::minutes(1));
+    gate.set_key_state(&arn, "PendingImport");
     run(&s, "key-probe", Utc::now()).await;
     let tenant = app.tenant("im").await;
     assert_eq!(tenant["access"], "inaccessible", "{tenant}");
+    assert_eq!(tenant["keks"][0]["state"], "expired", "{tenant}");
+    app.shutdown().await;
+}
+
+/// Material deleted (DeleteImportedKeyMaterial) leaves the key `PendingImport` with no
+/// `ValidTo`; [`Gate`] reports that state, which moto cannot reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_without_its_imported_material_blocks_the_tenant_even_with_no_date() {
+    let gate = Gate::start().await;
+    let app = app_at(&gate.url).await;
+    let kms = tenant_client();
+    let (_, arn) = tenant_with_key(&app, &kms, "pi").await;
+    gate.set_key_state(&arn, "PendingImport");
+    let s = sweeper(&app).await;
+    run(&s, "key-probe", Utc::now()).await;
+    let tenant = app.tenant("pi").await;
+    assert_eq!(tenant["access"], "inaccessible", "{tenant}");
+    assert_eq!(tenant["keks"][0]["observed_state"], "disabled", "{tenant}");
     app.shutdown().await;
 }
 

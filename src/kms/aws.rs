@@ -237,14 +237,13 @@ fn unreachable(detail: impl std::fmt::Display) -> KmsError {
 }
 
 /// The state a `KMSInvalidStateException` reports, from its message ("... is pending
-/// deletion", "... is pending import"); a state byokd cannot name counts as disabled, since
-/// the key refuses cryptographic operations either way.
+/// deletion"); any other state (pending import included) counts as disabled, since the key
+/// refuses cryptographic operations either way and the answer must stay definitive (an
+/// `expired` refusal is not: elsewhere expired keys still decrypt).
 fn state_in_message(message: &str) -> KeyState {
     let m = message.to_ascii_lowercase().replace(' ', "");
     if m.contains("pendingdeletion") || m.contains("pendingreplicadeletion") {
         KeyState::PendingDeletion
-    } else if m.contains("pendingimport") {
-        KeyState::Expired
     } else {
         KeyState::Disabled
     }
@@ -356,16 +355,29 @@ fn check_kind(key: &str, meta: &KeyMetadata) -> Result<(), KmsError> {
     })
 }
 
-/// The key's state as byokd models it.
-fn key_state(key: &str, meta: &KeyMetadata) -> Result<KeyState, KmsError> {
+/// The key's state as byokd models it, at `now`.
+fn key_state(key: &str, meta: &KeyMetadata, now: DateTime<Utc>) -> Result<KeyState, KmsError> {
     use aws_sdk_kms::types::KeyState as S;
     match meta.key_state() {
         Some(S::Enabled | S::Updating) => Ok(KeyState::Enabled),
         Some(S::Disabled) => Ok(KeyState::Disabled),
         Some(S::PendingDeletion | S::PendingReplicaDeletion) => Ok(KeyState::PendingDeletion),
-        // Imported material expired or deleted (or never imported): every cryptographic
-        // operation is refused until material is imported again.
-        Some(S::PendingImport) => Ok(KeyState::Expired),
+        // No key material (expired, deleted, or never imported): every cryptographic operation
+        // is refused until material is imported again. Expired material is `expired` (its
+        // `ValidTo`, now past, blocks the tenant: AWS keys do not decrypt after expiry); any
+        // other missing material counts as disabled, because an observed `expired` only means
+        // "look at the date", and there may be none.
+        Some(S::PendingImport) => Ok(
+            if meta
+                .valid_to()
+                .and_then(to_chrono)
+                .is_some_and(|at| at <= now)
+            {
+                KeyState::Expired
+            } else {
+                KeyState::Disabled
+            },
+        ),
         // A custom key store the tenant disconnected: its kill switch, refused until it
         // reconnects.
         Some(S::Unavailable) => Ok(KeyState::Disabled),
@@ -570,7 +582,7 @@ impl AwsKms {
 
     async fn describe_in(&self, t: &Target) -> Result<(String, KeyInfo), KmsError> {
         let meta = self.describe_key(t).await?;
-        let state = key_state(&t.key, &meta)?;
+        let state = key_state(&t.key, &meta, Utc::now())?;
         let arn = meta
             .arn()
             .ok_or_else(|| unreachable("DescribeKey answered without the key's ARN"))?
@@ -910,6 +922,29 @@ mod tests {
     }
 
     #[test]
+    fn roles_are_iam_role_arns_with_an_optional_external_id() {
+        let ok = AwsRole::new(
+            "arn:aws:iam::111122223333:role/path/byok-platform",
+            Some("x-1"),
+        )
+        .expect("a role");
+        assert_eq!(ok.external_id.as_deref(), Some("x-1"));
+        assert!(AwsRole::new("arn:aws-cn:iam::111122223333:role/r", None).is_ok());
+        for (arn, id) in [
+            ("arn:aws:iam::111122223333:user/u", None),
+            ("arn:aws:iam::1111:role/r", None),
+            ("arn:aws:iam:eu-west-1:111122223333:role/r", None),
+            ("arn:aws:kms:eu-west-1:111122223333:key/k", None),
+            ("arn:aws:iam::111122223333:role/", None),
+            ("arn:aws:iam::111122223333:role/r r", None),
+            ("arn:aws:iam::111122223333:role/r", Some("x")),
+            ("arn:aws:iam::111122223333:role/r", Some("has space")),
+        ] {
+            assert!(AwsRole::new(arn, id).is_err(), "{arn} {id:?}");
+        }
+    }
+
+    #[test]
     fn arns_name_region_and_account() {
         let arn = parse_arn("arn:aws:kms:eu-west-1:111122223333:key/k").expect("arn");
         assert_eq!(
@@ -926,7 +961,7 @@ mod tests {
         );
         assert_eq!(
             state_in_message("arn:... is pending import."),
-            KeyState::Expired
+            KeyState::Disabled
         );
         assert_eq!(state_in_message("something new"), KeyState::Disabled);
     }

@@ -34,14 +34,17 @@ pub fn moto_url() -> String {
 }
 
 /// A shared-credentials file with moto's dummy keys, for byokd's default credential chain
-/// (a file of the test's own: tests cannot set the process environment).
+/// (tests cannot set the process environment). Every test writes the same content to a
+/// file of its own and renames it into place, so a reader never sees a partial file.
 pub fn credentials_file() -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("byokd-test-aws-{}", Uuid::new_v4().simple()));
+    let path = std::env::temp_dir().join("byokd-test-aws-credentials");
+    let mine = std::env::temp_dir().join(format!("byokd-test-aws-{}", Uuid::new_v4().simple()));
     std::fs::write(
-        &path,
+        &mine,
         "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n",
     )
     .expect("credentials file");
+    std::fs::rename(&mine, &path).expect("credentials file in place");
     path
 }
 
@@ -159,6 +162,8 @@ struct Rules {
     /// Keys whose DescribeKey answer carries this `ValidTo` (epoch seconds), as a key with
     /// imported, expiring material would.
     valid_to: std::collections::HashMap<String, f64>,
+    /// Keys whose DescribeKey answer reports this `KeyState` (e.g. `PendingImport`).
+    key_state: std::collections::HashMap<String, String>,
 }
 
 struct GateState {
@@ -243,6 +248,17 @@ impl Gate {
             .expect("rules")
             .valid_to
             .insert(key.to_owned(), at.timestamp() as f64);
+    }
+
+    /// From now on DescribeKey naming `key` reports `state` (moto cannot put a key in
+    /// `PendingImport` after creating it).
+    pub fn set_key_state(&self, key: &str, state: &str) {
+        self.state
+            .rules
+            .lock()
+            .expect("rules")
+            .key_state
+            .insert(key.to_owned(), state.to_owned());
     }
 
     /// Undoes [`Gate::revoke_grant`] (a new grant).
@@ -366,15 +382,27 @@ async fn gate(
                 }
             }
             let mut bytes = r.bytes().await.unwrap_or_default().to_vec();
-            let valid_to = asked["KeyId"]
+            let (valid_to, key_state) = asked["KeyId"]
                 .as_str()
-                .and_then(|k| state.rules.lock().expect("rules").valid_to.get(k).copied());
-            if let (Some(valid_to), "TrentService.DescribeKey") = (valid_to, target) {
+                .map(|k| {
+                    let rules = state.rules.lock().expect("rules");
+                    (
+                        rules.valid_to.get(k).copied(),
+                        rules.key_state.get(k).cloned(),
+                    )
+                })
+                .unwrap_or_default();
+            if target == "TrentService.DescribeKey" && (valid_to.is_some() || key_state.is_some()) {
                 let mut answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                 let meta = &mut answer["KeyMetadata"];
-                meta["ValidTo"] = json!(valid_to);
                 meta["Origin"] = json!("EXTERNAL");
-                meta["ExpirationModel"] = json!("KEY_MATERIAL_EXPIRES");
+                if let Some(valid_to) = valid_to {
+                    meta["ValidTo"] = json!(valid_to);
+                    meta["ExpirationModel"] = json!("KEY_MATERIAL_EXPIRES");
+                }
+                if let Some(key_state) = key_state {
+                    meta["KeyState"] = json!(key_state);
+                }
                 bytes = answer.to_string().into_bytes();
             }
             (status, out, bytes).into_response()
