@@ -372,13 +372,15 @@ async fn gate(
                 StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut out = HeaderMap::new();
             for (name, value) in r.headers() {
-                if name != "content-length" && name != "transfer-encoding" && name != "connection" {
-                    if let (Ok(n), Ok(v)) = (
+                if name != "content-length"
+                    && name != "transfer-encoding"
+                    && name != "connection"
+                    && let (Ok(n), Ok(v)) = (
                         axum::http::HeaderName::from_bytes(name.as_str().as_bytes()),
                         axum::http::HeaderValue::from_bytes(value.as_bytes()),
-                    ) {
-                        out.insert(n, v);
-                    }
+                    )
+                {
+                    out.insert(n, v);
                 }
             }
             let mut bytes = r.bytes().await.unwrap_or_default().to_vec();
