@@ -562,6 +562,32 @@ async fn imported_material_valid_to_becomes_the_keys_expiry_and_blocks_once_past
     app.shutdown().await;
 }
 
+/// An account whose shared quota others use up: [`Gate`] throttles every request (moto never
+/// throttles). Throttling says nothing about the key, so it never blocks the tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_is_an_outage_and_never_a_revocation() {
+    let gate = Gate::start().await;
+    let app = app_at(&gate.url).await;
+    let kms = tenant_client();
+    tenant_with_key(&app, &kms, "th").await;
+    create_deks(&app, "th", 1).await;
+    gate.throttle_all(true);
+    let s = sweeper(&app).await;
+    let report = run(&s, "key-probe", Utc::now()).await;
+    assert_eq!(report["unreachable"], 1, "{report}");
+    assert_eq!(report["changes"], 0, "{report}");
+    let tenant = app.tenant("th").await;
+    assert_eq!(tenant["access"], "accessible", "{tenant}");
+    assert_eq!(tenant["keks"][0]["revoked"], false, "{tenant}");
+    // A new DEK cannot be wrapped now: retry later (503), not refused (409).
+    let r = app.post("/v1/tenants/th/deks", json!({})).await;
+    assert_eq!(r.status(), 503, "{}", r.text().await.unwrap_or_default());
+    assert!(gate.throttled() > 0);
+    gate.throttle_all(false);
+    create_deks(&app, "th", 1).await;
+    app.shutdown().await;
+}
+
 /// Material deleted (DeleteImportedKeyMaterial) leaves the key `PendingImport` with no
 /// `ValidTo`; [`Gate`] reports that state, which moto cannot reach.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -164,6 +164,8 @@ struct Rules {
     valid_to: std::collections::HashMap<String, f64>,
     /// Keys whose DescribeKey answer reports this `KeyState` (e.g. `PendingImport`).
     key_state: std::collections::HashMap<String, String>,
+    /// Every request is throttled (an account whose quota others use up).
+    throttle_all: bool,
 }
 
 struct GateState {
@@ -261,6 +263,11 @@ impl Gate {
             .insert(key.to_owned(), state.to_owned());
     }
 
+    /// From now on every request (`true`) or none beyond the quota (`false`) is throttled.
+    pub fn throttle_all(&self, on: bool) {
+        self.state.rules.lock().expect("rules").throttle_all = on;
+    }
+
     /// Undoes [`Gate::revoke_grant`] (a new grant).
     pub fn restore_grant(&self, key: &str) {
         self.state.rules.lock().expect("rules").denied.remove(key);
@@ -316,8 +323,12 @@ async fn gate(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(limiter) = &state.limiter
-        && limiter.check().is_err()
+    let throttle_all = state.rules.lock().expect("rules").throttle_all;
+    if throttle_all
+        || state
+            .limiter
+            .as_ref()
+            .is_some_and(|limiter| limiter.check().is_err())
     {
         state.throttled.fetch_add(1, Ordering::SeqCst);
         return aws_error("ThrottlingException", "Rate exceeded");
