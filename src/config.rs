@@ -283,9 +283,10 @@ pub struct AwsSettings {
     #[serde(default)]
     pub profile: Option<String>,
     /// A credentials file read instead of `~/.aws/credentials` (e.g. a mounted secret), in
-    /// the shared credentials file format.
+    /// the shared credentials file format. (Not `credentials_file`: `BYOKD_*_FILE` variables
+    /// read a setting's value from a file.)
     #[serde(default)]
-    pub credentials_file: Option<PathBuf>,
+    pub credentials_path: Option<PathBuf>,
     /// Per-attempt timeout of one KMS request.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,

@@ -431,7 +431,7 @@ impl AwsKms {
                 if let Some(profile) = &s.profile {
                     loader = loader.profile_name(profile);
                 }
-                if let Some(file) = &s.credentials_file {
+                if let Some(file) = &s.credentials_path {
                     loader = loader.profile_files(
                         EnvConfigFiles::builder()
                             .include_default_config_file(true)

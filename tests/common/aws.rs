@@ -36,7 +36,7 @@ pub fn moto_url() -> String {
 /// A shared-credentials file with moto's dummy keys, for byokd's default credential chain
 /// (tests cannot set the process environment). Every test writes the same content to a
 /// file of its own and renames it into place, so a reader never sees a partial file.
-pub fn credentials_file() -> std::path::PathBuf {
+pub fn credentials_path() -> std::path::PathBuf {
     let path = std::env::temp_dir().join("byokd-test-aws-credentials");
     let mine = std::env::temp_dir().join(format!("byokd-test-aws-{}", Uuid::new_v4().simple()));
     std::fs::write(
@@ -55,7 +55,7 @@ pub fn settings(endpoint: &str) -> AwsSettings {
         "region": REGION,
         "endpoint_url": endpoint,
         "sts_endpoint_url": moto_url(),
-        "credentials_file": credentials_file(),
+        "credentials_path": credentials_path(),
         "profile": "default",
         "timeout_secs": 5,
         "max_attempts": 2,
@@ -75,9 +75,9 @@ pub fn env(settings: &AwsSettings) -> Vec<(String, String)> {
     if let Some(url) = &settings.sts_endpoint_url {
         env.push(("BYOKD_KMS__AWS__STS_ENDPOINT_URL".to_owned(), url.clone()));
     }
-    if let Some(file) = &settings.credentials_file {
+    if let Some(file) = &settings.credentials_path {
         env.push((
-            "BYOKD_KMS__AWS__CREDENTIALS_FILE".to_owned(),
+            "BYOKD_KMS__AWS__CREDENTIALS_PATH".to_owned(),
             file.display().to_string(),
         ));
     }
