@@ -260,6 +260,112 @@ impl Default for RewrapSettings {
 pub struct KmsSettings {
     /// `[kms.vault]`.
     pub vault: Option<VaultSettings>,
+    /// `[kms.aws]`.
+    pub aws: Option<AwsSettings>,
+}
+
+/// `[kms.aws]` settings. Credentials come from the SDK's default chain (environment, profile,
+/// web identity, instance metadata), never from here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsSettings {
+    /// Region for keys named without one (key ids, alias names); an ARN names its own.
+    pub region: String,
+    /// KMS endpoint instead of the regional one (a VPC endpoint; moto in tests).
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// STS endpoint for assuming tenants' roles, when not the regional one. Kept apart from
+    /// `endpoint_url` so a KMS VPC endpoint is never sent STS calls.
+    #[serde(default)]
+    pub sts_endpoint_url: Option<String>,
+    /// Named profile of the shared config and credentials files (the SDK's default chain
+    /// otherwise; `AWS_PROFILE` works too).
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// A credentials file read instead of `~/.aws/credentials` (e.g. a mounted secret), in
+    /// the shared credentials file format. (Not `credentials_file`: `BYOKD_*_FILE` variables
+    /// read a setting's value from a file.)
+    #[serde(default)]
+    pub credentials_path: Option<PathBuf>,
+    /// Per-attempt timeout of one KMS request.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Attempts per request (the SDK's adaptive retry: it slows down on throttling).
+    #[serde(default = "default_aws_attempts")]
+    pub max_attempts: u32,
+    /// Cryptographic requests (Encrypt, Decrypt, ReEncrypt) per second per account and
+    /// region: AWS's shared quota for symmetric keys is 5,500/s by default (more in a few
+    /// regions, and raised on request), and it is shared with everything else in the account.
+    #[serde(default = "default_aws_crypto_rate")]
+    pub crypto_requests_per_sec: u32,
+    /// DescribeKey and ListKeyRotations per second per account and region (DescribeKey's
+    /// default quota is 2,000/s).
+    #[serde(default = "default_aws_describe_rate")]
+    pub describe_requests_per_sec: u32,
+    /// Requests in flight per batch (KMS has no batch API: one request per DEK).
+    #[serde(default = "default_aws_concurrency")]
+    pub concurrency: usize,
+}
+
+impl AwsSettings {
+    /// What is wrong with these settings, one sentence each.
+    fn problems(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let region_ok = !self.region.is_empty()
+            && self.region.len() <= 64
+            && self
+                .region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !region_ok {
+            errors.push(format!(
+                "kms.aws.region {:?} is not an AWS region name (e.g. eu-west-1)",
+                self.region
+            ));
+        }
+        for (name, url) in [
+            ("endpoint_url", &self.endpoint_url),
+            ("sts_endpoint_url", &self.sts_endpoint_url),
+        ] {
+            if let Some(url) = url {
+                match url::Url::parse(url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                    _ => errors.push(format!(
+                        "kms.aws.{name} {:?} is not an http(s) URL",
+                        redact_url(url)
+                    )),
+                }
+            }
+        }
+        if self.max_attempts == 0
+            || self.concurrency == 0
+            || self.crypto_requests_per_sec == 0
+            || self.describe_requests_per_sec == 0
+        {
+            errors.push(
+                "kms.aws.max_attempts, concurrency, crypto_requests_per_sec and \
+                 describe_requests_per_sec must be at least 1"
+                    .to_owned(),
+            );
+        }
+        errors
+    }
+}
+
+fn default_aws_attempts() -> u32 {
+    3
+}
+
+fn default_aws_crypto_rate() -> u32 {
+    5500
+}
+
+fn default_aws_describe_rate() -> u32 {
+    2000
+}
+
+fn default_aws_concurrency() -> usize {
+    32
 }
 
 /// `[kms.vault]` settings.
@@ -454,7 +560,7 @@ pub struct Config {
     pub amqp: AmqpSettings,
     /// DEK re-wrap tuning.
     pub rewrap: RewrapSettings,
-    /// Remote KMS providers (`[kms.vault]`, ...).
+    /// Remote KMS providers (`[kms.vault]`, `[kms.aws]`).
     pub kms: KmsSettings,
     /// Notification delivery.
     pub notify: NotifySettings,
@@ -903,6 +1009,9 @@ impl Config {
         }
         if !(0.0..1.0).contains(&n.retry_jitter) {
             errors.push("notify.retry_jitter must be in [0, 1)".to_owned());
+        }
+        if let Some(aws) = &self.kms.aws {
+            errors.extend(aws.problems());
         }
         if let Some(cidrs) = &self.webhook_allow_cidrs
             && let Err(e) = parse_cidrs(cidrs)

@@ -98,6 +98,9 @@ pub fn build_kms(
                 .map_err(|e| RunError::Kms(format!("cannot build the Vault client: {e}")))?,
         );
     }
+    if let Some(aws) = &settings.aws {
+        kms = kms.with_aws(crate::kms::AwsKms::new(aws, store.clone()));
+    }
     Ok(kms)
 }
 

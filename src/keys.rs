@@ -6,10 +6,10 @@
 //! stored wrapped) lives in one place. Callers map [`KeyError`] to their own surface.
 
 use crate::domain::kek::AccessDecision;
-use crate::domain::{Access, KekStatus, Provider};
+use crate::domain::{Access, AwsRole, KekStatus, Provider};
 use crate::kms::{self, Dek, DekContext, Kms, KmsError, KmsProvider, WrappedRef};
 use crate::lifecycle::{self, Cause};
-use crate::store::{AuditRow, NewDek, Store, StoreError, TenantView};
+use crate::store::{AuditRow, KekOptions, NewDek, Store, StoreError, TenantView};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
@@ -47,6 +47,10 @@ pub struct NewKek {
     pub expires_at: Option<DateTime<Utc>>,
     /// Replace the tenant's current key: its DEKs move to this one, then it is retired.
     pub replace: bool,
+    /// AWS: the tenant's role byokd assumes to reach the key.
+    pub aws_role: Option<AwsRole>,
+    /// Whether a rotation at the KMS re-wraps the DEKs.
+    pub rewrap_on_rotation: bool,
 }
 
 /// A DEK just made: its plaintext (zeroized on drop) and what was stored.
@@ -125,10 +129,16 @@ impl Keys {
         // Canonical before the one-key-one-tenant check, so two spellings cannot bind one key.
         let key_ref = kms::canonical_key_ref(provider, &kek.key_ref)
             .map_err(|e| KeyError::Invalid(e.to_string()))?;
+        if kek.aws_role.is_some() && provider != Provider::Aws {
+            return Err(KeyError::Invalid(format!(
+                "role_arn and external_id are for aws keys, not {provider} keys"
+            )));
+        }
         self.store.tenant(tenant_id).await?;
-        let mut info = self
+        // AWS resolves aliases and key ids to the key ARN here, still before the check.
+        let (key_ref, mut info) = self
             .kms
-            .test_key(provider, &key_ref)
+            .bind(provider, &key_ref, kek.aws_role.as_ref())
             .await
             .map_err(|e| match e {
                 e if e.is_transient() => KeyError::Kms(e),
@@ -171,11 +181,17 @@ impl Keys {
             outcome: "applied".into(),
             source: "api".into(),
             event_id: None,
-            detail: json!({ "version": status.current_version, "expires_at": status.expires_at }),
+            detail: json!({ "version": status.current_version, "expires_at": status.expires_at,
+                            "role_arn": kek.aws_role.as_ref().map(|r| &r.role_arn),
+                            "rewrap_on_rotation": kek.rewrap_on_rotation }),
+        };
+        let options = KekOptions {
+            aws_role: kek.aws_role,
+            rewrap_on_rotation: kek.rewrap_on_rotation,
         };
         let job = self
             .store
-            .register_kek(tenant_id, &status, &audit, kek.replace)
+            .register_kek_with(tenant_id, &status, &options, &audit, kek.replace)
             .await?;
         if job.is_some() {
             self.rewrap_work.notify_one();

@@ -111,6 +111,57 @@ impl Provider {
     }
 }
 
+/// The tenant's IAM role byokd assumes to reach an AWS key: the usual cross-account BYOK
+/// pattern, where the key's account trusts a role it controls and byokd's principal may
+/// assume it. Set when the key is registered, never changed after.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AwsRole {
+    /// `arn:<partition>:iam::<account>:role/<path><name>`.
+    pub role_arn: String,
+    /// The external id the role's trust policy requires (AWS: not a secret, a confused
+    /// deputy guard).
+    pub external_id: Option<String>,
+}
+
+impl AwsRole {
+    /// Checks the role ARN's and external id's forms (as IAM and STS define them).
+    ///
+    /// # Errors
+    ///
+    /// One sentence naming what is wrong.
+    pub fn new(role_arn: &str, external_id: Option<&str>) -> Result<AwsRole, String> {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "+=,.@_-/".contains(c);
+        let parts: Vec<&str> = role_arn.splitn(6, ':').collect();
+        let ok = matches!(parts.as_slice(), ["arn", partition, "iam", "", account, resource]
+        if !partition.is_empty()
+            && partition.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+            && account.len() == 12
+            && account.chars().all(|c| c.is_ascii_digit())
+            && resource.strip_prefix("role/").is_some_and(|name| {
+                !name.is_empty() && name.len() <= 512 && name.chars().all(allowed)
+            }));
+        if !ok {
+            return Err(format!(
+                "role_arn {role_arn:?} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)"
+            ));
+        }
+        if let Some(id) = external_id
+            && (!(2..=1224).contains(&id.len())
+                || id
+                    .chars()
+                    .any(|c| !(c.is_ascii_alphanumeric() || "+=,.@:/_-".contains(c))))
+        {
+            return Err(
+                "external_id must be 2 to 1224 of letters, digits and +=,.@:/_-".to_owned(),
+            );
+        }
+        Ok(AwsRole {
+            role_arn: role_arn.to_owned(),
+            external_id: external_id.map(str::to_owned),
+        })
+    }
+}
+
 pub mod event;
 pub mod job;
 pub mod kek;

@@ -3,7 +3,7 @@
 use super::openapi::{CommonErrors, ErrorBody};
 use super::{ApiError, AppState, Path, Query};
 use crate::broker::Outgoing;
-use crate::domain::Provider;
+use crate::domain::{AwsRole, Provider};
 use crate::events::amqp::message_routing_key;
 use crate::events::normalize::{NormalizeError, binary, check_times, normalize};
 use crate::keys::NewKek;
@@ -246,6 +246,15 @@ pub(super) struct KekRequest {
     /// Replace the tenant's current key: its DEKs move to this one, then it is retired.
     #[serde(default)]
     replace: bool,
+    /// AWS: the tenant's IAM role byokd assumes to reach the key.
+    #[serde(default)]
+    role_arn: Option<String>,
+    /// AWS: the external id the role's trust policy requires.
+    #[serde(default)]
+    external_id: Option<String>,
+    /// Whether a rotation at the KMS re-wraps the DEKs (default true).
+    #[serde(default)]
+    rewrap_on_rotation: Option<bool>,
 }
 
 /// A tenant after a KEK registration, with the replacement job it started, if any.
@@ -282,11 +291,18 @@ pub(super) async fn register_kek(
         .provider
         .parse()
         .map_err(|e: crate::domain::UnknownName| unprocessable(e.to_string()))?;
+    let aws_role = match (&req.role_arn, &req.external_id) {
+        (Some(arn), id) => Some(AwsRole::new(arn, id.as_deref()).map_err(unprocessable)?),
+        (None, Some(_)) => return Err(unprocessable("external_id needs a role_arn")),
+        (None, None) => None,
+    };
     let kek = NewKek {
         provider,
         key_ref: req.key_ref,
         expires_at: req.expires_at,
         replace: req.replace,
+        aws_role,
+        rewrap_on_rotation: req.rewrap_on_rotation.unwrap_or(true),
     };
     let job = state.keys.register_kek(&tenant_id, kek, Utc::now()).await?;
     let tenant = state.store.tenant(&tenant_id).await?;

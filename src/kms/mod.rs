@@ -6,13 +6,15 @@
 //! of the KEK; providers implement [`KmsProvider`], whose batch `rewrap` defaults to unwrap +
 //! wrap and may be overridden by a provider with a native re-wrap.
 
+pub mod aws;
 pub mod local;
 pub mod vault;
 
+pub use aws::AwsKms;
 pub use local::LocalKms;
 pub use vault::VaultKms;
 
-use crate::domain::{KeyState, Provider};
+use crate::domain::{AwsRole, KeyState, Provider};
 use crate::store::StoreError;
 use crate::telemetry::{KMS_ERRORS, KMS_REQUEST_DURATION};
 use chrono::{DateTime, Utc};
@@ -232,8 +234,10 @@ impl KmsError {
 /// could address another key or another path (`/`, `..`, whitespace) is refused rather than
 /// escaped: two spellings of one key would let two tenants bind it. Vault Transit names are
 /// 1-128 of `[A-Za-z0-9_.-]` and never `.` or `..`; local names 1-256 of `[A-Za-z0-9_.:/-]`.
-/// AWS, Azure and GCP references (ARNs, key URLs, resource names) are only checked for length,
-/// whitespace and control characters until those providers canonicalise their own aliases.
+/// AWS references are a key id, key ARN, alias name or alias ARN (and are resolved to the key
+/// ARN when bound: [`Kms::bind`]). Azure and GCP references (key URLs, resource names) are only
+/// checked for length, whitespace and control characters until those providers canonicalise
+/// their own.
 pub fn canonical_key_ref(provider: Provider, key_ref: &str) -> Result<String, KmsError> {
     let refuse = |reason: String| KmsError::InvalidKeyRef { provider, reason };
     let (max, allowed, allowed_text): (usize, fn(char) -> bool, &str) = match provider {
@@ -266,6 +270,11 @@ pub fn canonical_key_ref(provider: Provider, key_ref: &str) -> Result<String, Km
         return Err(refuse(format!(
             "it contains {c:?}, and only {allowed_text} are allowed"
         )));
+    }
+    if provider == Provider::Aws
+        && let Some(problem) = aws::key_ref_problem(key_ref)
+    {
+        return Err(refuse(problem));
     }
     if provider == Provider::Vault && matches!(key_ref, "." | "..") {
         return Err(refuse(format!(
@@ -389,6 +398,8 @@ pub enum Backend {
     Local(LocalKms),
     /// Vault / OpenBao Transit.
     Vault(VaultKms),
+    /// AWS KMS.
+    Aws(AwsKms),
 }
 
 macro_rules! backend {
@@ -396,6 +407,7 @@ macro_rules! backend {
         match $self {
             Backend::Local($b) => $call,
             Backend::Vault($b) => $call,
+            Backend::Aws($b) => $call,
         }
     };
 }
@@ -490,6 +502,7 @@ impl KmsProvider for Backend {
 pub struct Kms {
     local: Option<Backend>,
     vault: Option<Backend>,
+    aws: Option<Backend>,
 }
 
 impl Kms {
@@ -498,7 +511,14 @@ impl Kms {
         Kms {
             local: Some(Backend::Local(local)),
             vault: None,
+            aws: None,
         }
+    }
+
+    /// Adds the AWS provider.
+    pub fn with_aws(mut self, aws: AwsKms) -> Kms {
+        self.aws = Some(Backend::Aws(aws));
+        self
     }
 
     /// Adds the Vault provider.
@@ -516,6 +536,7 @@ impl Kms {
         match provider {
             Provider::Local => self.local.as_ref(),
             Provider::Vault => self.vault.as_ref(),
+            Provider::Aws => self.aws.as_ref(),
             _ => None,
         }
         .ok_or(KmsError::NotConfigured(provider))
@@ -539,8 +560,33 @@ impl Kms {
         Ok(info)
     }
 
+    /// Checks that the platform can use a key about to be bound and returns the reference to
+    /// store: AWS resolves any spelling to the key ARN (through the tenant's role, if given),
+    /// other providers keep the canonical reference. See [`Kms::test_key`].
+    ///
+    /// # Errors
+    ///
+    /// The provider's answer; a role given for a provider other than AWS is
+    /// [`KmsError::InvalidKeyRef`].
+    pub async fn bind(
+        &self,
+        provider: Provider,
+        key_ref: &str,
+        role: Option<&AwsRole>,
+    ) -> Result<(String, KeyInfo), KmsError> {
+        match self.provider(provider)? {
+            Backend::Aws(aws) => aws.bind(key_ref, role).await,
+            _ if role.is_some() => Err(KmsError::InvalidKeyRef {
+                provider,
+                reason: "role_arn and external_id are for aws keys only".to_owned(),
+            }),
+            _ => Ok((key_ref.to_owned(), self.test_key(provider, key_ref).await?)),
+        }
+    }
+
     /// Moves DEKs from one key to another (key replacement): unwrap with the source, wrap
-    /// with the target's current version.
+    /// with the target's current version; between two AWS keys, ReEncrypt where it can (the
+    /// plaintext never leaves KMS).
     pub async fn transfer(
         &self,
         from: (Provider, &str),
@@ -548,6 +594,11 @@ impl Kms {
         items: &[WrappedRef<'_>],
         target_version: &str,
     ) -> Result<Vec<Result<Wrapped, KmsError>>, KmsError> {
+        if let (Backend::Aws(aws), Provider::Aws) = (self.provider(from.0)?, to.0)
+            && let Some(done) = aws.transfer(from.1, to.1, items, target_version).await?
+        {
+            return Ok(done);
+        }
         let plain = self.provider(from.0)?.unwrap_many(from.1, items).await?;
         rewrap_via(self.provider(to.0)?, to.1, items, plain, target_version).await
     }
@@ -649,6 +700,10 @@ mod tests {
         for (provider, ok) in [
             (Provider::Aws, arn),
             (Provider::Aws, "alias/acme"),
+            (
+                Provider::Aws,
+                "arn:aws:kms:eu-west-1:111122223333:alias/acme",
+            ),
             (Provider::Azure, azure),
             (Provider::Gcp, gcp),
             (Provider::Gcp, &*"k".repeat(2048)),
@@ -659,6 +714,19 @@ mod tests {
             for bad in ["", "a b", "a\nb", "\u{7f}", " alias/x", &"k".repeat(2049)] {
                 refused(provider, bad);
             }
+        }
+    }
+
+    #[test]
+    fn aws_key_refs_are_key_ids_arns_or_aliases() {
+        for bad in [
+            "acme-kek",
+            "alias/aws/s3",
+            "arn:aws:iam::111122223333:role/x",
+            "arn:aws:kms:eu-west-1:111122223333:key/../x",
+        ] {
+            let e = refused(Provider::Aws, bad);
+            assert!(e.starts_with("invalid aws key_ref: "), "{e}");
         }
     }
 

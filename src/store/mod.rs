@@ -39,9 +39,27 @@ pub use rewrap::{
 
 pub use sweeps::{ExpiringKek, ProbeRecord, ProbeTarget, ScheduleLock};
 
-use crate::domain::{Access, KekStatus, Provider};
+use crate::domain::{Access, AwsRole, KekStatus, Provider};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
+
+/// Per-key choices made at registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KekOptions {
+    /// AWS: the tenant's role byokd assumes to reach the key.
+    pub aws_role: Option<AwsRole>,
+    /// Whether a rotation found at the KMS starts a re-wrap job.
+    pub rewrap_on_rotation: bool,
+}
+
+impl Default for KekOptions {
+    fn default() -> Self {
+        KekOptions {
+            aws_role: None,
+            rewrap_on_rotation: true,
+        }
+    }
+}
 
 /// Why a store call failed. [`StoreError::is_transient`] is the one place that decides
 /// whether a caller should retry.
@@ -447,7 +465,27 @@ impl Store {
         audit: &AuditRow,
         replace: bool,
     ) -> Result<Option<i64>, StoreError> {
-        dispatch!(self, s => s.register_kek(tenant_id, status, audit, replace).await)
+        self.register_kek_with(tenant_id, status, &KekOptions::default(), audit, replace)
+            .await
+    }
+
+    /// [`Store::register_kek`] with the key's options, stored in the same transaction (a key
+    /// bound without its role, even for a moment, would be asked with the wrong credentials).
+    pub async fn register_kek_with(
+        &self,
+        tenant_id: &str,
+        status: &KekStatus,
+        options: &KekOptions,
+        audit: &AuditRow,
+        replace: bool,
+    ) -> Result<Option<i64>, StoreError> {
+        dispatch!(self, s => s.register_kek(tenant_id, status, options, audit, replace).await)
+    }
+
+    /// The role an AWS key was registered with (`None`: byokd's own credentials, or no such
+    /// key).
+    pub async fn aws_role(&self, key_ref: &str) -> Result<Option<AwsRole>, StoreError> {
+        dispatch!(self, s => s.aws_role(key_ref).await)
     }
 
     /// Asks for KEKs to be observed at their KMS at `due` (see

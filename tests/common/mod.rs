@@ -2,6 +2,7 @@
 //! AMQP exchange and queue names on the real broker, and an in-process daemon on port 0.
 #![allow(dead_code, missing_docs)]
 
+pub mod aws;
 pub mod catalog;
 pub mod http_fault;
 pub mod notify;
@@ -761,6 +762,9 @@ impl TestApp {
             cmd.env("BYOKD_KMS__VAULT__ADDRESS", &vault.address)
                 .env("BYOKD_KMS__VAULT__TOKEN", vault.token.expose_secret())
                 .env("BYOKD_KMS__VAULT__MOUNT", &vault.mount);
+        }
+        if let Some(aws) = &self.config.kms.aws {
+            cmd.envs(aws::env(aws));
         }
         let out = cmd
             .args(["deks", "verify", "--json", "--tenant", tenant])

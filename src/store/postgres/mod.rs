@@ -7,11 +7,11 @@
 //! batch of events costs a fixed handful of round trips whatever its size.
 
 use super::{
-    AccessUpdate, AuditRow, Channel, KekRow, KekView, NewOutbox, NewTenant, ObserveDone,
-    ObserveTarget, OutboxRow, StoreError, TenantRow, TenantView,
+    AccessUpdate, AuditRow, Channel, KekOptions, KekRow, KekView, NewOutbox, NewTenant,
+    ObserveDone, ObserveTarget, OutboxRow, StoreError, TenantRow, TenantView,
 };
 use crate::domain::{
-    Access, EventKind, JobKind, JobState, KekStatus, KeyState, LifecycleEvent, Provider,
+    Access, AwsRole, EventKind, JobKind, JobState, KekStatus, KeyState, LifecycleEvent, Provider,
 };
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
@@ -322,6 +322,7 @@ impl PgStore {
         &self,
         tenant_id: &str,
         s: &KekStatus,
+        options: &KekOptions,
         audit: &AuditRow,
         replace: bool,
     ) -> Result<Option<i64>, StoreError> {
@@ -364,8 +365,9 @@ impl PgStore {
         }
         let new_id = sqlx::query_scalar!(
             "INSERT INTO keks (tenant_id, provider, key_ref, state, revoked, current_version,
-                               expires_at, observed_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+                               expires_at, observed_at, role_arn, external_id,
+                               rewrap_on_rotation)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9, $10)
              ON CONFLICT (provider, key_ref) DO NOTHING
              RETURNING id",
             tenant_id,
@@ -374,7 +376,13 @@ impl PgStore {
             s.state.as_str(),
             s.revoked,
             s.current_version,
-            s.expires_at
+            s.expires_at,
+            options.aws_role.as_ref().map(|r| r.role_arn.as_str()),
+            options
+                .aws_role
+                .as_ref()
+                .and_then(|r| r.external_id.as_deref()),
+            options.rewrap_on_rotation
         )
         .fetch_optional(&mut *tx.tx)
         .await?;
@@ -402,6 +410,20 @@ impl PgStore {
         tx.audit(std::slice::from_ref(audit)).await?;
         tx.commit().await?;
         Ok(job_id)
+    }
+
+    pub(super) async fn aws_role(&self, key_ref: &str) -> Result<Option<AwsRole>, StoreError> {
+        let row = sqlx::query!(
+            r#"SELECT role_arn AS "role_arn!", external_id FROM keks
+               WHERE provider = 'aws' AND key_ref = $1 AND role_arn IS NOT NULL"#,
+            key_ref
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| AwsRole {
+            role_arn: r.role_arn,
+            external_id: r.external_id,
+        }))
     }
 
     pub(super) async fn tenant_keks(&self, tenant_id: &str) -> Result<Vec<KekRow>, StoreError> {

@@ -263,6 +263,17 @@ impl PgTx {
     ) -> Result<(), StoreError> {
         for j in jobs {
             if j.kind == JobKind::Rotation {
+                // The key's owner chose not to re-wrap after rotations (AWS: old material
+                // still decrypts); the observation that found the version is audited anyway.
+                let rewrap = sqlx::query_scalar!(
+                    "SELECT rewrap_on_rotation FROM keks WHERE id = $1",
+                    j.kek_id
+                )
+                .fetch_optional(&mut *self.tx)
+                .await?;
+                if rewrap == Some(false) {
+                    continue;
+                }
                 // A newer rotation takes over: it re-wraps everything the older one had left.
                 sqlx::query!(
                     "UPDATE rewrap_jobs SET state = 'superseded', updated_at = now(),
