@@ -296,7 +296,7 @@ where
         },
         Some(code) => {
             if code == "ThrottlingException" {
-                metrics::counter!("byokd_aws_kms_throttled_total").increment(1);
+                metrics::counter!(crate::telemetry::AWS_KMS_THROTTLED).increment(1);
             }
             unreachable(format!("{code}: {message}"))
         }

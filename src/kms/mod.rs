@@ -418,6 +418,7 @@ impl Backend {
         match self {
             Backend::Local(_) => Provider::Local,
             Backend::Vault(_) => Provider::Vault,
+            Backend::Aws(_) => Provider::Aws,
         }
     }
 
