@@ -298,7 +298,8 @@ async fn metrics_are_described_and_show_the_work_done() {
     for def in METRICS {
         let expected_absent = [
             // Nothing in this test re-wraps, raises an anomaly, fails an audit write,
-            // leaves a revocation unconfirmed, or fails the collector.
+            // leaves a revocation unconfirmed, fails the collector, or is throttled by AWS
+            // (tests/aws_kms.rs covers throttling).
             "byokd_rewrap_deks_total",
             "byokd_rewrap_jobs_finished_total",
             "byokd_rewrap_deks_remaining",
@@ -307,6 +308,7 @@ async fn metrics_are_described_and_show_the_work_done() {
             "byokd_revocations_unconfirmed_total",
             "byokd_metrics_collector_errors_total",
             "byokd_notification_failures_total",
+            "byokd_aws_kms_throttled_total",
         ];
         if !expected_absent.contains(&def.name) {
             assert!(
