@@ -123,17 +123,7 @@ impl Daemon {
 
     /// (VmRSS, VmHWM) in MB.
     fn rss_mb(&self) -> (f64, f64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-                .map_or(0.0, |kb| kb / 1024.0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        common::rss_mb(self.pid())
     }
 
     fn unwrap_url(&self, tenant: &str, id: Uuid) -> String {

@@ -17,7 +17,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::TestApp;
+use common::{TestApp, rss_mb};
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use std::time::{Duration, Instant};
@@ -29,20 +29,6 @@ fn flood_size() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3000)
-}
-
-/// (VmRSS, VmHWM) of a process, in MB.
-fn rss_mb(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 async fn publish_flood(app: &TestApp, n: usize) {

@@ -728,6 +728,20 @@ pub fn with_service_env(cmd: &mut std::process::Command, db_url: &str, amqp: &Am
         .env("BYOKD_SCHEDULES_DIR", no_schedules());
 }
 
+/// (VmRSS, VmHWM) of a process, in MB (0 when it is gone).
+pub fn rss_mb(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 /// A free loopback port (bound, then released for a child process to take).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
