@@ -356,6 +356,14 @@ async fn an_on_demand_rotation_is_rewrapped_with_reencrypt_unless_the_key_opted_
     let (alias2, id2, _) = create_aliased_key(&kms, "rt2").await;
     let (status, body) = bind(&app, "rt2", &alias2, json!({ "rewrap_on_rotation": false })).await;
     assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        app.tenant("rt2").await["keks"][0]["rewrap_on_rotation"],
+        false
+    );
+    assert_eq!(
+        app.tenant("rt").await["keks"][0]["rewrap_on_rotation"],
+        true
+    );
     create_deks(&app, "rt2", 2).await;
 
     let decrypts = gate.count("Decrypt/rt");
@@ -626,6 +634,10 @@ async fn the_tenants_role_is_assumed_to_reach_a_key_in_its_own_account() {
     .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["keks"][0]["key_ref"], arn.as_str());
+    // The tenant shows the role byokd assumes, not the external id.
+    let tenant = app.tenant("xr").await;
+    assert_eq!(tenant["keks"][0]["role_arn"], role, "{tenant}");
+    assert!(!tenant.to_string().contains("tenant-xr-7"), "{tenant}");
     create_deks(&app, "xr", 2).await;
     // The CLI (another process) reads the role from the database too.
     let (report, ok) = app.verify_deks("xr");

@@ -380,6 +380,10 @@ pub struct KekView {
     pub primary: bool,
     /// When a replacement finished moving every DEK off this key.
     pub retired_at: Option<DateTime<Utc>>,
+    /// AWS: the tenant's role byokd assumes to reach the key (the external id is not shown).
+    pub role_arn: Option<String>,
+    /// Whether a rotation at the KMS re-wraps the key's DEKs.
+    pub rewrap_on_rotation: bool,
 }
 
 /// A tenant as shown by the API.

@@ -273,7 +273,8 @@ impl PgStore {
         let keks = sqlx::query!(
             r#"SELECT provider AS "provider: Provider", key_ref, state AS "state: KeyState",
                       revoked, current_version, expires_at, expiry_event_at,
-                      claim AS "claim: EventKind", is_primary, retired_at, observed_at
+                      claim AS "claim: EventKind", is_primary, retired_at, observed_at,
+                      role_arn, rewrap_on_rotation
                FROM keks WHERE tenant_id = $1 ORDER BY is_primary DESC, id"#,
             id
         )
@@ -304,6 +305,8 @@ impl PgStore {
                 primary: r.is_primary,
                 retired_at: r.retired_at,
                 observed_at: r.observed_at,
+                role_arn: r.role_arn,
+                rewrap_on_rotation: r.rewrap_on_rotation,
             }
         })
         .collect();
