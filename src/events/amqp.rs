@@ -132,6 +132,9 @@ pub struct Intake {
     pub publisher: Arc<Publisher>,
 }
 
+/// How often a consumer waiting for deliveries checks that its connection is still up.
+const CONNECTION_CHECK: Duration = Duration::from_secs(1);
+
 /// Runs the consumer until `shutdown` turns true: connects, declares, consumes, and after
 /// any broker failure reconnects with backoff.
 pub async fn consume_loop(intake: Intake, mut shutdown: watch::Receiver<bool>) {
@@ -191,11 +194,24 @@ async fn session(
     tracing::info!(queue = %intake.queue, prefetch = s.effective_prefetch(),
         max_message_bytes = s.max_message_bytes, "consuming lifecycle events");
 
+    // A cut connection normally ends the consumer's stream with an error; should lapin's
+    // I/O loop give up without saying so, the stream would wait forever while the broker
+    // hands the queue to nobody. Look at the connection now and then as well.
+    let mut watchdog = tokio::time::interval(CONNECTION_CHECK);
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             biased;
             _ = shutdown.changed() => None,
             next = consumer.next() => Some(next),
+            _ = watchdog.tick() => {
+                if conn.status().connected() && channel.status().connected() {
+                    continue;
+                }
+                return Err(AmqpError::Unavailable(
+                    "the connection to the broker is closed".to_owned(),
+                ));
+            }
         };
         let Some(first) = first else {
             // Stop new deliveries; whatever is prefetched but unacked goes back to the queue
