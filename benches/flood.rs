@@ -18,8 +18,6 @@
 mod common;
 
 use common::{TestApp, rss_mb};
-use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
 use std::time::{Duration, Instant};
 
 const MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -34,27 +32,10 @@ fn flood_size() -> usize {
 async fn publish_flood(app: &TestApp, n: usize) {
     let at_limit = vec![b'x'; MAX_MESSAGE_BYTES];
     let over = vec![b'y'; MAX_MESSAGE_BYTES + MAX_MESSAGE_BYTES / 4];
-    for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
-        let mut confirms = Vec::with_capacity(chunk.len());
-        for i in chunk {
-            let body = if i % 2 == 0 { &at_limit } else { &over };
-            confirms.push(
-                app.channel
-                    .basic_publish(
-                        app.config.amqp.lifecycle_exchange.as_str().into(),
-                        "flood".into(),
-                        BasicPublishOptions::default(),
-                        body,
-                        BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await
-                    .unwrap(),
-            );
-        }
-        for c in confirms {
-            c.await.unwrap();
-        }
-    }
+    let bodies: Vec<&[u8]> = (0..n)
+        .map(|i| if i % 2 == 0 { &at_limit[..] } else { &over[..] })
+        .collect();
+    app.publish_pipelined("flood", 200, &bodies).await;
 }
 
 async fn run(label: &str, prefetch_bytes: usize, n: usize) {

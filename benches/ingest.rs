@@ -12,8 +12,7 @@ mod common;
 
 use common::{TestApp, at, canonical};
 use futures_util::StreamExt;
-use lapin::BasicProperties;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use serde_json::json;
 use std::collections::HashMap;
@@ -54,26 +53,8 @@ fn backlog_bodies(n: usize, round: &str) -> Vec<Vec<u8>> {
 }
 
 async fn publish_pipelined(app: &TestApp, bodies: &[Vec<u8>]) {
-    for chunk in bodies.chunks(1000) {
-        let mut confirms = Vec::with_capacity(chunk.len());
-        for body in chunk {
-            confirms.push(
-                app.channel
-                    .basic_publish(
-                        app.config.amqp.lifecycle_exchange.as_str().into(),
-                        "local.bench".into(),
-                        BasicPublishOptions::default(),
-                        body,
-                        BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await
-                    .unwrap(),
-            );
-        }
-        for c in confirms {
-            c.await.unwrap();
-        }
-    }
+    let bodies: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+    app.publish_pipelined("local.bench", 1000, &bodies).await;
 }
 
 async fn seed(app: &TestApp) {

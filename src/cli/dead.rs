@@ -83,13 +83,6 @@ struct Summary {
 /// Runs one `dead` command.
 pub async fn run(json_out: bool, config: &Config, command: DeadCommand) -> anyhow::Result<()> {
     let url = config.require_amqp_url()?;
-    // Replay and purge are audited: the database must be there before anything is touched.
-    let store = match &command {
-        DeadCommand::Replay { .. } | DeadCommand::Purge { .. } => {
-            Some(Store::connect(config.require_database_url()?, 2).await?)
-        }
-        _ => None,
-    };
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let channel = conn.create_channel().await?;
     declare_topology(&channel, &config.amqp).await?;
@@ -123,22 +116,19 @@ pub async fn run(json_out: bool, config: &Config, command: DeadCommand) -> anyho
         }
         DeadCommand::Show { id, limit } => show(json_out, &channel, queue, &id, limit).await,
         DeadCommand::Replay { ids, all, limit } => {
+            // Audited: the database must be there before a message is taken.
+            let store = Store::connect(config.require_database_url()?, 2).await?;
             let publisher = Publisher::new(url);
-            let store = store
-                .as_ref()
-                .ok_or_else(|| anyhow::anyhow!("no database"))?;
             let done = act(&channel, queue, &ids, all, limit, async |m, s| {
-                replay(config, &publisher, store, m, s).await
+                replay(config, &publisher, &store, m, s).await
             })
             .await?;
             report(json_out, "replayed", &done, &ids)
         }
         DeadCommand::Purge { ids, all, limit } => {
-            let store = store
-                .as_ref()
-                .ok_or_else(|| anyhow::anyhow!("no database"))?;
+            let store = Store::connect(config.require_database_url()?, 2).await?;
             let done = act(&channel, queue, &ids, all, limit, async |_, s| {
-                audit(store, "dead_letter_purged", s).await
+                audit(&store, "dead_letter_purged", s).await
             })
             .await?;
             report(json_out, "purged", &done, &ids)

@@ -840,10 +840,19 @@ impl KmsProvider for WithRole<'_> {
     }
 }
 
+impl AwsKms {
+    /// The provider as bound keys are reached: through the role each was registered with.
+    fn bound(&self) -> WithRole<'_> {
+        WithRole {
+            kms: self,
+            access: Access::Bound,
+        }
+    }
+}
+
 impl KmsProvider for AwsKms {
     async fn describe(&self, key_ref: &str) -> Result<KeyInfo, KmsError> {
-        let t = self.target(key_ref, &Access::Bound).await?;
-        Ok(self.describe_in(&t).await?.1)
+        self.bound().describe(key_ref).await
     }
 
     async fn wrap_many(
@@ -852,8 +861,7 @@ impl KmsProvider for AwsKms {
         version: Option<&str>,
         items: &[(&Dek, DekContext<'_>)],
     ) -> Result<Vec<Wrapped>, KmsError> {
-        self.wrap_with(&Access::Bound, key_ref, version, items)
-            .await
+        self.bound().wrap_many(key_ref, version, items).await
     }
 
     async fn unwrap_many(
@@ -861,7 +869,7 @@ impl KmsProvider for AwsKms {
         key_ref: &str,
         items: &[WrappedRef<'_>],
     ) -> Result<Vec<Result<Dek, KmsError>>, KmsError> {
-        self.unwrap_with(&Access::Bound, key_ref, items).await
+        self.bound().unwrap_many(key_ref, items).await
     }
 
     /// ReEncrypt to the key's current material: the plaintext never leaves KMS.

@@ -494,6 +494,31 @@ impl TestApp {
         .await;
     }
 
+    /// Publishes `bodies` to the lifecycle exchange with `routing_key`, pipelined: `window`
+    /// in flight, then their confirms (benchmarks' backlogs).
+    pub async fn publish_pipelined(&self, routing_key: &str, window: usize, bodies: &[&[u8]]) {
+        for chunk in bodies.chunks(window) {
+            let mut confirms = Vec::with_capacity(chunk.len());
+            for body in chunk {
+                confirms.push(
+                    self.channel
+                        .basic_publish(
+                            self.config.amqp.lifecycle_exchange.as_str().into(),
+                            routing_key.into(),
+                            BasicPublishOptions::default(),
+                            body,
+                            BasicProperties::default().with_delivery_mode(2),
+                        )
+                        .await
+                        .expect("publish"),
+                );
+            }
+            for c in confirms {
+                c.await.expect("confirm");
+            }
+        }
+    }
+
     pub async fn processed(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM processed_events")
             .fetch_one(&self.pool)
