@@ -135,6 +135,20 @@ pub struct Intake {
 /// How often a consumer waiting for deliveries checks that its connection is still up.
 const CONNECTION_CHECK: Duration = Duration::from_secs(1);
 
+/// How long an ack or reject may take before the session is given up: a frame queued on a
+/// connection whose I/O loop died is never written, and would hold the consumer forever.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `settle` (an ack or reject), bounded by [`SETTLE_TIMEOUT`].
+async fn bounded<T>(
+    settle: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, AmqpError> {
+    tokio::time::timeout(SETTLE_TIMEOUT, settle)
+        .await
+        .map_err(|_| AmqpError::Unavailable(format!("no ack written within {SETTLE_TIMEOUT:?}")))?
+        .map_err(AmqpError::from)
+}
+
 /// Runs the consumer until `shutdown` turns true: connects, declares, consumes, and after
 /// any broker failure reconnects with backoff.
 pub async fn consume_loop(intake: Intake, mut shutdown: watch::Receiver<bool>) {
@@ -351,7 +365,7 @@ async fn process_batch(
             Err(e) if e.is_ignored() => {
                 metrics::counter!(EVENTS, "kind" => "other", "outcome" => "ignored").increment(1);
                 tracing::debug!(reason = %e, "acking a provider event that changes nothing");
-                delivery.acker.ack(BasicAckOptions::default()).await?;
+                bounded(delivery.acker.ack(BasicAckOptions::default())).await?;
             }
             Err(e) => dead_letter(intake, &delivery, &e.to_string()).await?,
         }
@@ -366,7 +380,7 @@ async fn process_batch(
             let deliveries: Vec<&Delivery> = good.iter().collect();
             record_latencies(&deliveries, &result.revocations, received);
             if let Some(last) = good.last() {
-                last.acker.ack(BasicAckOptions { multiple: true }).await?;
+                bounded(last.acker.ack(BasicAckOptions { multiple: true })).await?;
             }
         }
         Applied::Shutdown => return Ok(BatchEnd::Shutdown),
@@ -383,7 +397,7 @@ async fn process_batch(
                     Applied::Ok(result) => {
                         record(intake, mine, &result);
                         record_latencies(&[&delivery], &result.revocations, received);
-                        delivery.acker.ack(BasicAckOptions::default()).await?;
+                        bounded(delivery.acker.ack(BasicAckOptions::default())).await?;
                     }
                     Applied::Shutdown => return Ok(BatchEnd::Shutdown),
                     Applied::Permanent(e) => dead_letter(intake, &delivery, &e.to_string()).await?,
@@ -528,14 +542,11 @@ async fn dead_letter(intake: &Intake, delivery: &Delivery, reason: &str) -> Resu
         .await;
     match published {
         Ok(()) => {
-            delivery.acker.ack(BasicAckOptions::default()).await?;
+            bounded(delivery.acker.ack(BasicAckOptions::default())).await?;
         }
         Err(e) => {
             tracing::warn!(error = %e, "dead-letter publish failed; rejecting to the broker's DLX");
-            delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await?;
+            bounded(delivery.acker.reject(BasicRejectOptions { requeue: false })).await?;
         }
     }
     Ok(())
