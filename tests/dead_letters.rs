@@ -32,6 +32,19 @@ async fn audited(app: &TestApp, action: &str) -> Vec<Value> {
         .expect("audit rows")
 }
 
+/// Waits for the dead-letter queue to hold `n` ready messages again. The CLI leaves what it
+/// read but did not ack to the broker, which requeues it when the channel closes; a quorum
+/// queue applies that return through its log after the CLI has exited, so the ready count
+/// catches up a moment later. A message lost for good never comes back and fails this.
+async fn settled(app: &TestApp, queue: &str, n: u32) {
+    wait_for(
+        &format!("{n} ready dead letters"),
+        Duration::from_secs(10),
+        || async { app.queue_depth(queue).await == n },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_shown_replayed_and_purged() {
     let app = TestApp::spawn_with(|c| c.state.max_event_skew_secs = 2).await;
@@ -60,6 +73,7 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() {
     // Listing twice disturbs nothing.
     for _ in 0..2 {
         let listed = dead_json(&app, &["list"]);
+        settled(&app, &queue, 3).await;
         let messages = listed["messages"].as_array().expect("messages");
         assert_eq!(messages.len(), 3, "{listed}");
         assert_eq!(
@@ -94,7 +108,7 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() {
                 .is_some_and(|r| r.contains("not valid JSON"))
         );
     }
-    assert_eq!(app.queue_depth(&queue).await, 3);
+    settled(&app, &queue, 3).await;
     let shown = dead_json(&app, &["show", "evt-ahead"]);
     assert!(
         shown["body"]["text"]
@@ -126,7 +140,7 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() {
         || async { app.tenant("dl").await["access"] == "inaccessible" },
     )
     .await;
-    assert_eq!(app.queue_depth(&queue).await, 1);
+    settled(&app, &queue, 1).await;
     let rows = audited(&app, "dead_letter_replayed").await;
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["message_id"], "evt-ahead");
@@ -135,7 +149,7 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() {
     let out = dead(&app, &["purge", "no-such-message"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not in the dead-letter queue"));
-    assert_eq!(app.queue_depth(&queue).await, 1);
+    settled(&app, &queue, 1).await;
     // Naming nothing is a usage error.
     assert_eq!(dead(&app, &["purge"]).status.code(), Some(2));
     let purged = dead_json(&app, &["purge", "--all"]);
@@ -144,7 +158,7 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() {
         Some(1),
         "{purged}"
     );
-    assert_eq!(app.queue_depth(&queue).await, 0);
+    settled(&app, &queue, 0).await;
     assert_eq!(audited(&app, "dead_letter_purged").await.len(), 1);
     assert_eq!(
         dead_json(&app, &["list"])["messages"]
