@@ -543,6 +543,10 @@ pub struct Config {
     pub http_addr: SocketAddr,
     /// Bearer token for `/v1`; unset disables the admin API.
     pub admin_token: Option<SecretString>,
+    /// A token for event intake only (`/v1/events`), as a bearer token or the `token` query
+    /// parameter: what an Azure Event Grid subscription's endpoint URL carries, since Event
+    /// Grid sends no bearer token of its own. Unset: only the admin token reaches the route.
+    pub events_token: Option<SecretString>,
     /// Sweep schedules.
     pub schedules_dir: PathBuf,
     /// Base64 of 32 bytes: seals the local KMS keyring and webhook secrets.
@@ -598,6 +602,7 @@ impl Default for Config {
             mail_dir: PathBuf::from("./mail"),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_token: None,
+            events_token: None,
             schedules_dir: PathBuf::from("./schedules"),
             local_kms_root_key: None,
             local_kms_previous_root_keys: None,
@@ -642,6 +647,10 @@ impl std::fmt::Debug for Config {
             .field(
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field(
+                "events_token",
+                &self.events_token.as_ref().map(|_| "[REDACTED]"),
             )
             .field("schedules_dir", &self.schedules_dir)
             .field(
@@ -976,6 +985,21 @@ impl Config {
             .is_some_and(|t| t.expose_secret().len() < 16)
         {
             errors.push("BYOKD_ADMIN_TOKEN must be at least 16 characters".to_owned());
+        }
+        if let Some(t) = &self.events_token {
+            let t = t.expose_secret();
+            // It travels in a URL's query: only characters that need no escaping there.
+            if t.len() < 16
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._~".contains(c))
+            {
+                errors.push(
+                    "BYOKD_EVENTS_TOKEN must be at least 16 characters of letters, digits, \
+                     '-', '.', '_' and '~'"
+                        .to_owned(),
+                );
+            }
         }
         if self.amqp.prefetch == 0 {
             errors.push("amqp.prefetch must be at least 1".to_owned());

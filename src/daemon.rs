@@ -332,6 +332,7 @@ async fn supervise(
     let state = AppState {
         store: store.clone(),
         admin_token: config.admin_token.clone(),
+        events_token: config.events_token.clone(),
         consumer: health,
         urgent_consumer: urgent_health,
         sealer,
