@@ -262,6 +262,213 @@ pub struct KmsSettings {
     pub vault: Option<VaultSettings>,
     /// `[kms.aws]`.
     pub aws: Option<AwsSettings>,
+    /// `[kms.azure]`.
+    pub azure: Option<AzureSettings>,
+}
+
+/// How byokd authenticates to Microsoft Entra ID for Key Vault (`kms.azure.auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AzureAuthKind {
+    /// An app registration's client secret (OAuth 2.0 client credentials).
+    ClientSecret,
+    /// The managed identity of the machine byokd runs on (the instance metadata service).
+    ManagedIdentity,
+}
+
+/// The credentials `[kms.azure]` names, borrowed.
+pub enum AzureAuth<'a> {
+    /// Client credentials with a secret.
+    ClientSecret {
+        /// Directory (tenant) id.
+        tenant_id: &'a str,
+        /// Application (client) id.
+        client_id: &'a str,
+        /// The secret.
+        client_secret: &'a SecretString,
+    },
+    /// Managed identity; `client_id` picks a user-assigned one.
+    ManagedIdentity {
+        /// A user-assigned identity's client id.
+        client_id: Option<&'a str>,
+    },
+}
+
+impl AzureAuth<'_> {
+    /// The kind's name, for logs and Debug (never the secret).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AzureAuth::ClientSecret { .. } => "client_secret",
+            AzureAuth::ManagedIdentity { .. } => "managed_identity",
+        }
+    }
+}
+
+/// `[kms.azure]` settings: Azure Key Vault and Managed HSM keys, reached with a Microsoft Entra
+/// ID token (client secret, or managed identity).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureSettings {
+    /// `client_secret` or `managed_identity`; default: `client_secret` when one is set.
+    #[serde(default)]
+    pub auth: Option<AzureAuthKind>,
+    /// Directory (tenant) id of byokd's app registration (client secret auth).
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// Application (client) id; with a managed identity, picks a user-assigned one.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// The app registration's client secret.
+    #[serde(default)]
+    pub client_secret: Option<SecretString>,
+    /// Entra ID's authority host (a sovereign cloud's, e.g. `https://login.chinacloudapi.cn`).
+    #[serde(default = "default_azure_authority")]
+    pub authority_host: String,
+    /// The managed identity token endpoint (the instance metadata service).
+    #[serde(default = "default_azure_imds")]
+    pub imds_endpoint: String,
+    /// Sent every Key Vault request to this base URL instead of `https://<vault host>` (a
+    /// private endpoint's address; a test peer). Key references still name the vault.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Per-request timeout.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Attempts per request when Key Vault answers 429, 401 or 5xx.
+    #[serde(default = "default_aws_attempts")]
+    pub max_attempts: u32,
+    /// The longest `Retry-After` byokd waits out before a retry.
+    #[serde(default = "default_azure_retry_after")]
+    pub max_retry_after_secs: u64,
+    /// Requests per 10 seconds per vault: Key Vault's documented limit is per vault and
+    /// region, 2,000 per 10 s for RSA 2048 HSM keys (4,000 software, less for larger RSA keys),
+    /// shared with the tenant's other applications.
+    #[serde(default = "default_azure_rate")]
+    pub requests_per_10s: u32,
+    /// Requests in flight per batch (Key Vault has no batch wrap: one request per DEK).
+    #[serde(default = "default_azure_concurrency")]
+    pub concurrency: usize,
+    /// Refuse to bind a key whose deletion is not recoverable (no soft delete): a deleted key
+    /// would take every DEK under it at once, with no way back.
+    #[serde(default = "default_true_setting")]
+    pub require_recoverable: bool,
+}
+
+impl AzureSettings {
+    /// The credentials to use.
+    pub fn auth(&self) -> AzureAuth<'_> {
+        let kind = self.auth.unwrap_or(if self.client_secret.is_some() {
+            AzureAuthKind::ClientSecret
+        } else {
+            AzureAuthKind::ManagedIdentity
+        });
+        match (kind, &self.client_secret) {
+            (AzureAuthKind::ClientSecret, Some(secret)) => AzureAuth::ClientSecret {
+                tenant_id: self.tenant_id.as_deref().unwrap_or_default(),
+                client_id: self.client_id.as_deref().unwrap_or_default(),
+                client_secret: secret,
+            },
+            _ => AzureAuth::ManagedIdentity {
+                client_id: self.client_id.as_deref(),
+            },
+        }
+    }
+
+    /// What is wrong with these settings, one sentence each.
+    fn problems(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let kind = self.auth.unwrap_or(if self.client_secret.is_some() {
+            AzureAuthKind::ClientSecret
+        } else {
+            AzureAuthKind::ManagedIdentity
+        });
+        if kind == AzureAuthKind::ClientSecret {
+            let id_ok = |s: &Option<String>| {
+                s.as_deref().is_some_and(|s| {
+                    !s.is_empty()
+                        && s.len() <= 256
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+                })
+            };
+            if !id_ok(&self.tenant_id) || !id_ok(&self.client_id) || self.client_secret.is_none() {
+                errors.push(
+                    "kms.azure client_secret auth needs tenant_id and client_id (ids or \
+                     domain names) and client_secret"
+                        .to_owned(),
+                );
+            }
+        }
+        for (name, url) in [
+            ("authority_host", Some(&self.authority_host)),
+            ("imds_endpoint", Some(&self.imds_endpoint)),
+            ("endpoint_url", self.endpoint_url.as_ref()),
+        ] {
+            if let Some(url) = url {
+                match url::Url::parse(url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                    _ => errors.push(format!(
+                        "kms.azure.{name} {:?} is not an http(s) URL",
+                        redact_url(url)
+                    )),
+                }
+            }
+        }
+        if self.max_attempts == 0 || self.concurrency == 0 || self.requests_per_10s == 0 {
+            errors.push(
+                "kms.azure.max_attempts, concurrency and requests_per_10s must be at least 1"
+                    .to_owned(),
+            );
+        }
+        errors
+    }
+}
+
+impl std::fmt::Debug for AzureSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzureSettings")
+            .field("auth", &self.auth().kind())
+            .field("tenant_id", &self.tenant_id)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field("authority_host", &self.authority_host)
+            .field("imds_endpoint", &self.imds_endpoint)
+            .field("endpoint_url", &self.endpoint_url)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("max_attempts", &self.max_attempts)
+            .field("max_retry_after_secs", &self.max_retry_after_secs)
+            .field("requests_per_10s", &self.requests_per_10s)
+            .field("concurrency", &self.concurrency)
+            .field("require_recoverable", &self.require_recoverable)
+            .finish()
+    }
+}
+
+fn default_azure_authority() -> String {
+    "https://login.microsoftonline.com".to_owned()
+}
+
+fn default_azure_imds() -> String {
+    "http://169.254.169.254/metadata/identity/oauth2/token".to_owned()
+}
+
+fn default_azure_retry_after() -> u64 {
+    30
+}
+
+fn default_azure_rate() -> u32 {
+    2000
+}
+
+fn default_azure_concurrency() -> usize {
+    16
+}
+
+fn default_true_setting() -> bool {
+    true
 }
 
 /// `[kms.aws]` settings. Credentials come from the SDK's default chain (environment, profile,
@@ -1036,6 +1243,9 @@ impl Config {
         }
         if let Some(aws) = &self.kms.aws {
             errors.extend(aws.problems());
+        }
+        if let Some(azure) = &self.kms.azure {
+            errors.extend(azure.problems());
         }
         if let Some(cidrs) = &self.webhook_allow_cidrs
             && let Err(e) = parse_cidrs(cidrs)

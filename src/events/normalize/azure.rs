@@ -234,8 +234,9 @@ fn key_id(data: &Map<String, Value>) -> Result<(String, Option<String>), Normali
             ["keys", name, rest @ ..]
                 if url.scheme() == "https" && !host.is_empty() && rest.len() <= 1 =>
             {
+                // Lower-cased as byokd stores Key Vault keys (names are case-insensitive).
                 Ok((
-                    format!("https://{host}/keys/{name}"),
+                    format!("https://{host}/keys/{}", name.to_ascii_lowercase()),
                     rest.first().map(|v| (*v).to_owned()),
                 ))
             }
@@ -256,8 +257,9 @@ fn key_id(data: &Map<String, Value>) -> Result<(String, Option<String>), Normali
     }
     Ok((
         format!(
-            "https://{}.vault.azure.net/keys/{name}",
-            vault.to_ascii_lowercase()
+            "https://{}.vault.azure.net/keys/{}",
+            vault.to_ascii_lowercase(),
+            name.to_ascii_lowercase()
         ),
         None,
     ))
@@ -396,6 +398,9 @@ mod tests {
         // No Id: built from the vault and object names.
         let no_id = body.replace(&format!("\"Id\":\"{KEY}/{VERSION}\","), "");
         assert_eq!(all(&no_id)[0].key_ref, KEY);
+        // Names in another case name the same key, as byokd stores it.
+        let upper = body.replace("/keys/tenant-kek", "/keys/Tenant-KEK");
+        assert_eq!(all(&upper)[0].key_ref, KEY);
     }
 
     #[test]
