@@ -272,6 +272,8 @@ pub struct KmsSettings {
 pub enum AzureAuthKind {
     /// An app registration's client secret (OAuth 2.0 client credentials).
     ClientSecret,
+    /// An app registration's certificate: a client assertion signed with its private key.
+    ClientCertificate,
     /// The managed identity of the machine byokd runs on (the instance metadata service).
     ManagedIdentity,
 }
@@ -287,6 +289,15 @@ pub enum AzureAuth<'a> {
         /// The secret.
         client_secret: &'a SecretString,
     },
+    /// Client credentials with a certificate (PEM with the private key and the certificate).
+    ClientCertificate {
+        /// Directory (tenant) id.
+        tenant_id: &'a str,
+        /// Application (client) id.
+        client_id: &'a str,
+        /// The PEM file.
+        path: &'a std::path::Path,
+    },
     /// Managed identity; `client_id` picks a user-assigned one.
     ManagedIdentity {
         /// A user-assigned identity's client id.
@@ -299,6 +310,7 @@ impl AzureAuth<'_> {
     pub fn kind(&self) -> &'static str {
         match self {
             AzureAuth::ClientSecret { .. } => "client_secret",
+            AzureAuth::ClientCertificate { .. } => "client_certificate",
             AzureAuth::ManagedIdentity { .. } => "managed_identity",
         }
     }
@@ -321,6 +333,10 @@ pub struct AzureSettings {
     /// The app registration's client secret.
     #[serde(default)]
     pub client_secret: Option<SecretString>,
+    /// A PEM file with the app registration's certificate and its RSA private key (PKCS#8
+    /// or PKCS#1), for certificate credentials.
+    #[serde(default)]
+    pub client_certificate_path: Option<PathBuf>,
     /// Entra ID's authority host (a sovereign cloud's, e.g. `https://login.chinacloudapi.cn`).
     #[serde(default = "default_azure_authority")]
     pub authority_host: String,
@@ -355,18 +371,33 @@ pub struct AzureSettings {
 }
 
 impl AzureSettings {
-    /// The credentials to use.
-    pub fn auth(&self) -> AzureAuth<'_> {
-        let kind = self.auth.unwrap_or(if self.client_secret.is_some() {
+    /// `auth`, or what the credentials given imply: a client secret, else a certificate,
+    /// else the managed identity.
+    fn auth_kind(&self) -> AzureAuthKind {
+        self.auth.unwrap_or(if self.client_secret.is_some() {
             AzureAuthKind::ClientSecret
+        } else if self.client_certificate_path.is_some() {
+            AzureAuthKind::ClientCertificate
         } else {
             AzureAuthKind::ManagedIdentity
-        });
-        match (kind, &self.client_secret) {
-            (AzureAuthKind::ClientSecret, Some(secret)) => AzureAuth::ClientSecret {
-                tenant_id: self.tenant_id.as_deref().unwrap_or_default(),
-                client_id: self.client_id.as_deref().unwrap_or_default(),
+        })
+    }
+
+    /// The credentials to use.
+    pub fn auth(&self) -> AzureAuth<'_> {
+        let kind = self.auth_kind();
+        let tenant_id = self.tenant_id.as_deref().unwrap_or_default();
+        let client_id = self.client_id.as_deref().unwrap_or_default();
+        match (kind, &self.client_secret, &self.client_certificate_path) {
+            (AzureAuthKind::ClientSecret, Some(secret), _) => AzureAuth::ClientSecret {
+                tenant_id,
+                client_id,
                 client_secret: secret,
+            },
+            (AzureAuthKind::ClientCertificate, _, Some(path)) => AzureAuth::ClientCertificate {
+                tenant_id,
+                client_id,
+                path,
             },
             _ => AzureAuth::ManagedIdentity {
                 client_id: self.client_id.as_deref(),
@@ -377,12 +408,8 @@ impl AzureSettings {
     /// What is wrong with these settings, one sentence each.
     fn problems(&self) -> Vec<String> {
         let mut errors = Vec::new();
-        let kind = self.auth.unwrap_or(if self.client_secret.is_some() {
-            AzureAuthKind::ClientSecret
-        } else {
-            AzureAuthKind::ManagedIdentity
-        });
-        if kind == AzureAuthKind::ClientSecret {
+        let kind = self.auth_kind();
+        if kind != AzureAuthKind::ManagedIdentity {
             let id_ok = |s: &Option<String>| {
                 s.as_deref().is_some_and(|s| {
                     !s.is_empty()
@@ -391,10 +418,15 @@ impl AzureSettings {
                             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
                 })
             };
-            if !id_ok(&self.tenant_id) || !id_ok(&self.client_id) || self.client_secret.is_none() {
+            let credential = match kind {
+                AzureAuthKind::ClientSecret => self.client_secret.is_some(),
+                _ => self.client_certificate_path.is_some(),
+            };
+            if !id_ok(&self.tenant_id) || !id_ok(&self.client_id) || !credential {
                 errors.push(
-                    "kms.azure client_secret auth needs tenant_id and client_id (ids or \
-                     domain names) and client_secret"
+                    "kms.azure client_secret and client_certificate auth need tenant_id and \
+                     client_id (ids or domain names), and client_secret or \
+                     client_certificate_path"
                         .to_owned(),
                 );
             }
@@ -434,6 +466,7 @@ impl std::fmt::Debug for AzureSettings {
                 "client_secret",
                 &self.client_secret.as_ref().map(|_| "[REDACTED]"),
             )
+            .field("client_certificate_path", &self.client_certificate_path)
             .field("authority_host", &self.authority_host)
             .field("imds_endpoint", &self.imds_endpoint)
             .field("endpoint_url", &self.endpoint_url)

@@ -631,3 +631,61 @@ async fn a_managed_hsm_aes_key_through_a_managed_identity() {
     assert_eq!(len, 1 + 32 + 40);
     app.shutdown().await;
 }
+
+/// A self-signed certificate for `key` (PEM of the key and the certificate) and its DER.
+fn certificate(key: &rsa::RsaPrivateKey) -> (String, Vec<u8>) {
+    use rsa::pkcs8::EncodePrivateKey;
+    let key_pem = key
+        .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+        .expect("pkcs8")
+        .to_string();
+    let pair = rcgen::KeyPair::from_pkcs8_pem_and_sign_algo(&key_pem, &rcgen::PKCS_RSA_SHA256)
+        .expect("key pair");
+    let cert = rcgen::CertificateParams::new(vec!["byokd.example".to_owned()])
+        .expect("params")
+        .self_signed(&pair)
+        .expect("certificate");
+    (format!("{key_pem}{}", cert.pem()), cert.der().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_credential_signs_its_client_assertion() {
+    let peer = AzurePeer::vault("cert-kv").await;
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("rsa");
+    let (pem, der) = certificate(&key);
+    peer.register_certificate(&der, rsa::RsaPublicKey::from(&key));
+    let dir = std::env::temp_dir().join(format!("byokd-azure-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("app.pem");
+    std::fs::write(&path, &pem).expect("pem");
+    let settings = peer.certificate_settings(&path);
+    let app = TestApp::spawn_with(|c| c.kms.azure = Some(settings)).await;
+    create_tenant(&app, "cc").await;
+    peer.create_key("kek", Kty::Rsa, None);
+    let (status, body) = bind(&app, "cc", &peer.key_ref("kek")).await;
+    assert_eq!(status, 201, "{body}");
+    create_deks(&app, "cc", 1).await;
+    assert_eq!(peer.token_requests(), 1);
+
+    // A certificate Entra ID does not know: no token, an outage (not a refusal of the key).
+    let other = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("rsa");
+    let unknown = dir.join("unknown.pem");
+    std::fs::write(&unknown, certificate(&other).0).expect("pem");
+    let kms = byokd::kms::AzureKms::new(&peer.certificate_settings(&unknown)).expect("client");
+    match kms.describe(&peer.key_ref("kek")).await {
+        Err(e @ KmsError::Unreachable { .. }) => {
+            assert!(e.to_string().contains("invalid_client"), "{e}");
+        }
+        other => panic!("expected an outage, got {other:?}"),
+    }
+    // A file without a key is refused at start.
+    let bad = dir.join("bad.pem");
+    std::fs::write(
+        &bad,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .expect("pem");
+    assert!(byokd::kms::AzureKms::new(&peer.certificate_settings(&bad)).is_err());
+    app.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

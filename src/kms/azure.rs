@@ -40,6 +40,12 @@
 //! Vault's body (a proxy's), timeouts, connection and TLS failures, and every failure to get
 //! an Entra ID token (byokd's credentials are byokd's problem, not the tenant's decision).
 //!
+//! Entra ID: client credentials with a client secret or a certificate (an RS256 client
+//! assertion with the certificate's `x5t`, signed with its key, loaded at start), or the
+//! managed identity through the instance metadata service; the authority and IMDS endpoints
+//! are settings (sovereign clouds; the test peer). One token per audience (vault or Managed
+//! HSM), cached until five minutes before it expires.
+//!
 //! Rate limits: one token bucket per vault host, `requests_per_10s` (Key Vault's documented
 //! limit per vault and region for RSA 2048 HSM keys is 2,000 transactions per 10 s; software
 //! keys 4,000; larger RSA keys less), and after a 429 the vault's bucket waits out the
@@ -202,6 +208,8 @@ pub struct AzureKms {
 
 struct Inner {
     settings: AzureSettings,
+    /// The certificate credential, loaded at start.
+    certificate: Option<ClientCertificate>,
     client: reqwest::Client,
     /// One token per audience; the lock is held while a token is fetched, so a burst of
     /// requests asks Entra ID once.
@@ -225,6 +233,9 @@ impl std::fmt::Debug for AzureKms {
 /// Why an [`AzureKms`] cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum AzureSetupError {
+    /// The certificate credential's PEM file cannot be used.
+    #[error("kms.azure.client_certificate_path: {0}")]
+    Certificate(String),
     /// The HTTP client cannot be built (TLS setup).
     #[error(transparent)]
     Client(#[from] reqwest::Error),
@@ -477,14 +488,107 @@ struct TokenAnswer {
     expires_in: Value,
 }
 
+/// The app registration's certificate credential: its RSA key, and the base64url SHA-1
+/// thumbprint of its DER certificate (the assertion's `x5t`: which of the app's certificates
+/// Entra ID verifies with). Reference: "Microsoft identity platform application
+/// authentication certificate credentials" (learn.microsoft.com/entra/identity-platform/
+/// certificate-credentials).
+struct ClientCertificate {
+    key: rsa::pkcs1v15::SigningKey<Sha256>,
+    x5t: String,
+}
+
+/// The first PEM block labelled `label`, decoded (zeroized when dropped: it may be a key).
+fn pem_block(text: &str, label: &str) -> Option<Zeroizing<Vec<u8>>> {
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let start = text.find(&begin)? + begin.len();
+    let stop = start + text[start..].find(&end)?;
+    let body: Zeroizing<String> = Zeroizing::new(
+        text[start..stop]
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect(),
+    );
+    base64::engine::general_purpose::STANDARD
+        .decode(body.as_bytes())
+        .ok()
+        .map(Zeroizing::new)
+}
+
+fn load_certificate(path: &std::path::Path) -> Result<ClientCertificate, String> {
+    use rsa::pkcs1::DecodeRsaPrivateKey;
+    use rsa::pkcs8::DecodePrivateKey;
+    use sha1::Digest;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+    );
+    let key = if let Some(der) = pem_block(&text, "PRIVATE KEY") {
+        rsa::RsaPrivateKey::from_pkcs8_der(&der).map_err(|e| format!("the private key: {e}"))?
+    } else if let Some(der) = pem_block(&text, "RSA PRIVATE KEY") {
+        rsa::RsaPrivateKey::from_pkcs1_der(&der).map_err(|e| format!("the private key: {e}"))?
+    } else {
+        return Err(format!(
+            "{} holds no RSA private key (PEM \"PRIVATE KEY\" or \"RSA PRIVATE KEY\")",
+            path.display()
+        ));
+    };
+    let certificate = pem_block(&text, "CERTIFICATE")
+        .ok_or_else(|| format!("{} holds no PEM \"CERTIFICATE\"", path.display()))?;
+    Ok(ClientCertificate {
+        key: rsa::pkcs1v15::SigningKey::new(key),
+        x5t: B64URL.encode(sha1::Sha1::digest(&certificate[..])),
+    })
+}
+
+/// A client assertion (RS256 JWT) for `client_id` at the token endpoint `audience`, valid for
+/// ten minutes.
+fn client_assertion(
+    cert: &ClientCertificate,
+    client_id: &str,
+    audience: &str,
+) -> Zeroizing<String> {
+    use rsa::signature::{SignatureEncoding, Signer};
+    let header = serde_json::json!({ "alg": "RS256", "typ": "JWT", "x5t": cert.x5t });
+    let now = Utc::now().timestamp();
+    let claims = serde_json::json!({
+        "aud": audience, "iss": client_id, "sub": client_id,
+        "jti": uuid::Uuid::new_v4().to_string(), "nbf": now, "iat": now, "exp": now + 600,
+    });
+    let input = format!(
+        "{}.{}",
+        B64URL.encode(header.to_string()),
+        B64URL.encode(claims.to_string())
+    );
+    let signature = cert.key.sign(input.as_bytes()).to_bytes();
+    Zeroizing::new(format!("{input}.{}", B64URL.encode(signature)))
+}
+
+/// `<authority>/<tenant>/oauth2/v2.0/token`.
+fn token_url(authority: &str, tenant_id: &str) -> Result<Url, String> {
+    let mut url = Url::parse(authority).map_err(|e| format!("authority_host: {e}"))?;
+    url.path_segments_mut()
+        .map_err(|()| "authority_host cannot hold a path".to_owned())?
+        .pop_if_empty()
+        .extend([tenant_id, "oauth2", "v2.0", "token"]);
+    Ok(url)
+}
+
 impl AzureKms {
     /// A provider for `settings`.
     ///
     /// # Errors
     ///
-    /// The HTTP client cannot be built.
+    /// The HTTP client cannot be built, or the certificate credential cannot be read.
     pub fn new(settings: &AzureSettings) -> Result<AzureKms, AzureSetupError> {
         crate::install_crypto_provider();
+        let certificate = match settings.auth() {
+            AzureAuth::ClientCertificate { path, .. } => {
+                Some(load_certificate(path).map_err(AzureSetupError::Certificate)?)
+            }
+            _ => None,
+        };
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(settings.timeout_secs.max(1)))
             .redirect(reqwest::redirect::Policy::none())
@@ -497,6 +601,7 @@ impl AzureKms {
         Ok(AzureKms {
             inner: Arc::new(Inner {
                 settings: settings.clone(),
+                certificate,
                 client,
                 tokens: tokio::sync::Mutex::new(HashMap::new()),
                 versions: moka::sync::Cache::builder()
@@ -570,17 +675,41 @@ impl AzureKms {
                 client_id,
                 client_secret,
             } => {
-                let mut url =
-                    Url::parse(&s.authority_host).map_err(|e| format!("authority_host: {e}"))?;
-                url.path_segments_mut()
-                    .map_err(|()| "authority_host cannot hold a path".to_owned())?
-                    .pop_if_empty()
-                    .extend([tenant_id, "oauth2", "v2.0", "token"]);
+                let url = token_url(&s.authority_host, tenant_id)?;
                 let scope = format!("{}/.default", audience.resource());
                 let body = form(&[
                     ("grant_type", "client_credentials"),
                     ("client_id", client_id),
                     ("client_secret", client_secret.expose_secret()),
+                    ("scope", &scope),
+                ]);
+                self.inner
+                    .client
+                    .post(url)
+                    .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .body(body.as_bytes().to_vec())
+            }
+            AzureAuth::ClientCertificate {
+                tenant_id,
+                client_id,
+                ..
+            } => {
+                let url = token_url(&s.authority_host, tenant_id)?;
+                let cert = self
+                    .inner
+                    .certificate
+                    .as_ref()
+                    .ok_or_else(|| "the certificate credential is not loaded".to_owned())?;
+                let assertion = client_assertion(cert, client_id, url.as_str());
+                let scope = format!("{}/.default", audience.resource());
+                let body = form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", client_id),
+                    (
+                        "client_assertion_type",
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    ),
+                    ("client_assertion", &assertion),
                     ("scope", &scope),
                 ]);
                 self.inner

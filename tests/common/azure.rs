@@ -13,6 +13,10 @@
 //!   `{token_type, expires_in (number), access_token}`; a wrong secret is 401 `invalid_client`
 //!   AADSTS7000215). Reference: "Microsoft identity platform and the OAuth 2.0 client
 //!   credentials flow" (learn.microsoft.com/entra/identity-platform/v2-oauth2-client-creds-grant-flow).
+//!   A certificate credential instead sends `client_assertion_type=urn:ietf:params:oauth:
+//!   client-assertion-type:jwt-bearer` and an RS256 `client_assertion` whose `x5t` names a
+//!   registered certificate, verified here with its key ("Microsoft identity platform
+//!   application authentication certificate credentials").
 //! - Managed identity through the instance metadata service, `GET /metadata/identity/oauth2/
 //!   token?api-version=2018-02-01&resource=...` with `Metadata: true` (`expires_in` is a
 //!   string there). Reference: "How to use managed identities for Azure resources on an Azure
@@ -123,6 +127,9 @@ pub struct Seen {
 }
 
 struct State_ {
+    base: String,
+    /// Registered certificate credentials: x5t (base64url SHA-1 of the DER) and public key.
+    certificates: HashMap<String, RsaPublicKey>,
     vault_host: String,
     audience: &'static str,
     keys: HashMap<String, Key>,
@@ -194,7 +201,13 @@ impl AzurePeer {
     }
 
     async fn start(vault_host: String, audience: &'static str) -> AzurePeer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
         let state = Arc::new(Mutex::new(State_ {
+            base: base.clone(),
+            certificates: HashMap::new(),
             vault_host: vault_host.clone(),
             audience,
             keys: HashMap::new(),
@@ -207,10 +220,6 @@ impl AzurePeer {
             recovery_level: "Recoverable+Purgeable",
             seen: Vec::new(),
         }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(state.clone());
@@ -239,6 +248,26 @@ impl AzurePeer {
             "endpoint_url": self.base,
             "timeout_secs": 5,
             "max_retry_after_secs": 2,
+        }))
+        .expect("azure settings")
+    }
+
+    /// Registers a certificate credential (its DER and public key) for the app.
+    pub fn register_certificate(&self, der: &[u8], public: RsaPublicKey) {
+        use sha1::Digest;
+        let x5t = B64URL.encode(sha1::Sha1::digest(der));
+        self.lock().certificates.insert(x5t, public);
+    }
+
+    /// byokd's settings for this peer with certificate credentials from `pem` (a file).
+    pub fn certificate_settings(&self, pem: &std::path::Path) -> AzureSettings {
+        serde_json::from_value(json!({
+            "tenant_id": TENANT_ID,
+            "client_id": CLIENT_ID,
+            "client_certificate_path": pem,
+            "authority_host": self.base,
+            "endpoint_url": self.base,
+            "timeout_secs": 5,
         }))
         .expect("azure settings")
     }
@@ -419,6 +448,13 @@ pub fn env(settings: &AzureSettings) -> Vec<(String, String)> {
                 .map(|s| s.expose_secret().to_owned()),
         ),
         ("ENDPOINT_URL", settings.endpoint_url.clone()),
+        (
+            "CLIENT_CERTIFICATE_PATH",
+            settings
+                .client_certificate_path
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        ),
     ] {
         if let Some(value) = value {
             env.push((var(name), value));
@@ -499,8 +535,17 @@ fn client_credentials(state: &mut State_, body: &[u8]) -> Response {
         )
             .into_response();
     }
-    if field("client_id") != Some(CLIENT_ID) || field("client_secret") != Some(&state.client_secret)
-    {
+    let authenticated = match field("client_assertion_type") {
+        Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer") => {
+            field("client_id") == Some(CLIENT_ID)
+                && field("client_assertion").is_some_and(|a| assertion_ok(state, a))
+        }
+        _ => {
+            field("client_id") == Some(CLIENT_ID)
+                && field("client_secret") == Some(&state.client_secret)
+        }
+    };
+    if !authenticated {
         return (
             StatusCode::UNAUTHORIZED,
             axum::Json(json!({"error": "invalid_client",
@@ -526,6 +571,44 @@ fn client_credentials(state: &mut State_, body: &[u8]) -> Response {
         "access_token": token}),
     )
     .into_response()
+}
+
+/// Checks a client assertion as Entra ID documents it: an RS256 JWT whose header's `x5t`
+/// names a registered certificate whose key verifies the signature, `aud` the token
+/// endpoint, `iss` and `sub` the client id, and a current `nbf`..`exp`.
+fn assertion_ok(state: &State_, assertion: &str) -> bool {
+    use rsa::signature::Verifier;
+    let parts: Vec<&str> = assertion.split('.').collect();
+    let [header, claims, signature] = parts.as_slice() else {
+        return false;
+    };
+    let decode =
+        |p: &str| -> Option<Value> { serde_json::from_slice(&B64URL.decode(p).ok()?).ok() };
+    let (Some(h), Some(c)) = (decode(header), decode(claims)) else {
+        return false;
+    };
+    let Some(public) = h["x5t"].as_str().and_then(|t| state.certificates.get(t)) else {
+        return false;
+    };
+    let Ok(sig) = B64URL
+        .decode(signature)
+        .map_err(|_| ())
+        .and_then(|b| rsa::pkcs1v15::Signature::try_from(b.as_slice()).map_err(|_| ()))
+    else {
+        return false;
+    };
+    let verifier = rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(public.clone());
+    let audience = format!("{}/{TENANT_ID}/oauth2/v2.0/token", state.base);
+    let t = now();
+    h["alg"] == "RS256"
+        && verifier
+            .verify(format!("{header}.{claims}").as_bytes(), &sig)
+            .is_ok()
+        && c["aud"] == audience.as_str()
+        && c["iss"] == CLIENT_ID
+        && c["sub"] == CLIENT_ID
+        && c["exp"].as_i64().is_some_and(|exp| exp > t)
+        && c["nbf"].as_i64().is_some_and(|nbf| nbf <= t + 60)
 }
 
 fn imds(state: &mut State_, uri: &Uri, headers: &HeaderMap) -> Response {
