@@ -3,6 +3,7 @@
 #![allow(dead_code, missing_docs)]
 
 pub mod aws;
+pub mod azure;
 pub mod catalog;
 pub mod http_fault;
 pub mod notify;
@@ -804,6 +805,9 @@ impl TestApp {
         }
         if let Some(aws) = &self.config.kms.aws {
             cmd.envs(aws::env(aws));
+        }
+        if let Some(azure) = &self.config.kms.azure {
+            cmd.envs(azure::env(azure));
         }
         let out = cmd
             .args(["deks", "verify", "--json", "--tenant", tenant])
