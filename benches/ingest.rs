@@ -64,7 +64,11 @@ fn backlog_bodies(n: usize, keys: usize, round: &str) -> Vec<Vec<u8>> {
         .map(|i| {
             let key = format!("key-{}", i % keys);
             let step = i / keys;
-            let kind = if step.is_multiple_of(2) { "disabled" } else { "enabled" };
+            let kind = if step.is_multiple_of(2) {
+                "disabled"
+            } else {
+                "enabled"
+            };
             canonical(&format!("{round}-{i}"), kind, &key, at(0), json!({}))
                 .to_string()
                 .into_bytes()
