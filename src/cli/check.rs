@@ -91,6 +91,11 @@ fn check(config: &Config) -> Report {
         "database_url",
         match config.require_database_url() {
             Err(e) => Err(e.to_string()),
+            Ok(url) if url.starts_with("sqlite:") => {
+                sqlx::sqlite::SqliteConnectOptions::from_str(url)
+                    .map(|_| redact_url(url))
+                    .map_err(|e| format!("BYOKD_DATABASE_URL {:?}: {e}", redact_url(url)))
+            }
             Ok(url) => sqlx::postgres::PgConnectOptions::from_str(url)
                 .map(|_| redact_url(url))
                 .map_err(|e| format!("BYOKD_DATABASE_URL {:?}: {e}", redact_url(url))),
