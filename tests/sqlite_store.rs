@@ -278,3 +278,19 @@ async fn the_audit_chain_grows_verifies_and_catches_a_modified_row_on_sqlite() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_in_memory_database_is_refused_with_a_clear_error() {
+    for url in [
+        "sqlite::memory:",
+        "sqlite://:memory:",
+        "sqlite://x.db?mode=memory",
+    ] {
+        let err = Store::connect(url, 2).await.expect_err(url);
+        assert!(
+            err.to_string()
+                .contains("must be a file (sqlite://PATH), not in memory"),
+            "{url}: {err}"
+        );
+    }
+}

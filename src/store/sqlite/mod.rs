@@ -214,7 +214,12 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         let file = options.get_filename().to_owned();
-        if file.as_os_str().is_empty() || file.to_string_lossy().starts_with(':') {
+        let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
+        if path.is_empty()
+            || path.starts_with(":memory:")
+            || url.contains("mode=memory")
+            || file.to_string_lossy().starts_with("file:")
+        {
             return Err(StoreError::Conflict(
                 "a SQLite database for byokd must be a file (sqlite://PATH), not in memory"
                     .to_owned(),
