@@ -1,9 +1,10 @@
 //! SQLite SQL of the fleet views and of crypto-shredding a tenant.
 
-use super::SqliteStore;
+use super::{SqliteStore, ts};
 use crate::domain::Access;
 use crate::store::fleet::{ShredCounts, TenantSummary};
 use crate::store::{AuditRow, RewrapJobView, StoreError};
+use chrono::Utc;
 use sqlx::Row;
 
 impl SqliteStore {
@@ -95,6 +96,34 @@ impl SqliteStore {
         ] {
             sqlx::query(sql).bind(id).execute(&mut *tx.tx).await?;
         }
+        // Clients lose the id from their scope, so a tenant created later under the same id
+        // is not reachable through them. One scoped to this tenant alone has nothing left
+        // and is revoked (a scope is never empty).
+        let revoked = sqlx::query(
+            "UPDATE clients SET revoked_at = COALESCE(revoked_at, ?2)
+             WHERE NOT all_tenants AND json_array_length(tenants) = 1
+               AND tenants ->> '$[0]' = ?1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(ts(Utc::now()))
+        .execute(&mut *tx.tx)
+        .await?
+        .rows_affected();
+        let narrowed = sqlx::query(
+            "UPDATE clients
+             SET tenants = (SELECT json_group_array(value) FROM json_each(clients.tenants)
+                            WHERE value <> ?1)
+             WHERE NOT all_tenants AND json_array_length(tenants) > 1
+               AND EXISTS (SELECT 1 FROM json_each(clients.tenants) WHERE value = ?1)",
+        )
+        .bind(id)
+        .execute(&mut *tx.tx)
+        .await?
+        .rows_affected();
+        if revoked + narrowed > 0 {
+            tx.notify_change(crate::store::access::CLIENTS_CHANNEL, id)
+                .await?;
+        }
         tx.notify_change(crate::store::access::ACCESS_CHANNEL, id)
             .await?;
         let counts = ShredCounts {
@@ -104,6 +133,8 @@ impl SqliteStore {
             webhooks: c.try_get("webhooks")?,
             contacts: c.try_get("contacts")?,
             notifications: i64::try_from(notifications).unwrap_or(i64::MAX),
+            clients_narrowed: i64::try_from(narrowed).unwrap_or(i64::MAX),
+            clients_revoked: i64::try_from(revoked).unwrap_or(i64::MAX),
         };
         tx.audit(&[audit(&counts)]).await?;
         tx.commit().await?;
