@@ -935,10 +935,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
         if let Some(url) = &self.database_url
-            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+            && !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite:"))
         {
             errors.push(format!(
-                "BYOKD_DATABASE_URL {:?} must start with postgres:// (sqlite:// arrives with embedded mode)",
+                "BYOKD_DATABASE_URL {:?} must start with postgres:// or sqlite://",
                 redact_url(url)
             ));
         }

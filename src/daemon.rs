@@ -171,6 +171,9 @@ async fn supervise(
         .map_err(|e| ConfigError(vec![format!("rewrap.rate_limits: {e}")]))?;
 
     let store = Store::connect(&database_url, config.database_max_connections).await?;
+    // SQLite serves one node: a second daemon on the same file is refused here, before it
+    // migrates or consumes anything. Held until this function returns.
+    let _single_node = store.lock_single_node()?;
     store.migrate().await?;
     crate::telemetry::metrics();
 

@@ -156,7 +156,7 @@ pub fn prepare(config: &mut Config, create: bool) -> Result<Option<DataDir>, Sta
     let dir = std::path::absolute(&config.data_dir).map_err(|e| {
         StandaloneError(format!("BYOKD_DATA_DIR {}: {e}", config.data_dir.display()))
     })?;
-    let database_url = format!("sqlite://{}?mode=rwc", dir.join(DATABASE_FILE).display());
+    let database_url = format!("sqlite://{}", dir.join(DATABASE_FILE).display());
     config.database_url = Some(database_url.clone());
     // Before anything is made: a build that cannot use SQLite says so and leaves no trace.
     validate(config)?;

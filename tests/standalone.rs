@@ -447,3 +447,117 @@ fn check_config_reports_the_mode() {
     assert!(broker.starts_with("with a broker"), "{broker}");
     let _ = std::fs::remove_dir_all(dir.parent().expect("parent"));
 }
+
+/// `byokd run` with nothing configured but `BYOKD_DATA_DIR`: standalone mode on SQLite. The
+/// first start makes the data dir and its secrets, a second start reuses them (the same
+/// token opens the API, the tenant made before is there), `byokd publish` finds the daemon
+/// and its token through the data dir alone, and a bad root.key is one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byokd_run_standalone_makes_its_data_dir_once() {
+    let dir = temp_dir("standalone-run").join("data");
+    let port = common::free_port();
+    let start = || {
+        byokd_command()
+            .env("BYOKD_DATA_DIR", &dir)
+            .env("BYOKD_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("BYOKD_SCHEDULES_DIR", common::no_schedules())
+            .env("RUST_LOG", "info")
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("byokd run")
+    };
+    let http = common::http_client();
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = || async {
+        let http = http.clone();
+        let url = format!("{base}/readyz");
+        wait_for(
+            "standalone daemon ready",
+            Duration::from_secs(30),
+            move || {
+                let (http, url) = (http.clone(), url.clone());
+                async move { matches!(http.get(&url).send().await, Ok(r) if r.status() == 200) }
+            },
+        )
+        .await;
+    };
+    let stop = |child: std::process::Child| {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let first = start();
+    ready().await;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("root.key")), 0o600);
+    assert_eq!(mode(&dir.join("admin-token")), 0o600);
+    let token = std::fs::read_to_string(dir.join("admin-token")).expect("token");
+    let token = token.trim().to_owned();
+    let r = http
+        .post(format!("{base}/v1/tenants"))
+        .bearer_auth(&token)
+        .json(&json!({ "id": "solo", "name": "Solo" }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 201);
+    // The CLI finds the daemon's token in the data dir; the event names no registered key.
+    let file = dir.parent().expect("parent").join("event.json");
+    let event = canonical("solo-1", "disabled", "no-such-key", at(10), json!({}));
+    std::fs::write(&file, event.to_string()).expect("write");
+    let out = byokd_command()
+        .env("BYOKD_DATA_DIR", &dir)
+        .env("BYOKD_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .arg("publish")
+        .arg(&file)
+        .output()
+        .expect("publish");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("solo-1 unknown_key"),
+        "{out:?}"
+    );
+    let log = stop(first);
+    assert!(log.contains("root.key (created)"), "{log}");
+    assert!(!log.contains(&token), "the token itself is never logged");
+    let key = std::fs::read_to_string(dir.join("root.key")).expect("root key");
+    assert!(
+        !log.contains(key.trim()),
+        "the root key itself is never logged"
+    );
+
+    // Second start: the same secrets, the same database.
+    let second = start();
+    ready().await;
+    let r = http
+        .get(format!("{base}/v1/tenants/solo"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    let log = stop(second);
+    assert!(!log.contains("(created)"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("root.key")).expect("root key"),
+        key
+    );
+
+    // A root.key that is no key: one line, naming the file, exit 3.
+    std::fs::write(dir.join("root.key"), "bm90IGEga2V5\n").expect("write");
+    let out = start().wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let line = one_line_error(&out);
+    assert!(
+        line.contains("root.key") && line.contains("32 bytes"),
+        "{line}"
+    );
+    assert!(!line.contains("bm90IGEga2V5"), "{line}");
+    let _ = std::fs::remove_dir_all(dir.parent().expect("parent"));
+}

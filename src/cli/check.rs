@@ -119,8 +119,11 @@ fn check(config: &Config) -> Report {
         "database_url",
         match config.require_database_url() {
             Err(e) => Err(e.to_string()),
-            // Standalone mode's own URL, checked when it was made.
-            Ok(url) if url.starts_with("sqlite:") => Ok(redact_url(url)),
+            Ok(url) if url.starts_with("sqlite:") => {
+                sqlx::sqlite::SqliteConnectOptions::from_str(url)
+                    .map(|_| redact_url(url))
+                    .map_err(|e| format!("BYOKD_DATABASE_URL {:?}: {e}", redact_url(url)))
+            }
             Ok(url) => sqlx::postgres::PgConnectOptions::from_str(url)
                 .map(|_| redact_url(url))
                 .map_err(|e| format!("BYOKD_DATABASE_URL {:?}: {e}", redact_url(url))),

@@ -146,9 +146,12 @@ impl From<StoreError> for ApiError {
                 )
             }
             // An integrity violation the store did not turn into a conflict itself: the
-            // request raced a change such as a tenant's deletion.
+            // request raced a change such as a tenant's deletion. (SQLite's codes are not
+            // SQLSTATEs: its constraint errors are known by their kind.)
             StoreError::Other(sqlx::Error::Database(ref db))
-                if db.code().is_some_and(|c| c.starts_with("23")) =>
+                if db.code().is_some_and(|c| c.starts_with("23"))
+                    || (db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+                        && !matches!(db.kind(), sqlx::error::ErrorKind::Other)) =>
             {
                 ApiError::new(
                     StatusCode::CONFLICT,
