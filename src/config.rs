@@ -544,7 +544,7 @@ pub struct Config {
     pub mail_dir: PathBuf,
     /// Standalone mode (neither `BYOKD_DATABASE_URL` nor `BYOKD_AMQP_URL` set): where the
     /// SQLite database, the generated root key and admin token, and the emails live (see
-    /// [`crate::standalone`]).
+    /// the `standalone` module).
     pub data_dir: PathBuf,
     /// Admin/health HTTP listener.
     pub http_addr: SocketAddr,

@@ -17,7 +17,7 @@
 //! Only `byokd run` (and `byokd demo`, in a temporary dir) create anything; the other
 //! commands read what the daemon made, so `byokd clients create` or `byokd publish` work on
 //! its data dir without repeating its settings. There is no broker in this mode: events
-//! arrive over `POST /v1/events` (see [`crate::daemon`]). Several replicas need PostgreSQL.
+//! arrive over `POST /v1/events` (see the `daemon` module). Several replicas need PostgreSQL.
 
 use crate::config::{Config, ConfigError};
 use secrecy::{ExposeSecret, SecretString};
