@@ -26,7 +26,9 @@ async fn run(n: i64) {
     let db = TestDb::create().await;
     let store = Store::connect(&db.url, 4).await.unwrap();
     store.migrate().await.unwrap();
-    let Store::Postgres(pg) = &store;
+    let Store::Postgres(pg) = &store else {
+        unreachable!("TestDb::create makes a PostgreSQL database");
+    };
     let pool = pg.pool();
     let t = Instant::now();
     // Every 100th key expires within 20 days; the rest in 1 to 3 years, or never.

@@ -1,22 +1,36 @@
 //! Re-wrap benchmark (issue 3): DEKs/s of a rotation of one tenant's DEKs with the local KMS
-//! against PostgreSQL, the daemon's peak RSS, and, in the same run, the rate of a plain
-//! batched `UPDATE` rewriting the same rows' `wrapped` column (the database's own ceiling).
-//! Runs at 100k and 1M DEKs to show memory stays flat as the count grows.
+//! against PostgreSQL and against SQLite (standalone mode's store), the daemon's peak RSS,
+//! and, in the same run, the rate of a plain batched `UPDATE` rewriting the same rows'
+//! `wrapped` column (the database's own ceiling). Runs at 100k and 1M DEKs to show memory
+//! stays flat as the count grows.
 //!
 //! `cargo bench --bench rewrap` (local RabbitMQ and PostgreSQL). `BYOKD_BENCH_DEKS=100000,1000000`
-//! sets the sizes. Prints figures; asserts none.
+//! sets the sizes, `BYOKD_BENCH_BACKENDS=postgres,sqlite` the back ends. Prints figures;
+//! asserts none.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use byokd::kms::{Dek, DekContext, KmsProvider};
-use common::{TestApp, at};
+use common::{Backend, TestApp, at};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 const BATCH: usize = 1000;
+
+fn backends() -> Vec<Backend> {
+    std::env::var("BYOKD_BENCH_BACKENDS")
+        .unwrap_or_else(|_| "postgres,sqlite".to_owned())
+        .split(',')
+        .filter_map(|b| match b.trim() {
+            "postgres" => Some(Backend::Postgres),
+            "sqlite" => Some(Backend::Sqlite),
+            _ => None,
+        })
+        .collect()
+}
 
 fn sizes() -> Vec<usize> {
     std::env::var("BYOKD_BENCH_DEKS")
@@ -28,11 +42,11 @@ fn sizes() -> Vec<usize> {
 /// Seeds `n` DEKs wrapped (for real) under version 1 of `key`; returns their ids.
 async fn seed(app: &TestApp, tenant: &str, key: &str, n: usize) -> Vec<Uuid> {
     let kms = app.local_kms().await;
-    let kek_id: i64 = sqlx::query_scalar("SELECT id FROM keks WHERE key_ref = $1")
+    let kek_id = app
+        .sql("SELECT id FROM keks WHERE key_ref = $1")
         .bind(key)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+        .int()
+        .await;
     let mut all = Vec::with_capacity(n);
     let mut left = n;
     while left > 0 {
@@ -57,6 +71,31 @@ async fn seed(app: &TestApp, tenant: &str, key: &str, n: usize) -> Vec<Uuid> {
         let ids: Vec<Uuid> = deks.iter().map(|(id, _)| *id).collect();
         let kcvs: Vec<String> = deks.iter().map(|(_, d)| d.kcv()).collect();
         let blobs: Vec<Vec<u8>> = wrapped.into_iter().map(|w| w.ciphertext).collect();
+        if let Some(pool) = &app.sqlite {
+            let mut tx = pool.begin().await.unwrap();
+            let now = chrono::Utc::now()
+                .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                .to_string();
+            for ((id, blob), kcv) in ids.iter().zip(&blobs).zip(&kcvs) {
+                sqlx::query(
+                    "INSERT INTO deks (id, tenant_id, kek_id, kek_version, wrapped, kcv,
+                                       created_at, updated_at)
+                     VALUES ($1, $2, $3, '1', $4, $5, $6, $6)",
+                )
+                .bind(id.hyphenated().to_string())
+                .bind(tenant)
+                .bind(kek_id)
+                .bind(blob)
+                .bind(kcv)
+                .bind(&now)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            }
+            tx.commit().await.unwrap();
+            all.extend(ids);
+            continue;
+        }
         sqlx::query(
             "INSERT INTO deks (id, tenant_id, kek_id, kek_version, wrapped, kcv)
              SELECT u.id, $1, $2, '1', u.w, u.k FROM UNNEST($3::uuid[], $4::bytea[], $5::text[]) AS u(id, w, k)",
@@ -84,19 +123,29 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-async fn run(n: usize) {
-    let mut app = TestApp::spawn().await;
+/// Refreshes the planner's statistics on `deks`.
+async fn analyze(app: &TestApp) {
+    match &app.sqlite {
+        Some(pool) => sqlx::query("ANALYZE deks").execute(pool).await.map(drop),
+        None => sqlx::query("VACUUM ANALYZE deks")
+            .execute(&app.pool)
+            .await
+            .map(drop),
+    }
+    .unwrap();
+}
+
+async fn run(backend: Backend, n: usize) {
+    let name = format!("{n} {backend:?}");
+    let mut app = TestApp::spawn_on(backend).await;
     let tenant = format!("bench{n}");
     app.tenant_with_key(&tenant, "bench-key").await;
     app.stop().await;
     let t = Instant::now();
     let ids = seed(&app, &tenant, "bench-key", n).await;
-    sqlx::query("VACUUM ANALYZE deks")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    analyze(&app).await;
     println!(
-        "[{n}] seeded {n} wrapped DEKs in {:.1} s",
+        "[{name}] seeded {n} wrapped DEKs in {:.1} s",
         t.elapsed().as_secs_f64()
     );
 
@@ -121,11 +170,11 @@ async fn run(n: usize) {
     )
     .await;
     loop {
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM rewrap_jobs LIMIT 1")
-            .fetch_optional(&app.pool)
-            .await
-            .unwrap();
-        if state.as_deref() == Some("completed") {
+        let state = app
+            .sql("SELECT state FROM rewrap_jobs LIMIT 1")
+            .rows()
+            .await;
+        if state.first().is_some_and(|r| r[0] == "completed") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -136,22 +185,33 @@ async fn run(n: usize) {
     child.wait().unwrap();
     let rate = n as f64 / rewrap.as_secs_f64();
     println!(
-        "[{n}] byokd re-wrap (local KMS, 2 workers, batch {BATCH}): {:.1} s = {rate:.0} DEKs/s; daemon peak RSS {rss:.1} MB (idle {rss_idle:.1} MB)",
+        "[{name}] byokd re-wrap (local KMS, 2 workers, batch {BATCH}): {:.1} s = {rate:.0} DEKs/s; daemon peak RSS {rss:.1} MB (idle {rss_idle:.1} MB)",
         rewrap.as_secs_f64()
     );
 
     // The database's own ceiling: the same rows' wrapped column rewritten by plain batched
-    // UPDATEs of the same batch size, one transaction each.
-    sqlx::query("VACUUM ANALYZE deks")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    // UPDATEs of the same batch size, one transaction each (SQLite: one UPDATE per row by
+    // primary key inside the batch's transaction, its way of batching).
+    analyze(&app).await;
     let start = Instant::now();
     for chunk in ids.chunks(BATCH) {
         let blobs: Vec<Vec<u8>> = chunk
             .iter()
             .map(|_| rand::random::<[u8; 60]>().to_vec())
             .collect();
+        if let Some(pool) = &app.sqlite {
+            let mut tx = pool.begin().await.unwrap();
+            for (id, blob) in chunk.iter().zip(&blobs) {
+                sqlx::query("UPDATE deks SET wrapped = $2 WHERE id = $1")
+                    .bind(id.hyphenated().to_string())
+                    .bind(blob)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+            continue;
+        }
         sqlx::query(
             "UPDATE deks d SET wrapped = u.w FROM UNNEST($1::uuid[], $2::bytea[]) AS u(id, w) WHERE d.id = u.id",
         )
@@ -164,11 +224,11 @@ async fn run(n: usize) {
     let plain = start.elapsed();
     let plain_rate = n as f64 / plain.as_secs_f64();
     println!(
-        "[{n}] plain batched UPDATE: {:.1} s = {plain_rate:.0} rows/s",
+        "[{name}] plain batched UPDATE: {:.1} s = {plain_rate:.0} rows/s",
         plain.as_secs_f64()
     );
     println!(
-        "[{n}] ratio re-wrap / plain UPDATE = {:.2} (target >= 0.5)",
+        "[{name}] ratio re-wrap / plain UPDATE = {:.2} (target >= 0.5)",
         rate / plain_rate
     );
     app.shutdown().await;
@@ -177,6 +237,8 @@ async fn run(n: usize) {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     for n in sizes() {
-        run(n).await;
+        for backend in backends() {
+            run(backend, n).await;
+        }
     }
 }

@@ -20,8 +20,10 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod api;
 mod check;
 mod dead;
+mod demo;
 pub mod exit;
 mod jobs;
 
@@ -42,9 +44,18 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: consumer, access relay and HTTP API.
     Run,
+    /// A scripted tour in a temporary data dir, in well under a minute: a tenant and a local
+    /// key, 10,000 DEKs, a rotation, an expiry warning, a revocation and recovery; prints a
+    /// timeline and where the emails went.
+    Demo {
+        /// Keep the data dir and print how to start `byokd run` on it.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Apply database migrations and exit.
     Migrate,
-    /// Publish one lifecycle event (any supported format) with publisher confirms.
+    /// Publish one lifecycle event (any supported format) with publisher confirms; without a
+    /// broker, post it to the running daemon, which applies it before answering.
     Publish {
         /// File holding the event; `-` or nothing reads standard input.
         file: Option<PathBuf>,
@@ -275,8 +286,26 @@ pub fn main() -> anyhow::Result<()> {
         return check::run(cli.json);
     }
     crate::install_crypto_provider();
-    let config = Config::load()?;
+    let mut config = Config::load()?;
+    if let Command::Demo { keep } = cli.command {
+        // The tour makes a data dir of its own and prints its own timeline.
+        crate::telemetry::init_logging_at(config.log_format, "warn");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        return runtime.block_on(demo::run(cli.json, keep, config.database_url.take()));
+    }
     crate::telemetry::init_logging(config.log_format);
+    // Standalone mode: only the daemon makes the data dir and its secrets; every other
+    // command uses what it made, if it made any (otherwise it says what it lacks as ever).
+    let create = matches!(cli.command, Command::Run);
+    if (create || config.data_dir.is_dir())
+        && let Some(data_dir) = crate::standalone::prepare(&mut config, create)?
+        && create
+    {
+        data_dir.log();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -287,6 +316,7 @@ pub fn main() -> anyhow::Result<()> {
 async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => run(config).await,
+        Command::Demo { keep } => demo::run(cli.json, keep, config.database_url).await,
         Command::Migrate => {
             let store = Store::connect(config.require_database_url()?, 2).await?;
             store.migrate().await?;
@@ -451,6 +481,20 @@ async fn publish(
             message_routing_key(&events),
         )
     };
+    if config.amqp_url.is_none() {
+        if key.is_some() {
+            bail!(
+                "--routing-key needs a broker (BYOKD_AMQP_URL); without one events are posted to the daemon"
+            );
+        }
+        let posted = api::post_event(config, body).await?;
+        print(
+            json,
+            &posted.body,
+            &describe_posted(&posted, event_id.as_deref()),
+        );
+        return Ok(());
+    }
     let routing_key = key.unwrap_or(default_key);
     let publisher = Publisher::new(config.require_amqp_url()?);
     publisher
@@ -485,6 +529,41 @@ async fn publish(
         ),
     );
     Ok(())
+}
+
+/// One line for an event the daemon applied (or found to change nothing).
+fn describe_posted(posted: &api::Posted, event_id: Option<&str>) -> String {
+    if posted.status != 202 {
+        let reason = posted
+            .body
+            .get("ignored")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("no reason given");
+        return format!("the daemon applied nothing: {reason}");
+    }
+    let outcomes: Vec<String> = posted
+        .body
+        .get("events")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e.get("id")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("?"),
+                e.get("outcome")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("accepted")
+            )
+        })
+        .collect();
+    format!(
+        "applied {} by the daemon (no broker): {}",
+        event_id.unwrap_or("the message"),
+        outcomes.join(", ")
+    )
 }
 
 fn read_stdin() -> anyhow::Result<Vec<u8>> {
@@ -615,21 +694,28 @@ async fn kms_local(json: bool, config: &Config, op: LocalOp) -> anyhow::Result<(
             origin: crate::domain::Origin::Event,
         };
         let body = canonical::to_json(&event).to_string();
-        let publisher = Publisher::new(config.require_amqp_url()?);
-        publisher.declare_topology(&config.amqp).await?;
-        publisher
-            .publish(Outgoing {
-                exchange: &config.amqp.lifecycle_exchange,
-                routing_key: &routing_key(&event),
-                body: body.as_bytes(),
-                properties: BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_message_id(event.event_id.as_str().into()),
-                mandatory: true,
-            })
-            .await
-            .context("the key changed, but its lifecycle event could not be published")?;
-        event_id = Some(event.event_id);
+        if config.amqp_url.is_none() {
+            api::post_event(config, body.into_bytes()).await.context(
+                "the key changed, but its lifecycle event could not be handed to the daemon",
+            )?;
+            event_id = Some(event.event_id);
+        } else {
+            let publisher = Publisher::new(config.require_amqp_url()?);
+            publisher.declare_topology(&config.amqp).await?;
+            publisher
+                .publish(Outgoing {
+                    exchange: &config.amqp.lifecycle_exchange,
+                    routing_key: &routing_key(&event),
+                    body: body.as_bytes(),
+                    properties: BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_message_id(event.event_id.as_str().into()),
+                    mandatory: true,
+                })
+                .await
+                .context("the key changed, but its lifecycle event could not be published")?;
+            event_id = Some(event.event_id);
+        }
     }
     print(
         json,

@@ -14,6 +14,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use zeroize::Zeroizing;
 
+/// The data dir of standalone mode when `BYOKD_DATA_DIR` is not set.
+pub const DEFAULT_DATA_DIR: &str = "./byokd-data";
+
 /// Why the configuration cannot be used: one line per problem.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", .0.join("; "))]
@@ -779,6 +782,10 @@ pub struct Config {
     pub mail_from: String,
     /// Where emails go without an SMTP server.
     pub mail_dir: PathBuf,
+    /// Standalone mode (neither `BYOKD_DATABASE_URL` nor `BYOKD_AMQP_URL` set): where the
+    /// SQLite database, the generated root key and admin token, and the emails live (see
+    /// the `standalone` module).
+    pub data_dir: PathBuf,
     /// Admin/health HTTP listener.
     pub http_addr: SocketAddr,
     /// Bearer token for `/v1`; unset disables the admin API.
@@ -840,6 +847,7 @@ impl Default for Config {
             smtp_url: None,
             mail_from: "byokd@localhost".into(),
             mail_dir: PathBuf::from("./mail"),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_token: None,
             events_token: None,
@@ -883,6 +891,7 @@ impl std::fmt::Debug for Config {
             )
             .field("mail_from", &self.mail_from)
             .field("mail_dir", &self.mail_dir)
+            .field("data_dir", &self.data_dir)
             .field("http_addr", &self.http_addr)
             .field(
                 "admin_token",
@@ -1076,7 +1085,7 @@ const PREVIOUS_ROOT_KEYS_VAR: &str = "BYOKD_LOCAL_KMS_PREVIOUS_ROOT_KEYS";
 
 /// Decodes one root key; errors name `what` (the variable, and which of a list) and never
 /// show the value.
-fn decode_root_key(b64: &str, what: &str) -> Result<RootKey, String> {
+pub(crate) fn decode_root_key(b64: &str, what: &str) -> Result<RootKey, String> {
     let bytes = Zeroizing::new(
         base64::engine::general_purpose::STANDARD
             .decode(b64.trim())
@@ -1175,10 +1184,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
         if let Some(url) = &self.database_url
-            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+            && !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite:"))
         {
             errors.push(format!(
-                "BYOKD_DATABASE_URL {:?} must start with postgres:// (sqlite:// arrives with embedded mode)",
+                "BYOKD_DATABASE_URL {:?} must start with postgres:// or sqlite://",
                 redact_url(url)
             ));
         }

@@ -19,6 +19,16 @@
 //! 3. after `shutdown_grace_secs` aborts whatever still runs and returns
 //!    [`RunError::TaskFailed`], so `byokd run` exits non-zero and is restarted.
 //!
+//! # Without a broker
+//!
+//! With no `BYOKD_AMQP_URL` the daemon runs as a single node without RabbitMQ: there is no
+//! consumer (events arrive over `POST /v1/events`, applied through the same
+//! [`crate::events::intake`] path before the answer), the access relay removes access
+//! messages instead of publishing them (no `byok.access` exchange), and `/readyz` and the
+//! metrics report the consumers as `disabled`, not as down. Everything else (the outbox's
+//! email and webhooks, re-wrap, confirmations, sweeps, key access and its invalidation by
+//! database notifications) is the same.
+//!
 //! On SIGTERM the workers and the HTTP server stop together; tasks still running when the
 //! grace period ends are aborted rather than awaited (their work is redelivered: unacked
 //! events go back to the queue, leased notifications and jobs are picked up again).
@@ -29,6 +39,7 @@ use crate::audit::{self, ChainKey, Chainer};
 use crate::broker::Publisher;
 use crate::config::{Config, ConfigError};
 use crate::events::amqp::{self, ConsumerHealth, Intake};
+use crate::events::intake;
 use crate::http::TaskRegistry;
 use crate::http::{self, AppState};
 use crate::kms::{Kms, LocalKms};
@@ -44,7 +55,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::{Id, JoinSet};
 use tokio::time::Instant;
 
@@ -159,13 +170,16 @@ async fn supervise(
     fault: Option<Fault>,
 ) -> Result<(), RunError> {
     let database_url = config.require_database_url()?.to_owned();
-    let amqp_url = config.require_amqp_url()?.to_owned();
+    let amqp_url = config.amqp_url.clone();
     let root_keys = config.require_root_keys()?;
     let schedules = Arc::new(sweeps::load_dir(&config.schedules_dir)?);
     rewrap::rate_limits(&config.rewrap)
         .map_err(|e| ConfigError(vec![format!("rewrap.rate_limits: {e}")]))?;
 
     let store = Store::connect(&database_url, config.database_max_connections).await?;
+    // SQLite serves one node: a second daemon on the same file is refused here, before it
+    // migrates or consumes anything. Held until this function returns.
+    let _single_node = store.lock_single_node()?;
     store.migrate().await?;
     crate::telemetry::metrics();
 
@@ -181,42 +195,52 @@ async fn supervise(
     let mut tasks = Supervisor::new(registry.clone(), fault);
     let health = Arc::new(ConsumerHealth::default());
     let urgent_health = Arc::new(ConsumerHealth::default());
-    let access_changed = Arc::new(Notify::new());
-    let publisher = Arc::new(Publisher::new(amqp_url.clone()));
-    let rewrap_work = Arc::new(Notify::new());
-    let confirm_work = Arc::new(Notify::new());
+    let wake = intake::Wakers::default();
+    let access_changed = wake.access_changed.clone();
+    let rewrap_work = wake.rewrap_work.clone();
+    let confirm_work = wake.confirm_work.clone();
+    let publisher = amqp_url
+        .as_ref()
+        .map(|url| Arc::new(Publisher::new(url.clone())));
     let kms = build_kms(&store, &root_keys, &config.kms)?;
 
-    let intake = Intake {
-        queue: config.amqp.lifecycle_queue.clone(),
-        store: store.clone(),
-        url: amqp_url.clone(),
-        settings: config.amqp.clone(),
-        health: health.clone(),
-        access_changed: access_changed.clone(),
-        rewrap_work: rewrap_work.clone(),
-        confirm_work: confirm_work.clone(),
-        max_skew: config.state.max_skew(),
-        publisher: publisher.clone(),
-    };
-    tasks.spawn(
-        "consumer",
-        &stop_rx,
-        amqp::consume_loop(intake.clone(), stop_rx.clone()),
-    );
-    if !config.amqp.urgent_queue.is_empty() {
-        let urgent = Intake {
-            queue: config.amqp.urgent_queue.clone(),
-            health: urgent_health.clone(),
-            ..intake
+    if let (Some(url), Some(publisher)) = (&amqp_url, &publisher) {
+        let intake = Intake {
+            queue: config.amqp.lifecycle_queue.clone(),
+            store: store.clone(),
+            url: url.clone(),
+            settings: config.amqp.clone(),
+            health: health.clone(),
+            wake: wake.clone(),
+            max_skew: config.state.max_skew(),
+            publisher: publisher.clone(),
         };
         tasks.spawn(
-            "urgent_consumer",
+            "consumer",
             &stop_rx,
-            amqp::consume_loop(urgent, stop_rx.clone()),
+            amqp::consume_loop(intake.clone(), stop_rx.clone()),
         );
+        if !config.amqp.urgent_queue.is_empty() {
+            let urgent = Intake {
+                queue: config.amqp.urgent_queue.clone(),
+                health: urgent_health.clone(),
+                ..intake
+            };
+            tasks.spawn(
+                "urgent_consumer",
+                &stop_rx,
+                amqp::consume_loop(urgent, stop_rx.clone()),
+            );
+        } else {
+            urgent_health.disable();
+        }
     } else {
+        health.disable();
         urgent_health.disable();
+        tracing::info!(
+            "no broker configured (BYOKD_AMQP_URL is unset): events are applied as they are \
+             posted to /v1/events, and access changes reach tenants by email and webhook only"
+        );
     }
     let relay = Relay {
         store: store.clone(),

@@ -11,12 +11,17 @@ use crate::kms::{self, Dek, DekContext, Kms, KmsError, KmsProvider, WrappedRef};
 use crate::lifecycle::{self, Cause};
 use crate::store::{AuditRow, KekOptions, NewDek, Store, StoreError, TenantView};
 use chrono::{DateTime, Utc};
+use futures_util::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::Notify;
 use uuid::Uuid;
+
+/// DEKs [`Keys::create_deks`] stores at once: enough to keep a few connections busy, not the
+/// whole pool.
+const INSERT_CONCURRENCY: usize = 8;
 
 /// Why a use case refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +262,26 @@ impl Keys {
         tenant_id: &str,
         now: DateTime<Utc>,
     ) -> Result<CreatedDek, KeyError> {
+        // `create_deks` answers exactly as many DEKs as asked for, or an error.
+        self.create_deks(tenant_id, 1, now)
+            .await?
+            .pop()
+            .ok_or_else(|| KeyError::Refused("no DEK was created".to_owned()))
+    }
+
+    /// [`Keys::create_dek`] `count` times over, with one access check and one call to the
+    /// KMS (`wrap_many`) for them all; the DEKs are then stored, a few at a time. For
+    /// provisioning many at once (`byokd demo`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Keys::create_dek`]; DEKs stored before a failure stay stored.
+    pub async fn create_deks(
+        &self,
+        tenant_id: &str,
+        count: usize,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<CreatedDek>, KeyError> {
         let target = self.store.dek_target(tenant_id).await?;
         let (access, _) = self.current_access(tenant_id, now).await?;
         if access.access != Access::Accessible {
@@ -271,42 +296,60 @@ impl Keys {
                 "tenant {tenant_id:?} has no key registered"
             )));
         };
-        let dek = Dek::generate();
-        let id = Uuid::now_v7();
-        let ctx = DekContext {
-            tenant_id,
-            dek_id: id,
-        };
+        let deks: Vec<(Uuid, Dek)> = (0..count)
+            .map(|_| (Uuid::now_v7(), Dek::generate()))
+            .collect();
+        let items: Vec<(&Dek, DekContext<'_>)> = deks
+            .iter()
+            .map(|(id, dek)| {
+                (
+                    dek,
+                    DekContext {
+                        tenant_id,
+                        dek_id: *id,
+                    },
+                )
+            })
+            .collect();
         let provider = kek.provider;
         let wrapped = self
             .kms
             .provider(provider)?
-            .wrap_many(&kek.key_ref, None, &[(&dek, ctx)])
-            .await?
-            .pop()
-            .ok_or_else(|| {
-                KeyError::Kms(KmsError::Unreachable {
-                    provider,
-                    detail: "the KMS answered a wrap with no ciphertext".to_owned(),
-                })
-            })?;
-        let kcv = dek.kcv();
-        self.store
-            .insert_dek(&NewDek {
+            .wrap_many(&kek.key_ref, None, &items)
+            .await?;
+        if wrapped.len() != deks.len() {
+            return Err(KeyError::Kms(KmsError::Unreachable {
+                provider,
+                detail: format!(
+                    "the KMS answered {} wraps with {} ciphertexts",
+                    deks.len(),
+                    wrapped.len()
+                ),
+            }));
+        }
+        let stored = deks.into_iter().zip(wrapped).map(|((id, dek), wrapped)| {
+            let row = NewDek {
                 id,
                 tenant_id: tenant_id.to_owned(),
                 kek_id: kek.id,
                 kek_version: wrapped.version.clone(),
                 wrapped: wrapped.ciphertext,
-                kcv: kcv.clone(),
-            })
-            .await?;
-        Ok(CreatedDek {
-            id,
-            kek_version: wrapped.version,
-            kcv,
-            plaintext: dek,
-        })
+                kcv: dek.kcv(),
+            };
+            async move {
+                self.store.insert_dek(&row).await?;
+                Ok::<_, KeyError>(CreatedDek {
+                    id,
+                    kek_version: row.kek_version,
+                    kcv: row.kcv,
+                    plaintext: dek,
+                })
+            }
+        });
+        futures_util::stream::iter(stored)
+            .buffered(INSERT_CONCURRENCY)
+            .try_collect()
+            .await
     }
 
     /// Runs a `failed` re-wrap job again: its failures are forgotten and every DEK it could

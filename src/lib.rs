@@ -13,8 +13,9 @@
 //! * `domain`: pure types and the KEK state machine / access derivation; no I/O.
 //! * `broker`: RabbitMQ topology, the confirmed publisher and reconnect backoff.
 //! * `events`: intake. `normalize` turns messages (canonical, AWS, Azure, GCP; CloudEvents
-//!   in structured or binary mode) into events; `amqp` consumes them in batches and
-//!   dead-letters what cannot be applied.
+//!   in structured or binary mode) into events; `intake` is the path from events to a commit
+//!   that every carrier shares; `amqp` consumes them in batches and dead-letters what cannot
+//!   be applied (without a broker, `POST /v1/events` applies them through `intake`).
 //! * `lifecycle`: applies events, KMS observations and the passing of time, one transaction
 //!   each (dedupe, key record, derived access, audit, outbox).
 //! * `access`: key access for the platform's services: client tokens, DEK unwrap with a
@@ -42,6 +43,8 @@
 //! * `rootkey`: root-key rotation, re-sealing everything sealed under the root key.
 //! * `daemon`: `run`, wiring it all together with graceful shutdown; `collector` refreshes
 //!   the gauges read from the database and the broker.
+//! * `standalone`: the mode without a database or broker URL: the data dir, its SQLite
+//!   database, and the root key and admin token generated there on first start.
 //!
 //! Data flows one way: intake -> normalize -> lifecycle (one transaction) -> ack; slow work
 //! is picked up later from the database by its own loop.
@@ -63,6 +66,7 @@ pub mod reconcile;
 pub mod rewrap;
 pub mod rootkey;
 pub mod seal;
+pub mod standalone;
 pub mod store;
 pub mod sweeps;
 pub mod telemetry;

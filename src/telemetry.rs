@@ -22,7 +22,13 @@ use tracing_subscriber::EnvFilter;
 /// Installs the global tracing subscriber; `RUST_LOG` overrides the default `info` level.
 /// A second call (tests starting several daemons) is a no-op.
 pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_logging_at(format, "info");
+}
+
+/// [`init_logging`] with `default` as the filter when `RUST_LOG` is not set (`byokd demo`
+/// keeps the daemon's logs to warnings, under its own timeline).
+pub fn init_logging_at(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -42,7 +42,12 @@ fn every_command_has_help() {
 
 #[test]
 fn configuration_mistakes_are_one_clear_line() {
-    let out = byokd().arg("run").output().expect("run");
+    // With a broker, a database is required (with neither URL, `run` is standalone).
+    let out = byokd()
+        .arg("run")
+        .env("BYOKD_AMQP_URL", amqp_url())
+        .output()
+        .expect("run");
     assert!(one_line_error(&out).contains("BYOKD_DATABASE_URL is not set"));
 
     let out = byokd()
@@ -247,7 +252,10 @@ fn exit_codes_tell_usage_configuration_and_unavailable_apart() {
     let code = |cmd: &mut Command| cmd.output().expect("run").status.code();
     assert_eq!(code(byokd().arg("no-such-command")), Some(2));
     assert_eq!(code(byokd().args(["deks", "verify"])), Some(2));
-    assert_eq!(code(byokd().arg("run")), Some(3));
+    assert_eq!(
+        code(byokd().arg("run").env("BYOKD_AMQP_URL", amqp_url())),
+        Some(3)
+    );
     // Nothing listens on port 1: the database is unavailable, not misconfigured.
     let mut migrate = byokd();
     migrate.arg("migrate").env(

@@ -2,11 +2,12 @@
 //! scopes, the admin token's separation of duties, plaintext only to clients, refusal after a
 //! revocation on every replica, the DEK cache (served while the tenant's access holds,
 //! dropped the moment it changes), revoked clients, and an audit row for every attempt.
+//! Every test runs on PostgreSQL and on SQLite (one node there: no second replica).
 
 mod common;
 
 use base64::Engine;
-use common::{TOKEN, TestApp, at, wait_for};
+use common::{Backend, TOKEN, TestApp, at, wait_for};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -50,9 +51,9 @@ fn plaintext(v: &Value) -> Vec<u8> {
         .expect("base64")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_create_and_unwrap_their_tenants_deks_and_nothing_else() {
-    let app = TestApp::spawn().await;
+on_both_backends!(clients_create_and_unwrap_their_tenants_deks_and_nothing_else, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn clients_create_and_unwrap_their_tenants_deks_and_nothing_else(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     app.tenant_with_key("ka", "key-ka").await;
     app.tenant_with_key("kb", "key-kb").await;
     let a = client(&app, "svc-a", json!({ "tenants": ["ka"] })).await;
@@ -165,16 +166,16 @@ async fn clients_create_and_unwrap_their_tenants_deks_and_nothing_else() {
     assert_eq!(status, 422);
 
     // Every attempt is on the audit trail: who, which tenant and DEK, what came of it.
-    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
-        "SELECT action, outcome, detail->>'client' FROM audit_log
-         WHERE action IN ('dek_unwrap', 'dek_create', 'auth') ORDER BY id",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .expect("audit");
+    let rows = app
+        .sql(
+            "SELECT action, outcome, detail->>'client' FROM audit_log
+             WHERE action IN ('dek_unwrap', 'dek_create', 'auth') ORDER BY id",
+        )
+        .rows()
+        .await;
     let count = |action: &str, outcome: &str| {
         rows.iter()
-            .filter(|(a, o, _)| a == action && o == outcome)
+            .filter(|r| r[0] == action && r[1] == outcome)
             .count()
     };
     assert_eq!(count("dek_create", "allowed"), 2, "{rows:?}");
@@ -185,29 +186,36 @@ async fn clients_create_and_unwrap_their_tenants_deks_and_nothing_else() {
     assert_eq!(count("dek_unwrap", "refused"), 1, "{rows:?}");
     assert_eq!(count("dek_unwrap", "failed"), 2, "{rows:?}");
     assert_eq!(count("auth", "refused"), 1, "{rows:?}");
-    let secrets: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM audit_log WHERE detail::text LIKE '%' || $1 || '%'
-            OR detail::text LIKE '%' || $2 || '%'",
-    )
-    .bind(&a)
-    .bind(created["plaintext"].as_str().expect("plaintext"))
-    .fetch_one(&app.pool)
-    .await
-    .expect("scan");
+    let secrets = app
+        .sql(
+            "SELECT count(*) FROM audit_log WHERE CAST(detail AS TEXT) LIKE '%' || $1 || '%'
+                OR CAST(detail AS TEXT) LIKE '%' || $2 || '%'",
+        )
+        .bind(&a)
+        .bind(created["plaintext"].as_str().expect("plaintext"))
+        .int()
+        .await;
     assert_eq!(secrets, 0, "no token or plaintext in the audit trail");
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revocation_is_refused_at_once_on_every_replica_and_the_cache_goes_with_it() {
-    let app = TestApp::spawn().await;
+on_both_backends!(a_revocation_is_refused_at_once_on_every_replica_and_the_cache_goes_with_it, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn a_revocation_is_refused_at_once_on_every_replica_and_the_cache_goes_with_it(
+    backend: Backend,
+) {
+    let app = TestApp::spawn_on(backend).await;
     app.tenant_with_key("kr", "key-kr").await;
     let svc = client(&app, "svc", json!({ "tenants": ["kr"] })).await;
-    let replica = app.replica().await;
-    let bases = [app.base.clone(), replica.base.clone()];
+    // SQLite serves one node: there the one daemon's cache is what goes with the revocation.
+    let replica = match backend {
+        Backend::Postgres => Some(app.replica().await),
+        Backend::Sqlite => None,
+    };
+    let mut bases = vec![app.base.clone()];
+    bases.extend(replica.as_ref().map(|r| r.base.clone()));
     wait_for("replica ready", Duration::from_secs(30), || {
         let http = app.http.clone();
-        let url = format!("{}/readyz", bases[1]);
+        let url = format!("{}/readyz", bases[bases.len() - 1]);
         async move { matches!(http.get(&url).send().await, Ok(r) if r.status() == 200) }
     })
     .await;
@@ -245,7 +253,7 @@ async fn a_revocation_is_refused_at_once_on_every_replica_and_the_cache_goes_wit
         })
         .await;
     }
-    let (status, body, _) = call(&app, &bases[1], &svc, &hot_path, None).await;
+    let (status, body, _) = call(&app, &bases[bases.len() - 1], &svc, &hot_path, None).await;
     assert_eq!(status, 403);
     assert!(
         body["error"]
@@ -281,19 +289,20 @@ async fn a_revocation_is_refused_at_once_on_every_replica_and_the_cache_goes_wit
         .await;
     }
     assert!(revoked.elapsed() < Duration::from_secs(2));
-    let managed: Vec<String> =
-        sqlx::query_scalar("SELECT action FROM audit_log WHERE action LIKE 'client_%' ORDER BY id")
-            .fetch_all(&app.pool)
-            .await
-            .expect("audit");
+    let managed = app
+        .sql("SELECT action FROM audit_log WHERE action LIKE 'client_%' ORDER BY id")
+        .texts()
+        .await;
     assert_eq!(managed, ["client_created", "client_revoked"]);
-    replica.stop().await;
+    if let Some(replica) = replica {
+        replica.stop().await;
+    }
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_key_still_unwraps_but_creates_nothing() {
-    let app = TestApp::spawn().await;
+on_both_backends!(an_expired_key_still_unwraps_but_creates_nothing, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn an_expired_key_still_unwraps_but_creates_nothing(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     app.tenant_with_key("ke", "key-ke").await;
     let svc = client(&app, "svc-e", json!({ "tenants": ["ke"] })).await;
     let (_, dek, _) = call(&app, &app.base, &svc, "/v1/tenants/ke/deks", None).await;

@@ -1,10 +1,10 @@
 //! Every event kind through the real broker into committed state: transitions, derived
 //! access, the `byok.access` message, outbox rows and the audit trail; duplicates,
-//! out-of-order delivery and unknown keys.
+//! out-of-order delivery and unknown keys. Every test runs on PostgreSQL and on SQLite.
 
 mod common;
 
-use common::{TestApp, at, next_json};
+use common::{Backend, TestApp, at, next_json};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -144,9 +144,9 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_event_kind_sets_state_and_derived_access() {
-    let app = TestApp::spawn().await;
+on_both_backends!(every_event_kind_sets_state_and_derived_access, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn every_event_kind_sets_state_and_derived_access(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     let mut access = app.access_listener().await;
     let cases = cases();
     let mut total = 0;
@@ -250,26 +250,24 @@ async fn every_event_kind_sets_state_and_derived_access() {
     }
 
     // Tenant notifications: one email and one webhook row per notification.
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT tenant_id, kind, channel FROM outbox WHERE channel <> 'amqp' ORDER BY seq",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .expect("outbox");
+    let rows = app
+        .sql("SELECT tenant_id, kind, channel FROM outbox WHERE channel <> 'amqp' ORDER BY seq")
+        .rows()
+        .await;
     let count = |tenant: &str, kind: &str| {
         rows.iter()
-            .filter(|(t, k, _)| t == tenant && k == kind)
+            .filter(|r| r[0] == tenant && r[1] == kind)
             .count()
     };
     assert_eq!(count("disabled", "tenant.inaccessible"), 2);
-    let causes: Vec<String> = sqlx::query_scalar(
-        "SELECT payload->'data'->>'cause' FROM outbox
-         WHERE tenant_id = 'deleted' AND kind = 'tenant.inaccessible' AND channel = 'email'
-         ORDER BY seq",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .expect("causes");
+    let causes = app
+        .sql(
+            "SELECT payload->'data'->>'cause' FROM outbox
+             WHERE tenant_id = 'deleted' AND kind = 'tenant.inaccessible' AND channel = 'email'
+             ORDER BY seq",
+        )
+        .texts()
+        .await;
     assert_eq!(causes, ["deletion_scheduled", "destroyed"]);
     // Refuted claims reach the operators (one row each, fanned out by the dispatcher).
     assert_eq!(count("revoked", "operator.revocation_unconfirmed"), 1);
@@ -282,12 +280,10 @@ async fn every_event_kind_sets_state_and_derived_access() {
         count("rotated", "tenant.inaccessible") + count("rotated", "tenant.restored"),
         0
     );
-    let expiring: Value = sqlx::query_scalar(
-        "SELECT payload FROM outbox WHERE tenant_id = 'expiring' AND channel = 'webhook'",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .expect("expiring row");
+    let expiring = app
+        .sql("SELECT payload FROM outbox WHERE tenant_id = 'expiring' AND channel = 'webhook'")
+        .scalar()
+        .await;
     assert_eq!(expiring["type"], "key.expiring");
     assert!(
         expiring["data"]["days_left"]
@@ -297,31 +293,29 @@ async fn every_event_kind_sets_state_and_derived_access() {
     );
 
     // The destroyed key ignored the later `enabled`, and the audit trail says so.
-    let outcome: String = sqlx::query_scalar(
-        "SELECT outcome FROM audit_log WHERE key_ref = 'key-destroyed' AND action = 'enabled'",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .expect("audit");
+    let outcome = app
+        .sql("SELECT outcome FROM audit_log WHERE key_ref = 'key-destroyed' AND action = 'enabled'")
+        .text()
+        .await;
     assert_eq!(outcome, "ignored_destroyed");
     // Each refuted claim is on the audit trail as an alert for operators.
     for key in ["key-revoked", "key-lie-disabled"] {
-        let alerts: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM audit_log WHERE key_ref = $1
-               AND action = 'revocation_unconfirmed' AND detail->>'alert' = 'true'",
-        )
-        .bind(key)
-        .fetch_one(&app.pool)
-        .await
-        .expect("audit");
+        let alerts = app
+            .sql(
+                "SELECT count(*) FROM audit_log WHERE key_ref = $1
+                   AND action = 'revocation_unconfirmed' AND detail->'alert' = 'true'",
+            )
+            .bind(key)
+            .int()
+            .await;
         assert_eq!(alerts, 1, "{key}");
     }
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicates_and_redeliveries_change_nothing() {
-    let app = TestApp::spawn().await;
+on_both_backends!(duplicates_and_redeliveries_change_nothing, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn duplicates_and_redeliveries_change_nothing(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     let mut access = app.access_listener().await;
     app.tenant_with_key("dup", "key-dup").await;
     app.kms_do("key-dup", "disabled", &json!({})).await;
@@ -335,17 +329,16 @@ async fn duplicates_and_redeliveries_change_nothing() {
     let marker = app.publish("expiring", "key-dup", at(6), json!({})).await;
     app.wait_processed(2).await;
     // The marker was published last; once it is in, everything before it was consumed.
-    let audit: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE event_id = 'same-id'")
-            .fetch_one(&app.pool)
-            .await
-            .expect("audit");
+    let audit = app
+        .sql("SELECT count(*) FROM audit_log WHERE event_id = 'same-id'")
+        .int()
+        .await;
     assert_eq!(audit, 1);
-    let marker_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE event_id = $1")
+    let marker_rows = app
+        .sql("SELECT count(*) FROM audit_log WHERE event_id = $1")
         .bind(&marker)
-        .fetch_one(&app.pool)
-        .await
-        .expect("audit");
+        .int()
+        .await;
     assert_eq!(marker_rows, 1);
     assert_eq!(app.tenant("dup").await["access"], "inaccessible");
     let (_, first) = next_json(&mut access, Duration::from_secs(20))
@@ -357,11 +350,10 @@ async fn duplicates_and_redeliveries_change_nothing() {
             .await
             .is_none()
     );
-    let notifications: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'tenant.inaccessible'")
-            .fetch_one(&app.pool)
-            .await
-            .expect("outbox");
+    let notifications = app
+        .sql("SELECT count(*) FROM outbox WHERE kind = 'tenant.inaccessible'")
+        .int()
+        .await;
     assert_eq!(notifications, 2, "one email and one webhook, once");
     // Everything was acked.
     common::wait_for("queue drained", Duration::from_secs(10), || async {
@@ -371,9 +363,9 @@ async fn duplicates_and_redeliveries_change_nothing() {
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_out_of_order_end_where_the_kms_is() {
-    let app = TestApp::spawn().await;
+on_both_backends!(events_out_of_order_end_where_the_kms_is, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn events_out_of_order_end_where_the_kms_is(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     app.tenant_with_key("ooo", "key-ooo").await;
     // The key was disabled and enabled again; the events arrive enabled first, then the
     // older disabled. The late revocation blocks at once (fail-safe) and the KMS undoes it.
@@ -385,11 +377,11 @@ async fn events_out_of_order_end_where_the_kms_is() {
     app.wait_processed(2).await;
     app.wait_observed("key-ooo", since).await;
     assert_eq!(app.tenant("ooo").await["access"], "accessible");
-    let outcome: String = sqlx::query_scalar("SELECT outcome FROM audit_log WHERE event_id = $1")
+    let outcome = app
+        .sql("SELECT outcome FROM audit_log WHERE event_id = $1")
         .bind(&late)
-        .fetch_one(&app.pool)
-        .await
-        .expect("audit");
+        .text()
+        .await;
     assert_eq!(outcome, "applied");
 
     // The audit trail, as an operator reads it: newest first, paged.
@@ -440,18 +432,18 @@ async fn events_out_of_order_end_where_the_kms_is() {
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_for_an_unregistered_key_is_recorded_and_acked() {
-    let app = TestApp::spawn().await;
+on_both_backends!(an_event_for_an_unregistered_key_is_recorded_and_acked, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn an_event_for_an_unregistered_key_is_recorded_and_acked(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     let id = app
         .publish("disabled", "nobody-has-this-key", at(0), json!({}))
         .await;
     app.wait_processed(1).await;
-    let outcome: String = sqlx::query_scalar("SELECT outcome FROM audit_log WHERE event_id = $1")
+    let outcome = app
+        .sql("SELECT outcome FROM audit_log WHERE event_id = $1")
         .bind(&id)
-        .fetch_one(&app.pool)
-        .await
-        .expect("audit");
+        .text()
+        .await;
     assert_eq!(outcome, "unknown_key");
     common::wait_for("queue drained", Duration::from_secs(10), || async {
         app.queue_depth(&app.config.amqp.lifecycle_queue).await == 0

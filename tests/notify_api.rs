@@ -1,19 +1,19 @@
 //! Notifications through the whole daemon: a lifecycle event published twice becomes exactly
 //! one email (maildev) and one signed webhook (a real receiver) per recipient, visible at
 //! `GET /v1/notifications`; a dead notification is sent again by
-//! `POST /v1/notifications/{id}/retry`.
+//! `POST /v1/notifications/{id}/retry`. Every test runs on PostgreSQL and on SQLite.
 
 mod common;
 
 use common::notify::{Receiver, Reply, SECRET, emails_to, ensure_maildev, mailbox, maildev_smtp};
-use common::{TestApp, at, wait_for};
+use common::{Backend, TestApp, at, wait_for};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use std::time::Duration;
 
-async fn spawn(tweak: impl FnOnce(&mut byokd::config::Config)) -> TestApp {
+async fn spawn(backend: Backend, tweak: impl FnOnce(&mut byokd::config::Config)) -> TestApp {
     ensure_maildev().await;
-    TestApp::spawn_with(|c| {
+    TestApp::spawn_on_with(backend, |c| {
         c.smtp_url = Some(SecretString::from(format!("smtp://{}", maildev_smtp())));
         c.mail_from = "byokd@platform.example".into();
         c.webhook_allow_cidrs = Some("127.0.0.0/8".into());
@@ -50,9 +50,9 @@ async fn notifications(app: &TestApp, tenant: &str) -> Vec<Value> {
     body["notifications"].as_array().expect("array").clone()
 }
 
-#[tokio::test]
-async fn an_event_becomes_one_email_and_one_signed_webhook() {
-    let app = spawn(|_| {}).await;
+on_both_backends!(an_event_becomes_one_email_and_one_signed_webhook);
+async fn an_event_becomes_one_email_and_one_signed_webhook(backend: Backend) {
+    let app = spawn(backend, |_| {}).await;
     let rx = Receiver::start().await;
     let contact = mailbox("e2e");
     tenant(&app, "e2e", &contact, &rx.url("/byok")).await;
@@ -110,10 +110,10 @@ async fn an_event_becomes_one_email_and_one_signed_webhook() {
     app.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_dead_notification_can_be_sent_again() {
+on_both_backends!(a_dead_notification_can_be_sent_again);
+async fn a_dead_notification_can_be_sent_again(backend: Backend) {
     // No retries: the first failure is final.
-    let app = spawn(|c| c.notify.retry_schedule_secs = vec![]).await;
+    let app = spawn(backend, |c| c.notify.retry_schedule_secs = vec![]).await;
     let rx = Receiver::start().await;
     rx.script([Reply::Status(500)]);
     tenant(&app, "redo", &mailbox("redo"), &rx.url("/byok")).await;

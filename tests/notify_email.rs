@@ -1,8 +1,11 @@
 //! Email delivery through a real SMTP server (maildev): every notification kind with its
 //! headers and both parts; SMTP down then up (through a cutting proxy) with every email
 //! arriving exactly once; 4xx vs 5xx replies; and the .eml file fallback.
+//! Every test runs on PostgreSQL and on SQLite.
 
 mod common;
+
+use common::Backend;
 
 use byokd::store::Channel;
 use chrono::{Duration as Chrono, Utc};
@@ -12,10 +15,10 @@ use secrecy::SecretString;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-#[tokio::test]
-async fn every_kind_arrives_with_headers_and_both_parts() {
+on_both_backends!(every_kind_arrives_with_headers_and_both_parts);
+async fn every_kind_arrives_with_headers_and_both_parts(backend: Backend) {
     ensure_maildev().await;
-    let env = NotifyEnv::new().await;
+    let env = NotifyEnv::new_on(backend).await;
     let kinds = [
         ("tenant.inaccessible", "is inaccessible"),
         ("tenant.restored", "accessible again"),
@@ -79,10 +82,10 @@ async fn every_kind_arrives_with_headers_and_both_parts() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn smtp_down_then_up_delivers_each_email_exactly_once() {
+on_both_backends!(smtp_down_then_up_delivers_each_email_exactly_once);
+async fn smtp_down_then_up_delivers_each_email_exactly_once(backend: Backend) {
     ensure_maildev().await;
-    let env = NotifyEnv::new().await;
+    let env = NotifyEnv::new_on(backend).await;
     let proxy = Proxy::start(&common::notify::maildev_smtp()).await;
     proxy.set_down(true);
     env.tenant("downco", &[], &[]).await;
@@ -159,9 +162,9 @@ async fn fake_smtp(rcpt_reply: &'static str) -> std::net::SocketAddr {
     addr
 }
 
-#[tokio::test]
-async fn smtp_4xx_retries_and_5xx_is_permanent() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(smtp_4xx_retries_and_5xx_is_permanent);
+async fn smtp_4xx_retries_and_5xx_is_permanent(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     env.tenant("replyco", &[], &[]).await;
     for (reply, status, code) in [
         ("451 4.3.0 try again later", "pending", 451),
@@ -182,9 +185,9 @@ async fn smtp_4xx_retries_and_5xx_is_permanent() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn without_smtp_emails_are_written_as_eml_files() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(without_smtp_emails_are_written_as_eml_files);
+async fn without_smtp_emails_are_written_as_eml_files(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     env.tenant("fileco", &[], &[]).await;
     let to = mailbox("file");
     let id = env
@@ -211,8 +214,8 @@ async fn without_smtp_emails_are_written_as_eml_files() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn an_unreachable_smtp_server_times_out_instead_of_hanging() {
+on_both_backends!(an_unreachable_smtp_server_times_out_instead_of_hanging);
+async fn an_unreachable_smtp_server_times_out_instead_of_hanging(backend: Backend) {
     // A listener that accepts and never speaks: lettre's own timeout does not cover this
     // (lettre #1027), the send timeout does.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -225,7 +228,7 @@ async fn an_unreachable_smtp_server_times_out_instead_of_hanging() {
             held.push(s);
         }
     });
-    let env = NotifyEnv::new().await;
+    let env = NotifyEnv::new_on(backend).await;
     env.tenant("silentco", &[], &[]).await;
     let id = env
         .enqueue(

@@ -2,8 +2,12 @@
 //! (real SMTP, maildev) and a signed webhook to each operator webhook (a real HTTP
 //! receiver), once, however often the dispatcher steps or the producer repeats itself; with
 //! no operator configured the row is closed with a reason instead of lingering.
+//! Every test runs on PostgreSQL and on SQLite.
 
 mod common;
+
+use common::Backend;
+use serde_json::json;
 
 use byokd::config::OperatorWebhook;
 use byokd::notify::catalog::{Notification, ScheduleFailed};
@@ -20,10 +24,10 @@ fn failure() -> Notification {
     })
 }
 
-#[tokio::test]
-async fn an_operator_notification_reaches_every_operator_address_once() {
+on_both_backends!(an_operator_notification_reaches_every_operator_address_once);
+async fn an_operator_notification_reaches_every_operator_address_once(backend: Backend) {
     ensure_maildev().await;
-    let env = NotifyEnv::new().await;
+    let env = NotifyEnv::new_on(backend).await;
     let receiver = Receiver::start().await;
     let ops = mailbox("operators");
     let url = receiver.url("/ops");
@@ -73,25 +77,24 @@ async fn an_operator_notification_reaches_every_operator_address_once() {
             .is_some_and(|s| !s.is_empty())
     );
 
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT channel, status FROM outbox ORDER BY seq")
-            .fetch_all(&env.pool)
-            .await
-            .expect("rows");
+    let rows = env
+        .sql("SELECT channel, status FROM outbox ORDER BY seq")
+        .rows()
+        .await;
     assert_eq!(
         rows,
         [
-            ("operator".into(), "delivered".into()),
-            ("email".into(), "delivered".into()),
-            ("webhook".into(), "delivered".into()),
+            [json!("operator"), json!("delivered")],
+            [json!("email"), json!("delivered")],
+            [json!("webhook"), json!("delivered")],
         ]
     );
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn without_operators_the_row_is_closed_with_the_reason() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(without_operators_the_row_is_closed_with_the_reason);
+async fn without_operators_the_row_is_closed_with_the_reason(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let d = env.dispatcher(|_| {});
     let now = Utc::now();
     let rows = failure().outbox_rows(None, now);

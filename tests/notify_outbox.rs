@@ -1,7 +1,10 @@
 //! The outbox loop and retention: a slow endpoint holds only its own slots while the others
 //! are delivered, the loop stops on shutdown, and pruning removes old delivered rows only.
+//! Every test runs on PostgreSQL and on SQLite.
 
 mod common;
+
+use common::Backend;
 
 use byokd::notify::outbox::{outbox_loop, prune};
 use byokd::store::Channel;
@@ -9,9 +12,9 @@ use chrono::{Duration as Chrono, Utc};
 use common::notify::{NotifyEnv, Receiver, Reply};
 use std::time::Duration;
 
-#[tokio::test]
-async fn a_slow_endpoint_does_not_delay_the_others() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(a_slow_endpoint_does_not_delay_the_others);
+async fn a_slow_endpoint_does_not_delay_the_others(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let slow = Receiver::start().await;
     slow.set_default(Reply::Slow(Duration::from_secs(5)));
     let fast = Receiver::start().await;
@@ -45,13 +48,11 @@ async fn a_slow_endpoint_does_not_delay_the_others() {
         },
     )
     .await;
-    let slow_done: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE recipient = $1 AND status = 'delivered'",
-    )
-    .bind(eps[0].to_string())
-    .fetch_one(&env.pool)
-    .await
-    .expect("count");
+    let slow_done = env
+        .sql("SELECT count(*) FROM outbox WHERE recipient = $1 AND status = 'delivered'")
+        .bind(eps[0].to_string())
+        .int()
+        .await;
     assert_eq!(
         slow_done, 0,
         "all fast rows went out while the slow endpoint still held its first two"
@@ -70,9 +71,9 @@ async fn a_slow_endpoint_does_not_delay_the_others() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn prune_deletes_old_delivered_rows_and_keeps_dead_and_pending() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(prune_deletes_old_delivered_rows_and_keeps_dead_and_pending);
+async fn prune_deletes_old_delivered_rows_and_keeps_dead_and_pending(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     env.tenant("tprune", &[], &[]).await;
     let now = Utc::now();
     let mut ids = Vec::new();
@@ -87,54 +88,68 @@ async fn prune_deletes_old_delivered_rows_and_keeps_dead_and_pending() {
             .await,
         );
     }
-    let set = |id, status: &'static str, delivered_days_ago: Option<i64>| {
-        let pool = env.pool.clone();
-        async move {
-            sqlx::query("UPDATE outbox SET status = $2, delivered_at = $3 WHERE id = $1")
+    let e = &env;
+    let set = |id: uuid::Uuid, status: &'static str, delivered_days_ago: Option<i64>| async move {
+        match delivered_days_ago {
+            Some(d) => {
+                e.sql(
+                    "UPDATE outbox SET status = $2, delivered_at = $3 WHERE CAST(id AS TEXT) = $1",
+                )
                 .bind(id)
                 .bind(status)
-                .bind(delivered_days_ago.map(|d| now - Chrono::days(d)))
-                .execute(&pool)
+                .bind(now - Chrono::days(d))
+                .rows()
                 .await
-                .expect("update");
-            sqlx::query(
-                "INSERT INTO notification_attempts (outbox_id, at, outcome, duration_ms)
-                 VALUES ($1, now(), 'delivered', 1)",
-            )
-            .bind(id)
-            .execute(&pool)
-            .await
-            .expect("attempt");
-        }
+            }
+            None => {
+                e.sql(
+                    "UPDATE outbox SET status = $2, delivered_at = NULL WHERE CAST(id AS TEXT) = $1",
+                )
+                .bind(id)
+                .bind(status)
+                .rows()
+                .await
+            }
+        };
+        e.sql(
+            "INSERT INTO notification_attempts (outbox_id, at, outcome, duration_ms)
+             SELECT id, $2, 'delivered', 1 FROM outbox WHERE CAST(id AS TEXT) = $1",
+        )
+        .bind(id)
+        .bind(now)
+        .rows()
+        .await;
     };
     set(ids[0], "delivered", Some(40)).await; // old: pruned
     set(ids[1], "delivered", Some(31)).await; // old: pruned
     set(ids[2], "delivered", Some(2)).await; // recent: kept
     set(ids[3], "dead", None).await; // dead: kept however old
-    sqlx::query("UPDATE outbox SET created_at = $1, dead_at = $1 WHERE id = $2")
+    env.sql("UPDATE outbox SET created_at = $1, dead_at = $1 WHERE CAST(id AS TEXT) = $2")
         .bind(now - Chrono::days(90))
         .bind(ids[3])
-        .execute(&env.pool)
-        .await
-        .expect("age");
+        .rows()
+        .await;
     // ids[4] stays pending.
 
     let removed = prune(&env.store, now - Chrono::days(30))
         .await
         .expect("prune");
     assert_eq!(removed, 2);
-    let left: Vec<uuid::Uuid> =
-        sqlx::query_scalar("SELECT id FROM outbox WHERE tenant_id = 'tprune' ORDER BY seq")
-            .fetch_all(&env.pool)
-            .await
-            .expect("rows");
-    assert_eq!(left, ids[2..].to_vec());
-    let orphans: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM notification_attempts WHERE outbox_id = ANY($1)")
-            .bind(&ids[..2])
-            .fetch_one(&env.pool)
-            .await
-            .expect("count");
+    let left = env
+        .sql("SELECT CAST(id AS TEXT) FROM outbox WHERE tenant_id = 'tprune' ORDER BY seq")
+        .texts()
+        .await;
+    let expected: Vec<String> = ids[2..].iter().map(|id| id.to_string()).collect();
+    assert_eq!(left, expected);
+    let orphans = env
+        .sql(
+            "SELECT count(*) FROM notification_attempts
+             WHERE CAST(outbox_id AS TEXT) IN ($1, $2)",
+        )
+        .bind(ids[0])
+        .bind(ids[1])
+        .int()
+        .await;
     assert_eq!(orphans, 0, "attempt logs go with their rows");
     assert_eq!(
         prune(&env.store, now - Chrono::days(30))

@@ -3,8 +3,12 @@
 //! Retry-After, redirects, an endless error body, the SSRF guard, a crash mid-delivery, concurrent replicas, and
 //! auto-disabling an endpoint that keeps failing. The dispatcher is driven step by step with
 //! injected time; nothing sleeps to assert.
+//! Every test runs on PostgreSQL and on SQLite.
 
 mod common;
+
+use common::Backend;
+use serde_json::json;
 
 use byokd::store::Channel;
 use byokd::store::outbox::ClaimRequest;
@@ -23,9 +27,9 @@ const KINDS: [&str; 6] = [
     "key.unreachable",
 ];
 
-#[tokio::test]
-async fn signed_deliveries_verify_with_both_verifiers() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(signed_deliveries_verify_with_both_verifiers);
+async fn signed_deliveries_verify_with_both_verifiers(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     let ep = env.tenant("acme", &[], &[rx.url("/hooks/byok")]).await[0];
     let mut ids = Vec::new();
@@ -64,19 +68,22 @@ async fn signed_deliveries_verify_with_both_verifiers() {
         assert!(KINDS.contains(&body["type"].as_str().expect("type")));
     }
     // The secret is nowhere in plaintext: not in the endpoint row, not in any log line.
-    let sealed: Vec<u8> = sqlx::query_scalar("SELECT secret_sealed FROM webhook_endpoints")
-        .fetch_one(&env.pool)
-        .await
-        .expect("endpoint");
+    let sealed = env
+        .sql("SELECT secret_sealed FROM webhook_endpoints")
+        .bytes()
+        .await;
     let raw = SECRET.strip_prefix("whsec_").expect("prefix").as_bytes();
     assert!(!sealed.windows(raw.len()).any(|w| w == raw));
-    let texts: Vec<Option<String>> = sqlx::query_scalar(
-        "SELECT detail FROM notification_attempts UNION ALL SELECT last_error FROM outbox",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .expect("texts");
-    assert!(texts.iter().flatten().all(|t| !t.contains(&SECRET[6..])));
+    let texts = env
+        .sql("SELECT detail FROM notification_attempts UNION ALL SELECT last_error FROM outbox")
+        .rows()
+        .await;
+    assert!(
+        texts
+            .iter()
+            .filter_map(|t| t[0].as_str())
+            .all(|t| !t.contains(&SECRET[6..]))
+    );
     for id in ids {
         assert_eq!(env.row(id).await.status, "delivered");
         let log = env.attempts(id).await;
@@ -87,9 +94,9 @@ async fn signed_deliveries_verify_with_both_verifiers() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn server_errors_retry_on_the_schedule_with_the_same_webhook_id() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(server_errors_retry_on_the_schedule_with_the_same_webhook_id);
+async fn server_errors_retry_on_the_schedule_with_the_same_webhook_id(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     rx.script([Reply::Status(500), Reply::Status(500)]);
     let ep = env.tenant("t500", &[], &[rx.url("/h")]).await[0];
@@ -148,9 +155,9 @@ async fn server_errors_retry_on_the_schedule_with_the_same_webhook_id() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn exhausted_schedule_marks_dead() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(exhausted_schedule_marks_dead);
+async fn exhausted_schedule_marks_dead(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     rx.set_default(Reply::Status(503));
     let ep = env.tenant("tex", &[], &[rx.url("/h")]).await[0];
@@ -174,9 +181,9 @@ async fn exhausted_schedule_marks_dead() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn slow_endpoint_times_out_and_is_retried() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(slow_endpoint_times_out_and_is_retried);
+async fn slow_endpoint_times_out_and_is_retried(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     rx.script([Reply::Slow(Duration::from_secs(5))]);
     let ep = env.tenant("tslow", &[], &[rx.url("/h")]).await[0];
@@ -203,11 +210,11 @@ async fn slow_endpoint_times_out_and_is_retried() {
     env.cleanup().await;
 }
 
-/// An endpoint answering 500 with a body that never ends: byokd reads a bounded prefix, hangs
-/// up, and logs the start of the body marked as cut, long before the request timeout.
-#[tokio::test]
-async fn an_endless_error_body_is_cut_short_and_logged_truncated() {
-    let env = NotifyEnv::new().await;
+// An endpoint answering 500 with a body that never ends: byokd reads a bounded prefix, hangs
+// up, and logs the start of the body marked as cut, long before the request timeout.
+on_both_backends!(an_endless_error_body_is_cut_short_and_logged_truncated);
+async fn an_endless_error_body_is_cut_short_and_logged_truncated(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let endpoint = Responder::endless("500 Internal Server Error").await;
     let ep = env
         .tenant("tendless", &[], &[format!("{}/h", endpoint.url())])
@@ -248,9 +255,9 @@ async fn an_endless_error_body_is_cut_short_and_logged_truncated() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn gone_disables_the_endpoint_and_emails_the_contacts() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(gone_disables_the_endpoint_and_emails_the_contacts);
+async fn gone_disables_the_endpoint_and_emails_the_contacts(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     rx.script([Reply::Status(410)]);
     let contact = common::notify::mailbox("gone");
@@ -271,21 +278,21 @@ async fn gone_disables_the_endpoint_and_emails_the_contacts() {
     let d = env.dispatcher(|c| c.notify.max_in_flight_per_recipient = 1);
     d.run_once(Utc::now()).await.expect("step");
     assert_eq!(env.row(first).await.status, "dead");
-    let (enabled, reason): (bool, Option<String>) =
-        sqlx::query_as("SELECT enabled, disabled_reason FROM webhook_endpoints WHERE id = $1")
-            .bind(ep)
-            .fetch_one(&env.pool)
-            .await
-            .expect("endpoint");
-    assert!(!enabled);
-    assert!(reason.expect("reason").contains("410"));
-    let notices: Vec<(String, String)> = sqlx::query_as(
-        "SELECT recipient, kind FROM outbox WHERE channel = 'email' AND tenant_id = 'tgone'",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .expect("notices");
-    assert_eq!(notices, [(contact, "endpoint.disabled".to_owned())]);
+    let endpoint = &env
+        .sql(
+            "SELECT CASE WHEN enabled THEN 1 ELSE 0 END, disabled_reason FROM webhook_endpoints
+             WHERE CAST(id AS TEXT) = $1",
+        )
+        .bind(ep)
+        .rows()
+        .await[0];
+    assert_eq!(endpoint[0], 0, "disabled");
+    assert!(endpoint[1].as_str().expect("reason").contains("410"));
+    let notices = env
+        .sql("SELECT recipient, kind FROM outbox WHERE channel = 'email' AND tenant_id = 'tgone'")
+        .rows()
+        .await;
+    assert_eq!(notices, [[json!(contact), json!("endpoint.disabled")]]);
     // The next notification for the endpoint is not sent at all.
     d.run_once(Utc::now()).await.expect("step");
     let row = env.row(second).await;
@@ -295,9 +302,9 @@ async fn gone_disables_the_endpoint_and_emails_the_contacts() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn retry_after_is_honoured() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(retry_after_is_honoured);
+async fn retry_after_is_honoured(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     rx.script([
         Reply::StatusWith(503, vec![("retry-after", "120".into())]),
@@ -322,9 +329,9 @@ async fn retry_after_is_honoured() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn redirects_are_not_followed() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(redirects_are_not_followed);
+async fn redirects_are_not_followed(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     rx.script([Reply::StatusWith(
         307,
@@ -348,9 +355,9 @@ async fn redirects_are_not_followed() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn internal_addresses_are_refused_before_connecting() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(internal_addresses_are_refused_before_connecting);
+async fn internal_addresses_are_refused_before_connecting(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     let port = rx.addr.port();
     // 10.0.0.1 and 169.254.169.254 must never see traffic: the guard refuses them before
@@ -397,9 +404,9 @@ async fn internal_addresses_are_refused_before_connecting() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_crash_mid_delivery_is_redelivered_after_the_lease_expires() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(a_crash_mid_delivery_is_redelivered_after_the_lease_expires);
+async fn a_crash_mid_delivery_is_redelivered_after_the_lease_expires(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     rx.script([Reply::Slow(Duration::from_secs(60))]);
     let ep = env.tenant("tcrash", &[], &[rx.url("/h")]).await[0];
@@ -450,9 +457,9 @@ async fn a_crash_mid_delivery_is_redelivered_after_the_lease_expires() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_stale_lease_cannot_overwrite_the_new_owner() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(a_stale_lease_cannot_overwrite_the_new_owner);
+async fn a_stale_lease_cannot_overwrite_the_new_owner(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     let ep = env.tenant("tlease", &[], &[rx.url("/h")]).await[0];
     let id = env
@@ -507,9 +514,9 @@ async fn a_stale_lease_cannot_overwrite_the_new_owner() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn concurrent_replicas_deliver_each_row_once() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(concurrent_replicas_deliver_each_row_once);
+async fn concurrent_replicas_deliver_each_row_once(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     let eps = env
         .tenant("trep", &[], &[rx.url("/a"), rx.url("/b"), rx.url("/c")])
@@ -541,9 +548,9 @@ async fn concurrent_replicas_deliver_each_row_once() {
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn an_endpoint_failing_for_the_configured_period_is_disabled() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(an_endpoint_failing_for_the_configured_period_is_disabled);
+async fn an_endpoint_failing_for_the_configured_period_is_disabled(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     rx.set_default(Reply::Status(500));
     let contact = common::notify::mailbox("failing");
@@ -556,31 +563,32 @@ async fn an_endpoint_failing_for_the_configured_period_is_disabled() {
     let t0 = Utc::now();
     d.run_once(t0).await.expect("step");
     let enabled = || async {
-        sqlx::query_scalar::<_, bool>("SELECT enabled FROM webhook_endpoints WHERE id = $1")
-            .bind(ep)
-            .fetch_one(&env.pool)
-            .await
-            .expect("endpoint")
+        env.sql(
+            "SELECT CASE WHEN enabled THEN 1 ELSE 0 END FROM webhook_endpoints
+             WHERE CAST(id AS TEXT) = $1",
+        )
+        .bind(ep)
+        .int()
+        .await
+            == 1
     };
     assert!(enabled().await, "one failure does not disable");
     d.run_once(t0 + Chrono::minutes(30)).await.expect("step");
     assert!(enabled().await, "failing for 30 min of a 60 min period");
     d.run_once(t0 + Chrono::minutes(70)).await.expect("step");
     assert!(!enabled().await, "failing for 70 min");
-    let notices: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE kind = 'endpoint.disabled' AND recipient = $1",
-    )
-    .bind(&contact)
-    .fetch_one(&env.pool)
-    .await
-    .expect("count");
+    let notices = env
+        .sql("SELECT count(*) FROM outbox WHERE kind = 'endpoint.disabled' AND recipient = $1")
+        .bind(&contact)
+        .int()
+        .await;
     assert_eq!(notices, 1);
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_success_resets_the_failure_clock() {
-    let env = NotifyEnv::new().await;
+on_both_backends!(a_success_resets_the_failure_clock);
+async fn a_success_resets_the_failure_clock(backend: Backend) {
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     rx.script([Reply::Status(500), Reply::Status(200), Reply::Status(500)]);
     let ep = env.tenant("treset", &[], &[rx.url("/h")]).await[0];
@@ -601,19 +609,24 @@ async fn a_success_resets_the_failure_clock() {
     )
     .await;
     d.run_once(t0 + Chrono::minutes(70)).await.expect("step"); // 500, clock restarts
-    let enabled: bool = sqlx::query_scalar("SELECT enabled FROM webhook_endpoints WHERE id = $1")
+    let enabled = env
+        .sql(
+            "SELECT CASE WHEN enabled THEN 1 ELSE 0 END FROM webhook_endpoints
+             WHERE CAST(id AS TEXT) = $1",
+        )
         .bind(ep)
-        .fetch_one(&env.pool)
-        .await
-        .expect("endpoint");
-    assert!(enabled);
+        .int()
+        .await;
+    assert_eq!(enabled, 1);
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn while_a_secret_rotates_requests_carry_both_signatures_until_the_grace_ends() {
+on_both_backends!(while_a_secret_rotates_requests_carry_both_signatures_until_the_grace_ends);
+async fn while_a_secret_rotates_requests_carry_both_signatures_until_the_grace_ends(
+    backend: Backend,
+) {
     const NEW: &str = "whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=";
-    let env = NotifyEnv::new().await;
+    let env = NotifyEnv::new_on(backend).await;
     let rx = Receiver::start().await;
     let ep = env.tenant("rot", &[], &[rx.url("/h")]).await[0];
     let t0 = Utc::now();

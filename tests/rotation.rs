@@ -1,12 +1,13 @@
 //! Envelope encryption with the local KMS and the DEK re-wrap engine: rotation, concurrent
 //! workers and replicas, crashes (SIGKILL) mid-job, DEKs created during a rotation, key
-//! replacement, and a rotation the KMS refuses until the key is enabled again.
+//! replacement, and a rotation the KMS refuses until the key is enabled again. Every test
+//! but one (PostgreSQL row locks, said there) runs on PostgreSQL and on SQLite.
 
 mod common;
 
 use base64::Engine;
 use byokd::kms::{Dek, DekContext, KmsError, KmsProvider, WrappedRef};
-use common::{TestApp, at, outbox_count, wait_for};
+use common::{Backend, TestApp, at, outbox_count, wait_for};
 use rand::Rng;
 use serde_json::{Value, json};
 use std::collections::HashSet;
@@ -28,6 +29,23 @@ fn rotated(id: &str, key: &str, version: String) -> byokd::domain::LifecycleEven
     }
 }
 
+/// Corrupts (or, applied again, restores) byte 20 of each DEK's ciphertext.
+async fn flip_byte_20(app: &TestApp, ids: &[Uuid]) {
+    for id in ids {
+        let mut wrapped = app
+            .sql("SELECT wrapped FROM deks WHERE CAST(id AS TEXT) = $1")
+            .bind(*id)
+            .bytes()
+            .await;
+        wrapped[20] ^= 1;
+        app.sql("UPDATE deks SET wrapped = $1 WHERE CAST(id AS TEXT) = $2")
+            .bind(wrapped)
+            .bind(*id)
+            .rows()
+            .await;
+    }
+}
+
 /// Rotates a local key and publishes the `rotated` event, as `byokd kms local rotate` does.
 async fn rotate(app: &TestApp, key: &str, when: i64) -> String {
     let info = app.local_kms().await.rotate(key).await.expect("rotate");
@@ -41,9 +59,11 @@ async fn rotate(app: &TestApp, key: &str, when: i64) -> String {
     info.current_version
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn local_kms_round_trips_binds_aad_detects_tampering_and_never_reuses_nonces() {
-    let app = TestApp::spawn().await;
+on_both_backends!(local_kms_round_trips_binds_aad_detects_tampering_and_never_reuses_nonces, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn local_kms_round_trips_binds_aad_detects_tampering_and_never_reuses_nonces(
+    backend: Backend,
+) {
+    let app = TestApp::spawn_on(backend).await;
     let kms = app.local_kms().await;
     kms.create("k", None).await.expect("create");
     let dek = Dek::generate();
@@ -138,22 +158,22 @@ async fn local_kms_round_trips_binds_aad_detects_tampering_and_never_reuses_nonc
     assert!(refused.to_string().contains("disabled"), "{refused}");
     assert!(kms.wrap_many("k", None, &[(&dek, ctx)]).await.is_err());
     // The key material is stored sealed, never in plaintext.
-    let sealed: Vec<Vec<u8>> = sqlx::query_scalar("SELECT material_sealed FROM local_key_versions")
-        .fetch_all(&app.pool)
-        .await
-        .expect("rows");
+    let sealed = app
+        .sql("SELECT length(material_sealed) FROM local_key_versions")
+        .rows()
+        .await;
     assert!(
         sealed
             .iter()
-            .all(|m| m.len() == byokd::seal::PREFIX_LEN + 12 + 32 + 16),
-        "version and root key id, nonce, key, tag"
+            .all(|m| m[0] == (byokd::seal::PREFIX_LEN + 12 + 32 + 16) as i64),
+        "version and root key id, nonce, key, tag: {sealed:?}"
     );
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dek_api_wraps_stores_only_ciphertext_and_refuses_when_not_accessible() {
-    let app = TestApp::spawn().await;
+on_both_backends!(dek_api_wraps_stores_only_ciphertext_and_refuses_when_not_accessible, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn dek_api_wraps_stores_only_ciphertext_and_refuses_when_not_accessible(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     app.tenant_with_key("d", "key-d").await;
     let r = app.post("/v1/tenants/d/deks", json!({})).await;
     assert_eq!(r.status(), 201);
@@ -197,17 +217,26 @@ async fn dek_api_wraps_stores_only_ciphertext_and_refuses_when_not_accessible() 
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotation_rewraps_thousands_of_deks_across_workers_and_replicas_with_kcvs_intact() {
-    let app = TestApp::spawn_with(|c| {
+on_both_backends!(
+    rotation_rewraps_thousands_of_deks_across_workers_and_replicas_with_kcvs_intact,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+);
+async fn rotation_rewraps_thousands_of_deks_across_workers_and_replicas_with_kcvs_intact(
+    backend: Backend,
+) {
+    let app = TestApp::spawn_on_with(backend, |c| {
         c.rewrap.batch_size = 100;
         c.rewrap.concurrency = 3;
     })
     .await;
     app.tenant_with_key("r", "key-r").await;
     let deks = app.bulk_deks("r", "key-r", 4000).await;
-    // A second replica on the same database and queue shares the job.
-    let second = app.replica().await;
+    // A second replica on the same database and queue shares the job (PostgreSQL; SQLite
+    // serves one node, whose three workers share it).
+    let second = match backend {
+        Backend::Postgres => Some(app.replica().await),
+        Backend::Sqlite => None,
+    };
 
     let v2 = rotate(&app, "key-r", 0).await;
     let job = app
@@ -229,38 +258,47 @@ async fn rotation_rewraps_thousands_of_deks_across_workers_and_replicas_with_kcv
     assert!(ok, "{report}");
     assert_eq!(report["total"], 4000);
     assert_eq!(report["by_version"], json!({ "2": 4000 }));
-    let stored: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, kcv FROM deks ORDER BY id")
-        .fetch_all(&app.pool)
+    let stored: Vec<(Uuid, String)> = app
+        .sql("SELECT id, kcv FROM deks ORDER BY id")
+        .rows()
         .await
-        .expect("deks");
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_str().and_then(|s| s.parse().ok()).expect("id"),
+                r[1].as_str().expect("kcv").to_owned(),
+            )
+        })
+        .collect();
     let mut expected = deks.clone();
     expected.sort();
     assert_eq!(stored, expected);
     assert_eq!(app.tenant("r").await["access"], "accessible");
 
     // key.rotated is in the outbox once per recipient, with the counts.
-    let payloads: Vec<Value> =
-        sqlx::query_scalar("SELECT payload FROM outbox WHERE kind = 'key.rotated'")
-            .fetch_all(&app.pool)
-            .await
-            .expect("outbox");
+    let payloads = app
+        .sql("SELECT payload FROM outbox WHERE kind = 'key.rotated'")
+        .rows()
+        .await;
     assert_eq!(payloads.len(), 2, "one email, one webhook");
-    assert_eq!(payloads[0]["data"]["dek_count"], 4000);
-    assert_eq!(payloads[0]["data"]["from_version"], "1");
-    assert_eq!(payloads[0]["data"]["to_version"], "2");
+    assert_eq!(payloads[0][0]["data"]["dek_count"], 4000);
+    assert_eq!(payloads[0][0]["data"]["from_version"], "1");
+    assert_eq!(payloads[0][0]["data"]["to_version"], "2");
 
     // A duplicate rotation event creates no second job.
     app.publish("rotated", "key-r", at(1), json!({ "version": "2" }))
         .await;
     app.wait_processed(2).await;
     assert_eq!(app.rewrap_jobs("r").await.len(), 1);
-    second.stop().await;
+    if let Some(second) = second {
+        second.stop().await;
+    }
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rewrap_killed_repeatedly_resumes_to_completion_with_every_dek_intact() {
-    let app = TestApp::spawn().await;
+on_both_backends!(a_rewrap_killed_repeatedly_resumes_to_completion_with_every_dek_intact, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn a_rewrap_killed_repeatedly_resumes_to_completion_with_every_dek_intact(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     app.tenant_with_key("k9", "key-k9").await;
     let total = 12_000;
     app.bulk_deks("k9", "key-k9", total).await;
@@ -274,11 +312,10 @@ async fn a_rewrap_killed_repeatedly_resumes_to_completion_with_every_dek_intact(
         ])
         .0
     };
-    let done = |pool: sqlx::PgPool| async move {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM deks WHERE kek_version = '2'")
-            .fetch_one(&pool)
+    let done = || async {
+        app.sql("SELECT count(*) FROM deks WHERE kek_version = '2'")
+            .int()
             .await
-            .unwrap_or(0)
     };
     let mut child = spawn();
     rotate(&app, "key-k9", 0).await;
@@ -287,7 +324,7 @@ async fn a_rewrap_killed_repeatedly_resumes_to_completion_with_every_dek_intact(
     let mut last = 0;
     while kills < 4 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
-        let now = done(app.pool.clone()).await;
+        let now = done().await;
         if now >= total as i64 {
             break;
         }
@@ -303,19 +340,10 @@ async fn a_rewrap_killed_repeatedly_resumes_to_completion_with_every_dek_intact(
         kills >= 2,
         "the daemon must die mid-job at least twice (killed {kills} times)"
     );
-    let pool = app.pool.clone();
     wait_for(
         "job completed after restarts",
         Duration::from_secs(180),
-        || {
-            let pool = pool.clone();
-            async move {
-                sqlx::query_scalar::<_, String>("SELECT state FROM rewrap_jobs")
-                    .fetch_one(&pool)
-                    .await
-                    .is_ok_and(|s| s == "completed")
-            }
-        },
+        || async { app.sql("SELECT state FROM rewrap_jobs").text().await == "completed" },
     )
     .await;
     child.kill().expect("stop");
@@ -323,21 +351,18 @@ async fn a_rewrap_killed_repeatedly_resumes_to_completion_with_every_dek_intact(
     let (report, ok) = app.verify_deks("k9");
     assert!(ok, "{report}");
     assert_eq!(report["by_version"], json!({ "2": total }));
-    let (job_total, job_done): (i64, i64) = sqlx::query_as("SELECT total, done FROM rewrap_jobs")
-        .fetch_one(&app.pool)
-        .await
-        .expect("job");
+    let job = app.sql("SELECT total, done FROM rewrap_jobs").rows().await;
     assert_eq!(
-        (job_total, job_done),
-        (total as i64, total as i64),
+        job,
+        [[json!(total), json!(total)]],
         "no DEK counted twice or skipped"
     );
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deks_created_during_a_rotation_all_end_on_the_new_version() {
-    let app = TestApp::spawn_with(|c| c.rewrap.batch_size = 50).await;
+on_both_backends!(deks_created_during_a_rotation_all_end_on_the_new_version, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn deks_created_during_a_rotation_all_end_on_the_new_version(backend: Backend) {
+    let app = TestApp::spawn_on_with(backend, |c| c.rewrap.batch_size = 50).await;
     app.tenant_with_key("c", "key-c").await;
     app.bulk_deks("c", "key-c", 1500).await;
     let creator = {
@@ -370,9 +395,9 @@ async fn deks_created_during_a_rotation_all_end_on_the_new_version() {
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replacing_a_key_moves_every_dek_then_retires_the_old_one() {
-    let app = TestApp::spawn().await;
+on_both_backends!(replacing_a_key_moves_every_dek_then_retires_the_old_one, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn replacing_a_key_moves_every_dek_then_retires_the_old_one(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     app.tenant_with_key("rp", "old-key").await;
     let deks = app.bulk_deks("rp", "old-key", 800).await;
     app.create_local_key("new-key").await;
@@ -417,24 +442,22 @@ async fn replacing_a_key_moves_every_dek_then_retires_the_old_one() {
     assert!(ok, "{report}");
     assert_eq!(report["total"], 801);
     // The tenant hears of a replacement, naming both keys, not of a rotation.
-    let replaced: Vec<Value> =
-        sqlx::query_scalar("SELECT payload FROM outbox WHERE kind = 'key.replaced'")
-            .fetch_all(&app.pool)
-            .await
-            .expect("rows");
+    let replaced = app
+        .sql("SELECT payload FROM outbox WHERE kind = 'key.replaced'")
+        .rows()
+        .await;
     assert!(!replaced.is_empty());
-    for body in &replaced {
+    for body in replaced.iter().map(|r| &r[0]) {
         assert_eq!(body["data"]["previous_key_ref"], "old-key");
         assert_eq!(body["data"]["key_ref"], "new-key");
         assert_eq!(body["data"]["dek_count"], 800);
     }
     assert_eq!(outbox_count(&app, "rp", "key.rotated").await, 0);
     // The trail holds the whole replacement: registered, started, completed, retired.
-    let actions: Vec<String> =
-        sqlx::query_scalar("SELECT action FROM audit_log WHERE tenant_id = 'rp' ORDER BY id")
-            .fetch_all(&app.pool)
-            .await
-            .expect("audit");
+    let actions = app
+        .sql("SELECT action FROM audit_log WHERE tenant_id = 'rp' ORDER BY id")
+        .texts()
+        .await;
     let pos = |a: &str| {
         actions
             .iter()
@@ -453,9 +476,9 @@ async fn replacing_a_key_moves_every_dek_then_retires_the_old_one() {
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotating_a_disabled_key_waits_and_resumes_when_it_is_enabled() {
-    let app = TestApp::spawn().await;
+on_both_backends!(rotating_a_disabled_key_waits_and_resumes_when_it_is_enabled, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn rotating_a_disabled_key_waits_and_resumes_when_it_is_enabled(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     app.tenant_with_key("w", "key-w").await;
     app.bulk_deks("w", "key-w", 300).await;
     use byokd::domain::KeyState::{Disabled, Enabled};
@@ -494,19 +517,17 @@ async fn rotating_a_disabled_key_waits_and_resumes_when_it_is_enabled() {
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the_rest() {
+on_both_backends!(a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the_rest, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the_rest(
+    backend: Backend,
+) {
     use byokd::config::RewrapSettings;
     use byokd::rewrap::{Rewrapper, Step};
-    let mut app = TestApp::spawn().await;
+    let mut app = TestApp::spawn_on(backend).await;
     app.tenant_with_key("f", "key-f").await;
     let deks = app.bulk_deks("f", "key-f", 300).await;
     let broken = [deks[0].0, deks[1].0];
-    sqlx::query("UPDATE deks SET wrapped = set_byte(wrapped, 20, get_byte(wrapped, 20) # 1) WHERE id = ANY($1)")
-        .bind(&broken[..])
-        .execute(&app.pool)
-        .await
-        .expect("corrupt two DEKs");
+    flip_byte_20(&app, &broken).await;
     // The test drives the engine itself, with its own clock.
     app.stop().await;
     let store = byokd::store::Store::connect(&app.db.url, 4)
@@ -546,27 +567,32 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
             }
         }
     };
-    let job = |pool: sqlx::PgPool| async move {
-        sqlx::query_as::<_, (String, i64, i64)>("SELECT state, done, failed FROM rewrap_jobs")
-            .fetch_one(&pool)
-            .await
-            .expect("job")
+    let job = || async {
+        let r = &app
+            .sql("SELECT state, done, failed FROM rewrap_jobs")
+            .rows()
+            .await[0];
+        (
+            r[0].as_str().expect("state").to_owned(),
+            r[1].as_i64().expect("done"),
+            r[2].as_i64().expect("failed"),
+        )
     };
 
     // Everything else moves at once; the two bad DEKs are recorded and wait their backoff.
     let (step, failed) = drain(t0).await;
     assert_eq!((step, failed), (Step::Busy, 2));
-    assert_eq!(job(app.pool.clone()).await, ("running".to_owned(), 298, 0));
-    let reasons: Vec<(String, i32)> =
-        sqlx::query_as("SELECT reason, attempts FROM rewrap_failures ORDER BY dek_id")
-            .fetch_all(&app.pool)
-            .await
-            .expect("failures");
+    assert_eq!(job().await, ("running".to_owned(), 298, 0));
+    let reasons = app
+        .sql("SELECT reason, attempts FROM rewrap_failures ORDER BY dek_id")
+        .rows()
+        .await;
     assert_eq!(reasons.len(), 2);
     assert!(
-        reasons
-            .iter()
-            .all(|(r, n)| r.contains("does not authenticate") && *n == 1),
+        reasons.iter().all(|r| r[0]
+            .as_str()
+            .is_some_and(|r| r.contains("does not authenticate"))
+            && r[1] == 1),
         "{reasons:?}"
     );
     assert_eq!(
@@ -586,7 +612,7 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
         drain(t0 + chrono::Duration::seconds(3600)).await,
         (Step::Idle, 0)
     );
-    let (state, done, failed) = job(app.pool.clone()).await;
+    let (state, done, failed) = job().await;
     assert_eq!((state.as_str(), done, failed), ("failed", 298, 2));
     let jobs = app.rewrap_jobs_offline("f").await;
     assert!(
@@ -596,21 +622,19 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
         "{jobs:?}"
     );
     // Only a completed job announces key.rotated.
-    let rotated: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'key.rotated'")
-        .fetch_one(&app.pool)
-        .await
-        .expect("count");
+    let rotated = app
+        .sql("SELECT count(*) FROM outbox WHERE kind = 'key.rotated'")
+        .int()
+        .await;
     assert_eq!(rotated, 0);
     // A failed job tells the tenant's contacts and webhooks, and the operators.
-    let failed: Vec<(String, Value)> = sqlx::query_as(
-        "SELECT channel, payload FROM outbox WHERE kind = 'key.rewrap_failed' ORDER BY seq",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .expect("rows");
-    assert!(failed.iter().any(|(c, _)| c == "email"), "{failed:?}");
-    assert!(failed.iter().any(|(c, _)| c == "operator"), "{failed:?}");
-    for (_, body) in &failed {
+    let failed = app
+        .sql("SELECT channel, payload FROM outbox WHERE kind = 'key.rewrap_failed' ORDER BY seq")
+        .rows()
+        .await;
+    assert!(failed.iter().any(|r| r[0] == "email"), "{failed:?}");
+    assert!(failed.iter().any(|r| r[0] == "operator"), "{failed:?}");
+    for body in failed.iter().map(|r| &r[1]) {
         assert_eq!(body["data"]["failed"], 2);
         assert_eq!(body["data"]["done"], 298);
     }
@@ -623,16 +647,9 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
     assert_eq!(report["by_version"], json!({ "1": 2, "2": 298 }));
 
     // The cause fixed (the two DEKs restored), the operator retries the job: it completes.
-    sqlx::query("UPDATE deks SET wrapped = set_byte(wrapped, 20, get_byte(wrapped, 20) # 1) WHERE id = ANY($1)")
-        .bind(&broken[..])
-        .execute(&app.pool)
-        .await
-        .expect("restore two DEKs");
+    flip_byte_20(&app, &broken).await;
     let keys = byokd::keys::Keys::new(store, kms, Default::default(), Default::default());
-    let job_id: i64 = sqlx::query_scalar("SELECT id FROM rewrap_jobs")
-        .fetch_one(&app.pool)
-        .await
-        .expect("id");
+    let job_id = app.sql("SELECT id FROM rewrap_jobs").int().await;
     assert_eq!(keys.retry_rewrap_job(job_id).await.expect("retry"), "f");
     assert!(
         keys.retry_rewrap_job(job_id).await.is_err(),
@@ -641,16 +658,16 @@ async fn a_dek_that_fails_to_rewrap_is_retried_with_backoff_and_never_blocks_the
     let later = chrono::Utc::now() + chrono::Duration::seconds(1);
     let (step, failed) = drain(later).await;
     assert_eq!((step, failed), (Step::Finished, 0));
-    assert_eq!(
-        job(app.pool.clone()).await,
-        ("completed".to_owned(), 300, 0)
-    );
+    assert_eq!(job().await, ("completed".to_owned(), 300, 0));
     assert!(outbox_count(&app, "f", "key.rotated").await > 0);
     let (report, ok) = app.verify_deks("f");
     assert!(ok, "{report}");
     app.shutdown().await;
 }
 
+/// PostgreSQL only: workers of several replicas claim DEKs with SKIP LOCKED, and this test
+/// holds row locks from outside. SQLite serializes writers (one node), so no worker can hold
+/// DEKs while another claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_moves_on_to_the_next_job_while_others_hold_the_rest_of_one() {
     use byokd::config::RewrapSettings;

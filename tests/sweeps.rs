@@ -2,6 +2,7 @@
 //! threshold across sweeps and replicas, expiry and its extension, every revocation kind and
 //! its reversal, and key probes that catch what no event said (a disabled key, a missed
 //! rotation) while never taking an unreachable KMS (OpenBao behind a proxy) for a revoked key.
+//! Every test runs on PostgreSQL and on SQLite.
 
 mod common;
 
@@ -9,13 +10,15 @@ use chrono::{Duration as Days, Utc};
 use common::proxy::Proxy;
 use common::sweeps::{run, sweeper};
 use common::vault::Vault;
-use common::{TestApp, at, next_json, outbox_count};
+use common::{Backend, TestApp, at, next_json, outbox_count};
 use serde_json::{Value, json};
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_expiry_threshold_fires_once_then_the_key_expires_and_an_extension_rearms() {
-    let app = TestApp::spawn().await;
+on_both_backends!(each_expiry_threshold_fires_once_then_the_key_expires_and_an_extension_rearms, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn each_expiry_threshold_fires_once_then_the_key_expires_and_an_extension_rearms(
+    backend: Backend,
+) {
+    let app = TestApp::spawn_on(backend).await;
     app.create_local_key("exp-key").await;
     app.post(
         "/v1/tenants",
@@ -60,12 +63,10 @@ async fn each_expiry_threshold_fires_once_then_the_key_expires_and_an_extension_
             "day {day}"
         );
     }
-    let warning: Value = sqlx::query_scalar(
-        "SELECT payload FROM outbox WHERE tenant_id = 'exp' AND kind = 'key.expiring' ORDER BY seq DESC LIMIT 1",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .expect("payload");
+    let warning = app
+        .sql("SELECT payload FROM outbox WHERE tenant_id = 'exp' AND kind = 'key.expiring' ORDER BY seq DESC LIMIT 1")
+        .scalar()
+        .await;
     assert_eq!(warning["data"]["threshold_days"], 1);
     assert_eq!(warning["data"]["days_left"], 1);
 
@@ -94,12 +95,10 @@ async fn each_expiry_threshold_fires_once_then_the_key_expires_and_an_extension_
         app.post("/v1/tenants/exp/deks", json!({})).await.status(),
         409
     );
-    let source: String = sqlx::query_scalar(
-        "SELECT source FROM audit_log WHERE key_ref = 'exp-key' AND action = 'access_recomputed'",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .expect("audit");
+    let source = app
+        .sql("SELECT source FROM audit_log WHERE key_ref = 'exp-key' AND action = 'access_recomputed'")
+        .text()
+        .await;
     assert_eq!(source, "expiry");
 
     // Extending the expiry at the KMS restores access (once the KMS confirms the event) and
@@ -132,9 +131,9 @@ async fn each_expiry_threshold_fires_once_then_the_key_expires_and_an_extension_
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_revocation_kind_blocks_at_once_and_its_reversal_restores() {
-    let app = TestApp::spawn().await;
+on_both_backends!(every_revocation_kind_blocks_at_once_and_its_reversal_restores, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn every_revocation_kind_blocks_at_once_and_its_reversal_restores(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     let mut access = app.access_listener().await;
     // Each change is made at the (local) KMS and its event published, as a KMS would.
     // Permission changes need a KMS with permissions: see the Vault tests.
@@ -233,10 +232,10 @@ async fn every_revocation_kind_blocks_at_once_and_its_reversal_restores() {
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_probe_catches_a_disabled_key_and_a_missed_rotation_no_event_told_of() {
+on_both_backends!(the_probe_catches_a_disabled_key_and_a_missed_rotation_no_event_told_of, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn the_probe_catches_a_disabled_key_and_a_missed_rotation_no_event_told_of(backend: Backend) {
     use byokd::domain::KeyState::{Disabled, Enabled};
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_on(backend).await;
     let mut access = app.access_listener().await;
     app.tenant_with_key("pr", "pr-key").await;
     app.bulk_deks("pr", "pr-key", 200).await;
@@ -260,15 +259,13 @@ async fn the_probe_catches_a_disabled_key_and_a_missed_rotation_no_event_told_of
         .await
         .expect("access message");
     assert_eq!(routing, "tenant.access.inaccessible");
-    let (source, after): (String, Value) = sqlx::query_as(
-        "SELECT source, detail->'after' FROM audit_log WHERE key_ref = 'pr-key' AND action = 'observed'",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .expect("audit");
+    let row = &app
+        .sql("SELECT source, detail->'after' FROM audit_log WHERE key_ref = 'pr-key' AND action = 'observed'")
+        .rows()
+        .await[0];
     assert_eq!(
-        (source.as_str(), &after["state"]),
-        ("probe", &json!("disabled"))
+        (&row[0], &row[1]["state"]),
+        (&json!("probe"), &json!("disabled"))
     );
 
     // Enabled and rotated at the KMS, silently: the probe restores access and starts the
@@ -290,14 +287,14 @@ async fn the_probe_catches_a_disabled_key_and_a_missed_rotation_no_event_told_of
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_kms_is_never_taken_for_a_revoked_key() {
+on_both_backends!(an_unreachable_kms_is_never_taken_for_a_revoked_key, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn an_unreachable_kms_is_never_taken_for_a_revoked_key(backend: Backend) {
     let vault = Vault::new("sw").await;
     vault.create_key("tenant-kek").await;
     let token = vault.scoped_token().await;
     let proxy = Proxy::start(vault.addr.trim_start_matches("http://")).await;
     let settings = vault.settings(&format!("http://{}", proxy.addr), &token);
-    let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
+    let app = TestApp::spawn_on_with(backend, |c| c.kms.vault = Some(settings)).await;
     app.post(
         "/v1/tenants",
         json!({ "id": "v", "name": "V", "contacts": ["ops@v.example"] }),
@@ -374,9 +371,9 @@ async fn an_unreachable_kms_is_never_taken_for_a_revoked_key() {
     vault.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn byokd_sweep_runs_one_schedule_and_prints_what_it_did() {
-    let app = TestApp::spawn().await;
+on_both_backends!(byokd_sweep_runs_one_schedule_and_prints_what_it_did, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn byokd_sweep_runs_one_schedule_and_prints_what_it_did(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     let mut cmd = common::byokd_command();
     common::with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
     let out = cmd
@@ -436,14 +433,16 @@ async fn byokd_sweep_runs_one_schedule_and_prints_what_it_did() {
     app.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vault_key_rotated_at_the_kms_is_found_by_the_probe_and_every_dek_rewrapped() {
+on_both_backends!(a_vault_key_rotated_at_the_kms_is_found_by_the_probe_and_every_dek_rewrapped, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn a_vault_key_rotated_at_the_kms_is_found_by_the_probe_and_every_dek_rewrapped(
+    backend: Backend,
+) {
     let vault = Vault::new("sw").await;
     vault.create_key("kek").await;
     let token = vault.scoped_token().await;
     // byokd's default request timeout: the re-wrap of every DEK goes through it.
     let settings = common::vault::settings(&vault.addr, &token, &vault.mount, None);
-    let app = TestApp::spawn_with(|c| c.kms.vault = Some(settings)).await;
+    let app = TestApp::spawn_on_with(backend, |c| c.kms.vault = Some(settings)).await;
     app.post("/v1/tenants", json!({ "id": "vr", "name": "VR" }))
         .await;
     let r = app
@@ -479,25 +478,21 @@ async fn a_vault_key_rotated_at_the_kms_is_found_by_the_probe_and_every_dek_rewr
     let (report, ok) = app.verify_deks("vr");
     assert!(ok, "{report}");
     assert_eq!(report["by_version"], json!({ "2": 40 }));
-    let stored: Vec<String> = sqlx::query_scalar("SELECT kcv FROM deks ORDER BY id")
-        .fetch_all(&app.pool)
-        .await
-        .expect("kcvs");
+    let stored = app.sql("SELECT kcv FROM deks ORDER BY id").texts().await;
     assert_eq!(stored, kcvs, "every DEK survived, kcv unchanged");
-    let wrapped: Vec<Vec<u8>> = sqlx::query_scalar("SELECT wrapped FROM deks")
-        .fetch_all(&app.pool)
-        .await
-        .expect("wrapped");
-    assert!(wrapped.iter().all(|w| w.starts_with(b"vault:v2:")));
+    let wrapped = app.sql("SELECT wrapped FROM deks").rows().await;
+    assert!(wrapped.iter().all(|w| {
+        serde_json::from_value::<Vec<u8>>(w[0].clone()).is_ok_and(|w| w.starts_with(b"vault:v2:"))
+    }));
     app.shutdown().await;
     vault.cleanup().await;
 }
 
-/// Three replicas starting together against schedules that never ran (a fresh one for
-/// each of 20 rounds): each schedule runs exactly once per tick, never once per replica.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn replicas_starting_together_run_a_never_run_schedule_once() {
-    let app = TestApp::spawn().await;
+// Three replicas starting together against schedules that never ran (a fresh one for
+// each of 20 rounds): each schedule runs exactly once per tick, never once per replica.
+on_both_backends!(replicas_starting_together_run_a_never_run_schedule_once, #[tokio::test(flavor = "multi_thread", worker_threads = 4)]);
+async fn replicas_starting_together_run_a_never_run_schedule_once(backend: Backend) {
+    let app = TestApp::spawn_on(backend).await;
     let mut replicas = Vec::new();
     for _ in 0..3 {
         replicas.push(common::sweeps::sweeper(&app).await);

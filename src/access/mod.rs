@@ -144,12 +144,25 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 
 /// A new client token: the prefix and 32 random bytes, base64url.
 pub fn generate_token() -> String {
+    random_token(TOKEN_PREFIX)
+}
+
+/// Prefix of the admin tokens byokd generates itself (standalone mode's data dir), so a
+/// leaked one is recognisable and never taken for a client token.
+pub const ADMIN_TOKEN_PREFIX: &str = "byokd_at_";
+
+/// A new admin token: [`ADMIN_TOKEN_PREFIX`] and 32 random bytes, base64url.
+pub fn generate_admin_token() -> secrecy::SecretString {
+    secrecy::SecretString::from(random_token(ADMIN_TOKEN_PREFIX))
+}
+
+fn random_token(prefix: &str) -> String {
     use base64::Engine;
     use rand::RngCore;
     let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
     rand::rng().fill_bytes(bytes.as_mut());
     format!(
-        "{TOKEN_PREFIX}{}",
+        "{prefix}{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref())
     )
 }

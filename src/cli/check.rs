@@ -30,7 +30,35 @@ struct Report {
 /// fails with a [`ConfigError`] listing what failed.
 pub fn run(json: bool) -> anyhow::Result<()> {
     let report = match Config::load() {
-        Ok(config) => check(&config),
+        Ok(mut config) => {
+            let mode = crate::standalone::Mode::of(&config);
+            let data_dir = crate::standalone::prepare(&mut config, false);
+            let mut report = check(&config);
+            let (ok, detail) = match data_dir {
+                Ok(None) => (true, mode.describe().to_owned()),
+                Ok(Some(d)) => (
+                    true,
+                    format!(
+                        "{}; data dir {}, root key {}, admin token {}",
+                        mode.describe(),
+                        d.dir.display(),
+                        d.root_key,
+                        d.admin_token
+                    ),
+                ),
+                Err(e) => (false, format!("{}: {e}", mode.describe())),
+            };
+            report.valid &= ok;
+            report.checks.insert(
+                1,
+                Check {
+                    check: "mode",
+                    ok,
+                    detail,
+                },
+            );
+            report
+        }
         Err(e) => Report {
             valid: false,
             checks: vec![Check {
@@ -91,6 +119,11 @@ fn check(config: &Config) -> Report {
         "database_url",
         match config.require_database_url() {
             Err(e) => Err(e.to_string()),
+            Ok(url) if url.starts_with("sqlite:") => {
+                sqlx::sqlite::SqliteConnectOptions::from_str(url)
+                    .map(|_| redact_url(url))
+                    .map_err(|e| format!("BYOKD_DATABASE_URL {:?}: {e}", redact_url(url)))
+            }
             Ok(url) => sqlx::postgres::PgConnectOptions::from_str(url)
                 .map(|_| redact_url(url))
                 .map_err(|e| format!("BYOKD_DATABASE_URL {:?}: {e}", redact_url(url))),
@@ -98,9 +131,9 @@ fn check(config: &Config) -> Report {
     );
     add(
         "amqp_url",
-        match config.require_amqp_url() {
-            Err(e) => Err(e.to_string()),
-            Ok(url) => lapin::uri::AMQPUri::from_str(url)
+        match config.amqp_url.as_deref() {
+            None => Ok("not set: no broker; events arrive over POST /v1/events".to_owned()),
+            Some(url) => lapin::uri::AMQPUri::from_str(url)
                 .map(|_| redact_url(url))
                 .map_err(|e| format!("BYOKD_AMQP_URL {:?}: {e}", redact_url(url))),
         },

@@ -82,7 +82,12 @@ struct Summary {
 
 /// Runs one `dead` command.
 pub async fn run(json_out: bool, config: &Config, command: DeadCommand) -> anyhow::Result<()> {
-    let url = config.require_amqp_url()?;
+    let Some(url) = config.amqp_url.as_deref() else {
+        anyhow::bail!(
+            "no broker is configured (BYOKD_AMQP_URL is unset), so there is no dead-letter \
+             queue: without a broker an event byokd cannot apply is refused when it is posted"
+        );
+    };
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let channel = conn.create_channel().await?;
     declare_topology(&channel, &config.amqp).await?;

@@ -33,6 +33,9 @@ pub fn code(error: &anyhow::Error) -> u8 {
         if cause.is::<crate::sweeps::ScheduleError>() {
             return CONFIG;
         }
+        if cause.is::<crate::standalone::StandaloneError>() {
+            return CONFIG;
+        }
         // Its variants are transparent: the inner error is not a separate link of the chain.
         if let Some(e) = cause.downcast_ref::<crate::daemon::RunError>() {
             use crate::daemon::RunError as R;

@@ -45,8 +45,9 @@ const OUTBOX_STATUSES: &[&str] = &["pending", "dead"];
 pub struct Collector {
     /// The database.
     pub store: Store,
-    /// Broker URL, for the dead-letter queue's depth.
-    pub amqp_url: String,
+    /// Broker URL, for the dead-letter queue's depth; `None` on a node without a broker
+    /// (there is no dead-letter queue, and no broker to count as down).
+    pub amqp_url: Option<String>,
     /// The lifecycle dead-letter queue.
     pub dead_letter_queue: String,
     /// Configured schedules (their names bound the schedule label).
@@ -105,10 +106,10 @@ impl Collector {
             metrics::counter!(COLLECTOR_ERRORS, "source" => "database").increment(1);
             tracing::debug!(error = %e, "metrics collector: database query failed");
         }
-        if !read_broker {
+        let Some(amqp_url) = self.amqp_url.as_deref().filter(|_| read_broker) else {
             return;
-        }
-        match self.dead_letters(broker).await {
+        };
+        match self.dead_letters(amqp_url, broker).await {
             Ok(depth) => metrics::gauge!(DEAD_LETTER_QUEUE_MESSAGES).set(f64::from(depth)),
             Err(e) => {
                 // A failed passive declare closes the channel, sometimes the connection:
@@ -175,11 +176,15 @@ impl Collector {
     }
 
     /// The dead-letter queue's depth, by a passive declare (it never creates the queue).
-    async fn dead_letters(&self, broker: &mut Option<Connection>) -> Result<u32, String> {
+    async fn dead_letters(
+        &self,
+        amqp_url: &str,
+        broker: &mut Option<Connection>,
+    ) -> Result<u32, String> {
         let work = async {
             let conn = match broker.take() {
                 Some(conn) if conn.status().connected() => conn,
-                _ => Connection::connect(&self.amqp_url, ConnectionProperties::default()).await?,
+                _ => Connection::connect(amqp_url, ConnectionProperties::default()).await?,
             };
             let conn = broker.insert(conn);
             let channel = conn.create_channel().await?;

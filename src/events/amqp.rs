@@ -25,8 +25,9 @@ use crate::broker::{
 };
 use crate::config::AmqpSettings;
 use crate::domain::LifecycleEvent;
-use crate::events::normalize::{NormalizeError, binary, check_times, normalize};
-use crate::lifecycle::{self, BatchResult};
+use crate::events::intake::{self, Wakers};
+use crate::events::normalize::{NormalizeError, binary, normalize};
+use crate::lifecycle::BatchResult;
 use crate::store::{Store, StoreError};
 use crate::telemetry::{
     CONSUMER_UP, EVENT_BATCH_SIZE, EVENT_COMMIT_LATENCY, EVENTS, EVENTS_DEAD_LETTERED,
@@ -41,7 +42,7 @@ use lapin::{Connection, ConnectionProperties, message::Delivery};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 /// The consumer's state, for `/readyz` and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +58,7 @@ pub enum ConsumerState {
     DatabaseUnavailable = 3,
     /// Shut down.
     Stopped = 4,
-    /// Not configured (an urgent lane switched off).
+    /// Not configured: an urgent lane switched off, or no broker at all.
     Disabled = 5,
 }
 
@@ -120,12 +121,8 @@ pub struct Intake {
     pub settings: AmqpSettings,
     /// Shared state for `/readyz`.
     pub health: Arc<ConsumerHealth>,
-    /// Woken after a commit that changed a tenant's access, so the relay publishes at once.
-    pub access_changed: Arc<Notify>,
-    /// Woken after a commit that created or resumed a re-wrap job.
-    pub rewrap_work: Arc<Notify>,
-    /// Woken after a commit that asked for keys to be confirmed at their KMS.
-    pub confirm_work: Arc<Notify>,
+    /// The loops a commit may give work to.
+    pub wake: Wakers,
     /// Events dated further ahead of byokd's clock than this are refused.
     pub max_skew: chrono::Duration,
     /// Publishes dead letters.
@@ -286,7 +283,7 @@ async fn apply_with_retry(
 ) -> Applied {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        match lifecycle::apply_batch(&intake.store, events, chrono::Utc::now()).await {
+        match intake::apply(&intake.store, events, &intake.wake).await {
             Ok(result) => {
                 intake.health.set(ConsumerState::Consuming, &intake.queue);
                 return Applied::Ok(result);
@@ -352,10 +349,8 @@ async fn process_batch(
     let mut good = Vec::with_capacity(batch.len());
     let mut counts = Vec::with_capacity(batch.len());
     for delivery in batch {
-        let parsed =
-            normalize_delivery(&delivery, intake.settings.max_message_bytes).and_then(|parsed| {
-                check_times(&parsed, chrono::Utc::now(), intake.max_skew).map(|()| parsed)
-            });
+        let parsed = normalize_delivery(&delivery, intake.settings.max_message_bytes)
+            .and_then(|parsed| intake::in_time(parsed, intake.max_skew));
         match parsed {
             Ok(parsed) => {
                 counts.push(parsed.len());
@@ -376,7 +371,6 @@ async fn process_batch(
     metrics::histogram!(EVENT_BATCH_SIZE).record(events.len() as f64);
     match apply_with_retry(intake, &events, shutdown).await {
         Applied::Ok(result) => {
-            record(intake, &events, &result);
             let deliveries: Vec<&Delivery> = good.iter().collect();
             record_latencies(&deliveries, &result.revocations, received);
             if let Some(last) = good.last() {
@@ -395,7 +389,6 @@ async fn process_batch(
                 rest = after;
                 match apply_with_retry(intake, mine, shutdown).await {
                     Applied::Ok(result) => {
-                        record(intake, mine, &result);
                         record_latencies(&[&delivery], &result.revocations, received);
                         bounded(delivery.acker.ack(BasicAckOptions::default())).await?;
                     }
@@ -490,24 +483,6 @@ pub fn binary_attributes(
         attributes.push((name.to_owned(), text));
     }
     Ok(attributes)
-}
-
-/// Counts outcomes and, when an access message waits in the outbox, wakes the relay so the
-/// platform hears of it now rather than at the next poll.
-fn record(intake: &Intake, events: &[crate::domain::LifecycleEvent], result: &BatchResult) {
-    for (event, outcome) in events.iter().zip(&result.outcomes) {
-        metrics::counter!(EVENTS, "kind" => event.kind.as_str(), "outcome" => outcome.as_str())
-            .increment(1);
-    }
-    if result.access_changed {
-        intake.access_changed.notify_one();
-    }
-    if result.rewrap_work {
-        intake.rewrap_work.notify_one();
-    }
-    if result.confirm_work {
-        intake.confirm_work.notify_one();
-    }
 }
 
 /// Publishes `delivery` to the dead-letter exchange with `reason` in [`ERROR_HEADER`], then

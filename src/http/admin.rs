@@ -5,7 +5,8 @@ use super::{ApiError, AppState, Path, Query};
 use crate::broker::Outgoing;
 use crate::domain::{AwsRole, Provider};
 use crate::events::amqp::message_routing_key;
-use crate::events::normalize::{NormalizeError, binary, check_times, normalize};
+use crate::events::intake;
+use crate::events::normalize::{NormalizeError, binary, normalize};
 use crate::keys::NewKek;
 use crate::seal::generate_webhook_secret;
 use crate::store::{
@@ -559,7 +560,8 @@ fn ce_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
     Ok(attributes)
 }
 
-/// An event message accepted and published.
+/// An event message accepted: published to the broker, or (on a node without a broker)
+/// applied and committed.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct EventAccepted {
     /// The first event's id.
@@ -570,6 +572,9 @@ pub(super) struct EventAccepted {
     kind: crate::domain::EventKind,
     /// Every event of the message.
     events: Vec<EventSummary>,
+    /// `true` when this node has no broker and committed the events before answering;
+    /// `false` when they were published to the broker for the consumer.
+    applied: bool,
 }
 
 /// One event of a message.
@@ -578,6 +583,10 @@ pub(super) struct EventSummary {
     id: String,
     provider: Provider,
     kind: crate::domain::EventKind,
+    /// What applying it did (`applied`, `duplicate`, `confirming`, `unknown_key`, `stale`,
+    /// ...); absent when it was published to the broker instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<String>,
 }
 
 /// A provider event that changes nothing, not published.
@@ -600,6 +609,10 @@ pub(super) struct ValidationResponse {
 /// hold several events (an Event Grid array); it is published once, as received. A provider
 /// event that changes nothing (a failed API call, a secret's expiry) is answered 200 with the
 /// reason and not published.
+///
+/// On a node without a broker the events are applied here, through the consumer's intake
+/// path (deduplication, one transaction, then confirmation at the KMS), and 202 means they
+/// are committed; an event seen before is answered 202 with the outcome `duplicate`.
 ///
 /// CloudEvents come in structured mode (the body is the event) or binary mode (`ce-*`
 /// headers hold the attributes, the body is the data, `Content-Type` its type); a binary
@@ -625,7 +638,8 @@ pub(super) struct ValidationResponse {
         (structured mode, or its data in binary mode), AWS EventBridge, Azure Event Grid, GCP \
         audit log"),
     responses(
-        (status = 202, description = "published", body = EventAccepted),
+        (status = 202, description = "published to the broker, or applied and committed on a \
+         node without one", body = EventAccepted),
         (status = 200, description = "valid, but changes nothing; not published \
          (or, for an Event Grid subscription validation, the handshake's answer, \
          ValidationResponse)", body = EventIgnored),
@@ -669,9 +683,8 @@ pub(super) async fn post_event(
         let len = structured.len();
         (Bytes::from(structured), limit.saturating_add(len))
     };
-    let parsed = normalize(&message, normalize_limit).and_then(|events| {
-        check_times(&events, Utc::now(), state.state.max_skew()).map(|()| events)
-    });
+    let parsed = normalize(&message, normalize_limit)
+        .and_then(|events| intake::in_time(events, state.state.max_skew()));
     let events = match parsed {
         Ok(events) => events,
         Err(NormalizeError::Ignored(reason)) => {
@@ -691,9 +704,11 @@ pub(super) async fn post_event(
             "the message holds no events",
         ));
     };
+    let Some(publisher) = &state.publisher else {
+        return apply_event(&state, events).await;
+    };
     let key = message_routing_key(&events);
-    state
-        .publisher
+    publisher
         .publish(Outgoing {
             exchange: &state.amqp.lifecycle_exchange,
             routing_key: &key,
@@ -717,6 +732,7 @@ pub(super) async fn post_event(
             id: e.event_id.clone(),
             provider: e.provider,
             kind: e.kind,
+            outcome: None,
         })
         .collect();
     Ok((
@@ -726,6 +742,60 @@ pub(super) async fn post_event(
             provider: first.provider,
             kind: first.kind,
             events: all,
+            applied: false,
+        }),
+    )
+        .into_response())
+}
+
+/// Applies `events` on a node without a broker and answers 202 once they are committed: the
+/// client that got 202 knows they are durable. A database that is down is 503 (nothing was
+/// written; the client retries, and a retry of an event that did commit is a duplicate).
+async fn apply_event(
+    state: &AppState,
+    events: Vec<crate::domain::LifecycleEvent>,
+) -> Result<Response, ApiError> {
+    let wake = intake::Wakers {
+        access_changed: state.access_changed.clone(),
+        rewrap_work: state.rewrap_work.clone(),
+        confirm_work: state.confirm_work.clone(),
+    };
+    let result = intake::apply(&state.store, &events, &wake)
+        .await
+        .map_err(|e| {
+            if e.is_transient() {
+                tracing::warn!(error = %e, "could not apply an event received over HTTP");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the database is unavailable; the event was not applied, retry later",
+                )
+            } else {
+                tracing::error!(error = %e, "an event received over HTTP cannot be applied");
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("the event cannot be applied: {e}"),
+                )
+            }
+        })?;
+    let all: Vec<EventSummary> = events
+        .iter()
+        .zip(&result.outcomes)
+        .map(|(e, outcome)| EventSummary {
+            id: e.event_id.clone(),
+            provider: e.provider,
+            kind: e.kind,
+            outcome: Some(outcome.as_str().to_owned()),
+        })
+        .collect();
+    let first = &events[0];
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(EventAccepted {
+            id: first.event_id.clone(),
+            provider: first.provider,
+            kind: first.kind,
+            events: all,
+            applied: true,
         }),
     )
         .into_response())

@@ -81,8 +81,9 @@ pub struct AppState {
     pub urgent_consumer: Arc<ConsumerHealth>,
     /// Seals webhook secrets.
     pub sealer: Arc<Sealer>,
-    /// Publishes events accepted over HTTP.
-    pub publisher: Arc<Publisher>,
+    /// Publishes events accepted over HTTP; `None` on a node without a broker, which
+    /// applies them itself.
+    pub publisher: Option<Arc<Publisher>>,
     /// AMQP names and limits.
     pub amqp: AmqpSettings,
     /// The KMS providers.
@@ -147,9 +148,12 @@ impl From<StoreError> for ApiError {
                 )
             }
             // An integrity violation the store did not turn into a conflict itself: the
-            // request raced a change such as a tenant's deletion.
+            // request raced a change such as a tenant's deletion. (SQLite's codes are not
+            // SQLSTATEs: its constraint errors are known by their kind.)
             StoreError::Other(sqlx::Error::Database(ref db))
-                if db.code().is_some_and(|c| c.starts_with("23")) =>
+                if db.code().is_some_and(|c| c.starts_with("23"))
+                    || (db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+                        && !matches!(db.kind(), sqlx::error::ErrorKind::Other)) =>
             {
                 ApiError::new(
                     StatusCode::CONFLICT,
@@ -461,7 +465,8 @@ pub struct Readiness {
     pub ready: bool,
     /// `ok` or `unavailable`.
     pub database: String,
-    /// The lifecycle consumer's state (`consuming`, `reconnecting`, ...).
+    /// The lifecycle consumer's state (`consuming`, `reconnecting`, ...; `disabled` on a
+    /// node without a broker).
     pub consumer: String,
     /// The urgent lane consumer's state (`disabled` when switched off).
     pub urgent_consumer: String,
@@ -469,7 +474,8 @@ pub struct Readiness {
     pub failed_tasks: Vec<String>,
 }
 
-/// Ready when the database answers, the consumers consume and no task died.
+/// Ready when the database answers, the consumers consume (or there is no broker to consume
+/// from) and no task died.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "ready", body = Readiness),
               (status = 503, description = "not ready", body = Readiness)))]
@@ -481,7 +487,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let urgent = state.urgent_consumer.get();
     let failed = state.tasks.failed();
     let ready = db
-        && consumer == ConsumerState::Consuming
+        && matches!(consumer, ConsumerState::Consuming | ConsumerState::Disabled)
         && matches!(urgent, ConsumerState::Consuming | ConsumerState::Disabled)
         && failed.is_empty();
     let status = if ready {

@@ -6,6 +6,11 @@
 //! Rows are claimed with `FOR UPDATE SKIP LOCKED`, so replicas never publish one row twice
 //! concurrently (a crash after publish but before commit can repeat a message; consumers
 //! dedupe on `event_id`).
+//!
+//! A node without a broker has no `byok.access` exchange and no one listening on it: the
+//! relay then removes the access messages as they come (the change itself is in the audit
+//! trail, tenants hear of it by email and webhook, and the key-access caches are dropped by
+//! the database's notifications), so they do not pile up in the outbox.
 
 use crate::broker::{Backoff, Outgoing, Publisher};
 use crate::store::{Channel, Store, StoreError};
@@ -25,8 +30,8 @@ const POLL: Duration = Duration::from_secs(1);
 pub struct Relay {
     /// The outbox.
     pub store: Store,
-    /// Confirmed publisher.
-    pub publisher: Arc<Publisher>,
+    /// Confirmed publisher; `None` on a node without a broker.
+    pub publisher: Option<Arc<Publisher>>,
     /// The access exchange.
     pub exchange: String,
 }
@@ -51,6 +56,16 @@ impl Relay {
         if rows.is_empty() {
             return Ok(0);
         }
+        let Some(publisher) = &self.publisher else {
+            let ids: Vec<_> = rows.iter().map(|r| r.id).collect();
+            tx.remove_published(&ids).await?;
+            tx.commit().await?;
+            tracing::debug!(
+                count = ids.len(),
+                "no broker: access messages removed unpublished"
+            );
+            return Ok(ids.len());
+        };
         let bodies: Vec<Vec<u8>> = rows
             .iter()
             .map(|r| r.payload.to_string().into_bytes())
@@ -68,7 +83,7 @@ impl Relay {
                 mandatory: false,
             })
             .collect();
-        let results = self.publisher.publish_all(&messages).await;
+        let results = publisher.publish_all(&messages).await;
         let mut delivered = Vec::new();
         for (row, result) in rows.iter().zip(results) {
             match result {

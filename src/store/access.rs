@@ -6,9 +6,10 @@ use super::{AuditRow, DekRow, Store, StoreError};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-/// PostgreSQL channel a tenant id is sent on when its access changes.
+/// Channel a tenant id is sent on when its access changes (PostgreSQL NOTIFY; SQLite's
+/// `changes` table).
 pub const ACCESS_CHANNEL: &str = "byokd_access";
-/// PostgreSQL channel a client name is sent on when it is revoked.
+/// Channel a client name is sent on when it is revoked.
 pub const CLIENTS_CHANNEL: &str = "byokd_clients";
 
 /// A client of the key-access API.
@@ -107,9 +108,15 @@ pub struct Change {
     pub payload: String,
 }
 
-/// A dedicated connection listening on the change channels.
+/// A dedicated connection listening on the change channels (PostgreSQL), or a reader of
+/// the changes committed to the database file (SQLite).
 pub struct ChangeListener {
-    inner: sqlx::postgres::PgListener,
+    inner: ListenerInner,
+}
+
+enum ListenerInner {
+    Postgres(sqlx::postgres::PgListener),
+    Sqlite(super::sqlite::SqliteChangeListener),
 }
 
 impl std::fmt::Debug for ChangeListener {
@@ -122,7 +129,11 @@ impl ChangeListener {
     /// The next change. An error means notifications may have been missed (the connection
     /// broke): whoever caches must forget everything.
     pub async fn next(&mut self) -> Result<Change, StoreError> {
-        let n = self.inner.try_recv().await?.ok_or_else(|| {
+        let inner = match &mut self.inner {
+            ListenerInner::Postgres(l) => l,
+            ListenerInner::Sqlite(l) => return l.next().await,
+        };
+        let n = inner.try_recv().await?.ok_or_else(|| {
             StoreError::Unavailable(sqlx::Error::Protocol(
                 "the change listener's connection was lost".into(),
             ))
@@ -211,6 +222,12 @@ impl Store {
 
     /// A connection listening on the access and client change channels.
     pub async fn listen_changes(&self) -> Result<ChangeListener, StoreError> {
-        dispatch!(self, s => Ok(ChangeListener { inner: s.listener(&[ACCESS_CHANNEL, CLIENTS_CHANNEL]).await? }))
+        let inner = match self {
+            Store::Postgres(s) => {
+                ListenerInner::Postgres(s.listener(&[ACCESS_CHANNEL, CLIENTS_CHANNEL]).await?)
+            }
+            Store::Sqlite(s) => ListenerInner::Sqlite(s.listener().await?),
+        };
+        Ok(ChangeListener { inner })
     }
 }

@@ -136,20 +136,38 @@ pub struct PendingRows {
 /// A connection of its own for chaining, on which one replica at a time holds the chain's
 /// PostgreSQL advisory lock. Every chaining transaction runs on this same connection, so a
 /// replica that loses the connection loses the lock and its open transaction together:
-/// two chainers never write at once. Closing it releases the lock.
+/// two chainers never write at once. Closing it releases the lock. On SQLite (one node) the
+/// lead is an in-process lock per database file.
 pub struct AuditChainConn {
-    inner: super::postgres::PgAuditChainConn,
+    inner: ChainInner,
+}
+
+enum ChainInner {
+    Postgres(super::postgres::PgAuditChainConn),
+    Sqlite(super::sqlite::SqliteAuditChainConn),
+}
+
+/// Forwards a method to the back end of an [`AuditChainConn`].
+macro_rules! chain_dispatch {
+    ($self:ident, $inner:ident => $call:expr) => {
+        match $self {
+            ChainInner::Postgres($inner) => $call,
+            ChainInner::Sqlite($inner) => $call,
+        }
+    };
 }
 
 impl AuditChainConn {
     /// Takes the lead if no other connection holds it; `true` while this one leads.
     pub async fn try_lead(&mut self) -> Result<bool, StoreError> {
-        self.inner.try_lead().await
+        let inner = &mut self.inner;
+        chain_dispatch!(inner, c => c.try_lead().await)
     }
 
     /// The last chained row, if any.
     pub async fn head(&mut self) -> Result<Option<ChainHead>, StoreError> {
-        self.inner.head().await
+        let inner = &mut self.inner;
+        chain_dispatch!(inner, c => c.head().await)
     }
 
     /// In one transaction: reads the head and up to `limit` unchained rows whose inserting
@@ -164,12 +182,14 @@ impl AuditChainConn {
         limit: i64,
         link: impl FnOnce(Option<&ChainHead>, &[ChainRecord]) -> Vec<ChainLink> + Send,
     ) -> Result<(Option<ChainHead>, usize), StoreError> {
-        self.inner.chain_batch(limit, link).await
+        let inner = &mut self.inner;
+        chain_dispatch!(inner, c => c.chain_batch(limit, link).await)
     }
 
     /// The newest checkpoint.
     pub async fn latest_checkpoint(&mut self) -> Result<Option<AuditCheckpoint>, StoreError> {
-        self.inner.latest_checkpoint().await
+        let inner = &mut self.inner;
+        chain_dispatch!(inner, c => c.latest_checkpoint().await)
     }
 
     /// Records `head` as a checkpoint now; `None` if one exists at its place already (it is
@@ -178,12 +198,14 @@ impl AuditChainConn {
         &mut self,
         head: &ChainHead,
     ) -> Result<Option<AuditCheckpoint>, StoreError> {
-        self.inner.record_checkpoint(head).await
+        let inner = &mut self.inner;
+        chain_dispatch!(inner, c => c.record_checkpoint(head).await)
     }
 
     /// Lets the lead go and closes the connection.
     pub async fn close(self) {
-        self.inner.close().await;
+        let inner = self.inner;
+        chain_dispatch!(inner, c => c.close().await);
     }
 }
 
@@ -268,6 +290,10 @@ impl Store {
 
     /// A connection of its own for chaining (see [`AuditChainConn`]), not yet leading.
     pub async fn audit_chain_conn(&self) -> Result<AuditChainConn, StoreError> {
-        dispatch!(self, s => Ok(AuditChainConn { inner: s.audit_chain_conn().await? }))
+        let inner = match self {
+            Store::Postgres(s) => ChainInner::Postgres(s.audit_chain_conn().await?),
+            Store::Sqlite(s) => ChainInner::Sqlite(s.audit_chain_conn()),
+        };
+        Ok(AuditChainConn { inner })
     }
 }

@@ -1,7 +1,7 @@
 //! Persistence. All SQL lives under this module, behind [`Store`] and [`StoreTx`].
 //!
-//! Back ends are variants of a dispatch enum (PostgreSQL now; SQLite for embedded mode can
-//! join without touching callers). Callers see domain types and plain row structs, never SQL.
+//! Back ends are variants of a dispatch enum: PostgreSQL (production, several replicas) and
+//! SQLite (standalone mode, one node). Callers see domain types and plain row structs, never SQL.
 //! Batch operations take slices so the consumer can apply many events in a handful of
 //! statements per transaction.
 
@@ -10,6 +10,7 @@ macro_rules! dispatch {
     ($self:ident, $inner:ident => $call:expr) => {
         match $self {
             Self::Postgres($inner) => $call,
+            Self::Sqlite($inner) => $call,
         }
     };
 }
@@ -23,6 +24,7 @@ pub mod outbox;
 mod postgres;
 mod reseal;
 mod rewrap;
+mod sqlite;
 mod sweeps;
 
 pub use audit::{
@@ -35,6 +37,7 @@ pub use reseal::{SealedCount, SealedMaterial, SealedWebhookSecrets};
 pub use rewrap::{
     ClaimedDek, DekRow, DekTarget, NewDek, NewRewrapJob, RewrapJob, RewrapJobView, RewrappedDek,
 };
+pub use sqlite::{NodeLock, SqliteStore};
 // The job kind moved to the domain; callers that name it through the store keep compiling.
 
 pub use sweeps::{ExpiringKek, ProbeRecord, ProbeTarget, ScheduleLock};
@@ -97,6 +100,12 @@ pub fn is_transient_sqlx(e: &sqlx::Error) -> bool {
     match e {
         E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Tls(_) => true,
         E::Protocol(_) => true,
+        // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes (the
+        // primary code is the low byte): another writer held the database too long.
+        E::Database(db) if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 5 | 6)),
         E::Database(db) => {
             matches!(
                 db.code().as_deref(),
@@ -410,26 +419,51 @@ pub struct TenantView {
 pub enum Store {
     /// PostgreSQL (production, several replicas).
     Postgres(PgStore),
+    /// SQLite (standalone mode: one node).
+    Sqlite(SqliteStore),
 }
 
 /// One open transaction on a [`Store`]. Dropped without [`StoreTx::commit`], it rolls back.
 pub enum StoreTx {
     /// A PostgreSQL transaction.
     Postgres(postgres::PgTx),
+    /// A SQLite write transaction.
+    Sqlite(sqlite::SqliteTx),
 }
 
 impl Store {
-    /// Connects to the database at `url` (`postgres://...`).
+    /// Connects to the database at `url`: `postgres://...`, or `sqlite://PATH` (the file
+    /// is created if missing; its directory must exist).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(Store::Postgres(
                 PgStore::connect(url, max_connections).await?,
             ));
         }
+        if sqlite::is_sqlite_url(url) {
+            return Ok(Store::Sqlite(
+                SqliteStore::connect(url, max_connections).await?,
+            ));
+        }
         Err(StoreError::Conflict(format!(
-            "unsupported database URL scheme in {:?} (expected postgres://)",
+            "unsupported database URL scheme in {:?} (expected postgres:// or sqlite://)",
             crate::config::redact_url(url)
         )))
+    }
+
+    /// Whether the database serves one node only (SQLite).
+    pub fn single_node(&self) -> bool {
+        matches!(self, Store::Sqlite(_))
+    }
+
+    /// For a daemon: SQLite serves one node, so this takes the exclusive lock file beside
+    /// the database, refusing ([`StoreError::Conflict`], one line) while another daemon
+    /// holds it. `None` for PostgreSQL, which serves any number of replicas.
+    pub fn lock_single_node(&self) -> Result<Option<NodeLock>, StoreError> {
+        match self {
+            Store::Postgres(_) => Ok(None),
+            Store::Sqlite(s) => s.lock_node().map(Some),
+        }
     }
 
     /// Applies pending migrations (under the back end's migration lock).
@@ -444,7 +478,10 @@ impl Store {
 
     /// Opens a transaction.
     pub async fn begin(&self) -> Result<StoreTx, StoreError> {
-        dispatch!(self, s => Ok(StoreTx::Postgres(s.begin().await?)))
+        match self {
+            Store::Postgres(s) => Ok(StoreTx::Postgres(s.begin().await?)),
+            Store::Sqlite(s) => Ok(StoreTx::Sqlite(s.begin().await?)),
+        }
     }
 
     /// Creates a tenant with its contacts and webhook endpoints.

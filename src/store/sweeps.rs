@@ -6,15 +6,24 @@ use chrono::{DateTime, Utc};
 
 /// An exclusive claim on one schedule across replicas: a PostgreSQL advisory lock held by a
 /// connection of its own. Closing that connection releases it, so a crashed run or a lost
-/// connection never leaves the schedule locked.
+/// connection never leaves the schedule locked. On SQLite (one node) it is an in-process
+/// lock per database file and schedule.
 pub struct ScheduleLock {
-    inner: super::postgres::PgScheduleLock,
+    inner: LockInner,
+}
+
+enum LockInner {
+    Postgres(super::postgres::PgScheduleLock),
+    Sqlite(super::sqlite::SqliteScheduleLock),
 }
 
 impl ScheduleLock {
     /// Releases the lock.
     pub async fn release(self) {
-        self.inner.release().await;
+        match self.inner {
+            LockInner::Postgres(l) => l.release().await,
+            LockInner::Sqlite(l) => l.release().await,
+        }
     }
 }
 
@@ -61,7 +70,11 @@ pub enum ProbeRecord {
 impl Store {
     /// Tries to take the lock of schedule `name`; `None` when another replica holds it.
     pub async fn try_lock_schedule(&self, name: &str) -> Result<Option<ScheduleLock>, StoreError> {
-        dispatch!(self, s => Ok(s.try_lock_schedule(name).await?.map(|inner| ScheduleLock { inner })))
+        Ok(match self {
+            Store::Postgres(s) => s.try_lock_schedule(name).await?.map(LockInner::Postgres),
+            Store::Sqlite(s) => s.try_lock_schedule(name).await?.map(LockInner::Sqlite),
+        }
+        .map(|inner| ScheduleLock { inner }))
     }
 
     /// The last tick a schedule ran for.

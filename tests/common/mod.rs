@@ -1,5 +1,10 @@
-//! Shared harness for integration tests: each test gets its own PostgreSQL database, its own
-//! AMQP exchange and queue names on the real broker, and an in-process daemon on port 0.
+//! Shared harness for integration tests: each test gets its own database (PostgreSQL, or a
+//! SQLite file for the standalone back end: [`Backend`]), its own AMQP exchange and queue
+//! names on the real broker, and an in-process daemon on port 0.
+//!
+//! Tests that run on both back ends are written once, taking a [`Backend`], and
+//! [`on_both_backends!`] makes a `NAME::postgres` and a `NAME::sqlite` test of each. Their
+//! raw-SQL assertions go through [`TestApp::sql`], which runs on either database.
 #![allow(dead_code, missing_docs)]
 
 pub mod aws;
@@ -51,15 +56,73 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// The database back end a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A PostgreSQL database of its own on the test server.
+    Postgres,
+    /// A SQLite file of its own in the temporary directory (standalone mode's store).
+    Sqlite,
+}
+
+/// Makes `NAME::postgres` and `NAME::sqlite` tests of `async fn NAME(backend: Backend)`,
+/// with the given test attribute (`#[tokio::test]` when none is given).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($test:ident) => {
+        $crate::on_both_backends!($test, #[tokio::test]);
+    };
+    ($test:ident, #[$($attr:tt)+]) => {
+        mod $test {
+            #[$($attr)+]
+            async fn postgres() {
+                super::$test($crate::common::Backend::Postgres).await
+            }
+
+            #[$($attr)+]
+            async fn sqlite() {
+                super::$test($crate::common::Backend::Sqlite).await
+            }
+        }
+    };
+}
+
+/// The `pool` of a test on SQLite: a PostgreSQL pool that never connects (its host names the
+/// mistake should a PostgreSQL-only assertion use it).
+pub fn no_postgres() -> PgPool {
+    PgPool::connect_lazy("postgres://sqlite-test-has-no-postgres-pool.invalid/none")
+        .expect("lazy pool")
+}
+
 /// A fresh, empty database; dropped by [`TestDb::drop_db`].
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    pub backend: Backend,
 }
 
 impl TestDb {
     pub async fn create() -> TestDb {
+        Self::create_on(Backend::Postgres).await
+    }
+
+    /// A fresh database on `backend` (for SQLite: a new file; the store creates it).
+    pub async fn create_on(backend: Backend) -> TestDb {
         byokd::install_crypto_provider();
+        if backend == Backend::Sqlite {
+            let dir = std::env::temp_dir().join("byokd-test-sqlite");
+            std::fs::create_dir_all(&dir).expect("create SQLite test dir");
+            let name = dir
+                .join(format!(
+                    "byokd_t_{}_{}.db",
+                    Utc::now().timestamp(),
+                    &Uuid::new_v4().simple().to_string()[..16]
+                ))
+                .to_string_lossy()
+                .into_owned();
+            let url = format!("sqlite://{name}");
+            return TestDb { name, url, backend };
+        }
         // The creation time in the name lets scripts/test drop leftovers of interrupted runs
         // without touching the databases of a run still going on.
         let name = format!(
@@ -80,10 +143,16 @@ impl TestDb {
             "{}/{name}",
             base.rsplit_once('/').expect("url has a path").0
         );
-        TestDb { name, url }
+        TestDb { name, url, backend }
     }
 
     pub async fn drop_db(&self) {
+        if self.backend == Backend::Sqlite {
+            for suffix in ["", "-wal", "-shm", ".lock"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", self.name));
+            }
+            return;
+        }
         if let Ok(admin) = PgPool::connect(&pg_admin_url()).await {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -153,7 +222,12 @@ impl Replica {
 pub struct TestApp {
     pub base: String,
     pub db: TestDb,
+    /// The PostgreSQL database, for assertions in raw SQL that only run on PostgreSQL. On a
+    /// SQLite app it is a pool that never connects (its host names the mistake): use
+    /// [`TestApp::sql`], which runs on either back end.
     pub pool: PgPool,
+    /// The SQLite database, on a SQLite app.
+    pub sqlite: Option<sqlx::SqlitePool>,
     pub config: Config,
     pub http: reqwest::Client,
     pub amqp: Connection,
@@ -169,10 +243,23 @@ impl TestApp {
 
     /// Spawns with a config tweak (e.g. pointing URLs at a fault-injecting proxy).
     pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
-        let db = TestDb::create().await;
+        Self::spawn_on_with(Backend::Postgres, tweak).await
+    }
+
+    /// Spawns on `backend`.
+    pub async fn spawn_on(backend: Backend) -> TestApp {
+        Self::spawn_on_with(backend, |_| {}).await
+    }
+
+    /// Spawns on `backend` with a config tweak.
+    pub async fn spawn_on_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let db = TestDb::create_on(backend).await;
         let mut config = test_config(&db.url, unique_amqp());
         tweak(&mut config);
-        let pool = PgPool::connect(&db.url).await.expect("test pool");
+        let (pool, sqlite) = match backend {
+            Backend::Postgres => (PgPool::connect(&db.url).await.expect("test pool"), None),
+            Backend::Sqlite => (no_postgres(), None),
+        };
         let amqp = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
             .expect("test AMQP connection");
@@ -185,6 +272,7 @@ impl TestApp {
             base: String::new(),
             db,
             pool,
+            sqlite,
             config,
             http: http_client(),
             amqp,
@@ -193,6 +281,13 @@ impl TestApp {
             handle: None,
         };
         app.start().await;
+        if backend == Backend::Sqlite {
+            app.sqlite = Some(
+                sqlx::SqlitePool::connect(&app.db.url)
+                    .await
+                    .expect("test SQLite pool"),
+            );
+        }
         app
     }
 
@@ -252,6 +347,9 @@ impl TestApp {
     pub async fn shutdown(mut self) {
         self.stop().await;
         self.pool.close().await;
+        if let Some(pool) = &self.sqlite {
+            pool.close().await;
+        }
         let s = &self.config.amqp;
         for q in [&s.lifecycle_queue, &s.urgent_queue, &s.dead_letter_queue] {
             let _ = self
@@ -359,24 +457,19 @@ impl TestApp {
     /// Waits until byokd has observed `key_ref` at its KMS after `since` with no claim left
     /// in force: the confirmation of every event published before `since` is done.
     pub async fn wait_observed(&self, key_ref: &str, since: DateTime<Utc>) {
-        let pool = self.pool.clone();
         wait_for(
             &format!("{key_ref} observed after {since}"),
             Duration::from_secs(30),
-            || {
-                let pool = pool.clone();
-                async move {
-                    sqlx::query_scalar::<_, bool>(
-                        "SELECT observed_at > $2 AND claim IS NULL FROM keks WHERE key_ref = $1",
-                    )
-                    .bind(key_ref)
-                    .bind(since)
-                    .fetch_optional(&pool)
-                    .await
-                    .ok()
-                    .flatten()
-                    .unwrap_or(false)
-                }
+            || async move {
+                self.sql(
+                    "SELECT count(*) FROM keks
+                     WHERE key_ref = $1 AND observed_at > $2 AND claim IS NULL",
+                )
+                .bind(key_ref)
+                .bind(since)
+                .int()
+                .await
+                    == 1
             },
         )
         .await;
@@ -402,6 +495,28 @@ impl TestApp {
     /// API's registration test-wraps against the KMS, which tests cannot reach. The attribute
     /// times are in the past so provider events with fixture timestamps are not stale.
     pub async fn tenant_with_native_key(&self, tenant: &str, provider: &str, key_ref: &str) {
+        if self.sqlite.is_some() {
+            let now = "2000-01-01T00:00:00.000000Z";
+            self.sql(
+                "INSERT INTO tenants (id, name, created_at, updated_at) VALUES ($1, $1, $2, $2)",
+            )
+            .bind(tenant)
+            .bind(now)
+            .rows()
+            .await;
+            self.sql(
+                "INSERT INTO keks (tenant_id, provider, key_ref, state, current_version,
+                                   created_at, updated_at)
+                 VALUES ($1, $2, $3, 'enabled', '1', $4, $4)",
+            )
+            .bind(tenant)
+            .bind(provider)
+            .bind(key_ref)
+            .bind(now)
+            .rows()
+            .await;
+            return;
+        }
         sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $1)")
             .bind(tenant)
             .execute(&self.pool)
@@ -521,27 +636,17 @@ impl TestApp {
     }
 
     pub async fn processed(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM processed_events")
-            .fetch_one(&self.pool)
+        self.sql("SELECT count(*) FROM processed_events")
+            .int()
             .await
-            .expect("count")
     }
 
     /// Waits until `n` events are in the inbox.
     pub async fn wait_processed(&self, n: i64) {
-        let pool = self.pool.clone();
         wait_for(
             &format!("{n} events processed"),
             Duration::from_secs(60),
-            || {
-                let pool = pool.clone();
-                async move {
-                    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processed_events")
-                        .fetch_one(&pool)
-                        .await
-                        .is_ok_and(|c| c >= n)
-                }
-            },
+            || async move { self.processed().await >= n },
         )
         .await;
     }
@@ -637,12 +742,11 @@ pub fn canonical(id: &str, kind: &str, key_ref: &str, at: DateTime<Utc>, data: V
 
 /// Notifications of `kind` queued for `tenant` (AMQP rows are deleted once published).
 pub async fn outbox_count(app: &TestApp, tenant: &str, kind: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE tenant_id = $1 AND kind = $2")
+    app.sql("SELECT count(*) FROM outbox WHERE tenant_id = $1 AND kind = $2")
         .bind(tenant)
         .bind(kind)
-        .fetch_one(&app.pool)
+        .int()
         .await
-        .expect("outbox count")
 }
 
 /// Reads the test's dead-letter queue.
@@ -864,11 +968,11 @@ impl TestApp {
     pub async fn bulk_deks(&self, tenant: &str, key_ref: &str, n: usize) -> Vec<(Uuid, String)> {
         use byokd::kms::{Dek, DekContext, KmsProvider};
         let kms = self.local_kms().await;
-        let kek_id: i64 = sqlx::query_scalar("SELECT id FROM keks WHERE key_ref = $1")
+        let kek_id = self
+            .sql("SELECT id FROM keks WHERE key_ref = $1")
             .bind(key_ref)
-            .fetch_one(&self.pool)
-            .await
-            .expect("kek");
+            .int()
+            .await;
         let mut out = Vec::with_capacity(n);
         for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
             let deks: Vec<(Uuid, Dek)> = chunk
@@ -892,6 +996,31 @@ impl TestApp {
             let kcvs: Vec<String> = deks.iter().map(|(_, d)| d.kcv()).collect();
             let versions: Vec<String> = wrapped.iter().map(|w| w.version.clone()).collect();
             let blobs: Vec<Vec<u8>> = wrapped.into_iter().map(|w| w.ciphertext).collect();
+            if let Some(pool) = &self.sqlite {
+                let mut tx = pool.begin().await.expect("begin");
+                let now = Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+                for (((id, version), blob), kcv) in ids.iter().zip(&versions).zip(&blobs).zip(&kcvs)
+                {
+                    sqlx::query(
+                        "INSERT INTO deks (id, tenant_id, kek_id, kek_version, wrapped, kcv,
+                                           created_at, updated_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+                    )
+                    .bind(id.hyphenated().to_string())
+                    .bind(tenant)
+                    .bind(kek_id)
+                    .bind(version)
+                    .bind(blob)
+                    .bind(kcv)
+                    .bind(&now)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("insert dek");
+                }
+                tx.commit().await.expect("commit");
+                out.extend(ids.into_iter().zip(kcvs));
+                continue;
+            }
             sqlx::query(
                 "INSERT INTO deks (id, tenant_id, kek_id, kek_version, wrapped, kcv)
                  SELECT u.id, $1, $2, u.v, u.w, u.k
@@ -909,5 +1038,226 @@ impl TestApp {
             out.extend(ids.into_iter().zip(kcvs));
         }
         out
+    }
+}
+
+/// A value bound to a [`Sql`] query.
+#[derive(Debug, Clone)]
+pub enum SqlArg {
+    Text(String),
+    Int(i64),
+    Time(DateTime<Utc>),
+    Bytes(Vec<u8>),
+}
+
+impl From<Vec<u8>> for SqlArg {
+    fn from(v: Vec<u8>) -> Self {
+        SqlArg::Bytes(v)
+    }
+}
+
+impl From<&str> for SqlArg {
+    fn from(v: &str) -> Self {
+        SqlArg::Text(v.to_owned())
+    }
+}
+
+impl From<&String> for SqlArg {
+    fn from(v: &String) -> Self {
+        SqlArg::Text(v.clone())
+    }
+}
+
+impl From<String> for SqlArg {
+    fn from(v: String) -> Self {
+        SqlArg::Text(v)
+    }
+}
+
+impl From<i64> for SqlArg {
+    fn from(v: i64) -> Self {
+        SqlArg::Int(v)
+    }
+}
+
+impl From<DateTime<Utc>> for SqlArg {
+    fn from(v: DateTime<Utc>) -> Self {
+        SqlArg::Time(v)
+    }
+}
+
+impl From<Uuid> for SqlArg {
+    fn from(v: Uuid) -> Self {
+        SqlArg::Text(v.hyphenated().to_string())
+    }
+}
+
+/// A raw-SQL query for assertions that runs on either back end: `$1`-style placeholders
+/// (SQLite reads them too), plain SQL both understand (`->`/`->>` on JSON work in both).
+/// Each row comes back as JSON values: numbers, text, booleans, JSON documents (PostgreSQL
+/// `jsonb`; on SQLite, text holding a JSON object or array, as the store keeps them), times
+/// as RFC 3339 text, bytes as arrays of numbers, UUIDs as hyphenated text.
+pub struct Sql<'a> {
+    pg: &'a PgPool,
+    sqlite: Option<&'a sqlx::SqlitePool>,
+    sql: String,
+    args: Vec<SqlArg>,
+}
+
+impl<'a> Sql<'a> {
+    /// A query on the SQLite database when given, else on the PostgreSQL one.
+    pub fn on(pg: &'a PgPool, sqlite: Option<&'a sqlx::SqlitePool>, sql: &str) -> Self {
+        Sql {
+            pg,
+            sqlite,
+            sql: sql.to_owned(),
+            args: Vec::new(),
+        }
+    }
+}
+
+impl<'a> Sql<'a> {
+    pub fn bind(mut self, arg: impl Into<SqlArg>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Every row.
+    pub async fn rows(self) -> Vec<Vec<Value>> {
+        use sqlx::{Column, Row, TypeInfo, ValueRef};
+        match self.sqlite {
+            Some(pool) => {
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(self.sql.clone()));
+                for a in &self.args {
+                    q = match a {
+                        SqlArg::Text(t) => q.bind(t.clone()),
+                        SqlArg::Int(i) => q.bind(*i),
+                        SqlArg::Time(t) => q.bind(t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()),
+                        SqlArg::Bytes(b) => q.bind(b.clone()),
+                    };
+                }
+                let rows = q
+                    .fetch_all(pool)
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: {e}", self.sql));
+                rows.iter()
+                    .map(|r| {
+                        (0..r.columns().len())
+                            .map(|i| {
+                                let raw = r.try_get_raw(i).expect("column");
+                                if raw.is_null() {
+                                    return Value::Null;
+                                }
+                                match raw.type_info().name() {
+                                    "INTEGER" | "BOOLEAN" => {
+                                        json!(r.try_get::<i64, _>(i).expect("integer"))
+                                    }
+                                    "REAL" => json!(r.try_get::<f64, _>(i).expect("real")),
+                                    "BLOB" => json!(r.try_get::<Vec<u8>, _>(i).expect("blob")),
+                                    _ => {
+                                        let text: String = r.try_get(i).expect("text");
+                                        if text.starts_with('{') || text.starts_with('[') {
+                                            serde_json::from_str(&text).unwrap_or(json!(text))
+                                        } else {
+                                            json!(text)
+                                        }
+                                    }
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect()
+            }
+            None => {
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(self.sql.clone()));
+                for a in &self.args {
+                    q = match a {
+                        SqlArg::Text(t) => q.bind(t.clone()),
+                        SqlArg::Int(i) => q.bind(*i),
+                        SqlArg::Time(t) => q.bind(*t),
+                        SqlArg::Bytes(b) => q.bind(b.clone()),
+                    };
+                }
+                let rows = q
+                    .fetch_all(self.pg)
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: {e}", self.sql));
+                rows.iter()
+                    .map(|r| {
+                        r.columns()
+                            .iter()
+                            .map(|c| {
+                                let i = c.ordinal();
+                                if r.try_get_raw(i).expect("column").is_null() {
+                                    return Value::Null;
+                                }
+                                match c.type_info().name() {
+                                    "INT8" => json!(r.try_get::<i64, _>(i).expect("int8")),
+                                    "INT4" => json!(r.try_get::<i32, _>(i).expect("int4")),
+                                    "INT2" => json!(r.try_get::<i16, _>(i).expect("int2")),
+                                    "BOOL" => json!(r.try_get::<bool, _>(i).expect("bool")),
+                                    "FLOAT8" => json!(r.try_get::<f64, _>(i).expect("float8")),
+                                    "JSON" | "JSONB" => r.try_get::<Value, _>(i).expect("json"),
+                                    "BYTEA" => json!(r.try_get::<Vec<u8>, _>(i).expect("bytea")),
+                                    "UUID" => {
+                                        json!(r.try_get::<Uuid, _>(i).expect("uuid").to_string())
+                                    }
+                                    "TIMESTAMPTZ" => json!(
+                                        r.try_get::<DateTime<Utc>, _>(i)
+                                            .expect("timestamptz")
+                                            .to_rfc3339()
+                                    ),
+                                    _ => json!(r.try_get::<String, _>(i).expect("text")),
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The only row's first column.
+    pub async fn scalar(self) -> Value {
+        let sql = self.sql.clone();
+        let rows = self.rows().await;
+        assert_eq!(rows.len(), 1, "{sql}: {rows:?}");
+        rows[0][0].clone()
+    }
+
+    /// The only row's first column, an integer (a count).
+    pub async fn int(self) -> i64 {
+        let v = self.scalar().await;
+        v.as_i64().unwrap_or_else(|| panic!("not an integer: {v}"))
+    }
+
+    /// The only row's first column, text.
+    pub async fn text(self) -> String {
+        let v = self.scalar().await;
+        v.as_str()
+            .unwrap_or_else(|| panic!("not text: {v}"))
+            .to_owned()
+    }
+
+    /// The only row's first column, bytes.
+    pub async fn bytes(self) -> Vec<u8> {
+        let v = self.scalar().await;
+        serde_json::from_value(v).expect("bytes")
+    }
+
+    /// The first column of every row, as text.
+    pub async fn texts(self) -> Vec<String> {
+        self.rows()
+            .await
+            .into_iter()
+            .map(|r| r[0].as_str().expect("text").to_owned())
+            .collect()
+    }
+}
+
+impl TestApp {
+    /// A raw-SQL query on the test's database, whichever back end (see [`Sql`]).
+    pub fn sql(&self, sql: &str) -> Sql<'_> {
+        Sql::on(&self.pool, self.sqlite.as_ref(), sql)
     }
 }

@@ -2,7 +2,7 @@
 //! [`Dispatcher`] directly (time injected), a real HTTP webhook receiver (axum on port 0),
 //! the shared maildev SMTP server, and the independent `standardwebhooks` Python verifier.
 
-use super::{ROOT_KEY, TestDb};
+use super::{Backend, ROOT_KEY, Sql, TestDb};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -41,22 +41,36 @@ pub fn sealer() -> Arc<Sealer> {
 pub struct NotifyEnv {
     pub db: TestDb,
     pub store: Store,
+    /// PostgreSQL-only assertions (see [`super::no_postgres`]); [`NotifyEnv::sql`] runs on
+    /// either back end.
     pub pool: PgPool,
+    pub sqlite: Option<sqlx::SqlitePool>,
     pub sealer: Arc<Sealer>,
     pub mail_dir: std::path::PathBuf,
 }
 
 impl NotifyEnv {
     pub async fn new() -> NotifyEnv {
-        let db = TestDb::create().await;
+        Self::new_on(Backend::Postgres).await
+    }
+
+    pub async fn new_on(backend: Backend) -> NotifyEnv {
+        let db = TestDb::create_on(backend).await;
         let store = Store::connect(&db.url, 8).await.expect("store");
         store.migrate().await.expect("migrate");
-        let pool = PgPool::connect(&db.url).await.expect("pool");
+        let (pool, sqlite) = match backend {
+            Backend::Postgres => (PgPool::connect(&db.url).await.expect("pool"), None),
+            Backend::Sqlite => (
+                super::no_postgres(),
+                Some(sqlx::SqlitePool::connect(&db.url).await.expect("pool")),
+            ),
+        };
         let mail_dir = std::env::temp_dir().join(format!("byokd-mail-{}", db.name));
         NotifyEnv {
             db,
             store,
             pool,
+            sqlite,
             sealer: sealer(),
             mail_dir,
         }
@@ -129,41 +143,59 @@ impl NotifyEnv {
         id
     }
 
+    /// A raw-SQL query on the test's database, whichever back end (see [`Sql`]).
+    pub fn sql(&self, sql: &str) -> Sql<'_> {
+        Sql::on(&self.pool, self.sqlite.as_ref(), sql)
+    }
+
     pub async fn row(&self, id: Uuid) -> Row {
-        let (status, attempts, last_error, next_attempt_at): (
-            String,
-            i32,
-            Option<String>,
-            DateTime<Utc>,
-        ) = sqlx::query_as(
-            "SELECT status, attempts, last_error, next_attempt_at FROM outbox WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await
-        .expect("row");
+        let r = &self
+            .sql(
+                "SELECT status, attempts, last_error, next_attempt_at FROM outbox
+                 WHERE CAST(id AS TEXT) = $1",
+            )
+            .bind(id)
+            .rows()
+            .await[0];
         Row {
-            status,
-            attempts,
-            last_error,
-            next_attempt_at,
+            status: r[0].as_str().expect("status").to_owned(),
+            attempts: r[1]
+                .as_i64()
+                .and_then(|a| i32::try_from(a).ok())
+                .expect("attempts"),
+            last_error: r[2].as_str().map(str::to_owned),
+            next_attempt_at: r[3]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .expect("next_attempt_at"),
         }
     }
 
     /// The attempt log of a row: (outcome, status code, detail).
     pub async fn attempts(&self, id: Uuid) -> Vec<(String, Option<i32>, Option<String>)> {
-        sqlx::query_as(
+        self.sql(
             "SELECT outcome, status_code, detail FROM notification_attempts
-             WHERE outbox_id = $1 ORDER BY id",
+             WHERE CAST(outbox_id AS TEXT) = $1 ORDER BY id",
         )
         .bind(id)
-        .fetch_all(&self.pool)
+        .rows()
         .await
-        .expect("attempts")
+        .into_iter()
+        .map(|r| {
+            (
+                r[0].as_str().expect("outcome").to_owned(),
+                r[1].as_i64().and_then(|c| i32::try_from(c).ok()),
+                r[2].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
     }
 
     pub async fn cleanup(self) {
         self.pool.close().await;
+        if let Some(pool) = &self.sqlite {
+            pool.close().await;
+        }
         let _ = std::fs::remove_dir_all(&self.mail_dir);
         self.db.drop_db().await;
     }

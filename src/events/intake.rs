@@ -1,0 +1,82 @@
+//! The path every lifecycle event takes into the database, whatever carried it: the AMQP
+//! consumer ([`super::amqp`]) and, on a node without a broker, `POST /v1/events` (which
+//! `byokd publish` and `byokd kms local` use there).
+//!
+//! [`in_time`] refuses events dated too far ahead of byokd's clock (after [`normalize`]
+//! turned the message into events); [`apply`] applies them in one transaction
+//! ([`lifecycle::apply_batch`]: `(provider, source, id)` deduplication, the key record, the
+//! derived access, audit and outbox), counts their outcomes, and wakes the loops that have
+//! work from the commit: the access relay, the re-wrap workers and the confirmation of
+//! events at their KMS. Both carriers acknowledge an event only after [`apply`] returned
+//! `Ok`: the AMQP consumer acks the delivery, the HTTP API answers 202.
+//!
+//! [`normalize`]: super::normalize::normalize
+
+use crate::domain::LifecycleEvent;
+use crate::events::normalize::{NormalizeError, check_times};
+use crate::lifecycle::{self, BatchResult};
+use crate::store::{Store, StoreError};
+use crate::telemetry::EVENTS;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// The loops a commit may have given work to.
+#[derive(Clone, Debug, Default)]
+pub struct Wakers {
+    /// Woken after a commit that changed a tenant's access (an access message waits in the
+    /// outbox).
+    pub access_changed: Arc<Notify>,
+    /// Woken after a commit that created or resumed a re-wrap job.
+    pub rewrap_work: Arc<Notify>,
+    /// Woken after a commit that asked for keys to be confirmed at their KMS.
+    pub confirm_work: Arc<Notify>,
+}
+
+/// `events`, unless one of them lies more than `max_skew` ahead of byokd's clock.
+///
+/// # Errors
+///
+/// [`NormalizeError::FromTheFuture`] naming the first such event.
+pub fn in_time(
+    events: Vec<LifecycleEvent>,
+    max_skew: chrono::Duration,
+) -> Result<Vec<LifecycleEvent>, NormalizeError> {
+    check_times(&events, chrono::Utc::now(), max_skew)?;
+    Ok(events)
+}
+
+/// Applies `events` in one transaction, then counts their outcomes and wakes the loops with
+/// work from the commit. Duplicates (an event already applied, from either carrier) are
+/// counted as such and change nothing.
+///
+/// # Errors
+///
+/// A [`StoreError`]; when [`StoreError::is_transient`], nothing was written and the same
+/// events can be applied again.
+pub async fn apply(
+    store: &Store,
+    events: &[LifecycleEvent],
+    wake: &Wakers,
+) -> Result<BatchResult, StoreError> {
+    let result = lifecycle::apply_batch(store, events, chrono::Utc::now()).await?;
+    record(events, &result, wake);
+    Ok(result)
+}
+
+/// Counts outcomes and wakes whoever has work from the commit, so the platform hears of an
+/// access change now rather than at the next poll.
+fn record(events: &[LifecycleEvent], result: &BatchResult, wake: &Wakers) {
+    for (event, outcome) in events.iter().zip(&result.outcomes) {
+        metrics::counter!(EVENTS, "kind" => event.kind.as_str(), "outcome" => outcome.as_str())
+            .increment(1);
+    }
+    if result.access_changed {
+        wake.access_changed.notify_one();
+    }
+    if result.rewrap_work {
+        wake.rewrap_work.notify_one();
+    }
+    if result.confirm_work {
+        wake.confirm_work.notify_one();
+    }
+}
