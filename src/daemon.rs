@@ -101,6 +101,12 @@ pub fn build_kms(
     if let Some(aws) = &settings.aws {
         kms = kms.with_aws(crate::kms::AwsKms::new(aws, store.clone()));
     }
+    if let Some(gcp) = &settings.gcp {
+        kms = kms.with_gcp(
+            crate::kms::GcpKms::new(gcp)
+                .map_err(|e| RunError::Kms(format!("cannot build the Cloud KMS client: {e}")))?,
+        );
+    }
     Ok(kms)
 }
 

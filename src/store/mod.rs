@@ -592,6 +592,14 @@ impl StoreTx {
         dispatch!(self, t => t.dek_counts(kek_ids).await)
     }
 
+    /// DEKs wrapped under each version of each of `kek_ids`: `(kek, version, count)`.
+    pub async fn dek_version_counts(
+        &mut self,
+        kek_ids: &[i64],
+    ) -> Result<Vec<(i64, String, i64)>, StoreError> {
+        dispatch!(self, t => t.dek_version_counts(kek_ids).await)
+    }
+
     /// Writes tenants' access.
     pub async fn update_access(&mut self, updates: &[AccessUpdate]) -> Result<(), StoreError> {
         dispatch!(self, t => t.update_access(updates).await)

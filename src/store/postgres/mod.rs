@@ -104,7 +104,7 @@ where
         r#"SELECT k.id, k.tenant_id, k.is_primary, k.retired_at IS NOT NULL AS "retired!",
                   k.provider AS "provider: Provider", k.key_ref, k.state AS "state: KeyState",
                   k.revoked, k.current_version, k.expires_at, k.expiry_event_at,
-                  k.claim AS "claim: EventKind", k.claimed_at, k.watch_gen
+                  k.claim AS "claim: EventKind", k.claimed_at, k.watch_gen, k.version_states
            FROM keks k WHERE k.tenant_id = ANY($1) ORDER BY k.id"#,
         tenants
     )
@@ -129,8 +129,38 @@ where
                 expires_at: r.expires_at,
                 expiry_event_at: r.expiry_event_at,
                 claim: r.claim,
+                versions: version_states(r.version_states),
             },
         })
+        .collect())
+}
+
+/// The stored `version_states`; written only by [`PgTx::update_keks`], so anything else in
+/// it is a bug, read as nothing known rather than refusing the whole tenant.
+fn version_states(
+    json: serde_json::Value,
+) -> std::collections::BTreeMap<String, crate::domain::KeyState> {
+    serde_json::from_value(json).unwrap_or_default()
+}
+
+/// DEKs wrapped under each version of each of `kek_ids`.
+async fn dek_version_counts<'c, E>(
+    kek_ids: &[i64],
+    db: E,
+) -> Result<Vec<(i64, String, i64)>, StoreError>
+where
+    E: sqlx::Executor<'c, Database = Postgres>,
+{
+    let rows = sqlx::query!(
+        r#"SELECT kek_id, kek_version, count(*) AS "n!" FROM deks WHERE kek_id = ANY($1)
+           GROUP BY kek_id, kek_version"#,
+        kek_ids
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.kek_id, r.kek_version, r.n))
         .collect())
 }
 
@@ -291,6 +321,7 @@ impl PgStore {
                 expires_at: r.expires_at,
                 expiry_event_at: r.expiry_event_at,
                 claim: r.claim,
+                versions: Default::default(),
             };
             KekView {
                 provider: s.provider,
@@ -588,6 +619,10 @@ impl PgTx {
             .iter()
             .map(|k| k.status.claim.map(|c| c.as_str()))
             .collect();
+        let version_states: Vec<serde_json::Value> = keks
+            .iter()
+            .map(|k| serde_json::to_value(&k.status.versions).unwrap_or_default())
+            .collect();
         sqlx::query!(
             "UPDATE keks k SET state = u.state, revoked = u.revoked,
                     current_version = u.current_version, expires_at = u.expires_at,
@@ -595,10 +630,12 @@ impl PgTx {
                     claimed_at = CASE WHEN u.claim IS NULL THEN NULL
                                       WHEN k.claim IS DISTINCT FROM u.claim THEN $8
                                       ELSE k.claimed_at END,
+                    version_states = u.version_states,
                     updated_at = now()
              FROM UNNEST($1::bigint[], $2::text[], $3::bool[], $4::text[], $5::timestamptz[],
-                         $6::timestamptz[], $7::text[])
-                 AS u(id, state, revoked, current_version, expires_at, expiry_event_at, claim)
+                         $6::timestamptz[], $7::text[], $9::jsonb[])
+                 AS u(id, state, revoked, current_version, expires_at, expiry_event_at, claim,
+                      version_states)
              WHERE k.id = u.id",
             &ids,
             &states as &[&str],
@@ -607,7 +644,8 @@ impl PgTx {
             &expires as &[Option<DateTime<Utc>>],
             &expiry_event as &[Option<DateTime<Utc>>],
             &claims as &[Option<&str>],
-            now
+            now,
+            &version_states
         )
         .execute(&mut *self.tx)
         .await?;
@@ -681,6 +719,16 @@ impl PgTx {
             return Ok(Vec::new());
         }
         dek_counts(kek_ids, &mut *self.tx).await
+    }
+
+    pub(super) async fn dek_version_counts(
+        &mut self,
+        kek_ids: &[i64],
+    ) -> Result<Vec<(i64, String, i64)>, StoreError> {
+        if kek_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        dek_version_counts(kek_ids, &mut *self.tx).await
     }
 
     pub(super) async fn update_access(
