@@ -4,6 +4,7 @@
 
 pub mod aws;
 pub mod catalog;
+pub mod gcp;
 pub mod http_fault;
 pub mod notify;
 pub mod proxy;
@@ -804,6 +805,9 @@ impl TestApp {
         }
         if let Some(aws) = &self.config.kms.aws {
             cmd.envs(aws::env(aws));
+        }
+        if let Some(gcp) = &self.config.kms.gcp {
+            cmd.envs(gcp::env(gcp));
         }
         let out = cmd
             .args(["deks", "verify", "--json", "--tenant", tenant])
