@@ -503,6 +503,11 @@ async fn a_removed_iam_binding_revokes_and_quota_outage_or_token_failures_never_
     // A 429 that passes is retried after its Retry-After and succeeds.
     peer.fault(Fault::Quota, 1);
     create_deks(&app, "gf", 1).await;
+    // A token Cloud KMS no longer takes (401) is replaced and the call goes through.
+    let tokens = peer.count("token");
+    peer.expire_tokens();
+    create_deks(&app, "gf", 1).await;
+    assert_eq!(peer.count("token"), tokens + 1);
 
     // Cloud KMS's own 403: byokd's access was revoked; found by the probe alone.
     peer.deny(&key, true);
@@ -515,5 +520,16 @@ async fn a_removed_iam_binding_revokes_and_quota_outage_or_token_failures_never_
     assert_eq!(access(&app, "gf").await, "accessible");
     let (report, ok) = app.verify_deks("gf");
     assert!(ok, "{report}");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metadata_servers_token_serves_when_no_key_file_is_set() {
+    let peer = CloudKms::start().await;
+    let settings = peer.metadata_settings();
+    let app = TestApp::spawn_with(|c| c.kms.gcp = Some(settings)).await;
+    tenant_with_key(&app, &peer, "gm", json!({})).await;
+    create_deks(&app, "gm", 2).await;
+    assert_eq!((peer.count("metadata"), peer.count("token")), (1, 0));
     app.shutdown().await;
 }

@@ -164,6 +164,17 @@ impl CloudKms {
         .expect("gcp settings")
     }
 
+    /// The same settings with the metadata server (this peer) instead of a key file.
+    pub fn metadata_settings(&self) -> GcpSettings {
+        serde_json::from_value(json!({
+            "endpoint_url": self.url,
+            "metadata_url": self.url,
+            "timeout_secs": 5,
+            "max_attempts": 2,
+        }))
+        .expect("gcp settings")
+    }
+
     /// A new symmetric key (`ENCRYPT_DECRYPT`, version 1 enabled and primary); its name.
     pub fn create_key(&self, id: &str) -> String {
         self.create_key_with(id, "ENCRYPT_DECRYPT")
@@ -312,6 +323,9 @@ async fn handle(State(peer): State<CloudKms>, request: Request) -> Response {
     if path == "/token" && parts.method == Method::POST {
         return token(&peer, &body);
     }
+    if path == "/computeMetadata/v1/instance/service-accounts/default/token" {
+        return metadata_token(&peer, &parts.headers, parts.uri.query());
+    }
     let Some(rest) = path.strip_prefix("/v1/") else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -323,6 +337,33 @@ async fn handle(State(peer): State<CloudKms>, request: Request) -> Response {
         &parts.headers,
         &body,
     )
+}
+
+/// The metadata server's token for the machine's default account
+/// (<https://cloud.google.com/compute/docs/access/authenticate-workloads#applications>): only
+/// with `Metadata-Flavor: Google`, and only for the cloudkms scope when scopes are asked.
+fn metadata_token(peer: &CloudKms, headers: &HeaderMap, query: Option<&str>) -> Response {
+    *peer.lock().counts.entry("metadata".into()).or_default() += 1;
+    if headers.get("metadata-flavor").and_then(|v| v.to_str().ok()) != Some("Google") {
+        return (
+            StatusCode::FORBIDDEN,
+            "Missing Metadata-Flavor:Google header.",
+        )
+            .into_response();
+    }
+    let params: HashMap<String, String> =
+        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    if params.get("scopes").is_some_and(|s| {
+        !s.split(',')
+            .any(|s| s == "https://www.googleapis.com/auth/cloudkms")
+    }) {
+        return (StatusCode::BAD_REQUEST, "scopes do not include cloudkms").into_response();
+    }
+    let access_token = format!("ya29.metadata-{}", Uuid::now_v7().simple());
+    peer.lock().tokens.insert(access_token.clone());
+    ok(json!({"access_token": access_token, "expires_in": 3599, "token_type": "Bearer"}))
 }
 
 fn token(peer: &CloudKms, body: &Bytes) -> Response {
