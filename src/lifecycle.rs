@@ -598,11 +598,14 @@ pub async fn apply_observations(
     let mut done = Vec::with_capacity(answers.len());
     let mut destroyed = Vec::new();
     let mut versions_destroyed = Vec::new();
-    // Where the KMS reported version states, only the versions still holding DEKs are kept.
-    let with_versions: Vec<i64> = answers
+    // Where the KMS reported version states, only the versions other than the primary that
+    // still hold DEKs are kept.
+    let with_versions: Vec<(i64, Option<String>)> = answers
         .iter()
-        .filter(|(_, a)| matches!(a, Answer::Known(o) if o.versions.is_some()))
-        .map(|(t, _)| t.kek_id)
+        .filter_map(|(t, a)| match a {
+            Answer::Known(o) if o.versions.is_some() => Some((t.kek_id, o.version.clone())),
+            _ => None,
+        })
         .collect();
     let mut held_by_version: HashMap<(i64, String), i64> = HashMap::new();
     for (kek_id, version, n) in tx.dek_version_counts(&with_versions).await? {

@@ -592,12 +592,13 @@ impl StoreTx {
         dispatch!(self, t => t.dek_counts(kek_ids).await)
     }
 
-    /// DEKs wrapped under each version of each of `kek_ids`: `(kek, version, count)`.
+    /// DEKs wrapped under each version of each key but the version given with it (its
+    /// primary): `(kek, version, count)`, versions without DEKs absent.
     pub async fn dek_version_counts(
         &mut self,
-        kek_ids: &[i64],
+        keks: &[(i64, Option<String>)],
     ) -> Result<Vec<(i64, String, i64)>, StoreError> {
-        dispatch!(self, t => t.dek_version_counts(kek_ids).await)
+        dispatch!(self, t => t.dek_version_counts(keks).await)
     }
 
     /// Writes tenants' access.
