@@ -660,14 +660,16 @@ impl GcpKms {
             .map_err(|_| unreachable("the token endpoint's answer holds no access_token"))
     }
 
-    /// Sends one request (built by `build` with a token), waiting for the quota first and
-    /// retrying 429s and 5xx up to `max_attempts`. Returns the success body or the
-    /// classified error.
+    /// Sends one request (built by `build` with a token, with `json` as its body), waiting
+    /// for the quota first and retrying 429s and 5xx up to `max_attempts`. Returns the
+    /// success body or the classified error. Each attempt's copy of the body (it may hold a
+    /// plaintext DEK) is zeroed once reqwest let go of it ([`scrub`]).
     async fn call(
         &self,
         key: &str,
         call: Call,
         build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+        json: Option<&[u8]>,
     ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
         let limit = match call {
             Call::Describe => &self.inner.reads,
@@ -679,9 +681,17 @@ impl GcpKms {
             attempt += 1;
             limit.wait().await;
             let token = self.token().await?;
-            let sent = build(&self.inner.client, token.expose_secret())
-                .send()
-                .await;
+            let mut request = build(&self.inner.client, token.expose_secret());
+            let payload = json.map(|b| bytes::Bytes::from(b.to_vec()));
+            if let Some(p) = &payload {
+                request = request
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(p.clone());
+            }
+            let sent = request.send().await;
+            if let Some(p) = payload {
+                scrub(p);
+            }
             let response = match sent {
                 Ok(r) => r,
                 Err(e) if attempt < attempts && (e.is_connect() || e.is_timeout()) => {
@@ -745,9 +755,12 @@ impl GcpKms {
         Self::checked(key_ref)?;
         let url = self.url(key_ref)?;
         let body = self
-            .call(key_ref, Call::Describe, |c, token| {
-                c.get(url.clone()).bearer_auth(token)
-            })
+            .call(
+                key_ref,
+                Call::Describe,
+                |c, token| c.get(url.clone()).bearer_auth(token),
+                None,
+            )
             .await?;
         serde_json::from_slice(&body)
             .map_err(|e| unreachable(format!("cryptoKeys.get answered no CryptoKey: {e}")))
@@ -771,12 +784,12 @@ impl GcpKms {
         let body = json_body(&request);
         let url = self.url(&format!("{name}:encrypt"))?;
         let answer = self
-            .call(key_ref, Call::Encrypt, |c, token| {
-                c.post(url.clone())
-                    .bearer_auth(token)
-                    .header(CONTENT_TYPE, "application/json")
-                    .body(body.to_vec())
-            })
+            .call(
+                key_ref,
+                Call::Encrypt,
+                |c, token| c.post(url.clone()).bearer_auth(token),
+                Some(body.as_slice()),
+            )
             .await?;
         let r: EncryptResponse = serde_json::from_slice(&answer)
             .map_err(|e| unreachable(format!("encrypt answered no ciphertext: {e}")))?;
@@ -816,12 +829,12 @@ impl GcpKms {
         let url = self.url(&format!("{key_ref}:decrypt"))?;
         let body = serde_json::to_vec(&request).map_err(unreachable)?;
         let answer = self
-            .call(key_ref, Call::Decrypt, |c, token| {
-                c.post(url.clone())
-                    .bearer_auth(token)
-                    .header(CONTENT_TYPE, "application/json")
-                    .body(body.clone())
-            })
+            .call(
+                key_ref,
+                Call::Decrypt,
+                |c, token| c.post(url.clone()).bearer_auth(token),
+                Some(body.as_slice()),
+            )
             .await?;
         let r: DecryptResponse = serde_json::from_slice(&answer)
             .map_err(|_| unreachable("decrypt answered no plaintext"))?;
@@ -908,9 +921,12 @@ impl KmsProvider for GcpKms {
                 url.query_pairs_mut().append_pair("pageToken", t);
             }
             let body = self
-                .call(key_ref, Call::Describe, |c, token| {
-                    c.get(url.clone()).bearer_auth(token)
-                })
+                .call(
+                    key_ref,
+                    Call::Describe,
+                    |c, token| c.get(url.clone()).bearer_auth(token),
+                    None,
+                )
                 .await?;
             let page: VersionPage = serde_json::from_slice(&body).map_err(|e| {
                 unreachable(format!("cryptoKeyVersions.list answered no versions: {e}"))
