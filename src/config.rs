@@ -262,6 +262,8 @@ pub struct KmsSettings {
     pub vault: Option<VaultSettings>,
     /// `[kms.aws]`.
     pub aws: Option<AwsSettings>,
+    /// `[kms.azure]`.
+    pub azure: Option<AzureSettings>,
     /// `[kms.gcp]`.
     pub gcp: Option<GcpSettings>,
 }
@@ -344,6 +346,244 @@ fn default_gcp_crypto_rate() -> u32 {
 
 fn default_gcp_read_rate() -> u32 {
     300
+}
+
+/// How byokd authenticates to Microsoft Entra ID for Key Vault (`kms.azure.auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AzureAuthKind {
+    /// An app registration's client secret (OAuth 2.0 client credentials).
+    ClientSecret,
+    /// An app registration's certificate: a client assertion signed with its private key.
+    ClientCertificate,
+    /// The managed identity of the machine byokd runs on (the instance metadata service).
+    ManagedIdentity,
+}
+
+/// The credentials `[kms.azure]` names, borrowed.
+pub enum AzureAuth<'a> {
+    /// Client credentials with a secret.
+    ClientSecret {
+        /// Directory (tenant) id.
+        tenant_id: &'a str,
+        /// Application (client) id.
+        client_id: &'a str,
+        /// The secret.
+        client_secret: &'a SecretString,
+    },
+    /// Client credentials with a certificate (PEM with the private key and the certificate).
+    ClientCertificate {
+        /// Directory (tenant) id.
+        tenant_id: &'a str,
+        /// Application (client) id.
+        client_id: &'a str,
+        /// The PEM file.
+        path: &'a std::path::Path,
+    },
+    /// Managed identity; `client_id` picks a user-assigned one.
+    ManagedIdentity {
+        /// A user-assigned identity's client id.
+        client_id: Option<&'a str>,
+    },
+}
+
+impl AzureAuth<'_> {
+    /// The kind's name, for logs and Debug (never the secret).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AzureAuth::ClientSecret { .. } => "client_secret",
+            AzureAuth::ClientCertificate { .. } => "client_certificate",
+            AzureAuth::ManagedIdentity { .. } => "managed_identity",
+        }
+    }
+}
+
+/// `[kms.azure]` settings: Azure Key Vault and Managed HSM keys, reached with a Microsoft Entra
+/// ID token (client secret, or managed identity).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureSettings {
+    /// `client_secret` or `managed_identity`; default: `client_secret` when one is set.
+    #[serde(default)]
+    pub auth: Option<AzureAuthKind>,
+    /// Directory (tenant) id of byokd's app registration (client secret auth).
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// Application (client) id; with a managed identity, picks a user-assigned one.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// The app registration's client secret.
+    #[serde(default)]
+    pub client_secret: Option<SecretString>,
+    /// A PEM file with the app registration's certificate and its RSA private key (PKCS#8
+    /// or PKCS#1), for certificate credentials.
+    #[serde(default)]
+    pub client_certificate_path: Option<PathBuf>,
+    /// Entra ID's authority host (a sovereign cloud's, e.g. `https://login.chinacloudapi.cn`).
+    #[serde(default = "default_azure_authority")]
+    pub authority_host: String,
+    /// The managed identity token endpoint (the instance metadata service).
+    #[serde(default = "default_azure_imds")]
+    pub imds_endpoint: String,
+    /// Sent every Key Vault request to this base URL instead of `https://<vault host>` (a
+    /// private endpoint's address; a test peer). Key references still name the vault.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Per-request timeout.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Attempts per request when Key Vault answers 429, 401 or 5xx.
+    #[serde(default = "default_aws_attempts")]
+    pub max_attempts: u32,
+    /// The longest `Retry-After` byokd waits out before a retry.
+    #[serde(default = "default_azure_retry_after")]
+    pub max_retry_after_secs: u64,
+    /// Requests per 10 seconds per vault: Key Vault's documented limit is per vault and
+    /// region, 2,000 per 10 s for RSA 2048 HSM keys (4,000 software, less for larger RSA keys),
+    /// shared with the tenant's other applications.
+    #[serde(default = "default_azure_rate")]
+    pub requests_per_10s: u32,
+    /// Requests in flight per batch (Key Vault has no batch wrap: one request per DEK).
+    #[serde(default = "default_azure_concurrency")]
+    pub concurrency: usize,
+    /// Refuse to bind a key whose deletion is not recoverable (no soft delete): a deleted key
+    /// would take every DEK under it at once, with no way back.
+    #[serde(default = "default_true_setting")]
+    pub require_recoverable: bool,
+}
+
+impl AzureSettings {
+    /// `auth`, or what the credentials given imply: a client secret, else a certificate,
+    /// else the managed identity.
+    fn auth_kind(&self) -> AzureAuthKind {
+        self.auth.unwrap_or(if self.client_secret.is_some() {
+            AzureAuthKind::ClientSecret
+        } else if self.client_certificate_path.is_some() {
+            AzureAuthKind::ClientCertificate
+        } else {
+            AzureAuthKind::ManagedIdentity
+        })
+    }
+
+    /// The credentials to use.
+    pub fn auth(&self) -> AzureAuth<'_> {
+        let kind = self.auth_kind();
+        let tenant_id = self.tenant_id.as_deref().unwrap_or_default();
+        let client_id = self.client_id.as_deref().unwrap_or_default();
+        match (kind, &self.client_secret, &self.client_certificate_path) {
+            (AzureAuthKind::ClientSecret, Some(secret), _) => AzureAuth::ClientSecret {
+                tenant_id,
+                client_id,
+                client_secret: secret,
+            },
+            (AzureAuthKind::ClientCertificate, _, Some(path)) => AzureAuth::ClientCertificate {
+                tenant_id,
+                client_id,
+                path,
+            },
+            _ => AzureAuth::ManagedIdentity {
+                client_id: self.client_id.as_deref(),
+            },
+        }
+    }
+
+    /// What is wrong with these settings, one sentence each.
+    fn problems(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let kind = self.auth_kind();
+        if kind != AzureAuthKind::ManagedIdentity {
+            let id_ok = |s: &Option<String>| {
+                s.as_deref().is_some_and(|s| {
+                    !s.is_empty()
+                        && s.len() <= 256
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+                })
+            };
+            let credential = match kind {
+                AzureAuthKind::ClientSecret => self.client_secret.is_some(),
+                _ => self.client_certificate_path.is_some(),
+            };
+            if !id_ok(&self.tenant_id) || !id_ok(&self.client_id) || !credential {
+                errors.push(
+                    "kms.azure client_secret and client_certificate auth need tenant_id and \
+                     client_id (ids or domain names), and client_secret or \
+                     client_certificate_path"
+                        .to_owned(),
+                );
+            }
+        }
+        for (name, url) in [
+            ("authority_host", Some(&self.authority_host)),
+            ("imds_endpoint", Some(&self.imds_endpoint)),
+            ("endpoint_url", self.endpoint_url.as_ref()),
+        ] {
+            if let Some(url) = url {
+                match url::Url::parse(url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                    _ => errors.push(format!(
+                        "kms.azure.{name} {:?} is not an http(s) URL",
+                        redact_url(url)
+                    )),
+                }
+            }
+        }
+        if self.max_attempts == 0 || self.concurrency == 0 || self.requests_per_10s == 0 {
+            errors.push(
+                "kms.azure.max_attempts, concurrency and requests_per_10s must be at least 1"
+                    .to_owned(),
+            );
+        }
+        errors
+    }
+}
+
+impl std::fmt::Debug for AzureSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzureSettings")
+            .field("auth", &self.auth().kind())
+            .field("tenant_id", &self.tenant_id)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field("client_certificate_path", &self.client_certificate_path)
+            .field("authority_host", &self.authority_host)
+            .field("imds_endpoint", &self.imds_endpoint)
+            .field("endpoint_url", &self.endpoint_url)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("max_attempts", &self.max_attempts)
+            .field("max_retry_after_secs", &self.max_retry_after_secs)
+            .field("requests_per_10s", &self.requests_per_10s)
+            .field("concurrency", &self.concurrency)
+            .field("require_recoverable", &self.require_recoverable)
+            .finish()
+    }
+}
+
+fn default_azure_authority() -> String {
+    "https://login.microsoftonline.com".to_owned()
+}
+
+fn default_azure_imds() -> String {
+    "http://169.254.169.254/metadata/identity/oauth2/token".to_owned()
+}
+
+fn default_azure_retry_after() -> u64 {
+    30
+}
+
+fn default_azure_rate() -> u32 {
+    2000
+}
+
+fn default_azure_concurrency() -> usize {
+    16
+}
+
+fn default_true_setting() -> bool {
+    true
 }
 
 /// `[kms.aws]` settings. Credentials come from the SDK's default chain (environment, profile,
@@ -625,6 +865,10 @@ pub struct Config {
     pub http_addr: SocketAddr,
     /// Bearer token for `/v1`; unset disables the admin API.
     pub admin_token: Option<SecretString>,
+    /// A token for event intake only (`/v1/events`), as a bearer token or the `token` query
+    /// parameter: what an Azure Event Grid subscription's endpoint URL carries, since Event
+    /// Grid sends no bearer token of its own. Unset: only the admin token reaches the route.
+    pub events_token: Option<SecretString>,
     /// Sweep schedules.
     pub schedules_dir: PathBuf,
     /// Base64 of 32 bytes: seals the local KMS keyring and webhook secrets.
@@ -680,6 +924,7 @@ impl Default for Config {
             mail_dir: PathBuf::from("./mail"),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_token: None,
+            events_token: None,
             schedules_dir: PathBuf::from("./schedules"),
             local_kms_root_key: None,
             local_kms_previous_root_keys: None,
@@ -724,6 +969,10 @@ impl std::fmt::Debug for Config {
             .field(
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field(
+                "events_token",
+                &self.events_token.as_ref().map(|_| "[REDACTED]"),
             )
             .field("schedules_dir", &self.schedules_dir)
             .field(
@@ -1059,6 +1308,21 @@ impl Config {
         {
             errors.push("BYOKD_ADMIN_TOKEN must be at least 16 characters".to_owned());
         }
+        if let Some(t) = &self.events_token {
+            let t = t.expose_secret();
+            // It travels in a URL's query: only characters that need no escaping there.
+            if t.len() < 16
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._~".contains(c))
+            {
+                errors.push(
+                    "BYOKD_EVENTS_TOKEN must be at least 16 characters of letters, digits, \
+                     '-', '.', '_' and '~'"
+                        .to_owned(),
+                );
+            }
+        }
         if self.amqp.prefetch == 0 {
             errors.push("amqp.prefetch must be at least 1".to_owned());
         }
@@ -1097,6 +1361,9 @@ impl Config {
         }
         if let Some(gcp) = &self.kms.gcp {
             errors.extend(gcp.problems());
+        }
+        if let Some(azure) = &self.kms.azure {
+            errors.extend(azure.problems());
         }
         if let Some(cidrs) = &self.webhook_allow_cidrs
             && let Err(e) = parse_cidrs(cidrs)

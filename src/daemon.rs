@@ -101,6 +101,12 @@ pub fn build_kms(
     if let Some(aws) = &settings.aws {
         kms = kms.with_aws(crate::kms::AwsKms::new(aws, store.clone()));
     }
+    if let Some(azure) = &settings.azure {
+        kms = kms.with_azure(
+            crate::kms::AzureKms::new(azure)
+                .map_err(|e| RunError::Kms(format!("cannot build the Azure client: {e}")))?,
+        );
+    }
     if let Some(gcp) = &settings.gcp {
         kms = kms.with_gcp(
             crate::kms::GcpKms::new(gcp)
@@ -338,6 +344,7 @@ async fn supervise(
     let state = AppState {
         store: store.clone(),
         admin_token: config.admin_token.clone(),
+        events_token: config.events_token.clone(),
         consumer: health,
         urgent_consumer: urgent_health,
         sealer,

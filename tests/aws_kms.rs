@@ -4,10 +4,10 @@
 //! re-wrapped with ReEncrypt, deletion scheduled and cancelled, a key policy that shuts byokd
 //! out, the tenant's role assumed through STS, and every native AWS event format.
 //!
-//! Three things moto does not do are played by [`Gate`], an HTTP server in front of it, and
+//! Four things moto does not do are played by [`Gate`], an HTTP server in front of it, and
 //! each test that uses it says so: enforcing a revoked grant (moto records grants and never
-//! checks them), imported key material with a `ValidTo` (moto has no ImportKeyMaterial), and
-//! throttling. moto also still encrypts with a disabled key; byokd reads the
+//! checks them), imported key material with a `ValidTo` (moto has no ImportKeyMaterial),
+//! throttling, and a role trust policy that refuses AssumeRole. moto also still encrypts with a disabled key; byokd reads the
 //! key's state first, so that gap does not hide a revocation here.
 
 mod common;
@@ -652,6 +652,55 @@ async fn the_tenants_role_is_assumed_to_reach_a_key_in_its_own_account() {
         stored,
         (Some(role.to_owned()), Some("tenant-xr-7".to_owned()))
     );
+    app.shutdown().await;
+}
+
+/// A role whose trust policy does not let byokd in is refused at registration with STS's
+/// reason (422), not "retry later"; STS here is [`Gate`] in front of moto, which checks no
+/// trust policy. The same refusal for a key already bound is an outage (module docs of
+/// `kms::aws`), so it is checked at registration only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_does_not_trust_byokd_is_refused_at_registration_with_stss_reason() {
+    let gate = Gate::start().await;
+    let mut settings = aws::settings(&aws::moto_url());
+    settings.sts_endpoint_url = Some(gate.url.clone());
+    let app = TestApp::spawn_with(|c| c.kms.aws = Some(settings)).await;
+    let role = "arn:aws:iam::210987654322:role/byok-platform";
+    let tenant_kms = aws::client_as(role, "tenant-nt-1").await;
+    let (_, arn) = create_key(&tenant_kms).await;
+    create_tenant(&app, "nt").await;
+    gate.distrust_role(role);
+    let (status, body) = bind(
+        &app,
+        "nt",
+        &arn,
+        json!({ "role_arn": role, "external_id": "tenant-nt-1" }),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("STS refused")
+            && error.contains("not authorized to perform: sts:AssumeRole"),
+        "{body}"
+    );
+    assert!(
+        !error.contains("tenant-nt-1"),
+        "the external id stays out: {body}"
+    );
+    assert_eq!(gate.denied(), 1);
+    // Another role, which STS lets byokd assume, binds through the same STS.
+    let trusting = "arn:aws:iam::210987654323:role/byok-platform";
+    let tenant_kms = aws::client_as(trusting, "tenant-nt-2").await;
+    let (_, arn) = create_key(&tenant_kms).await;
+    let (status, body) = bind(
+        &app,
+        "nt",
+        &arn,
+        json!({ "role_arn": trusting, "external_id": "tenant-nt-2" }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
     app.shutdown().await;
 }
 

@@ -213,6 +213,14 @@ async fn deleting_a_tenant_shreds_its_deks_and_keeps_the_audit_trail_verifiable(
         .await;
     let client: Value = r.json().await.expect("client");
     let token = client["token"].as_str().expect("token").to_owned();
+    let r = app
+        .post(
+            "/v1/clients",
+            json!({ "name": "reporting", "tenants": ["acme", "globex"] }),
+        )
+        .await;
+    let reporting: Value = r.json().await.expect("client");
+    let reporting = reporting["token"].as_str().expect("token").to_owned();
     let mut deks = Vec::new();
     for _ in 0..3 {
         let r = app
@@ -304,7 +312,7 @@ async fn deleting_a_tenant_shreds_its_deks_and_keeps_the_audit_trail_verifiable(
         answer,
         json!({ "id": "acme", "deleted": true, "removed": {
             "deks": 3, "keks": 1, "rewrap_jobs": 0, "webhooks": 1, "contacts": 1,
-            "notifications": 0 } })
+            "notifications": 0, "clients_narrowed": 1, "clients_revoked": 1 } })
     );
 
     // Gone: the tenant, its DEKs (cached plaintext included), its key registration.
@@ -356,7 +364,18 @@ async fn deleting_a_tenant_shreds_its_deks_and_keeps_the_audit_trail_verifiable(
         .await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
 
-    // The audit trail keeps the tenant's history and says what was removed.
+    // The audit trail keeps the tenant's history and says what was removed, over the API
+    // too.
+    let (status, page) = body(app.get("/v1/audit?tenant=acme&action=tenant_deleted").await).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["entries"].as_array().map(Vec::len), Some(1), "{page}");
+    let (status, page) = body(app.get("/v1/audit?tenant=acme&action=no-such-action").await).await;
+    assert_eq!(
+        (status, page["entries"].clone()),
+        (200, json!([])),
+        "{page}"
+    );
+    assert_eq!(app.get("/v1/audit?tenant=never-was").await.status(), 404);
     let detail: Value = sqlx::query_scalar(
         "SELECT detail FROM audit_log WHERE tenant_id = $1 AND action = 'tenant_deleted'",
     )
@@ -393,5 +412,26 @@ async fn deleting_a_tenant_shreds_its_deks_and_keeps_the_audit_trail_verifiable(
     let rows = count(&app, "SELECT count(*) FROM audit_log WHERE tenant_id = $1").await;
     assert_eq!(report["tenant"]["rows"], rows, "{report}");
     assert!(rows >= 3, "created, key registered, deleted: {rows}");
+    // A tenant created again under the same id is not reachable through the old clients:
+    // the one scoped to acme alone is revoked, the other no longer names acme.
+    app.tenant_with_key("acme", "acme-kek-new").await;
+    let create = |token: String, tenant: &'static str| {
+        let app = &app;
+        async move {
+            app.http
+                .post(app.url(&format!("/v1/tenants/{tenant}/deks")))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("create DEK")
+                .status()
+        }
+    };
+    assert_eq!(create(token.clone(), "acme").await, 401);
+    assert_eq!(create(reporting.clone(), "acme").await, 403);
+    assert_eq!(create(reporting.clone(), "globex").await, 201);
+    let clients = app.get("/v1/clients").await.text().await.expect("clients");
+    assert!(clients.contains(r#""tenants":["globex"]"#), "{clients}");
+
     app.shutdown().await;
 }

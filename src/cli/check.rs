@@ -151,6 +151,21 @@ fn check(config: &Config) -> Report {
                 .map_err(|e| format!("kms.vault.address {:?}: {e}", vault.address)),
         );
     }
+    if let Some(azure) = &config.kms.azure {
+        add(
+            "kms.azure",
+            crate::kms::AzureKms::new(azure)
+                .map(|_| {
+                    format!(
+                        "{} auth, Key Vault api-version {}, {} requests per 10 s per vault",
+                        azure.auth().kind(),
+                        crate::kms::azure::API_VERSION,
+                        azure.requests_per_10s
+                    )
+                })
+                .map_err(|e| format!("kms.azure: {e}")),
+        );
+    }
     if let Some(gcp) = &config.kms.gcp {
         // Builds the client: reads the service-account key file, checks the URLs; no request.
         add(

@@ -461,7 +461,7 @@ pub(super) struct AuditPage {
     ),
     responses(
         (status = 200, description = "entries", body = AuditPage),
-        (status = 404, description = "no such tenant", body = ErrorBody),
+        (status = 404, description = "no such tenant, now or in the trail", body = ErrorBody),
         CommonErrors,
     ),
     security(("admin_token" = [])))]
@@ -469,16 +469,33 @@ pub(super) async fn audit(
     State(state): State<AppState>,
     Query(q): Query<AuditQuery>,
 ) -> Result<Json<AuditPage>, ApiError> {
+    let tenant = q.tenant.filter(|t| !t.is_empty()).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the tenant query parameter is required",
+        )
+    })?;
     let filter = AuditFilter {
         since: time_param("since", q.since.as_deref())?,
         until: time_param("until", q.until.as_deref())?,
-        tenant: Some(super::tenant_param(&state, q.tenant).await?),
+        tenant: Some(tenant.clone()),
         client: q.client,
         action: q.action,
         outcome: q.outcome,
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let entries = state.store.audit_trail(&filter, q.before, limit).await?;
+    // The trail outlives its tenant: a deleted tenant's history stays readable. Only an id
+    // that names no tenant and has no history is unknown.
+    if entries.is_empty() {
+        let any = AuditFilter {
+            tenant: Some(tenant.clone()),
+            ..AuditFilter::default()
+        };
+        if state.store.audit_trail(&any, None, 1).await?.is_empty() {
+            state.store.tenant(&tenant).await?;
+        }
+    }
     Ok(Json(AuditPage {
         tenant: filter.tenant,
         entries,
@@ -570,6 +587,14 @@ pub(super) struct EventIgnored {
     ignored: String,
 }
 
+/// The answer to an Event Grid subscription validation handshake.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct ValidationResponse {
+    /// The `data.validationCode` of the validation event, echoed.
+    #[serde(rename = "validationResponse")]
+    validation_response: String,
+}
+
 /// Accepts one lifecycle message in any supported format and publishes it to the lifecycle
 /// exchange (with confirms), so it takes the same path as events from a KMS. A message may
 /// hold several events (an Event Grid array); it is published once, as received. A provider
@@ -579,8 +604,16 @@ pub(super) struct EventIgnored {
 /// CloudEvents come in structured mode (the body is the event) or binary mode (`ce-*`
 /// headers hold the attributes, the body is the data, `Content-Type` its type); a binary
 /// event is published in its structured form, so the consumer sees one format.
+///
+/// An Azure Event Grid subscription (Event Grid schema) is validated with a delivery holding
+/// one `Microsoft.EventGrid.SubscriptionValidationEvent`: answered 200
+/// `{"validationResponse": "<data.validationCode>"}` and not published. (A CloudEvents schema
+/// subscription is validated with `OPTIONS /v1/events` instead.) Event Grid sends no bearer
+/// token: give the subscription an endpoint URL with `?token=<BYOKD_EVENTS_TOKEN>`.
 #[utoipa::path(post, path = "/events", tag = "events", operation_id = "post_event",
     params(
+        ("token" = Option<String>, Query, description = "BYOKD_EVENTS_TOKEN, for a sender \
+            that cannot send a bearer token (an Event Grid subscription's endpoint URL)"),
         ("ce-specversion" = Option<String>, Header, description = "binary mode: 1.0"),
         ("ce-id" = Option<String>, Header, description = "binary mode: the event id"),
         ("ce-source" = Option<String>, Header, description = "binary mode: the event source"),
@@ -593,20 +626,32 @@ pub(super) struct EventIgnored {
         audit log"),
     responses(
         (status = 202, description = "published", body = EventAccepted),
-        (status = 200, description = "valid, but changes nothing; not published",
-         body = EventIgnored),
+        (status = 200, description = "valid, but changes nothing; not published \
+         (or, for an Event Grid subscription validation, the handshake's answer, \
+         ValidationResponse)", body = EventIgnored),
         (status = 400, description = "not JSON", body = ErrorBody),
         (status = 422, description = "not a lifecycle event byokd can apply, with the reason",
          body = ErrorBody),
         CommonErrors,
     ),
-    security(("admin_token" = [])))]
+    security(("admin_token" = []), ("events_token" = []), ("events_token_query" = [])))]
 pub(super) async fn post_event(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let limit = state.amqp.max_message_bytes;
+    if body.len() <= limit
+        && let Ok(value) = serde_json::from_slice::<Value>(&body)
+        && let Some(code) = crate::events::normalize::azure::validation_code(&value)
+    {
+        let code = code.map_err(|e| unprocessable(e.to_string()))?;
+        tracing::info!("answered an Event Grid subscription validation handshake");
+        return Ok(Json(ValidationResponse {
+            validation_response: code,
+        })
+        .into_response());
+    }
     let attributes = ce_headers(&headers)?;
     // A binary event's body was held to the limit; its attributes add what the headers did.
     let (message, normalize_limit) = if attributes.is_empty() {
@@ -684,6 +729,66 @@ pub(super) async fn post_event(
         }),
     )
         .into_response())
+}
+
+/// Headers of the CloudEvents webhook abuse-protection exchange (CloudEvents "HTTP 1.1 Web
+/// Hooks for Event Delivery", section 4: Abuse Protection).
+const REQUEST_ORIGIN: &str = "webhook-request-origin";
+const ALLOWED_ORIGIN: &str = "webhook-allowed-origin";
+const REQUEST_RATE: &str = "webhook-request-rate";
+const ALLOWED_RATE: &str = "webhook-allowed-rate";
+
+/// The CloudEvents webhook validation handshake (abuse protection), as Azure Event Grid
+/// sends it before delivering CloudEvents: `OPTIONS` with `WebHook-Request-Origin` (Event Grid:
+/// `eventgrid.azure.net`) is answered 200 with `WebHook-Allowed-Origin` naming that origin and,
+/// when a rate was asked, `WebHook-Allowed-Rate: *` (byokd limits nothing per sender). The
+/// request passed the same authentication as a delivery (the admin token, or the events
+/// token as bearer or `?token=`), which is what makes the origin one this deployment chose
+/// to receive from. `WebHook-Request-Callback` (asynchronous confirmation) is not used: the
+/// synchronous answer suffices.
+#[utoipa::path(options, path = "/events", tag = "events", operation_id = "events_handshake",
+    params(
+        ("WebHook-Request-Origin" = String, Header, description = "the sender's origin, e.g. \
+            eventgrid.azure.net"),
+        ("WebHook-Request-Rate" = Option<String>, Header, description = "requests per minute \
+            the sender asks to send"),
+        ("token" = Option<String>, Query, description = "BYOKD_EVENTS_TOKEN, as in POST"),
+    ),
+    responses(
+        (status = 200, description = "deliveries from this origin are allowed; headers \
+         WebHook-Allowed-Origin (the origin), WebHook-Allowed-Rate (`*`, when a rate was \
+         asked) and Allow (`POST, OPTIONS`)"),
+        (status = 400, description = "no WebHook-Request-Origin header", body = ErrorBody),
+        CommonErrors,
+    ),
+    security(("admin_token" = []), ("events_token" = []), ("events_token_query" = [])))]
+pub(super) async fn events_handshake(headers: HeaderMap) -> Result<Response, ApiError> {
+    let origin = headers
+        .get(REQUEST_ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|o| !o.is_empty() && o.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "OPTIONS /v1/events is the CloudEvents webhook handshake and needs a \
+                 WebHook-Request-Origin header",
+            )
+        })?;
+    let mut response = StatusCode::OK.into_response();
+    let out = response.headers_mut();
+    if let Ok(value) = header::HeaderValue::from_str(origin) {
+        out.insert(ALLOWED_ORIGIN, value);
+    }
+    if headers.contains_key(REQUEST_RATE) {
+        out.insert(ALLOWED_RATE, header::HeaderValue::from_static("*"));
+    }
+    out.insert(
+        header::ALLOW,
+        header::HeaderValue::from_static("POST, OPTIONS"),
+    );
+    tracing::info!(origin, "answered a CloudEvents webhook handshake");
+    Ok(response)
 }
 
 #[cfg(test)]

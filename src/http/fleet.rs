@@ -117,6 +117,8 @@ pub(super) struct ShredQuery {
 
 /// `DELETE /v1/tenants/{id}?confirm={id}`: crypto-shredding. The tenant's wrapped DEKs are
 /// deleted, so whatever was encrypted under them can never be decrypted again, by anyone.
+/// Clients lose the id from their scope (one scoped to this tenant alone is revoked), so a
+/// tenant created later under the same id is not reachable through them.
 #[utoipa::path(
     delete, path = "/tenants/{id}", tag = "fleet",
     operation_id = "delete_tenant",
@@ -159,6 +161,9 @@ pub(super) async fn delete_tenant(
     tracing::warn!(tenant = %id, deks = removed.deks, "tenant crypto-shredded");
     // This replica forgets the tenant now; the others on the commit's notification.
     state.gate.tenant_changed(&id);
+    if removed.clients_narrowed + removed.clients_revoked > 0 {
+        state.gate.clients_changed();
+    }
     Ok(Json(Shredded {
         id,
         deleted: true,

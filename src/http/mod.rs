@@ -73,6 +73,8 @@ pub struct AppState {
     pub store: Store,
     /// The admin token, if the admin API is enabled.
     pub admin_token: Option<SecretString>,
+    /// The event intake token (`/v1/events` only), if configured.
+    pub events_token: Option<SecretString>,
     /// The consumer's state, for `/readyz`.
     pub consumer: Arc<ConsumerHealth>,
     /// The urgent lane consumer's state.
@@ -265,7 +267,6 @@ pub(crate) fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(deks::retry_rewrap_job))
         .routes(routes!(admin::audit))
         .routes(routes!(admin::audit_checkpoints))
-        .routes(routes!(admin::post_event))
         .routes(routes!(notifications::list))
         .routes(routes!(notifications::retry))
         .routes(routes!(access::list_clients, access::create_client))
@@ -276,8 +277,15 @@ pub(crate) fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(access::create_dek))
         .routes(routes!(access::unwrap_batch))
         .routes(routes!(access::unwrap_one));
+    // Event intake: the admin token, or the events token (bearer or `?token=`).
+    let mut events =
+        OpenApiRouter::new().routes(routes!(admin::post_event, admin::events_handshake));
     if let Some(state) = state {
         admin = admin.route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+        events = events.route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_events,
+        ));
         keys = keys
             .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
             .layer(axum::middleware::map_response(no_store));
@@ -287,7 +295,7 @@ pub(crate) fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(readyz))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
-        .nest("/v1", admin.merge(keys))
+        .nest("/v1", admin.merge(keys).merge(events))
 }
 
 /// Builds the router.
@@ -386,6 +394,33 @@ async fn require_admin(State(state): State<AppState>, request: Request, next: Ne
             .into_response()
         }
     }
+}
+
+/// The `token` query parameter, percent-decoded.
+fn query_token(request: &Request) -> Option<String> {
+    url::form_urlencoded::parse(request.uri().query()?.as_bytes())
+        .find(|(name, _)| name == "token")
+        .map(|(_, value)| value.into_owned())
+}
+
+/// Event intake: the events token (as a bearer token or the `token` query parameter, which
+/// is what an Event Grid subscription's endpoint URL can carry) or else the admin token,
+/// checked as on the admin routes. The query parameter is taken for the events token only:
+/// the admin token never travels in a URL.
+async fn require_events(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(expected) = &state.events_token {
+        let query = query_token(&request);
+        let given = bearer(&request).or(query.as_deref());
+        if given.is_some_and(|token| token_matches(token, expected)) {
+            return next.run(request).await;
+        }
+        if query.is_some() {
+            let route = request.uri().path().to_owned();
+            state.gate.admin_refused(query.as_deref(), &route).await;
+            return ApiError::new(StatusCode::UNAUTHORIZED, "invalid events token").into_response();
+        }
+    }
+    require_admin(State(state), request, next).await
 }
 
 /// Key-access routes: who is calling ([`Caller`](crate::access::Caller)) goes into the

@@ -8,7 +8,7 @@
 //! a live daemon with it.
 
 use serde::Serialize;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoResponses, Modify, ToSchema};
 
 /// Every error answer: one sentence.
@@ -76,6 +76,23 @@ impl Modify for BearerTokens {
                     .description(Some("BYOKD_ADMIN_TOKEN"))
                     .build(),
             ),
+        );
+        components.add_security_scheme(
+            "events_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("BYOKD_EVENTS_TOKEN (event intake only)"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "events_token_query",
+            SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
+                "token",
+                "BYOKD_EVENTS_TOKEN in the endpoint URL (event intake only): what an Azure \
+                 Event Grid subscription can send",
+            ))),
         );
         components.add_security_scheme(
             "client_token",

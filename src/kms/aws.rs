@@ -764,6 +764,9 @@ impl AwsKms {
         key_ref: &str,
         role: Option<&AwsRole>,
     ) -> Result<(String, KeyInfo), KmsError> {
+        if let Some(role) = role {
+            self.check_assume_role(key_ref, role).await?;
+        }
         let access = Access::Given(role.cloned());
         let t = self.target(key_ref, &access).await?;
         let (arn, info) = self.describe_in(&t).await?;
@@ -779,6 +782,57 @@ impl AwsKms {
         // The role is the key's from now on (if the registration commits).
         self.inner.roles.invalidate(&arn);
         Ok((arn, info))
+    }
+
+    /// At registration, asks STS for the tenant's role once, so a trust policy that does not
+    /// let byokd in is refused with STS's reason ([`KmsError::AccessDenied`], a 422) instead
+    /// of a "retry later". Once a key is bound the same refusal is an outage, never a
+    /// revocation (see the module docs), and this check is not made.
+    async fn check_assume_role(&self, key_ref: &str, role: &AwsRole) -> Result<(), KmsError> {
+        let s = &self.inner.settings;
+        let region = parse_arn(key_ref).map_or_else(|| s.region.clone(), |a| a.region.to_owned());
+        let mut conf = aws_sdk_sts::config::Builder::from(self.base().await)
+            .region(aws_config::Region::new(region))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .operation_attempt_timeout(Duration::from_secs(s.timeout_secs.max(1)))
+                    .build(),
+            );
+        if let Some(url) = &s.sts_endpoint_url {
+            conf = conf.endpoint_url(url.clone());
+        }
+        let sts = aws_sdk_sts::Client::from_conf(conf.build());
+        let answer = sts
+            .assume_role()
+            .role_arn(&role.role_arn)
+            .role_session_name("byokd-registration")
+            .set_external_id(role.external_id.clone())
+            .send()
+            .await;
+        match answer {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(e))
+                if matches!(
+                    e.err().code(),
+                    Some("AccessDenied" | "RegionDisabledException" | "MalformedPolicyDocument")
+                ) =>
+            {
+                Err(KmsError::AccessDenied {
+                    provider: Provider::Aws,
+                    key_ref: key_ref.to_owned(),
+                    detail: format!(
+                        "STS refused to let byokd assume {}: {}",
+                        role.role_arn,
+                        e.err().message().unwrap_or("no reason given")
+                    ),
+                })
+            }
+            Err(e) => Err(unreachable(format!(
+                "STS AssumeRole of {}: {}",
+                role.role_arn,
+                DisplayErrorContext(&e)
+            ))),
+        }
     }
 
     /// Moves DEKs from `source` to `destination` (both AWS keys) with ReEncrypt when one set

@@ -7,11 +7,13 @@
 //! wrap and may be overridden by a provider with a native re-wrap.
 
 pub mod aws;
+pub mod azure;
 pub mod gcp;
 pub mod local;
 pub mod vault;
 
 pub use aws::AwsKms;
+pub use azure::AzureKms;
 pub use gcp::GcpKms;
 pub use local::LocalKms;
 pub use vault::VaultKms;
@@ -238,10 +240,11 @@ impl KmsError {
 /// escaped: two spellings of one key would let two tenants bind it. Vault Transit names are
 /// 1-128 of `[A-Za-z0-9_.-]` and never `.` or `..`; local names 1-256 of `[A-Za-z0-9_.:/-]`.
 /// AWS references are a key id, key ARN, alias name or alias ARN (and are resolved to the key
-/// ARN when bound: [`Kms::bind`]). GCP references are key resource names
-/// (`projects/P/locations/L/keyRings/R/cryptoKeys/K`, checked id by id). Azure references (key
-/// URLs) are only checked for length, whitespace and control characters until that provider
-/// canonicalises its own.
+/// ARN when bound: [`Kms::bind`]). Azure references are versionless Key Vault key
+/// identifiers on Key Vault's own hosts ([`azure::canonical`]). GCP references are key
+/// resource names (`projects/P/locations/L/keyRings/R/cryptoKeys/K`, checked id by id;
+/// [`gcp::key_ref_problem`]), so neither provider can bind one key twice under two
+/// spellings.
 pub fn canonical_key_ref(provider: Provider, key_ref: &str) -> Result<String, KmsError> {
     let refuse = |reason: String| KmsError::InvalidKeyRef { provider, reason };
     let (max, allowed, allowed_text): (usize, fn(char) -> bool, &str) = match provider {
@@ -279,6 +282,9 @@ pub fn canonical_key_ref(provider: Provider, key_ref: &str) -> Result<String, Km
         && let Some(problem) = aws::key_ref_problem(key_ref)
     {
         return Err(refuse(problem));
+    }
+    if provider == Provider::Azure {
+        return azure::canonical(key_ref).map_err(refuse);
     }
     if provider == Provider::Gcp
         && let Some(problem) = gcp::key_ref_problem(key_ref)
@@ -418,6 +424,8 @@ pub enum Backend {
     Vault(VaultKms),
     /// AWS KMS.
     Aws(AwsKms),
+    /// Azure Key Vault and Managed HSM.
+    Azure(AzureKms),
     /// Google Cloud KMS.
     Gcp(GcpKms),
 }
@@ -428,6 +436,7 @@ macro_rules! backend {
             Backend::Local($b) => $call,
             Backend::Vault($b) => $call,
             Backend::Aws($b) => $call,
+            Backend::Azure($b) => $call,
             Backend::Gcp($b) => $call,
         }
     };
@@ -440,6 +449,7 @@ impl Backend {
             Backend::Local(_) => Provider::Local,
             Backend::Vault(_) => Provider::Vault,
             Backend::Aws(_) => Provider::Aws,
+            Backend::Azure(_) => Provider::Azure,
             Backend::Gcp(_) => Provider::Gcp,
         }
     }
@@ -539,6 +549,7 @@ pub struct Kms {
     local: Option<Backend>,
     vault: Option<Backend>,
     aws: Option<Backend>,
+    azure: Option<Backend>,
     gcp: Option<Backend>,
 }
 
@@ -549,6 +560,7 @@ impl Kms {
             local: Some(Backend::Local(local)),
             vault: None,
             aws: None,
+            azure: None,
             gcp: None,
         }
     }
@@ -562,6 +574,12 @@ impl Kms {
     /// Adds the AWS provider.
     pub fn with_aws(mut self, aws: AwsKms) -> Kms {
         self.aws = Some(Backend::Aws(aws));
+        self
+    }
+
+    /// Adds the Azure Key Vault provider.
+    pub fn with_azure(mut self, azure: AzureKms) -> Kms {
+        self.azure = Some(Backend::Azure(azure));
         self
     }
 
@@ -581,8 +599,8 @@ impl Kms {
             Provider::Local => self.local.as_ref(),
             Provider::Vault => self.vault.as_ref(),
             Provider::Aws => self.aws.as_ref(),
+            Provider::Azure => self.azure.as_ref(),
             Provider::Gcp => self.gcp.as_ref(),
-            _ => None,
         }
         .ok_or(KmsError::NotConfigured(provider))
     }
@@ -621,6 +639,7 @@ impl Kms {
     ) -> Result<(String, KeyInfo), KmsError> {
         match self.provider(provider)? {
             Backend::Aws(aws) => aws.bind(key_ref, role).await,
+            Backend::Azure(azure) if role.is_none() => azure.bind(key_ref).await,
             _ if role.is_some() => Err(KmsError::InvalidKeyRef {
                 provider,
                 reason: "role_arn and external_id are for aws keys only".to_owned(),
@@ -740,7 +759,7 @@ mod tests {
     #[test]
     fn cloud_key_refs_are_only_checked_for_length_and_whitespace() {
         let arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
-        let azure = "https://acme.vault.azure.net/keys/kek/0123456789abcdef";
+        let azure = "https://acme.vault.azure.net/keys/kek";
         let gcp = "projects/acme-prod/locations/global/keyRings/r/cryptoKeys/k";
         for (provider, ok) in [
             (Provider::Aws, arn),

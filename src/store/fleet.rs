@@ -37,6 +37,10 @@ pub struct ShredCounts {
     pub contacts: i64,
     /// Tenant notifications (email and webhook outbox rows, with their attempts) deleted.
     pub notifications: i64,
+    /// Clients whose scope lost the tenant's id and still reach other tenants.
+    pub clients_narrowed: i64,
+    /// Clients scoped to this tenant alone, revoked with it.
+    pub clients_revoked: i64,
 }
 
 impl Store {

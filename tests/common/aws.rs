@@ -166,6 +166,8 @@ struct Rules {
     key_state: std::collections::HashMap<String, String>,
     /// Every request is throttled (an account whose quota others use up).
     throttle_all: bool,
+    /// Roles whose trust policy does not let byokd in: STS refuses their AssumeRole.
+    untrusting: HashSet<String>,
 }
 
 struct GateState {
@@ -273,6 +275,18 @@ impl Gate {
         self.state.rules.lock().expect("rules").denied.remove(key);
     }
 
+    /// From now on, STS refuses to let anyone assume `role_arn` (its trust policy no longer
+    /// names byokd), as moto, which checks no trust policy, cannot. For this the gate must
+    /// also be byokd's STS endpoint.
+    pub fn distrust_role(&self, role_arn: &str) {
+        self.state
+            .rules
+            .lock()
+            .expect("rules")
+            .untrusting
+            .insert(role_arn.to_owned());
+    }
+
     /// Requests passed on to moto.
     pub fn forwarded(&self) -> u64 {
         self.state.forwarded.load(Ordering::SeqCst)
@@ -332,6 +346,26 @@ async fn gate(
     {
         state.throttled.fetch_add(1, Ordering::SeqCst);
         return aws_error("ThrottlingException", "Rate exceeded");
+    }
+    // STS speaks the query protocol: a form body, XML errors.
+    let form = String::from_utf8_lossy(&body);
+    if form.contains("Action=AssumeRole") {
+        let untrusting = state.rules.lock().expect("rules").untrusting.clone();
+        if let Some(role) = untrusting
+            .iter()
+            .find(|r| form.contains(&r.replace(':', "%3A").replace('/', "%2F")))
+        {
+            state.denied.fetch_add(1, Ordering::SeqCst);
+            let xml = format!(
+                "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error>\
+                 <Type>Sender</Type><Code>AccessDenied</Code><Message>User: \
+                 arn:aws:iam::{ACCOUNT}:user/byokd is not authorized to perform: \
+                 sts:AssumeRole on resource: {role}</Message></Error>\
+                 <RequestId>{}</RequestId></ErrorResponse>",
+                Uuid::new_v4()
+            );
+            return (StatusCode::FORBIDDEN, [("content-type", "text/xml")], xml).into_response();
+        }
     }
     let target = headers
         .get("x-amz-target")

@@ -3,6 +3,7 @@
 #![allow(dead_code, missing_docs)]
 
 pub mod aws;
+pub mod azure;
 pub mod catalog;
 pub mod gcp;
 pub mod http_fault;
@@ -805,6 +806,9 @@ impl TestApp {
         }
         if let Some(aws) = &self.config.kms.aws {
             cmd.envs(aws::env(aws));
+        }
+        if let Some(azure) = &self.config.kms.azure {
+            cmd.envs(azure::env(azure));
         }
         if let Some(gcp) = &self.config.kms.gcp {
             cmd.envs(gcp::env(gcp));

@@ -16,6 +16,45 @@ use serde_json::{Map, Value};
 const FORMAT: &str = "Azure Event Grid";
 /// Every Key Vault event type starts with this.
 pub const TYPE_PREFIX: &str = "Microsoft.KeyVault.";
+/// Event Grid's own event types (subscription validation and deletion) start with this.
+pub const EVENT_GRID_PREFIX: &str = "Microsoft.EventGrid.";
+/// The Event Grid schema's subscription validation event.
+pub const SUBSCRIPTION_VALIDATION: &str = "Microsoft.EventGrid.SubscriptionValidationEvent";
+
+/// The `validationCode` of an Event Grid schema delivery that is a subscription validation
+/// handshake (an array holding one `Microsoft.EventGrid.SubscriptionValidationEvent`), to be
+/// echoed as `{"validationResponse": code}`. `None` for any other body; `Some(Err)` for a
+/// validation event without a usable code.
+///
+/// Format: "Event Grid security and authentication: endpoint validation with Event Grid
+/// events" (learn.microsoft.com/azure/event-grid/end-point-validation-event-grid-events-schema),
+/// `data.validationCode` and `data.validationUrl`.
+pub fn validation_code(body: &Value) -> Option<Result<String, NormalizeError>> {
+    let items = body.as_array()?;
+    let is_validation = |v: &Value| {
+        v.get("eventType").and_then(Value::as_str).map(str::trim) == Some(SUBSCRIPTION_VALIDATION)
+    };
+    if !items.iter().any(is_validation) {
+        return None;
+    }
+    let [event] = items.as_slice() else {
+        return Some(Err(schema(
+            "a subscription validation delivery holds exactly one event",
+        )));
+    };
+    let code = event
+        .get("data")
+        .and_then(Value::as_object)
+        .and_then(|d| data_str(d, "validationCode"));
+    Some(match code {
+        // A code is an opaque token Event Grid generated (a GUID); anything longer or with
+        // control characters is not one, and is not echoed back.
+        Some(c) if c.len() <= 256 && !c.chars().any(char::is_control) => Ok(c.to_owned()),
+        _ => Err(schema(
+            "data.validationCode of the subscription validation event is missing or not a code",
+        )),
+    })
+}
 
 fn schema(detail: impl Into<String>) -> NormalizeError {
     NormalizeError::Schema {
@@ -69,6 +108,13 @@ pub fn parse_one(object: &Map<String, Value>) -> Result<Parsed, NormalizeError> 
             .filter(|s| !s.is_empty())
     };
     let event_type = text(type_field).ok_or_else(|| schema(format!("{type_field} is missing")))?;
+    if event_type.starts_with(EVENT_GRID_PREFIX) {
+        // Event Grid's own events (subscription validation, deletion) concern the
+        // subscription, not a key; `POST /v1/events` answers the validation handshake itself.
+        return Ok(Parsed::Ignored(format!(
+            "{event_type} is Event Grid's own event, not a key's"
+        )));
+    }
     let Some(name) = event_type.strip_prefix(TYPE_PREFIX) else {
         // Another Azure service's events on this queue are a routing mistake worth seeing.
         return Err(schema(format!(
@@ -113,7 +159,10 @@ pub fn parse_one(object: &Map<String, Value>) -> Result<Parsed, NormalizeError> 
         EventKind::Expiring => {
             Some(exp.ok_or_else(|| schema("data.EXP is required for KeyNearExpiry"))?)
         }
-        EventKind::Expired => exp,
+        // The new version's own expiry (none when absent: a version without `exp` never
+        // expires). Key Vault holds expiry, so the rotation is confirmed by reading the key,
+        // and this date is what the event claims until then (audited with the event).
+        EventKind::Expired | EventKind::Rotated => exp,
         _ => None,
     };
     // NBF is not used, but a malformed one means the payload is not what we think it is.
@@ -185,8 +234,9 @@ fn key_id(data: &Map<String, Value>) -> Result<(String, Option<String>), Normali
             ["keys", name, rest @ ..]
                 if url.scheme() == "https" && !host.is_empty() && rest.len() <= 1 =>
             {
+                // Lower-cased as byokd stores Key Vault keys (names are case-insensitive).
                 Ok((
-                    format!("https://{host}/keys/{name}"),
+                    format!("https://{host}/keys/{}", name.to_ascii_lowercase()),
                     rest.first().map(|v| (*v).to_owned()),
                 ))
             }
@@ -207,8 +257,9 @@ fn key_id(data: &Map<String, Value>) -> Result<(String, Option<String>), Normali
     }
     Ok((
         format!(
-            "https://{}.vault.azure.net/keys/{name}",
-            vault.to_ascii_lowercase()
+            "https://{}.vault.azure.net/keys/{}",
+            vault.to_ascii_lowercase(),
+            name.to_ascii_lowercase()
         ),
         None,
     ))
@@ -267,17 +318,13 @@ mod tests {
                 assert_eq!(e.event_id, "00eccf70-95a7-4e7c-8299-2eb17ee9ad64");
                 assert_eq!(e.source, TOPIC);
                 assert_eq!(e.time.to_rfc3339(), "2019-07-25T01:08:33.103673600+00:00");
-                match kind {
-                    EventKind::Rotated => {
-                        assert_eq!(e.version.as_deref(), Some(VERSION));
-                        assert_eq!(e.expires_at, None);
-                    }
-                    _ => assert_eq!(
-                        e.expires_at.map(|t| t.timestamp()),
-                        Some(1_559_082_102),
-                        "{t}"
-                    ),
-                }
+                let version = (kind == EventKind::Rotated).then_some(VERSION);
+                assert_eq!(e.version.as_deref(), version, "{t}");
+                assert_eq!(
+                    e.expires_at.map(|t| t.timestamp()),
+                    Some(1_559_082_102),
+                    "{t}"
+                );
             }
         }
     }
@@ -351,6 +398,9 @@ mod tests {
         // No Id: built from the vault and object names.
         let no_id = body.replace(&format!("\"Id\":\"{KEY}/{VERSION}\","), "");
         assert_eq!(all(&no_id)[0].key_ref, KEY);
+        // Names in another case name the same key, as byokd stores it.
+        let upper = body.replace("/keys/tenant-kek", "/keys/Tenant-KEK");
+        assert_eq!(all(&upper)[0].key_ref, KEY);
     }
 
     #[test]
@@ -395,6 +445,54 @@ mod tests {
         for (body, expected) in cases {
             let e = err(&body).to_string();
             assert!(e.contains(expected), "{expected}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_new_version_carries_its_expiry() {
+        let e = &all(&grid("KeyNewVersionCreated", "r"))[0];
+        assert_eq!(e.kind, EventKind::Rotated);
+        assert_eq!(e.expires_at.map(|t| t.timestamp()), Some(1_559_082_102));
+        let no_exp = grid("KeyNewVersionCreated", "r").replace(",\"EXP\":1559082102", "");
+        assert_eq!(all(&no_exp)[0].expires_at, None);
+    }
+
+    /// The documented validation delivery (Event Grid schema).
+    const VALIDATION: &str = r#"[{"id":"2d1781af-3a4c-4d7c-bd0c-e34b19da4e66",
+        "topic":"/subscriptions/xx/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv",
+        "subject":"","data":{"validationCode":"512d38b6-c7b8-40c8-89fe-f46f9e9622b6",
+        "validationUrl":"https://rp-eastus2.eventgrid.azure.net:553/eventsubscriptions/s/validate?id=512d38b6-c7b8-40c8-89fe-f46f9e9622b6&t=2018-04-26T20:30:54.4538837Z&apiVersion=2018-05-01-preview&token=1A1A1A1A"},
+        "eventType":"Microsoft.EventGrid.SubscriptionValidationEvent",
+        "eventTime":"2018-01-25T22:12:19.4556811Z","metadataVersion":"1","dataVersion":"1"}]"#;
+
+    #[test]
+    fn the_validation_handshake_yields_its_code_and_is_no_key_event() {
+        let body: Value = serde_json::from_str(VALIDATION).expect("json");
+        assert_eq!(
+            validation_code(&body)
+                .expect("a validation")
+                .expect("a code"),
+            "512d38b6-c7b8-40c8-89fe-f46f9e9622b6"
+        );
+        let e = err(VALIDATION);
+        assert!(e.is_ignored(), "{e}");
+        let key_event: Value =
+            serde_json::from_str(&format!("[{}]", grid("KeyExpired", "a"))).expect("json");
+        assert!(validation_code(&key_event).is_none());
+        for bad in [
+            VALIDATION.replace(
+                "\"validationCode\":\"512d38b6-c7b8-40c8-89fe-f46f9e9622b6\",",
+                "",
+            ),
+            VALIDATION.replace("512d38b6-c7b8-40c8-89fe-f46f9e9622b6\",", "a\\u0000b\","),
+            format!(
+                "{},{}]",
+                VALIDATION.trim_end_matches(']'),
+                grid("KeyExpired", "a")
+            ),
+        ] {
+            let body: Value = serde_json::from_str(&bad).expect(&bad);
+            assert!(matches!(validation_code(&body), Some(Err(_))), "{bad}");
         }
     }
 

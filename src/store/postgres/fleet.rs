@@ -94,6 +94,30 @@ impl PgStore {
         sqlx::query!("DELETE FROM tenants WHERE id = $1", id)
             .execute(&mut *tx.tx)
             .await?;
+        // Clients lose the id from their scope, so a tenant created later under the same id
+        // is not reachable through them. One scoped to this tenant alone has nothing left
+        // and is revoked (a scope is never empty).
+        let revoked = sqlx::query!(
+            "UPDATE clients SET revoked_at = coalesce(revoked_at, now())
+             WHERE NOT all_tenants AND tenants = ARRAY[$1]::text[] AND revoked_at IS NULL",
+            id
+        )
+        .execute(&mut *tx.tx)
+        .await?
+        .rows_affected();
+        let narrowed = sqlx::query!(
+            "UPDATE clients SET tenants = array_remove(tenants, $1)
+             WHERE NOT all_tenants AND $1 = ANY(tenants) AND cardinality(tenants) > 1",
+            id
+        )
+        .execute(&mut *tx.tx)
+        .await?
+        .rows_affected();
+        if revoked + narrowed > 0 {
+            sqlx::query!("SELECT pg_notify('byokd_clients', $1)", id)
+                .execute(&mut *tx.tx)
+                .await?;
+        }
         sqlx::query!("SELECT pg_notify('byokd_access', $1)", id)
             .execute(&mut *tx.tx)
             .await?;
@@ -104,6 +128,8 @@ impl PgStore {
             webhooks: c.webhooks,
             contacts: c.contacts,
             notifications: i64::try_from(notifications).unwrap_or(i64::MAX),
+            clients_narrowed: i64::try_from(narrowed).unwrap_or(i64::MAX),
+            clients_revoked: i64::try_from(revoked).unwrap_or(i64::MAX),
         };
         tx.audit(&[audit(&counts)]).await?;
         tx.tx.commit().await?;
