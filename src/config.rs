@@ -267,6 +267,88 @@ pub struct KmsSettings {
     pub aws: Option<AwsSettings>,
     /// `[kms.azure]`.
     pub azure: Option<AzureSettings>,
+    /// `[kms.gcp]`.
+    pub gcp: Option<GcpSettings>,
+}
+
+/// `[kms.gcp]` settings: Google Cloud KMS over its REST API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcpSettings {
+    /// Cloud KMS endpoint (a Private Service Connect endpoint; a test peer).
+    #[serde(default = "default_gcp_endpoint")]
+    pub endpoint_url: String,
+    /// A service-account JSON key file; unset: the metadata server's default account.
+    /// (Not `credentials_file`: `BYOKD_*_FILE` variables read a setting's value from a file.)
+    #[serde(default)]
+    pub credentials_path: Option<PathBuf>,
+    /// The metadata server, when no key file is set.
+    #[serde(default = "default_gcp_metadata")]
+    pub metadata_url: String,
+    /// Timeout of one request.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Attempts per request (429 and 5xx are retried, slowing down on 429).
+    #[serde(default = "default_aws_attempts")]
+    pub max_attempts: u32,
+    /// Encrypt and decrypt requests per minute: Cloud KMS's default "Cryptographic
+    /// requests" quota of the calling project is 60,000 per minute, enforced per second.
+    #[serde(default = "default_gcp_crypto_rate")]
+    pub crypto_requests_per_min: u32,
+    /// `cryptoKeys.get` and `cryptoKeyVersions.list` per minute: the default "Read
+    /// requests" quota of the calling project is 300 per minute.
+    #[serde(default = "default_gcp_read_rate")]
+    pub read_requests_per_min: u32,
+    /// Requests in flight per batch (Cloud KMS has no batch API).
+    #[serde(default = "default_aws_concurrency")]
+    pub concurrency: usize,
+}
+
+impl GcpSettings {
+    /// What is wrong with these settings, one sentence each.
+    fn problems(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (name, url) in [
+            ("endpoint_url", &self.endpoint_url),
+            ("metadata_url", &self.metadata_url),
+        ] {
+            match url::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => errors.push(format!(
+                    "kms.gcp.{name} {:?} is not an http(s) URL",
+                    redact_url(url)
+                )),
+            }
+        }
+        if self.max_attempts == 0
+            || self.concurrency == 0
+            || self.crypto_requests_per_min == 0
+            || self.read_requests_per_min == 0
+        {
+            errors.push(
+                "kms.gcp.max_attempts, concurrency, crypto_requests_per_min and \
+                 read_requests_per_min must be at least 1"
+                    .to_owned(),
+            );
+        }
+        errors
+    }
+}
+
+fn default_gcp_endpoint() -> String {
+    "https://cloudkms.googleapis.com".to_owned()
+}
+
+fn default_gcp_metadata() -> String {
+    "http://metadata.google.internal".to_owned()
+}
+
+fn default_gcp_crypto_rate() -> u32 {
+    60_000
+}
+
+fn default_gcp_read_rate() -> u32 {
+    300
 }
 
 /// How byokd authenticates to Microsoft Entra ID for Key Vault (`kms.azure.auth`).
@@ -1287,6 +1369,9 @@ impl Config {
         }
         if let Some(aws) = &self.kms.aws {
             errors.extend(aws.problems());
+        }
+        if let Some(gcp) = &self.kms.gcp {
+            errors.extend(gcp.problems());
         }
         if let Some(azure) = &self.kms.azure {
             errors.extend(azure.problems());

@@ -118,6 +118,12 @@ pub fn build_kms(
                 .map_err(|e| RunError::Kms(format!("cannot build the Azure client: {e}")))?,
         );
     }
+    if let Some(gcp) = &settings.gcp {
+        kms = kms.with_gcp(
+            crate::kms::GcpKms::new(gcp)
+                .map_err(|e| RunError::Kms(format!("cannot build the Cloud KMS client: {e}")))?,
+        );
+    }
     Ok(kms)
 }
 

@@ -26,7 +26,8 @@
 //!   events off the consumer's path.
 //! * `kms`: the KMS provider trait and dispatch; `local` is byokd's own keyring, `vault` Vault /
 //!   OpenBao Transit, `aws` AWS KMS through the official SDK, `azure` Azure Key Vault and
-//!   Managed HSM over their REST API.
+//!   Managed HSM over their REST API, `gcp`
+//!   Google Cloud KMS over REST.
 //! * `rewrap`: re-wrap jobs (rotation, key replacement), worked in resumable batches.
 //! * `sweeps`: cron schedules (`schedules/*.toml`) and their jobs: expiry scan, key probe,
 //!   outbox prune; one replica at a time per schedule.

@@ -17,7 +17,7 @@
 
 use crate::domain::kek::{self, EventOutcome, Usability};
 use crate::domain::{
-    Access, BlockCause, EventKind, JobKind, LifecycleEvent, Observation, Provider,
+    Access, BlockCause, EventKind, JobKind, KeyState, LifecycleEvent, Observation, Provider,
 };
 use crate::notify::catalog::{
     self, KeyDestroyedWithDeks, KeyExpired, KeyExpiring, Notification, RevocationUnconfirmed,
@@ -597,6 +597,20 @@ pub async fn apply_observations(
     let mut ledger = Ledger::new(keks, tenants, now);
     let mut done = Vec::with_capacity(answers.len());
     let mut destroyed = Vec::new();
+    let mut versions_destroyed = Vec::new();
+    // Where the KMS reported version states, only the versions other than the primary that
+    // still hold DEKs are kept.
+    let with_versions: Vec<(i64, Option<String>)> = answers
+        .iter()
+        .filter_map(|(t, a)| match a {
+            Answer::Known(o) if o.versions.is_some() => Some((t.kek_id, o.version.clone())),
+            _ => None,
+        })
+        .collect();
+    let mut held_by_version: HashMap<(i64, String), i64> = HashMap::new();
+    for (kek_id, version, n) in tx.dek_version_counts(&with_versions).await? {
+        held_by_version.insert((kek_id, version), n);
+    }
     for &(target, answer) in &answers {
         let mut finish = ObserveDone {
             kek_id: target.kek_id,
@@ -638,8 +652,49 @@ pub async fn apply_observations(
         if let Some(settled) = young {
             finish.next_due = Some(Some(settled));
         }
+        let kept;
+        let observation = match &observation.versions {
+            Some(versions) => {
+                kept = Observation {
+                    versions: Some(
+                        versions
+                            .iter()
+                            .filter(|(v, _)| held_by_version.contains_key(&(kek_id, (*v).clone())))
+                            .map(|(v, s)| (v.clone(), *s))
+                            .collect(),
+                    ),
+                    ..observation.clone()
+                };
+                &kept
+            }
+            None => observation,
+        };
         let effect = kek::apply_observation(&before, observation, newer_claim, now);
         let key = (before.provider, before.key_ref.clone());
+        for (version, state) in &effect.versions_unusable {
+            // Access stays the primary's; the DEKs under this version cannot be unwrapped.
+            let held = held_by_version
+                .get(&(kek_id, version.clone()))
+                .copied()
+                .unwrap_or(0);
+            tracing::warn!(provider = %before.provider, key_ref = %before.key_ref, %version,
+                %state, held, "a key version still holding DEKs refuses to decrypt");
+            ledger.plan.audit.push(AuditRow {
+                tenant_id: Some(tenant_id.clone()),
+                provider: Some(before.provider),
+                key_ref: Some(before.key_ref.clone()),
+                action: "version_unusable".into(),
+                outcome: state.as_str().into(),
+                source: origin.to_owned(),
+                event_id: None,
+                detail: json!({ "version": version, "state": state, "held_deks": held,
+                                "primary_version": effect.next.as_ref()
+                                    .and_then(|n| n.current_version.clone()) }),
+            });
+            if *state == KeyState::Destroyed {
+                versions_destroyed.push((tenant_id.clone(), key.clone(), version.clone(), held));
+            }
+        }
         if let Some(claim) = effect.unconfirmed {
             report.unconfirmed += 1;
             metrics::counter!(crate::telemetry::REVOCATIONS_UNCONFIRMED).increment(1);
@@ -720,10 +775,27 @@ pub async fn apply_observations(
                 key_ref,
                 dek_count: lost,
                 primary,
+                version: None,
             });
             let tenant = ledger.tenants.get(&tenant_id);
             ledger.plan.outbox.extend(lost.outbox_rows(tenant, now));
         }
+    }
+    // A version other than the primary destroyed while it still wraps DEKs: those are lost.
+    for (tenant_id, (provider, key_ref), version, held) in versions_destroyed {
+        if held == 0 {
+            continue;
+        }
+        let lost = Notification::KeyDestroyedWithDeks(KeyDestroyedWithDeks {
+            tenant_id: tenant_id.clone(),
+            provider,
+            key_ref,
+            dek_count: held,
+            primary: false,
+            version: Some(version),
+        });
+        let tenant = ledger.tenants.get(&tenant_id);
+        ledger.plan.outbox.extend(lost.outbox_rows(tenant, now));
     }
     let plan = ledger.finish();
     report.access_changed = plan.access.len();

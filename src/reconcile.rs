@@ -50,6 +50,7 @@ fn definitive(e: &KmsError) -> Option<Observation> {
             revoked,
             version: None,
             expires_at: None,
+            versions: None,
         })
     };
     match e {
@@ -72,11 +73,26 @@ async fn observe_with<P: KmsProvider>(kms: &P, key_ref: &str) -> Answer {
             };
         }
     };
+    // Where versions have their own state, the ones still holding DEKs matter as well (the
+    // lifecycle keeps those); without them the answer is not the whole truth about the key.
+    let versions = match kms.version_states(key_ref).await {
+        Ok(v) => v,
+        Err(e) if e.is_transient() => {
+            return Answer::Indeterminate(format!("listing key versions failed: {e}"));
+        }
+        Err(e) => {
+            return match definitive(&e) {
+                Some(o) => Answer::Known(o),
+                None => Answer::Indeterminate(format!("listing key versions failed: {e}")),
+            };
+        }
+    };
     let mut observed = Observation {
         state: Some(info.state),
         revoked: false,
         version: Some(info.current_version.clone()),
         expires_at: Some(info.expires_at),
+        versions,
     };
     if info.state != KeyState::Enabled || kms.describe_is_complete() {
         // Refuses wrapping already (expired keys still unwrap: expiry is computed from the

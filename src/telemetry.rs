@@ -202,6 +202,8 @@ metrics_table! {
         "KMS call failures by provider, operation and class (not_found, unusable, access_denied, unreachable, integrity, sealed_material, no_such_version, invalid_key_ref, not_configured, store); a batch counts once per failed item.";
     AWS_KMS_THROTTLED, "byokd_aws_kms_throttled_total", Counter, None, [], None,
         "AWS KMS requests answered with ThrottlingException (each is retried and, if it persists, an outage: never a revocation).";
+    GCP_KMS_THROTTLED, "byokd_gcp_kms_throttled_total", Counter, None, [], None,
+        "Cloud KMS requests answered with 429 RESOURCE_EXHAUSTED (each slows the quota and is retried; if it persists, an outage: never a revocation).";
     // Key access.
     UNWRAP_DURATION, "byokd_unwrap_duration_seconds", Histogram, Some(Unit::Seconds), ["route", "outcome"], Some(UNWRAP_SECONDS),
         "Duration of DEK unwrap requests (route single or batch; outcome ok or error), from the handler's start to its answer.";

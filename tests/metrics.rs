@@ -309,6 +309,7 @@ async fn metrics_are_described_and_show_the_work_done() {
             "byokd_metrics_collector_errors_total",
             "byokd_notification_failures_total",
             "byokd_aws_kms_throttled_total",
+            "byokd_gcp_kms_throttled_total",
         ];
         if !expected_absent.contains(&def.name) {
             assert!(

@@ -1014,6 +1014,7 @@ fn observation(
             revoked: false,
             version: None,
             expires_at: None,
+            versions: None,
         };
     }
     if truth.revoked && denied {
@@ -1022,6 +1023,7 @@ fn observation(
             revoked: true,
             version: None,
             expires_at: None,
+            versions: None,
         };
     }
     let expired = truth.expires_at.is_some_and(|at| at <= now);
@@ -1036,6 +1038,7 @@ fn observation(
         revoked: truth.revoked,
         version: Some(truth.version.to_string()),
         expires_at: Some(truth.expires_at),
+        versions: None,
     }
 }
 

@@ -199,6 +199,21 @@ fn check(config: &Config) -> Report {
                 .map_err(|e| format!("kms.azure: {e}")),
         );
     }
+    if let Some(gcp) = &config.kms.gcp {
+        // Builds the client: reads the service-account key file, checks the URLs; no request.
+        add(
+            "kms.gcp",
+            crate::kms::GcpKms::new(gcp)
+                .map(|_| {
+                    let auth = gcp.credentials_path.as_ref().map_or_else(
+                        || format!("metadata server {}", gcp.metadata_url),
+                        |p| format!("service-account key file {}", p.display()),
+                    );
+                    format!("{} with {auth}", gcp.endpoint_url)
+                })
+                .map_err(|e| e.to_string()),
+        );
+    }
     add(
         "settings",
         if config.unknown.is_empty() {

@@ -10,6 +10,7 @@
 
 use super::{EventKind, LifecycleEvent, Provider};
 use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
 
 named_enum!(
     /// The provider-side state of a KEK. Stored observations hold only the first four;
@@ -61,6 +62,11 @@ pub struct KekStatus {
     pub expiry_event_at: Option<DateTime<Utc>>,
     /// A revoking event that took effect before the KMS confirmed it.
     pub claim: Option<EventKind>,
+    /// Observed states of the key's versions other than the primary that still hold DEKs,
+    /// where versions have a state of their own ([`Provider::versions_have_state`]). They
+    /// decide whether those DEKs can be unwrapped, never the tenant's access: that is the
+    /// primary's (`state`), which alone decides new encryption.
+    pub versions: BTreeMap<String, KeyState>,
 }
 
 impl EventKind {
@@ -106,6 +112,7 @@ impl KekStatus {
             expires_at,
             expiry_event_at: None,
             claim: None,
+            versions: BTreeMap::new(),
         }
     }
 
@@ -405,6 +412,11 @@ pub fn apply_event(kek: &KekStatus, event: &LifecycleEvent, now: DateTime<Utc>) 
     if kek.state == KeyState::Destroyed {
         return effect(None, false, EventOutcome::IgnoredDestroyed);
     }
+    if is_about_another_version(kek, event) {
+        // Not the primary: only the DEKs under that version are concerned, and the KMS says
+        // what became of it (the observation records the version's state).
+        return effect(None, true, EventOutcome::Confirming);
+    }
     match event.kind {
         kind if kind.is_revoking() => {
             if kek
@@ -440,6 +452,23 @@ pub fn apply_event(kek: &KekStatus, event: &LifecycleEvent, now: DateTime<Utc>) 
     }
 }
 
+/// Whether `event` concerns one version of the key other than its primary, on a provider whose
+/// versions have their own state. An event naming no version, or a rotation, is the key's.
+pub fn is_about_another_version(kek: &KekStatus, event: &LifecycleEvent) -> bool {
+    let per_version = matches!(
+        event.kind,
+        EventKind::Disabled
+            | EventKind::Enabled
+            | EventKind::DeletionScheduled
+            | EventKind::DeletionCancelled
+            | EventKind::Destroyed
+    );
+    per_version
+        && event.provider.versions_have_state()
+        && matches!((&event.version, &kek.current_version),
+                    (Some(v), Some(primary)) if v != primary)
+}
+
 /// Whether `candidate` is a newer key version than `current`. Numbered versions (local, Vault)
 /// only move forward, so a DEK already under a newer version is never rolled back; opaque
 /// versions (AWS) are newer whenever they differ.
@@ -464,6 +493,9 @@ pub struct Observation {
     pub version: Option<String>,
     /// The expiry, where the KMS holds one (`Some(None)`: none set).
     pub expires_at: Option<Option<DateTime<Utc>>>,
+    /// The states of the versions other than the primary that still hold DEKs, where
+    /// versions have their own state (`None`: the KMS reports no such thing).
+    pub versions: Option<BTreeMap<String, KeyState>>,
 }
 
 /// What an observation does to one KEK.
@@ -475,6 +507,10 @@ pub struct ObservationEffect {
     pub unconfirmed: Option<EventKind>,
     /// The key now stands destroyed, as the KMS said (it was not before).
     pub destroyed: bool,
+    /// Versions other than the primary, holding DEKs, that the KMS now reports in a state
+    /// that refuses to decrypt and that was not recorded before: their DEKs cannot be
+    /// unwrapped (for good, if `destroyed`), news for the tenant. Access does not change.
+    pub versions_unusable: Vec<(String, KeyState)>,
 }
 
 /// Sets the observed part of `kek` to what the KMS said and settles the claim, unless a newer
@@ -497,6 +533,7 @@ pub fn apply_observation(
             }),
             unconfirmed: None,
             destroyed: false,
+            versions_unusable: Vec::new(),
         };
     }
     let mut next = kek.clone();
@@ -513,6 +550,26 @@ pub fn apply_observation(
     if let Some(expires_at) = observed.expires_at {
         next.expires_at = expires_at;
     }
+    let mut versions_unusable = Vec::new();
+    if let Some(versions) = &observed.versions {
+        let mut others = versions.clone();
+        if let Some(primary) = &next.current_version {
+            others.remove(primary);
+        }
+        for (version, state) in &others {
+            // A version that was the primary had the key's state; one not seen before was
+            // usable when its DEKs were wrapped.
+            let before = match kek.versions.get(version) {
+                Some(s) => *s,
+                None if kek.current_version.as_ref() == Some(version) => kek.state,
+                None => KeyState::Enabled,
+            };
+            if *state != KeyState::Enabled && *state != KeyState::Expired && *state != before {
+                versions_unusable.push((version.clone(), *state));
+            }
+        }
+        next.versions = others;
+    }
     let mut unconfirmed = None;
     if !claim_is_newer && let Some(claim) = kek.claim {
         next.claim = None;
@@ -528,6 +585,7 @@ pub fn apply_observation(
         destroyed: next.state == KeyState::Destroyed,
         next: (next != *kek).then_some(next),
         unconfirmed,
+        versions_unusable,
     }
 }
 
@@ -578,6 +636,7 @@ mod tests {
             revoked,
             version: None,
             expires_at: None,
+            versions: None,
         }
     }
 

@@ -109,6 +109,14 @@ impl Provider {
     pub fn kms_holds_expiry(self) -> bool {
         matches!(self, Provider::Local | Provider::Aws | Provider::Azure)
     }
+
+    /// Whether each key version has a state of its own at the KMS (GCP: a version is enabled,
+    /// disabled, scheduled for destruction or destroyed by itself), so an event about one
+    /// version is not an event about the key. The key's state is then its primary version's,
+    /// and the other versions matter only for the DEKs still wrapped under them.
+    pub fn versions_have_state(self) -> bool {
+        matches!(self, Provider::Gcp)
+    }
 }
 
 /// The tenant's IAM role byokd assumes to reach an AWS key: the usual cross-account BYOK

@@ -158,7 +158,7 @@ fn zeroizing_string<'de, D: Deserializer<'de>>(
 
 /// Serializes a request body into a zeroizing buffer. Growing copies into a new zeroizing
 /// buffer, so a reallocation never leaves a copy of the plaintext in freed memory.
-fn json_body(value: &impl Serialize) -> Zeroizing<Vec<u8>> {
+pub(super) fn json_body(value: &impl Serialize) -> Zeroizing<Vec<u8>> {
     struct Writer(Zeroizing<Vec<u8>>);
     impl std::io::Write for Writer {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -185,14 +185,14 @@ fn json_body(value: &impl Serialize) -> Zeroizing<Vec<u8>> {
 
 /// Zeroes bytes shared with reqwest when this is the last reference to them (reqwest and
 /// hyper let go of a request body once it is sent); otherwise there is nothing it may touch.
-fn scrub(bytes: Bytes) {
+pub(super) fn scrub(bytes: Bytes) {
     if let Ok(mut owned) = bytes.try_into_mut() {
         owned[..].zeroize();
     }
 }
 
 /// A DEK from Transit's base64 plaintext, decoded into a zeroizing array.
-fn dek_from_base64(plaintext: &str) -> Result<Dek, KmsError> {
+pub(super) fn dek_from_base64(plaintext: &str) -> Result<Dek, KmsError> {
     let mut raw = Zeroizing::new([0u8; 48]);
     let len = B64
         .decode_slice(plaintext, raw.as_mut())

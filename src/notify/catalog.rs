@@ -213,6 +213,10 @@ pub struct KeyDestroyedWithDeks {
     pub dek_count: i64,
     /// It was the tenant's primary key.
     pub primary: bool,
+    /// The one version destroyed, where versions have their own state (GCP): the key and
+    /// its primary version live on, the DEKs under this version are lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// `endpoint.disabled`: a webhook endpoint kept failing (or answered 410) and was disabled.
@@ -475,7 +479,10 @@ impl Notification {
                 format!("{}:{}:{}", n.provider, n.key_ref, ms(n.unreachable_since))
             }
             // Destroyed is final: once per key.
-            Notification::KeyDestroyedWithDeks(n) => format!("{}:{}", n.provider, n.key_ref),
+            Notification::KeyDestroyedWithDeks(n) => match &n.version {
+                Some(v) => format!("{}:{}:version:{v}", n.provider, n.key_ref),
+                None => format!("{}:{}", n.provider, n.key_ref),
+            },
             Notification::EndpointDisabled(n) => {
                 format!("{}:{}", n.endpoint_id, n.disabled_at.timestamp_micros())
             }
@@ -639,6 +646,10 @@ impl Notification {
                 ),
                 if n.primary {
                     format!("Register a new key with {platform} so that new data can be stored.")
+                } else if n.version.is_some() {
+                    s(
+                        "The key's primary version is not affected: new data is still stored and read as before.",
+                    )
                 } else {
                     s("Your current key is not affected.")
                 },

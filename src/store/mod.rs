@@ -629,6 +629,15 @@ impl StoreTx {
         dispatch!(self, t => t.dek_counts(kek_ids).await)
     }
 
+    /// DEKs wrapped under each version of each key but the version given with it (its
+    /// primary): `(kek, version, count)`, versions without DEKs absent.
+    pub async fn dek_version_counts(
+        &mut self,
+        keks: &[(i64, Option<String>)],
+    ) -> Result<Vec<(i64, String, i64)>, StoreError> {
+        dispatch!(self, t => t.dek_version_counts(keks).await)
+    }
+
     /// Writes tenants' access.
     pub async fn update_access(&mut self, updates: &[AccessUpdate]) -> Result<(), StoreError> {
         dispatch!(self, t => t.update_access(updates).await)

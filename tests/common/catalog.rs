@@ -118,6 +118,7 @@ pub fn samples(tenant: &str) -> Vec<(String, Notification)> {
                 key_ref: key.clone(),
                 dek_count: 42,
                 primary: true,
+                version: None,
             }),
         ),
         (

@@ -10,6 +10,7 @@
 pub mod aws;
 pub mod azure;
 pub mod catalog;
+pub mod gcp;
 pub mod http_fault;
 pub mod notify;
 pub mod proxy;
@@ -912,6 +913,9 @@ impl TestApp {
         }
         if let Some(azure) = &self.config.kms.azure {
             cmd.envs(azure::env(azure));
+        }
+        if let Some(gcp) = &self.config.kms.gcp {
+            cmd.envs(gcp::env(gcp));
         }
         let out = cmd
             .args(["deks", "verify", "--json", "--tenant", tenant])

@@ -11,9 +11,10 @@
 //! - `UpdateCryptoKeyVersion` to state `DISABLED`/`ENABLED`: disabled/enabled; other updates
 //!   (labels, ...) are ignored.
 //! - `DestroyCryptoKeyVersion`: deletion_scheduled (the version goes `DESTROY_SCHEDULED`);
-//!   `RestoreCryptoKeyVersion`: deletion_cancelled. GCP keeps state per *version* while byokd
-//!   tracks the key, so a destroyed non-primary version is treated as the key's: failing closed
-//!   is the safe side, and DEKs may still be wrapped under that version.
+//!   `RestoreCryptoKeyVersion`: deletion_cancelled. GCP keeps state per *version*, so every
+//!   event names its version: the state model applies one about the primary to the key and
+//!   one about another version only to the DEKs still under it, as the KMS reports it
+//!   ([`crate::domain::kek::is_about_another_version`]).
 //! - `UpdateCryptoKeyPrimaryVersion`: rotated to the new primary's version number.
 //!   `CreateCryptoKeyVersion` is rotated only when the entry shows the new version is primary
 //!   (`response.primary`, as a rotation logs it); a plain create does not change what Encrypt
