@@ -386,6 +386,7 @@ impl SqliteStore {
                 expires_at: r.try_get("expires_at")?,
                 expiry_event_at: r.try_get("expiry_event_at")?,
                 claim: r.try_get("claim")?,
+                versions: Default::default(),
             };
             keks.push(KekView {
                 provider: s.provider,
@@ -609,7 +610,7 @@ async fn keks_of(
     let rows = sqlx::query(
         "SELECT id, tenant_id, is_primary, retired_at IS NOT NULL AS retired, provider, key_ref,
                 state, revoked, current_version, expires_at, expiry_event_at, claim, claimed_at,
-                watch_gen
+                watch_gen, version_states
          FROM keks WHERE tenant_id IN (SELECT value FROM json_each(?1)) ORDER BY id",
     )
     .bind(json_list(tenants))
@@ -634,9 +635,38 @@ async fn keks_of(
                     expires_at: r.try_get("expires_at")?,
                     expiry_event_at: r.try_get("expiry_event_at")?,
                     claim: r.try_get("claim")?,
+                    versions: version_states(&r.try_get::<String, _>("version_states")?),
                 },
             })
         })
+        .collect()
+}
+
+/// The stored `version_states`; written only by [`SqliteTx::update_keks`], so anything else
+/// in it is a bug, read as nothing known rather than refusing the whole tenant (as on
+/// PostgreSQL).
+fn version_states(json: &str) -> std::collections::BTreeMap<String, crate::domain::KeyState> {
+    serde_json::from_str(json).unwrap_or_default()
+}
+
+/// DEKs wrapped under each version of `kek_id` other than `except` (its primary), versions
+/// without DEKs absent. The `(kek_id, kek_version)` index answers it without a scan of the
+/// primary's DEKs beyond the count of the others.
+async fn dek_version_counts(
+    kek_id: i64,
+    except: Option<&str>,
+    conn: &mut sqlx::SqliteConnection,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT kek_version AS version, count(*) AS n FROM deks
+         WHERE kek_id = ?1 AND kek_version IS NOT ?2 GROUP BY kek_version",
+    )
+    .bind(kek_id)
+    .bind(except)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("version")?, r.try_get("n")?)))
         .collect()
 }
 
@@ -815,7 +845,7 @@ impl SqliteTx {
                         claimed_at = CASE WHEN ?7 IS NULL THEN NULL
                                           WHEN claim IS NOT ?7 THEN ?8
                                           ELSE claimed_at END,
-                        updated_at = ?8
+                        version_states = ?9, updated_at = ?8
                  WHERE id = ?1",
             )
             .bind(k.id)
@@ -826,6 +856,7 @@ impl SqliteTx {
             .bind(ots(k.status.expiry_event_at))
             .bind(claim)
             .bind(&now)
+            .bind(serde_json::to_string(&k.status.versions).unwrap_or_else(|_| "{}".to_owned()))
             .execute(&mut *self.tx)
             .await?;
         }
@@ -894,6 +925,20 @@ impl SqliteTx {
             return Ok(Vec::new());
         }
         dek_counts(kek_ids, &mut self.tx).await
+    }
+
+    pub(super) async fn dek_version_counts(
+        &mut self,
+        keks: &[(i64, Option<String>)],
+    ) -> Result<Vec<(i64, String, i64)>, StoreError> {
+        let mut counts = Vec::new();
+        for (kek_id, except) in keks {
+            for (version, n) in dek_version_counts(*kek_id, except.as_deref(), &mut self.tx).await?
+            {
+                counts.push((*kek_id, version, n));
+            }
+        }
+        Ok(counts)
     }
 
     pub(super) async fn update_access(
