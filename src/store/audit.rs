@@ -60,7 +60,9 @@ pub struct AuditFilter {
 /// A row as the chain covers it: every column that says what happened, exactly as stored.
 /// Text columns stay text (a provider name the code does not know must still verify);
 /// `detail` is PostgreSQL's text form of the stored `jsonb`, which is canonical (keys
-/// ordered, fixed spacing, numbers as stored), so any change to the value changes it.
+/// ordered, fixed spacing, numbers as stored), so any change to the value changes it; on
+/// SQLite, the text as stored. A row brought from SQLite to PostgreSQL by `byokd import` keeps
+/// the text it was chained with (`audit_log.detail_text`, checked against the jsonb).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainRecord {
     /// Row id.
@@ -89,7 +91,7 @@ pub struct ChainRecord {
     pub source: String,
     /// Event id.
     pub event_id: Option<String>,
-    /// `detail::text`.
+    /// The `detail` text the chain covers (see above).
     pub detail: String,
 }
 

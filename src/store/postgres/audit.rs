@@ -6,8 +6,48 @@ use crate::store::{
     StoreError,
 };
 use chrono::{DateTime, Utc};
-use sqlx::Connection;
-use sqlx::postgres::PgConnection;
+use sqlx::postgres::{PgConnection, PgRow};
+use sqlx::{Connection, Row};
+
+/// The `detail` text a row is chained with: `detail::text`, PostgreSQL's canonical text of
+/// the jsonb, except for rows imported from SQLite (`byokd import`), which were chained with
+/// the text SQLite stored and keep it in `detail_text`. That text counts only while it says
+/// what the jsonb says (a CHECK keeps them so; this guards a dropped CHECK too): otherwise the
+/// jsonb's text is hashed, which differs from what was chained, so editing either column
+/// breaks the chain as editing `detail` always did.
+macro_rules! chained_detail {
+    () => {
+        "CASE WHEN detail_text IS NOT NULL AND detail_text::jsonb = detail
+              THEN detail_text ELSE detail::text END"
+    };
+}
+
+/// The columns of a [`ChainRecord`], as [`chain_record`] reads them.
+const CHAIN_COLUMNS: &str = concat!(
+    "id, chain_seq, chain, txid::text::bigint AS txid, at, tenant_id, client, provider,
+     key_ref, action, outcome, source, event_id, ",
+    chained_detail!(),
+    " AS detail"
+);
+
+fn chain_record(r: &PgRow) -> Result<ChainRecord, StoreError> {
+    Ok(ChainRecord {
+        id: r.try_get("id")?,
+        chain_seq: r.try_get("chain_seq")?,
+        chain: r.try_get("chain")?,
+        txid: r.try_get("txid")?,
+        at: r.try_get("at")?,
+        tenant_id: r.try_get("tenant_id")?,
+        client: r.try_get("client")?,
+        provider: r.try_get("provider")?,
+        key_ref: r.try_get("key_ref")?,
+        action: r.try_get("action")?,
+        outcome: r.try_get("outcome")?,
+        source: r.try_get("source")?,
+        event_id: r.try_get("event_id")?,
+        detail: r.try_get("detail")?,
+    })
+}
 
 /// A connection taken out of the pool for chaining, and whether it holds the chain's lock.
 pub(crate) struct PgAuditChainConn {
@@ -49,19 +89,18 @@ impl PgAuditChainConn {
         // A row whose transaction is older than every running one is final: no transaction
         // that could still commit has a txid below the horizon, so (txid, id) order never
         // gains a row before the rows chained so far.
-        let rows = sqlx::query_as!(
-            ChainRecord,
-            r#"SELECT id, chain_seq, chain, txid::text::bigint AS "txid!", at, tenant_id, client,
-                      provider, key_ref, action, outcome, source, event_id,
-                      detail::text AS "detail!"
-               FROM audit_log
-               WHERE chain_seq IS NULL AND txid < pg_snapshot_xmin(pg_current_snapshot())
-               ORDER BY txid, id
-               LIMIT $1"#,
-            limit
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CHAIN_COLUMNS} FROM audit_log
+             WHERE chain_seq IS NULL AND txid < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY txid, id
+             LIMIT $1"
+        )))
+        .bind(limit)
         .fetch_all(&mut *tx)
-        .await?;
+        .await?
+        .iter()
+        .map(chain_record)
+        .collect::<Result<Vec<_>, _>>()?;
         if rows.is_empty() {
             return Ok((head, 0));
         }
@@ -245,20 +284,16 @@ impl PgStore {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<ChainRecord>, StoreError> {
-        Ok(sqlx::query_as!(
-            ChainRecord,
-            r#"SELECT id, chain_seq, chain, txid::text::bigint AS "txid!", at, tenant_id, client,
-                      provider, key_ref, action, outcome, source, event_id,
-                      detail::text AS "detail!"
-               FROM audit_log
-               WHERE chain_seq > $1
-               ORDER BY chain_seq
-               LIMIT $2"#,
-            after_seq,
-            limit
-        )
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CHAIN_COLUMNS} FROM audit_log WHERE chain_seq > $1 ORDER BY chain_seq LIMIT $2"
+        )))
+        .bind(after_seq)
+        .bind(limit)
         .fetch_all(&self.pool)
-        .await?)
+        .await?
+        .iter()
+        .map(chain_record)
+        .collect()
     }
 
     pub(crate) async fn audit_pending(
