@@ -29,7 +29,17 @@ mod jobs;
 
 /// byokd: the key-lifecycle daemon behind Bring Your Own Key.
 #[derive(Debug, Parser)]
-#[command(name = "byokd", version, about, long_about = None)]
+#[command(
+    name = "byokd",
+    version,
+    about,
+    long_about = None,
+    after_help = "Moving from standalone (SQLite) to PostgreSQL: stop the daemon, run \
+                  `byokd export --out FILE`, then `byokd import --in FILE` with \
+                  BYOKD_DATABASE_URL set and the same root key (BYOKD_LOCAL_KMS_ROOT_KEY, the \
+                  contents of root.key), and start the daemon there (README, \"Moving from \
+                  standalone to PostgreSQL\")."
+)]
 pub struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -110,6 +120,22 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         command: dead::DeadCommand,
+    },
+    /// Write the whole database (tenants, keys, DEKs, the audit trail and the rest) to one
+    /// archive, to move the deployment to another database, e.g. from standalone SQLite to
+    /// PostgreSQL. Stop the daemon first; secrets stay sealed under the root key.
+    Export {
+        /// Archive file; `-` or nothing writes standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Load an archive written by `byokd export` into the configured database (migrated
+    /// first, and empty), in one transaction, after checking the whole archive; needs the
+    /// exported deployment's root key. `audit verify` and `deks verify` pass after it.
+    Import {
+        /// Archive file; `-` or nothing reads standard input.
+        #[arg(long = "in")]
+        input: Option<PathBuf>,
     },
     /// Verify or export the audit trail.
     Audit {
@@ -361,6 +387,8 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<()> {
                     format: ExportFormat::Jsonl,
                 },
         } => export_audit(&config, since, until, tenant).await,
+        Command::Export { out } => export(cli.json, &config, out).await,
+        Command::Import { input } => import(cli.json, &config, input).await,
         Command::CheckConfig => check::run(cli.json),
         Command::Dead { command } => dead::run(cli.json, &config, command).await,
         Command::Jobs { command } => jobs::run(cli.json, &config, command).await,
@@ -898,4 +926,103 @@ async fn export_audit(
         Err(e) => Err(e.into()),
         Ok(_) => Ok(()),
     }
+}
+
+/// Whether `path` means standard input or output.
+fn is_std(path: Option<&std::path::Path>) -> bool {
+    path.is_none_or(|p| p.as_os_str() == "-")
+}
+
+async fn export(json: bool, config: &Config, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let store = Store::connect(config.require_database_url()?, 2).await?;
+    // A daemon on the SQLite file would go on writing after the snapshot.
+    let _node = store
+        .lock_single_node()
+        .map_err(|e| anyhow::anyhow!("{e}: stop the daemon before exporting its database"))?;
+    let to_stdout = is_std(out.as_deref());
+    let summary = if to_stdout {
+        let mut w = std::io::BufWriter::new(std::io::stdout());
+        crate::transfer::export(&store, &mut w).await?
+    } else {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = out.as_deref().unwrap_or_else(|| std::path::Path::new("-"));
+        // Written aside and renamed when complete, so FILE is never half an archive; 0600, as
+        // it holds everything sealed, wrapped and hashed that the database does.
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)
+            .with_context(|| format!("cannot create {}", partial.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        let summary = crate::transfer::export(&store, &mut w).await?;
+        w.into_inner()
+            .map_err(std::io::IntoInnerError::into_error)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&partial, path))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        summary
+    };
+    let text = format!(
+        "exported {} rows from {} ({}), sha256 {}",
+        summary.rows,
+        summary.source,
+        describe_counts(&summary.counts),
+        summary.sha256
+    );
+    // The archive may be on standard output: the report then goes to standard error.
+    if to_stdout {
+        eprintln!("{text}");
+    } else {
+        print(json, &serde_json::to_value(&summary)?, &text);
+    }
+    Ok(())
+}
+
+async fn import(json: bool, config: &Config, input: Option<PathBuf>) -> anyhow::Result<()> {
+    let keys = config.require_root_keys()?;
+    let archive = if is_std(input.as_deref()) {
+        crate::transfer::read_archive(std::io::BufReader::new(std::io::stdin().lock()))?
+    } else {
+        let path = input
+            .as_deref()
+            .unwrap_or_else(|| std::path::Path::new("-"));
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        crate::transfer::read_archive(std::io::BufReader::new(file))?
+    };
+    let store = Store::connect(config.require_database_url()?, 2).await?;
+    let _node = store
+        .lock_single_node()
+        .map_err(|e| anyhow::anyhow!("{e}: stop the daemon before importing into its database"))?;
+    store.migrate().await?;
+    crate::transfer::import(&store, &archive, &keys).await?;
+    let s = &archive.summary;
+    print(
+        json,
+        &serde_json::json!({ "imported": true, "archive": s }),
+        &format!(
+            "imported {} rows exported from {} by byokd {} ({}); run `byokd audit verify` \
+             and `byokd deks verify` to check",
+            s.rows,
+            s.source,
+            s.byokd_version,
+            describe_counts(&s.counts)
+        ),
+    );
+    Ok(())
+}
+
+/// `table=n, ...` of the tables that hold rows.
+fn describe_counts(counts: &std::collections::BTreeMap<String, i64>) -> String {
+    counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(t, n)| format!("{t}={n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -44,6 +44,8 @@
 //! * `rootkey`: root-key rotation, re-sealing everything sealed under the root key.
 //! * `daemon`: `run`, wiring it all together with graceful shutdown; `collector` refreshes
 //!   the gauges read from the database and the broker.
+//! * `transfer`: `byokd export` / `byokd import`, a whole deployment as one checked archive
+//!   (standalone SQLite to PostgreSQL, audit chain intact).
 //! * `standalone`: the mode without a database or broker URL: the data dir, its SQLite
 //!   database, and the root key and admin token generated there on first start.
 //!
@@ -71,6 +73,7 @@ pub mod standalone;
 pub mod store;
 pub mod sweeps;
 pub mod telemetry;
+pub mod transfer;
 
 /// Installs ring as the process's TLS crypto provider (lapin, reqwest and lettre all use
 /// rustls, built without a provider of their own). Idempotent.

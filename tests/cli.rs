@@ -33,6 +33,8 @@ fn every_command_has_help() {
         vec!["check-config", "--help"],
         vec!["root-key", "generate", "--help"],
         vec!["root-key", "rotate", "--help"],
+        vec!["export", "--help"],
+        vec!["import", "--help"],
     ] {
         let out = byokd().args(&args).output().expect("run byokd");
         assert!(out.status.success(), "{args:?}");

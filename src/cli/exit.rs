@@ -50,6 +50,17 @@ pub fn code(error: &anyhow::Error) -> u8 {
             // Sealed under a root key that is not configured.
             return CONFIG;
         }
+        if let Some(e) = cause.downcast_ref::<crate::transfer::TransferError>() {
+            use crate::transfer::TransferError as T;
+            match e {
+                T::NotEmpty(_) => return USAGE,
+                T::WrongRootKey => return CONFIG,
+                T::Archive(_) => return FAILURE,
+                // Transparent: the store error is not a link of its own.
+                T::Store(e) if e.is_transient() => return UNAVAILABLE,
+                T::Io(_) | T::Store(_) => continue,
+            }
+        }
         if cause.is::<Usage>() {
             return USAGE;
         }

@@ -26,6 +26,7 @@ mod reseal;
 mod rewrap;
 mod sqlite;
 mod sweeps;
+pub mod transfer;
 
 pub use audit::{
     AuditChainConn, AuditCheckpoint, AuditEntry, AuditFilter, ChainHead, ChainLink, ChainRecord,

@@ -255,6 +255,12 @@ impl TestApp {
     /// Spawns on `backend` with a config tweak.
     pub async fn spawn_on_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let db = TestDb::create_on(backend).await;
+        Self::spawn_on_db(db, tweak).await
+    }
+
+    /// Spawns on an existing database (e.g. one a test filled with `byokd import`).
+    pub async fn spawn_on_db(db: TestDb, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let backend = db.backend;
         let mut config = test_config(&db.url, unique_amqp());
         tweak(&mut config);
         let (pool, sqlite) = match backend {

@@ -21,6 +21,7 @@ macro_rules! chained_detail {
               THEN detail_text ELSE detail::text END"
     };
 }
+pub(crate) use chained_detail;
 
 /// The columns of a [`ChainRecord`], as [`chain_record`] reads them.
 const CHAIN_COLUMNS: &str = concat!(

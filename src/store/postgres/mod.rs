@@ -50,6 +50,7 @@ mod outbox;
 mod reseal;
 mod rewrap;
 mod sweeps;
+mod transfer;
 
 pub(crate) use audit::PgAuditChainConn;
 pub(crate) use sweeps::PgScheduleLock;

@@ -47,6 +47,7 @@ mod outbox;
 mod reseal;
 mod rewrap;
 mod sweeps;
+mod transfer;
 
 pub(crate) use access::SqliteChangeListener;
 pub(crate) use audit::SqliteAuditChainConn;
