@@ -394,3 +394,119 @@ pub async fn import(
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An archive of `rows` (table, row) with `header` fields merged over a valid header,
+    /// and a valid trailer.
+    fn archive(header: Value, rows: &[(&str, Value)]) -> Vec<u8> {
+        let mut counts: BTreeMap<String, i64> =
+            TABLES.iter().map(|t| (t.name.to_owned(), 0)).collect();
+        for (t, _) in rows {
+            *counts.entry((*t).to_owned()).or_default() += 1;
+        }
+        let mut head = json!({
+            "format": FORMAT, "version": VERSION, "byokd_version": "0", "source": "sqlite",
+            "counts": counts,
+        });
+        for (k, v) in header.as_object().into_iter().flatten() {
+            head[k] = v.clone();
+        }
+        let mut body = format!("{head}\n");
+        for (t, row) in rows {
+            body.push_str(&format!("{}\n", json!({ "table": t, "row": row })));
+        }
+        let sha = hex(&Sha256::digest(body.as_bytes()));
+        let n: i64 = counts.values().sum();
+        body.push_str(&format!(
+            "{}\n",
+            json!({ "trailer": { "counts": counts, "rows": n, "sha256": sha } })
+        ));
+        body.into_bytes()
+    }
+
+    fn contact(email: &str) -> Value {
+        json!({ "tenant_id": "acme", "email": email })
+    }
+
+    fn refused(bytes: &[u8]) -> String {
+        match read_archive(bytes) {
+            Err(TransferError::Archive(why)) => why,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_well_formed_archive_reads_back_by_table() {
+        let bytes = archive(
+            json!({}),
+            &[
+                ("tenant_contacts", contact("a@x")),
+                ("tenant_contacts", contact("b@x")),
+            ],
+        );
+        let a = read_archive(bytes.as_slice()).expect("archive");
+        assert_eq!(a.summary.rows, 2);
+        assert_eq!(a.summary.counts["tenant_contacts"], 2);
+        let (t, rows) = &a.tables[1];
+        assert_eq!(t.name, "tenant_contacts");
+        assert_eq!(rows.len(), 2);
+    }
+
+    #[test]
+    fn another_format_version_lines_after_the_trailer_and_bad_rows_are_refused() {
+        assert!(refused(&archive(json!({ "version": 2 }), &[])).contains("format version 2"));
+        assert!(refused(&archive(json!({ "format": "tar" }), &[])).contains("not a byokd-archive"));
+        let mut extra = archive(json!({}), &[]);
+        extra.extend_from_slice(b"{}\n");
+        assert!(refused(&extra).contains("after the trailer"));
+        let why = refused(&archive(json!({}), &[("nope", json!({}))]));
+        assert!(why.contains("no table \"nope\""), "{why}");
+        let why = refused(&archive(
+            json!({}),
+            &[("tenant_contacts", json!({ "tenant_id": "acme" }))],
+        ));
+        assert!(why.contains("has 1 columns, not 2"), "{why}");
+        let why = refused(&archive(
+            json!({}),
+            &[(
+                "tenant_contacts",
+                json!({ "tenant_id": "acme", "mail": "a@x" }),
+            )],
+        ));
+        assert!(why.contains("has no email"), "{why}");
+        let why = refused(&archive(
+            json!({}),
+            &[("tenant_contacts", json!({ "tenant_id": 7, "email": "a@x" }))],
+        ));
+        assert!(
+            why.contains("tenant_contacts.tenant_id is not text"),
+            "{why}"
+        );
+        // Parents come first: a child before its parent's table cannot be replayed.
+        let why = refused(&archive(
+            json!({}),
+            &[("tenant_contacts", contact("a@x")), ("tenants", json!({}))],
+        ));
+        assert!(why.contains("comes after"), "{why}");
+    }
+
+    #[test]
+    fn neutral_values_are_checked_by_kind() {
+        use crate::store::transfer::{Kind, invalid};
+        assert_eq!(
+            invalid(Kind::Time, &json!("2026-11-29T13:45:00.123456Z")),
+            None
+        );
+        assert_eq!(invalid(Kind::Time, &json!("infinity")), None);
+        assert!(invalid(Kind::Time, &json!("2026-11-29T13:45:00Z")).is_some());
+        assert!(invalid(Kind::Bytes, &json!("not base64!")).is_some());
+        assert!(invalid(Kind::Uuid, &json!("acme")).is_some());
+        assert!(invalid(Kind::Int, &json!(1.5)).is_some());
+        assert!(invalid(Kind::TextArray, &json!(["a", 1])).is_some());
+        assert_eq!(invalid(Kind::Json, &json!({ "any": ["thing"] })), None);
+        assert_eq!(invalid(Kind::Bool, &Value::Null), None);
+    }
+}

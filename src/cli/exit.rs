@@ -128,5 +128,11 @@ mod tests {
         );
         let conflict = StoreError::Conflict("taken".into());
         assert_eq!(code(&anyhow::Error::new(conflict)), FAILURE);
+        use crate::transfer::TransferError as T;
+        assert_eq!(code(&anyhow::Error::new(T::NotEmpty("x".into()))), USAGE);
+        assert_eq!(code(&anyhow::Error::new(T::WrongRootKey)), CONFIG);
+        assert_eq!(code(&anyhow::Error::new(T::Archive("x".into()))), FAILURE);
+        let down = T::Store(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+        assert_eq!(code(&anyhow::Error::new(down)), UNAVAILABLE);
     }
 }
