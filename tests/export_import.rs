@@ -129,8 +129,9 @@ async fn wait_chained_and_checkpointed(app: &TestApp) {
 /// webhook each; a client that created and unwrapped a DEK (and was refused once); `bulk`
 /// more DEKs; acme's key rotated and every DEK re-wrapped; beta's key revoked (beta
 /// inaccessible, its notifications pending). Every audit row chained and checkpointed.
-/// Returns the app (still running), the client's token, the DEK's id and its plaintext.
-async fn standalone_deployment(bulk: usize) -> (TestApp, String, String, Vec<u8>) {
+/// Returns the app (still running), the client's token, the DEK's id and its plaintext, and
+/// the id of the event that revoked beta's key.
+async fn standalone_deployment(bulk: usize) -> (TestApp, String, String, Vec<u8>, String) {
     let app = TestApp::spawn_on_with(Backend::Sqlite, fast_chaining).await;
     app.tenant_with_key("acme", "acme-kek").await;
     app.tenant_with_key("beta", "beta-kek").await;
@@ -180,11 +181,11 @@ async fn standalone_deployment(bulk: usize) -> (TestApp, String, String, Vec<u8>
         .await;
     let since = chrono::Utc::now();
     app.kms_do("beta-kek", "disabled", &json!({})).await;
-    app.publish("disabled", "beta-kek", at(10), json!({})).await;
+    let revoked = app.publish("disabled", "beta-kek", at(10), json!({})).await;
     app.wait_observed("beta-kek", since).await;
     assert_eq!(app.tenant("beta").await["access"], "inaccessible");
     wait_chained_and_checkpointed(&app).await;
-    (app, token, dek_id, plaintext(&created))
+    (app, token, dek_id, plaintext(&created), revoked)
 }
 
 /// Rows per carried table.
@@ -220,7 +221,7 @@ async fn counts_pg(pool: &PgPool) -> Vec<(&'static str, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_deployment_moves_to_postgres_intact_and_goes_on_there() {
-    let (mut src, token, dek_id, key) = standalone_deployment(300).await;
+    let (mut src, token, dek_id, key, revoked) = standalone_deployment(300).await;
     let amqp = src.config.amqp.clone();
 
     // While the daemon holds the SQLite file, export refuses: it would go on writing.
@@ -369,6 +370,31 @@ async fn a_standalone_deployment_moves_to_postgres_intact_and_goes_on_there() {
     assert_eq!(dst.tenant("acme").await["keks"][0]["current_version"], "2");
     let r = dst.get("/v1/audit/checkpoints").await;
     assert_eq!(r.status(), 200);
+    // Dedupe survived the move: the revoking event delivered again is not applied again.
+    let rows_of = |id: String| {
+        let dst = &dst;
+        async move {
+            dst.sql("SELECT count(*) FROM audit_log WHERE event_id = $1")
+                .bind(id)
+                .int()
+                .await
+        }
+    };
+    let before = rows_of(revoked.clone()).await;
+    assert!(before > 0);
+    let processed = dst.processed().await;
+    dst.publish_with_id(&revoked, "disabled", "beta-kek", at(10), json!({}))
+        .await;
+    let marker = dst.publish("expiring", "acme-kek", at(20), json!({})).await;
+    dst.wait_processed(processed + 1).await;
+    // The marker was published last; once it is in, everything before it was consumed.
+    assert_eq!(rows_of(marker).await, 1);
+    assert_eq!(
+        rows_of(revoked.clone()).await,
+        before,
+        "the event was applied twice"
+    );
+    assert_eq!(dst.processed().await, processed + 1);
     // New rows after the import collide with nothing: a tenant and key (keks' sequence), a
     // DEK, audit rows (audit_log's sequence), and the chain goes on from the imported head.
     dst.tenant_with_key("gamma", "gamma-kek").await;
@@ -470,7 +496,7 @@ fn assert_refused(r: &(String, String, i32), code: i32, says: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_archives_and_a_non_empty_database_are_refused_with_nothing_written() {
-    let (mut src, _, _, _) = standalone_deployment(20).await;
+    let (mut src, ..) = standalone_deployment(20).await;
     src.stop().await;
     let amqp = src.config.amqp.clone();
     let (path, _) = export(&src.db.url, &amqp);
@@ -557,7 +583,7 @@ async fn tampered_archives_and_a_non_empty_database_are_refused_with_nothing_wri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_audit_row_edited_in_the_archive_is_imported_and_caught_by_audit_verify() {
-    let (mut src, _, _, _) = standalone_deployment(0).await;
+    let (mut src, ..) = standalone_deployment(0).await;
     src.stop().await;
     let amqp = src.config.amqp.clone();
     let (path, _) = export(&src.db.url, &amqp);
