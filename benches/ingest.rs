@@ -258,9 +258,10 @@ async fn ceiling(app: &TestApp, n: usize, label: &str) -> f64 {
 /// One byokd configuration: a fresh database and queue, `keys` tenants, batch size `batch`;
 /// `n` events queued before the daemon starts. Returns events/s, with the drain-time probe
 /// latencies when `probes` is set.
-async fn byokd_drain(n: usize, keys: usize, batch: usize, probes: bool) -> f64 {
+async fn byokd_drain(n: usize, keys: usize, batch: usize, pipeline: usize, probes: bool) -> f64 {
     let mut app = TestApp::spawn_with(|c| {
         c.amqp.batch_size = batch;
+        c.amqp.pipeline = pipeline;
         c.amqp.prefetch = u16::try_from(batch * 2).unwrap_or(u16::MAX);
         c.amqp.prefetch_bytes = batch * 2 * c.amqp.max_message_bytes;
     })
@@ -281,7 +282,7 @@ async fn byokd_drain(n: usize, keys: usize, batch: usize, probes: bool) -> f64 {
     let took = start.elapsed();
     let rate = (n + extra) as f64 / took.as_secs_f64();
     println!(
-        "  byokd, {keys} tenants, batch {batch} (prefetch {}): {} in {:.2} s = {rate:.0} events/s",
+        "  byokd, {keys} tenants, batch {batch}, pipeline {pipeline} (prefetch {}): {} in {:.2} s = {rate:.0} events/s",
         app.config.amqp.effective_prefetch(),
         n + extra,
         took.as_secs_f64()
@@ -358,23 +359,34 @@ async fn main() {
     bare_app.stop().await;
     let before = ceiling(&bare_app, n, "before").await;
 
+    let pipeline = byokd::config::AmqpSettings::default().pipeline;
     let mut results = Vec::new();
     for &batch in &batches {
-        let rate = byokd_drain(n, 200, batch, batch == 1024).await;
-        results.push((200, batch, rate));
+        let rate = byokd_drain(n, 200, batch, pipeline, batch == 1024).await;
+        results.push((200, batch, pipeline, rate));
     }
     for &keys in tenants.iter().filter(|&&t| t != 200) {
-        let rate = byokd_drain(n, keys, 1024, false).await;
-        results.push((keys, 1024, rate));
+        let rate = byokd_drain(n, keys, 1024, pipeline, false).await;
+        results.push((keys, 1024, pipeline, rate));
+    }
+    // The same without pipelining: one batch at a time.
+    if pipeline != 1 {
+        let rate = byokd_drain(n, 200, 1024, 1, false).await;
+        results.push((200, 1024, 1, rate));
     }
 
     let after = ceiling(&bare_app, n, "after").await;
     bare_app.shutdown().await;
     let best = before.max(after);
     println!("ceiling: best bare consumer {best:.0} msg/s (before {before:.0}, after {after:.0})");
-    println!("| tenants | batch | byokd events/s | ratio to the best bare consumer |");
-    println!("|---|---|---|---|");
-    for (keys, batch, rate) in results {
-        println!("| {keys} | {batch} | {rate:.0} | {:.2} |", rate / best);
+    println!(
+        "| tenants | batch | batches in flight | byokd events/s | ratio to the best bare consumer |"
+    );
+    println!("|---|---|---|---|---|");
+    for (keys, batch, pipeline, rate) in results {
+        println!(
+            "| {keys} | {batch} | {pipeline} | {rate:.0} | {:.2} |",
+            rate / best
+        );
     }
 }

@@ -56,6 +56,9 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     /// Most events applied in one database transaction.
     pub batch_size: usize,
+    /// Batches a consumer applies at once, each in its own transaction: while one waits for
+    /// the database, the next is parsed and planned. Acks still follow delivery order.
+    pub pipeline: usize,
     /// Deliveries after which the broker dead-letters a message (quorum `x-delivery-limit`).
     pub delivery_limit: u32,
     /// Larger messages are dead-lettered unparsed.
@@ -98,6 +101,7 @@ impl Default for AmqpSettings {
             access_exchange: "byok.access".into(),
             prefetch: 2048,
             batch_size: 1024,
+            pipeline: 2,
             delivery_limit: 20,
             max_message_bytes: 256 * 1024,
             prefetch_bytes: 256 * 1024 * 1024,
@@ -1343,8 +1347,8 @@ impl Config {
                     .to_owned(),
             );
         }
-        if self.amqp.batch_size == 0 {
-            errors.push("amqp.batch_size must be at least 1".to_owned());
+        if self.amqp.batch_size == 0 || self.amqp.pipeline == 0 {
+            errors.push("amqp.batch_size and amqp.pipeline must be at least 1".to_owned());
         }
         if self.rewrap.batch_size < 1 || self.rewrap.concurrency < 1 {
             errors.push("rewrap.batch_size and rewrap.concurrency must be at least 1".to_owned());

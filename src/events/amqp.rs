@@ -2,7 +2,8 @@
 //! [`Publisher`] it uses live in [`crate::broker`].
 //!
 //! The consumer applies deliveries in batches (whatever is already prefetched, up to
-//! `amqp.batch_size`) in one database transaction, and acks them only after it commits. While
+//! `amqp.batch_size`) in one database transaction, and acks them only after it commits; up to
+//! `amqp.pipeline` batches are in flight at once and acked in delivery order. While
 //! the database is down it holds the batch and retries with backoff instead of requeueing,
 //! so good events never burn their quorum-queue delivery limit on an outage. A message that
 //! can never succeed is published to the dead-letter exchange with the reason in the
@@ -33,7 +34,9 @@ use crate::telemetry::{
     CONSUMER_UP, EVENT_BATCH_SIZE, EVENT_COMMIT_LATENCY, EVENTS, EVENTS_DEAD_LETTERED,
     REVOCATION_EFFECT_LATENCY,
 };
+use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
+use lapin::Acker;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
 };
@@ -210,11 +213,56 @@ async fn session(
     // hands the queue to nobody. Look at the connection now and then as well.
     let mut watchdog = tokio::time::interval(CONNECTION_CHECK);
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Up to `pipeline` batches are applied at once, each in its own transaction, so the
+    // next batch is parsed and planned while the database works on the previous one. They
+    // finish (and are acked, `multiple`) in delivery order: an ack never covers a delivery
+    // whose transaction has not committed.
+    let mut in_flight = FuturesOrdered::new();
+    let pipeline = s.pipeline.max(1);
+    let mut pending_error: Option<lapin::Error> = None;
+    // Set when a batch gave up at shutdown: nothing after it may be acked.
+    let mut unacked_gap = false;
     loop {
-        let first = tokio::select! {
+        if in_flight.is_empty()
+            && let Some(e) = pending_error.take()
+        {
+            return Err(e.into());
+        }
+        let taking = in_flight.len() < pipeline && pending_error.is_none();
+        tokio::select! {
             biased;
-            _ = shutdown.changed() => None,
-            next = consumer.next() => Some(next),
+            _ = shutdown.changed() => break,
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                match done? {
+                    BatchEnd::Done(Some(last)) => {
+                        bounded(last.ack(BasicAckOptions { multiple: true })).await?;
+                    }
+                    BatchEnd::Done(None) => {}
+                    BatchEnd::Shutdown => {
+                        unacked_gap = true;
+                        break;
+                    }
+                }
+                continue;
+            }
+            next = consumer.next(), if taking => {
+                let first = next.ok_or(AmqpError::ConsumerCancelled)??;
+                // Receipt time: whatever else is prefetched joins the batch at once.
+                let received = Instant::now();
+                let mut batch = vec![first];
+                while batch.len() < s.batch_size {
+                    match consumer.next().now_or_never() {
+                        Some(Some(Ok(d))) => batch.push(d),
+                        Some(Some(Err(e))) => {
+                            pending_error = Some(e);
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
+                in_flight.push_back(process_batch(intake, batch, received, shutdown.clone()));
+                continue;
+            }
             _ = watchdog.tick() => {
                 if conn.status().connected() && channel.status().connected() {
                     continue;
@@ -223,47 +271,34 @@ async fn session(
                     "the connection to the broker is closed".to_owned(),
                 ));
             }
-        };
-        let Some(first) = first else {
-            // Stop new deliveries; whatever is prefetched but unacked goes back to the queue
-            // when the channel closes.
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
-            let _ = channel.close(200, "shutdown".into()).await;
-            let _ = conn.close(200, "shutdown".into()).await;
-            return Ok(());
-        };
-        let first = first.ok_or(AmqpError::ConsumerCancelled)??;
-        // Receipt time: whatever else is prefetched joins the batch at once.
-        let received = Instant::now();
-        let mut batch = vec![first];
-        let mut pending_error = None;
-        while batch.len() < s.batch_size {
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => batch.push(d),
-                Some(Some(Err(e))) => {
-                    pending_error = Some(e);
-                    break;
-                }
-                _ => break,
-            }
-        }
-        match process_batch(intake, batch, received, shutdown).await? {
-            BatchEnd::Done => {}
-            BatchEnd::Shutdown => {
-                let _ = conn.close(200, "shutdown".into()).await;
-                return Ok(());
-            }
-        }
-        if let Some(e) = pending_error {
-            return Err(e.into());
         }
     }
+    // Shutdown: stop new deliveries, let the batches in flight finish (or give up their
+    // retries) and ack what committed; whatever is prefetched but unacked goes back to the
+    // queue when the channel closes.
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    while !unacked_gap && let Some(done) = in_flight.next().await {
+        match done {
+            Ok(BatchEnd::Done(Some(last))) => {
+                let _ = bounded(last.ack(BasicAckOptions { multiple: true })).await;
+            }
+            Ok(BatchEnd::Done(None)) => {}
+            // Later batches must not be acked past one that did not commit.
+            Ok(BatchEnd::Shutdown) | Err(_) => break,
+        }
+    }
+    let _ = channel.close(200, "shutdown".into()).await;
+    let _ = conn.close(200, "shutdown".into()).await;
+    Ok(())
 }
 
 enum BatchEnd {
-    Done,
+    /// Applied; the acker of the last delivery whose events committed, to ack (`multiple`)
+    /// once every earlier batch is acked. `None` when nothing is left to ack.
+    Done(Option<Acker>),
+    /// Shutdown came while the batch waited for the database; it is not acked.
     Shutdown,
 }
 
@@ -337,12 +372,16 @@ fn record_latencies(deliveries: &[&Delivery], revocations: &[usize], received: I
     }
 }
 
+/// Parses, dead-letters and applies one batch. A batch applied whole is acked by the caller
+/// ([`BatchEnd::Done`]), in delivery order; deliveries settled one by one (dead letters, a
+/// batch split after a permanent failure) are acked here.
 async fn process_batch(
     intake: &Intake,
     batch: Vec<Delivery>,
     received: Instant,
-    shutdown: &mut watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<BatchEnd, AmqpError> {
+    let shutdown = &mut shutdown;
     // A delivery may hold several events (an Event Grid array); `good[i]` owns the next
     // `counts[i]` events, so a delivery's events are applied, acked or dead-lettered together.
     let mut events = Vec::with_capacity(batch.len());
@@ -366,16 +405,14 @@ async fn process_batch(
         }
     }
     if events.is_empty() {
-        return Ok(BatchEnd::Done);
+        return Ok(BatchEnd::Done(None));
     }
     metrics::histogram!(EVENT_BATCH_SIZE).record(events.len() as f64);
     match apply_with_retry(intake, &events, shutdown).await {
         Applied::Ok(result) => {
             let deliveries: Vec<&Delivery> = good.iter().collect();
             record_latencies(&deliveries, &result.revocations, received);
-            if let Some(last) = good.last() {
-                bounded(last.acker.ack(BasicAckOptions { multiple: true })).await?;
-            }
+            return Ok(BatchEnd::Done(good.last().map(|d| d.acker.clone())));
         }
         Applied::Shutdown => return Ok(BatchEnd::Shutdown),
         Applied::Permanent(e) => {
@@ -398,7 +435,7 @@ async fn process_batch(
             }
         }
     }
-    Ok(BatchEnd::Done)
+    Ok(BatchEnd::Done(None))
 }
 
 /// Application-property prefixes of CloudEvents attributes in binary mode: the AMQP
