@@ -5,9 +5,10 @@
 //! against its hash; the admin token never unwraps), whether the tenant is in the client's
 //! scope, whether the tenant's access allows it (an `inaccessible` tenant is refused; an
 //! `encrypt_blocked` one still unwraps), and the DEK itself, from a bounded cache of
-//! unwrapped DEKs or from the KMS. Every attempt, allowed or refused, is written to the audit
-//! trail by [`audit::AuditWriter`] in group commits before the answer leaves: an attempt
-//! that cannot be recorded is not served.
+//! unwrapped DEKs or from the KMS. Every attempt, allowed or refused, is recorded by
+//! [`audit::AuditWriter`] before the answer leaves (in the replica's local [`spool`], shipped
+//! to the audit trail within about a second, or committed to it): an attempt that cannot be
+//! recorded is not served.
 //!
 //! Caches are per replica and dropped by PostgreSQL notifications sent in the very
 //! transaction that changes a tenant's access or revokes a client ([`invalidate_loop`]), so
@@ -16,6 +17,7 @@
 //! notification could leave.
 
 pub mod audit;
+pub mod spool;
 
 use crate::config::AccessSettings;
 use crate::domain::Access;
@@ -286,6 +288,12 @@ impl Gate {
                 epoch: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Why every attempt is refused now (the audit spool's backlog is over its cap), for
+    /// `/readyz`.
+    pub fn audit_refusing(&self) -> Option<String> {
+        self.inner.audit.refusing()
     }
 
     /// Unwrapped DEKs cached on this replica now.
