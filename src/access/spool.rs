@@ -40,6 +40,9 @@ const MAX_RECORD: usize = 1024 * 1024;
 const READ_BYTES: u64 = 4 * 1024 * 1024;
 /// How often the shipper looks when nothing wakes it.
 const SHIP_POLL: Duration = Duration::from_millis(250);
+/// Least time between two shipments while attempts keep coming: larger batches, fewer
+/// commits competing with the requests for the machine.
+const SHIP_GAP: Duration = Duration::from_millis(100);
 
 /// Why a spool cannot be opened or written.
 #[derive(Debug, thiserror::Error)]
@@ -812,8 +815,14 @@ pub async fn ship_loop(
                 }
                 Duration::ZERO
             }
-            Ok((_, false)) => {
+            Ok((shipped, false)) => {
                 backoff.reset();
+                if shipped > 0 && !stopping {
+                    tokio::select! {
+                        () = tokio::time::sleep(SHIP_GAP) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
                 SHIP_POLL
             }
             Err(e) => {

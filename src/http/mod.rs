@@ -448,7 +448,7 @@ async fn require_events(State(state): State<AppState>, request: Request, next: N
 /// Key-access routes: who is calling ([`Caller`](crate::access::Caller)) goes into the
 /// request for the handler; an unknown or revoked token is refused with 401, audited.
 async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let route = request.uri().path().to_owned();
+    let route = request.uri().path();
     let caller = match bearer(&request) {
         Some(token)
             if state
@@ -458,7 +458,7 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
         {
             crate::access::Caller::Admin
         }
-        Some(token) => match state.gate.authenticate(token, &route).await {
+        Some(token) => match state.gate.authenticate(token, route).await {
             Ok(caller) => caller,
             Err(refusal) => return ApiError::from(refusal).into_response(),
         },

@@ -843,19 +843,28 @@ impl PgTx {
         let sources: Vec<&str> = rows.iter().map(|r| r.row.source.as_str()).collect();
         let events: Vec<Option<&str>> = rows.iter().map(|r| r.row.event_id.as_deref()).collect();
         let details: Vec<String> = rows.iter().map(|r| r.row.detail.to_string()).collect();
+        let clients: Vec<Option<&str>> = rows
+            .iter()
+            .map(|r| {
+                r.row
+                    .detail
+                    .get("client")
+                    .and_then(serde_json::Value::as_str)
+            })
+            .collect();
         // As `audit`, with the attempt's own time and id: a row shipped again after a crash
-        // is skipped.
+        // is skipped. The client comes as a column of its own (the detail is parsed once).
         let inserted = sqlx::query!(
             "INSERT INTO audit_log (attempt_id, at, tenant_id, provider, key_ref, action,
                                     outcome, source, event_id, detail, client)
              SELECT u.attempt_id, u.at, u.tenant_id, u.provider, u.key_ref, u.action,
-                    u.outcome, u.source, u.event_id, u.detail::jsonb,
-                    u.detail::jsonb->>'client'
+                    u.outcome, u.source, u.event_id, u.detail::jsonb, u.client
              FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
+                         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                         $11::text[])
                  WITH ORDINALITY
                  AS u(attempt_id, at, tenant_id, provider, key_ref, action, outcome, source,
-                      event_id, detail, n)
+                      event_id, detail, client, n)
              ORDER BY u.n
              ON CONFLICT (attempt_id) DO NOTHING",
             &ids,
@@ -867,7 +876,8 @@ impl PgTx {
             &outcomes as &[&str],
             &sources as &[&str],
             &events as &[Option<&str>],
-            &details
+            &details,
+            &clients as &[Option<&str>]
         )
         .execute(&mut *self.tx)
         .await?;
