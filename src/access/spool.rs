@@ -514,7 +514,9 @@ impl Spool {
         // The first attempt still waiting is no older than the last one shipped.
         let last_at = decoded.rows.last().map(|(_, r)| r.at.timestamp_millis());
         self.advance(pos, offset, shipped, last_at)?;
-        Ok((shipped, !reached_end))
+        // No progress (damage in the segment being written): wait for the next poll rather
+        // than spin; the segment is skipped past its damage once the writer moves on.
+        Ok((shipped, !reached_end && offset > pos.offset))
     }
 
     /// Records that everything before `offset` in `pos.seq` is shipped.
@@ -660,10 +662,16 @@ fn read_next(shared: &Shared) -> Result<Option<ReadBatch>, SpoolError> {
             .read_to_end(&mut bytes)
             .map_err(io(&path))?;
         let mut decoded = decode(&bytes, pos.offset);
-        let reached_end = pos.offset + bytes.len() as u64 >= size;
-        if !reached_end && decoded.torn.is_some_and(|t| t >= decoded.end) {
-            // Cut by the read's limit, not torn: the next round reads it whole.
-            decoded.torn = None;
+        let read_to = pos.offset + bytes.len() as u64;
+        let mut reached_end = read_to >= size;
+        if !reached_end && let Some(t) = decoded.torn {
+            if read_to - t < (HEADER + MAX_RECORD) as u64 {
+                // Cut by the read's limit, not torn: the next round reads it whole.
+                decoded.torn = None;
+            } else {
+                // A damaged header: nothing after it can be found, as at a torn end.
+                reached_end = true;
+            }
         }
         return Ok(Some(ReadBatch {
             pos,
@@ -926,6 +934,20 @@ mod tests {
         assert_eq!(d.rows.len(), 2);
         assert_eq!(d.end, buf.len() as u64);
         assert!(d.torn.is_none());
+    }
+
+    #[test]
+    fn a_damaged_length_stops_reading_where_it_is() {
+        let mut buf = Vec::new();
+        encode(&mut buf, &row(1));
+        let first = buf.len();
+        encode(&mut buf, &row(2));
+        encode(&mut buf, &row(3));
+        buf[first + 3] = 0xff;
+        let d = decode(&buf, 0);
+        assert_eq!(d.rows.len(), 1);
+        assert_eq!(d.torn, Some(first as u64));
+        assert_eq!(d.end, first as u64);
     }
 
     #[test]
