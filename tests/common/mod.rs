@@ -373,9 +373,10 @@ impl TestApp {
         }
     }
 
-    /// Stops the daemon and removes the test's queues, exchanges and database.
+    /// Stops the daemon and removes the test's queues, exchanges, database and audit spool.
     pub async fn shutdown(mut self) {
         self.stop().await;
+        let _ = std::fs::remove_dir_all(self.spool_dir());
         self.pool.close().await;
         if let Some(pool) = &self.sqlite {
             pool.close().await;
