@@ -411,9 +411,26 @@ async fn spooled_attempts_reach_the_trail_once_across_a_restart(backend: Backend
     for _ in 0..20 {
         assert_eq!(call(&app, &app.base, &token, &path, None).await.0, 200);
     }
+    // An attempt naming a tenant PostgreSQL could not store (a NUL) is refused and
+    // recorded, and does not stop the shipper.
+    let (status, body, _) = call(
+        &app,
+        &app.base,
+        &token,
+        &format!("/v1/tenants/s%00p/deks/{}/unwrap", uuid::Uuid::new_v4()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
     // Each attempt reaches audit_log with an id of its own.
     app.audit_shipped().await;
     assert_eq!(spooled_attempts(&app, "sp").await, (21, 21));
+    let odd = app
+        .sql("SELECT count(*) FROM audit_log WHERE tenant_id = $1")
+        .bind("s\u{FFFD}p")
+        .int()
+        .await;
+    assert_eq!(odd, 1);
 
     // The daemon stops; what it shipped is shipped again by the next one (its shipped
     // position lost, as a crash could lose it), and a segment an earlier daemon left

@@ -88,7 +88,7 @@ impl AuditWriter {
                         // Time-ordered ids keep the trail's unique index appending.
                         attempt_id: uuid::Uuid::now_v7(),
                         at,
-                        row,
+                        row: storable(row),
                     })
                     .collect();
                 return Ok(spool.record(rows).await?);
@@ -105,6 +105,45 @@ impl AuditWriter {
             Err(_) => Err(AuditError::Stopped),
         }
     }
+}
+
+/// `row` with every NUL character replaced (U+FFFD): PostgreSQL's text and jsonb cannot
+/// hold one, and a spooled row the database refuses would stop the shipper for good. In
+/// commit mode such a row fails its own group; spooled, it is answered before it meets the
+/// database, so it must be one the database takes. (A request path can carry `%00`.)
+fn storable(mut row: AuditRow) -> AuditRow {
+    fn clean(s: &mut String) {
+        if s.contains('\0') {
+            *s = s.replace('\0', "\u{FFFD}");
+        }
+    }
+    fn clean_json(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => clean(s),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(clean_json),
+            serde_json::Value::Object(map) => {
+                if map.keys().any(|k| k.contains('\0')) {
+                    *map = std::mem::take(map)
+                        .into_iter()
+                        .map(|(k, v)| (k.replace('\0', "\u{FFFD}"), v))
+                        .collect();
+                }
+                map.values_mut().for_each(clean_json);
+            }
+            _ => {}
+        }
+    }
+    for s in [&mut row.action, &mut row.outcome, &mut row.source] {
+        clean(s);
+    }
+    for s in [&mut row.tenant_id, &mut row.key_ref, &mut row.event_id]
+        .into_iter()
+        .flatten()
+    {
+        clean(s);
+    }
+    clean_json(&mut row.detail);
+    row
 }
 
 async fn write_loop(store: Store, mut rx: mpsc::Receiver<(Vec<AuditRow>, Ack)>, batch: usize) {
@@ -131,5 +170,28 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<(Vec<AuditRow>, Ack)>, 
         for ack in acks {
             let _ = ack.send(result.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nul_characters_are_replaced_before_a_row_is_spooled() {
+        let row = storable(AuditRow::operation(
+            Some("a\0b"),
+            "dek_unwrap",
+            "api",
+            json!({ "reason": "tenant \"a\0b\"", "k\0": ["x\0"] }),
+        ));
+        assert_eq!(row.tenant_id.as_deref(), Some("a\u{FFFD}b"));
+        assert!(
+            !row.detail.to_string().contains("\\u0000"),
+            "{}",
+            row.detail
+        );
+        assert_eq!(row.detail["k\u{FFFD}"][0], "x\u{FFFD}");
     }
 }

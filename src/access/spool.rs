@@ -837,7 +837,16 @@ pub async fn ship_loop(
                 tracing::warn!(error = %e, backlog_bytes = spool.backlog_bytes(),
                     "cannot ship audit spool to the audit trail; retrying (the spool keeps the attempts)");
                 metrics::counter!(crate::telemetry::AUDIT_SHIP_FAILURES).increment(1);
-                backoff.next_delay()
+                spool.shared.publish_gauges();
+                if stopping {
+                    return;
+                }
+                // Backs off whatever is written meanwhile: each write would wake it.
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
             }
         };
         spool.shared.publish_gauges();
