@@ -32,7 +32,9 @@ RUN apt-get update \
     && groupadd --system --gid 10001 byokd \
     && useradd --system --uid 10001 --gid byokd --home-dir /var/lib/byokd \
                --shell /usr/sbin/nologin byokd \
-    && install -d -o byokd -g byokd -m 0750 /var/lib/byokd
+    && install -d -o byokd -g byokd -m 0750 /var/lib/byokd \
+    && install -d -o byokd -g byokd -m 0700 /var/lib/byokd/byokd-data \
+               /var/lib/byokd/byokd-data/audit-spool
 COPY --from=build /src/target/release/byokd /usr/local/bin/byokd
 COPY schedules /etc/byokd/schedules
 # The working directory is the one place byokd writes (emails as files when no SMTP server

@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 /// The data dir of standalone mode when `BYOKD_DATA_DIR` is not set.
@@ -745,8 +745,43 @@ pub struct AccessSettings {
     pub client_cache_ms: u64,
     /// How long a tenant's access is trusted without asking the database, likewise.
     pub tenant_cache_ms: u64,
-    /// Most audit rows written in one transaction.
+    /// Most audit rows written in one transaction (`commit` mode) or shipped in one INSERT
+    /// (`spool` mode).
     pub audit_batch: usize,
+    /// How an attempt's audit row is made durable before the answer leaves.
+    pub audit_mode: AuditMode,
+    /// The spool of `spool` mode; unset: `audit-spool` in the data dir (`BYOKD_DATA_DIR`,
+    /// `./byokd-data` by default), in either mode. One daemon per directory (a lock file).
+    pub audit_spool_dir: Option<PathBuf>,
+    /// Longest time between two fdatasyncs of the spool; 0 syncs every group before it is
+    /// acknowledged (no attempt lost to a machine crash, at a disk flush per group).
+    pub audit_fsync_ms: u64,
+    /// Unshipped spool above which attempts are refused (the database is unreachable for
+    /// long) and `/readyz` answers 503.
+    pub audit_spool_max_bytes: u64,
+}
+
+/// `access.audit_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditMode {
+    /// Each group of attempts is appended to a local spool file (one write) before the
+    /// answer; a shipper moves the rows into `audit_log` in large batches, within about a
+    /// second.
+    #[default]
+    Spool,
+    /// Each group of attempts is committed to `audit_log` before the answer (a database
+    /// commit per group: slower, nothing local).
+    Commit,
+}
+
+impl AccessSettings {
+    /// The audit spool's directory: `audit_spool_dir`, or `audit-spool` in `data_dir`.
+    pub fn spool_dir(&self, data_dir: &Path) -> PathBuf {
+        self.audit_spool_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("audit-spool"))
+    }
 }
 
 impl Default for AccessSettings {
@@ -757,6 +792,10 @@ impl Default for AccessSettings {
             client_cache_ms: 500,
             tenant_cache_ms: 1_000,
             audit_batch: 1_024,
+            audit_mode: AuditMode::Spool,
+            audit_spool_dir: None,
+            audit_fsync_ms: 100,
+            audit_spool_max_bytes: 256 * 1024 * 1024,
         }
     }
 }

@@ -37,7 +37,7 @@ pub mod collector;
 
 use crate::audit::{self, ChainKey, Chainer};
 use crate::broker::Publisher;
-use crate::config::{Config, ConfigError};
+use crate::config::{AuditMode, Config, ConfigError};
 use crate::events::amqp::{self, ConsumerHealth, Intake};
 use crate::events::intake;
 use crate::http::TaskRegistry;
@@ -80,6 +80,9 @@ pub enum RunError {
     /// Notification delivery could not be set up (SMTP URL, sender, allowlist).
     #[error(transparent)]
     Notify(#[from] NotifyError),
+    /// The audit spool cannot be opened (or another daemon uses it).
+    #[error(transparent)]
+    AuditSpool(#[from] crate::access::spool::SpoolError),
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
@@ -336,14 +339,39 @@ async fn supervise(
         access_changed.clone(),
         rewrap_work.clone(),
     );
-    // The audit writer has connections of its own: a burst of unwraps must not wait behind
-    // the consumer for one, nor starve it.
+    // The audit writer (or the spool's shipper) has connections of its own: a burst of
+    // unwraps must not wait behind the consumer for one, nor starve it.
     let audit_store = Store::connect(&database_url, 4).await?;
+    let audit_writer = match config.access.audit_mode {
+        AuditMode::Commit => {
+            crate::access::audit::AuditWriter::start(audit_store, config.access.audit_batch)
+        }
+        AuditMode::Spool => {
+            let dir = config.access.spool_dir(&config.data_dir);
+            let spool = crate::access::spool::Spool::open(
+                &dir,
+                config.access.audit_fsync_ms,
+                config.access.audit_spool_max_bytes,
+            )?;
+            // Ships what an earlier process left first, while the API already serves.
+            tasks.spawn(
+                "audit_spool_shipper",
+                &stop_rx,
+                crate::access::spool::ship_loop(
+                    spool.clone(),
+                    audit_store,
+                    config.access.audit_batch,
+                    stop_rx.clone(),
+                ),
+            );
+            crate::access::audit::AuditWriter::spooled(spool)
+        }
+    };
     let gate = crate::access::Gate::new(
         store.clone(),
         kms.clone(),
         keys.clone(),
-        crate::access::audit::AuditWriter::start(audit_store, config.access.audit_batch),
+        audit_writer,
         &config.access,
         &root_keys.current.0,
     );
@@ -365,7 +393,7 @@ async fn supervise(
         audit::chain_loop(chainer, stop_rx.clone()),
     );
 
-    let state = AppState {
+    let state = AppState::from(http::Services {
         store: store.clone(),
         admin_token: config.admin_token.clone(),
         events_token: config.events_token.clone(),
@@ -382,7 +410,7 @@ async fn supervise(
         state: config.state.clone(),
         amqp: config.amqp.clone(),
         tasks: registry.clone(),
-    };
+    });
     tracing::info!(addr = %listener.local_addr()?, "byokd listening");
     let mut http_stop = http_stop_rx.clone();
     tasks.spawn_fallible("http", &http_stop_rx, async move {

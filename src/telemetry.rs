@@ -211,6 +211,16 @@ metrics_table! {
         "Key-access attempts (unwraps, DEK creations, refused tokens) written to the audit trail.";
     AUDIT_WRITE_FAILURES, "byokd_audit_write_failures_total", Counter, None, [], None,
         "Failed writes of key-access audit batches (key access fails closed meanwhile).";
+    AUDIT_SPOOL_BACKLOG_BYTES, "byokd_audit_spool_backlog_bytes", Gauge, Some(Unit::Bytes), [], None,
+        "Bytes of key-access attempts in this replica's audit spool not yet shipped to the audit trail; above access.audit_spool_max_bytes attempts are refused.";
+    AUDIT_SPOOL_BACKLOG_ROWS, "byokd_audit_spool_backlog_rows", Gauge, None, [], None,
+        "Key-access attempts in this replica's audit spool not yet shipped to the audit trail.";
+    AUDIT_SPOOL_OLDEST_SECONDS, "byokd_audit_spool_oldest_unshipped_seconds", Gauge, Some(Unit::Seconds), [], None,
+        "Age of the oldest attempt in this replica's audit spool not yet shipped (an upper bound; 0 when none is waiting).";
+    AUDIT_SHIP_FAILURES, "byokd_audit_ship_failures_total", Counter, None, [], None,
+        "Failed shipments of spooled key-access attempts to the audit trail (retried; the spool keeps them).";
+    AUDIT_SPOOL_DAMAGED, "byokd_audit_spool_damaged_records_total", Counter, None, ["kind"], None,
+        "Spool records that could not be shipped: kind=torn (a write cut by a crash, at a segment's end) or corrupt (checksum mismatch).";
     ACCESS_ANOMALIES, "byokd_access_anomalies_total", Counter, None, ["rule"], None,
         "Key-access anomaly alerts raised, by rule.";
     ACCESS_MESSAGES_PUBLISHED, "byokd_access_messages_published_total", Counter, None, [], None,

@@ -74,6 +74,8 @@ async fn refusals_and_bad_tokens_alert_the_operators_once_per_window() {
         .expect("request");
     assert_eq!(r.status(), 201);
 
+    // The scan reads the audit trail, which the attempts reach through the spool.
+    app.audit_shipped().await;
     let store = byokd::store::Store::connect(&app.db.url, 2)
         .await
         .expect("store");

@@ -261,6 +261,33 @@ fn kubernetes_manifests_have_their_essentials() {
             "{name} is not from a Secret"
         );
     }
+    // The audit spool is on a volume of its own, large enough for the spool's cap.
+    let spool_dir = env
+        .iter()
+        .find(|v| v["name"] == "BYOKD_ACCESS__AUDIT_SPOOL_DIR")
+        .and_then(|v| v["value"].as_str())
+        .expect("BYOKD_ACCESS__AUDIT_SPOOL_DIR");
+    let spool_mount = container["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["mountPath"] == spool_dir)
+        .expect("the audit spool is a mount of its own");
+    let spool_volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == spool_mount["name"])
+        .expect("the audit spool's volume");
+    let limit = spool_volume["emptyDir"]["sizeLimit"]
+        .as_str()
+        .and_then(|l| l.strip_suffix("Mi"))
+        .and_then(|l| l.parse::<u64>().ok())
+        .expect("an emptyDir with a sizeLimit in Mi");
+    assert!(
+        limit * 1024 * 1024 > byokd::config::AccessSettings::default().audit_spool_max_bytes,
+        "the spool's volume must hold more than access.audit_spool_max_bytes"
+    );
     // The config file comes from the ConfigMap, mounted where BYOKD_CONFIG points.
     let config_map = kind(&docs, "ConfigMap");
     let config_name = config_map["metadata"]["name"].as_str().expect("name");

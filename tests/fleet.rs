@@ -389,6 +389,8 @@ async fn deleting_a_tenant_shreds_its_deks_and_keeps_the_audit_trail_verifiable(
         .await
             == 1
     );
+    // The unwraps' attempts reach the trail through the spool.
+    app.audit_shipped().await;
     wait_for("audit rows chained", Duration::from_secs(30), || async {
         count(
             &app,

@@ -166,6 +166,7 @@ async fn clients_create_and_unwrap_their_tenants_deks_and_nothing_else(backend: 
     assert_eq!(status, 422);
 
     // Every attempt is on the audit trail: who, which tenant and DEK, what came of it.
+    app.audit_shipped().await;
     let rows = app
         .sql(
             "SELECT action, outcome, detail->>'client' FROM audit_log
@@ -321,5 +322,240 @@ async fn an_expired_key_still_unwraps_but_creates_nothing(backend: Backend) {
     assert_eq!(call(&app, &app.base, &svc, &path, None).await.0, 200);
     let (status, body, _) = call(&app, &app.base, &svc, "/v1/tenants/ke/deks", None).await;
     assert_eq!(status, 403, "{body}");
+    app.shutdown().await;
+}
+
+/// A client of tenant `tenant` (made with a key) and one DEK of it, unwrapped once.
+async fn warm_dek(app: &TestApp, tenant: &str) -> (String, String) {
+    app.tenant_with_key(tenant, &format!("key-{tenant}")).await;
+    let token = client(
+        app,
+        &format!("svc-{tenant}"),
+        json!({ "tenants": [tenant] }),
+    )
+    .await;
+    let (status, created, _) = call(
+        app,
+        &app.base,
+        &token,
+        &format!("/v1/tenants/{tenant}/deks"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let path = format!(
+        "/v1/tenants/{tenant}/deks/{}/unwrap",
+        created["dek_id"].as_str().expect("id")
+    );
+    assert_eq!(call(app, &app.base, &token, &path, None).await.0, 200);
+    (token, path)
+}
+
+/// Spooled rows as an earlier daemon could have left them: `n` attempts, then a record cut
+/// by a crash mid-write.
+fn leftover_segment(dir: &std::path::Path, tenant: &str, n: usize) -> Vec<uuid::Uuid> {
+    let mut buf = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let row = byokd::store::SpooledAudit {
+            attempt_id: uuid::Uuid::now_v7(),
+            at: chrono::Utc::now() - chrono::Duration::seconds(60),
+            row: byokd::store::AuditRow {
+                tenant_id: Some(tenant.to_owned()),
+                provider: None,
+                key_ref: None,
+                action: "dek_unwrap".into(),
+                outcome: "allowed".into(),
+                source: "api".into(),
+                event_id: None,
+                detail: json!({ "client": "crashed", "n": i }),
+            },
+        };
+        ids.push(row.attempt_id);
+        byokd::access::spool::encode(&mut buf, &row);
+    }
+    let whole = buf.len();
+    byokd::access::spool::encode(
+        &mut buf,
+        &byokd::store::SpooledAudit {
+            attempt_id: uuid::Uuid::now_v7(),
+            at: chrono::Utc::now(),
+            row: byokd::store::AuditRow::operation(Some(tenant), "dek_unwrap", "api", json!({})),
+        },
+    );
+    buf.truncate(whole + 11);
+    // Numbered below the segments a daemon makes next.
+    std::fs::write(dir.join("seg-00000000000000000000.spool"), &buf).expect("write segment");
+    ids
+}
+
+async fn spooled_attempts(app: &TestApp, tenant: &str) -> (i64, i64) {
+    let rows = app
+        .sql(
+            "SELECT count(*), count(DISTINCT attempt_id) FROM audit_log
+             WHERE tenant_id = $1 AND action = 'dek_unwrap'",
+        )
+        .bind(tenant)
+        .rows()
+        .await;
+    (
+        rows[0][0].as_i64().expect("count"),
+        rows[0][1].as_i64().expect("count"),
+    )
+}
+
+on_both_backends!(spooled_attempts_reach_the_trail_once_across_a_restart, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+async fn spooled_attempts_reach_the_trail_once_across_a_restart(backend: Backend) {
+    let mut app = TestApp::spawn_on(backend).await;
+    let (token, path) = warm_dek(&app, "sp").await;
+    for _ in 0..20 {
+        assert_eq!(call(&app, &app.base, &token, &path, None).await.0, 200);
+    }
+    // An attempt naming a tenant PostgreSQL could not store (a NUL) is refused and
+    // recorded, and does not stop the shipper.
+    let (status, body, _) = call(
+        &app,
+        &app.base,
+        &token,
+        &format!("/v1/tenants/s%00p/deks/{}/unwrap", uuid::Uuid::new_v4()),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    // Each attempt reaches audit_log with an id of its own.
+    app.audit_shipped().await;
+    assert_eq!(spooled_attempts(&app, "sp").await, (21, 21));
+    let odd = app
+        .sql("SELECT count(*) FROM audit_log WHERE tenant_id = $1")
+        .bind("s\u{FFFD}p")
+        .int()
+        .await;
+    assert_eq!(odd, 1);
+
+    // The daemon stops; what it shipped is shipped again by the next one (its shipped
+    // position lost, as a crash could lose it), and a segment an earlier daemon left
+    // unshipped, ending in a torn record, is shipped too.
+    app.stop().await;
+    let dir = app.spool_dir();
+    std::fs::remove_file(dir.join("shipped")).expect("the shipped position");
+    let left = leftover_segment(&dir, "sp", 5);
+    app.start().await;
+    app.audit_shipped().await;
+    for _ in 0..3 {
+        assert_eq!(call(&app, &app.base, &token, &path, None).await.0, 200);
+    }
+    app.audit_shipped().await;
+    // Exactly once each: 21 + 5 + 3, the torn record skipped.
+    assert_eq!(spooled_attempts(&app, "sp").await, (29, 29));
+    let crashed = app
+        .sql("SELECT count(*) FROM audit_log WHERE client = 'crashed'")
+        .int()
+        .await;
+    assert_eq!(crashed, left.len() as i64);
+    // What was shipped is gone from the spool but the segment being written.
+    let segments = std::fs::read_dir(&dir)
+        .expect("spool dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".spool"))
+        })
+        .count();
+    assert_eq!(segments, 1);
+    app.shutdown().await;
+}
+
+/// `audit_log` cannot be written for a while (an exclusive lock held by the test, as a
+/// stuck or unreachable audit trail): unwraps are served from the spool until its backlog
+/// passes `access.audit_spool_max_bytes`, then refused with `/readyz` saying why, and served
+/// again once the backlog is shipped; the chain verifies after all that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_trail_unwritable_unwraps_are_served_up_to_the_spool_cap() {
+    let app = TestApp::spawn_with(|c| {
+        c.access.audit_spool_max_bytes = 4_000;
+        c.audit.chain_interval_ms = 20;
+    })
+    .await;
+    let (token, path) = warm_dek(&app, "cap").await;
+    app.audit_shipped().await;
+
+    let mut lock = app.pool.begin().await.expect("transaction");
+    sqlx::query("LOCK TABLE audit_log IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock audit_log");
+    let mut served = 0;
+    let mut refused = None;
+    for _ in 0..200 {
+        let (status, body, _) = call(&app, &app.base, &token, &path, None).await;
+        match status {
+            200 => served += 1,
+            503 => {
+                refused = Some(body);
+                break;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    let refused = refused.expect("refused once the spool is over its cap");
+    assert!(
+        served >= 5,
+        "served from the spool meanwhile: {served} ({refused})"
+    );
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("audit_spool_max_bytes")),
+        "{refused}"
+    );
+    let ready = app
+        .http
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 503);
+    let ready: Value = ready.json().await.expect("json");
+    assert!(
+        ready["audit"]
+            .as_str()
+            .is_some_and(|a| a.contains("audit spool")),
+        "{ready}"
+    );
+
+    // The trail comes back: the backlog is shipped and unwraps are served again.
+    lock.rollback().await.expect("unlock");
+    app.audit_shipped().await;
+    app.wait_ready().await;
+    assert_eq!(call(&app, &app.base, &token, &path, None).await.0, 200);
+    app.audit_shipped().await;
+    let allowed = app
+        .sql(
+            "SELECT count(*) FROM audit_log
+             WHERE tenant_id = 'cap' AND action = 'dek_unwrap' AND outcome = 'allowed'",
+        )
+        .int()
+        .await;
+    // The warm-up, those served meanwhile and the last one; a refusal for the backlog is
+    // not an attempt the trail could take.
+    assert_eq!(allowed, served + 2);
+
+    wait_for("audit rows chained", Duration::from_secs(30), || async {
+        app.sql("SELECT count(*) FROM audit_log WHERE chain_seq IS NULL")
+            .int()
+            .await
+            == 0
+    })
+    .await;
+    let mut cmd = common::byokd_command();
+    common::with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
+    let out = cmd
+        .args(["audit", "verify", "--json"])
+        .output()
+        .expect("byokd audit verify");
+    assert!(
+        out.status.success(),
+        "audit verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     app.shutdown().await;
 }

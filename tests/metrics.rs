@@ -305,6 +305,7 @@ async fn metrics_are_described_and_show_the_work_done() {
             "byokd_rewrap_deks_remaining",
             "byokd_access_anomalies_total",
             "byokd_audit_write_failures_total",
+            "byokd_audit_spool_damaged_records_total",
             "byokd_revocations_unconfirmed_total",
             "byokd_metrics_collector_errors_total",
             "byokd_notification_failures_total",

@@ -5,9 +5,10 @@
 //! against its hash; the admin token never unwraps), whether the tenant is in the client's
 //! scope, whether the tenant's access allows it (an `inaccessible` tenant is refused; an
 //! `encrypt_blocked` one still unwraps), and the DEK itself, from a bounded cache of
-//! unwrapped DEKs or from the KMS. Every attempt, allowed or refused, is written to the audit
-//! trail by [`audit::AuditWriter`] in group commits before the answer leaves: an attempt
-//! that cannot be recorded is not served.
+//! unwrapped DEKs or from the KMS. Every attempt, allowed or refused, is recorded by
+//! [`audit::AuditWriter`] before the answer leaves (in the replica's local [`spool`], shipped
+//! to the audit trail within about a second, or committed to it): an attempt that cannot be
+//! recorded is not served.
 //!
 //! Caches are per replica and dropped by PostgreSQL notifications sent in the very
 //! transaction that changes a tenant's access or revokes a client ([`invalidate_loop`]), so
@@ -16,6 +17,7 @@
 //! notification could leave.
 
 pub mod audit;
+pub mod spool;
 
 use crate::config::AccessSettings;
 use crate::domain::Access;
@@ -96,8 +98,8 @@ pub enum ItemError {
 /// The answer for one id of a batch unwrap.
 #[derive(Debug)]
 pub enum BatchItem {
-    /// Unwrapped.
-    Ok(Unwrapped),
+    /// Unwrapped (shared with the cache: an answer copies no key material).
+    Ok(Arc<Unwrapped>),
     /// Refused or failed, with why (no plaintext, no secret).
     Err(Uuid, ItemError, String),
 }
@@ -121,7 +123,9 @@ struct Inner {
     fingerprint_key: [u8; 32],
     clients: Cache<[u8; 32], Option<Arc<ClientRow>>>,
     tenants: Cache<String, Arc<CachedTenant>>,
-    deks: Cache<(String, Uuid), Unwrapped>,
+    /// By DEK id (a primary key: unique across tenants), with the tenant it belongs to,
+    /// checked on every hit; keyed so a lookup allocates nothing.
+    deks: Cache<Uuid, (Arc<str>, Arc<Unwrapped>)>,
     /// Caching is on only while the change listener is connected.
     listening: AtomicBool,
     /// Bumped by every invalidation: a value read from the database before a bump is not
@@ -286,6 +290,12 @@ impl Gate {
                 epoch: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Why every attempt is refused now (the audit spool's backlog is over its cap), for
+    /// `/readyz`.
+    pub fn audit_refusing(&self) -> Option<String> {
+        self.inner.audit.refusing()
     }
 
     /// Unwrapped DEKs cached on this replica now.
@@ -547,7 +557,7 @@ impl Gate {
         caller: &Caller,
         tenant_id: &str,
         dek_id: Uuid,
-    ) -> Result<Unwrapped, Refusal> {
+    ) -> Result<Arc<Unwrapped>, Refusal> {
         let mut items = self.unwrap_many(caller, tenant_id, &[dek_id]).await?;
         match items.pop() {
             Some(BatchItem::Ok(u)) => Ok(u),
@@ -592,14 +602,14 @@ impl Gate {
             self.record(rows).await?;
             return Err(refusal);
         }
-        let mut found: HashMap<Uuid, Unwrapped> = HashMap::with_capacity(ids.len());
+        let mut found: HashMap<Uuid, Arc<Unwrapped>> = HashMap::with_capacity(ids.len());
         let mut missing = Vec::new();
         for id in ids {
-            match self.inner.deks.get(&(tenant_id.to_owned(), *id)) {
-                Some(hit) => {
+            match self.inner.deks.get(id) {
+                Some((tenant, hit)) if *tenant == *tenant_id => {
                     found.insert(*id, hit);
                 }
-                None => missing.push(*id),
+                _ => missing.push(*id),
             }
         }
         let mut errors: HashMap<Uuid, (ItemError, String)> = HashMap::new();
@@ -621,13 +631,13 @@ impl Gate {
                     );
                 }
             }
+            let tenant: Arc<str> = Arc::from(tenant_id);
             for (id, result) in self.unwrap_rows(&rows).await {
                 match result {
                     Ok(u) => {
+                        let u = Arc::new(u);
                         self.cache_if_current(epoch, || {
-                            self.inner
-                                .deks
-                                .insert((tenant_id.to_owned(), id), u.clone())
+                            self.inner.deks.insert(id, (tenant.clone(), u.clone()))
                         });
                         found.insert(id, u);
                     }
@@ -746,7 +756,7 @@ impl Gate {
         let _ = self
             .inner
             .deks
-            .invalidate_entries_if(move |(t, _), _| *t == tenant);
+            .invalidate_entries_if(move |_, (t, _)| **t == *tenant);
     }
 
     /// Forgets every cached client (one was revoked).

@@ -66,9 +66,27 @@ impl TaskRegistry {
     }
 }
 
-/// What handlers share.
+/// What handlers share: one allocation, so the per-request clones axum makes of the state
+/// (the router's, each middleware's) copy a pointer, not the settings and tokens.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+impl From<Services> for AppState {
+    fn from(services: Services) -> AppState {
+        AppState(Arc::new(services))
+    }
+}
+
+/// The services and settings behind an [`AppState`].
+pub struct Services {
     /// The database.
     pub store: Store,
     /// The admin token, if the admin API is enabled.
@@ -430,7 +448,7 @@ async fn require_events(State(state): State<AppState>, request: Request, next: N
 /// Key-access routes: who is calling ([`Caller`](crate::access::Caller)) goes into the
 /// request for the handler; an unknown or revoked token is refused with 401, audited.
 async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let route = request.uri().path().to_owned();
+    let route = request.uri().path();
     let caller = match bearer(&request) {
         Some(token)
             if state
@@ -440,7 +458,7 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
         {
             crate::access::Caller::Admin
         }
-        Some(token) => match state.gate.authenticate(token, &route).await {
+        Some(token) => match state.gate.authenticate(token, route).await {
             Ok(caller) => caller,
             Err(refusal) => return ApiError::from(refusal).into_response(),
         },
@@ -472,10 +490,13 @@ pub struct Readiness {
     pub urgent_consumer: String,
     /// The daemon's tasks that died.
     pub failed_tasks: Vec<String>,
+    /// `ok`, or why key access refuses every attempt (the audit spool holds too much not
+    /// yet shipped to the audit trail).
+    pub audit: String,
 }
 
 /// Ready when the database answers, the consumers consume (or there is no broker to consume
-/// from) and no task died.
+/// from), no task died and key access's audit spool is not over its cap.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, description = "ready", body = Readiness),
               (status = 503, description = "not ready", body = Readiness)))]
@@ -486,7 +507,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let consumer = state.consumer.get();
     let urgent = state.urgent_consumer.get();
     let failed = state.tasks.failed();
+    let audit = state.gate.audit_refusing();
     let ready = db
+        && audit.is_none()
         && matches!(consumer, ConsumerState::Consuming | ConsumerState::Disabled)
         && matches!(urgent, ConsumerState::Consuming | ConsumerState::Disabled)
         && failed.is_empty();
@@ -502,6 +525,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         consumer: consumer.as_str().to_owned(),
         urgent_consumer: urgent.as_str().to_owned(),
         failed_tasks: failed,
+        audit: audit.unwrap_or_else(|| "ok".to_owned()),
     };
     (status, Json(body)).into_response()
 }

@@ -182,6 +182,15 @@ impl Store {
         tx.commit().await
     }
 
+    /// Ships spooled audit rows in one transaction (see [`super::Tx::ship_audit`]);
+    /// returns how many were new.
+    pub async fn ship_audit(&self, rows: &[super::SpooledAudit]) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let inserted = tx.ship_audit(rows).await?;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
     /// Raises an alert; `false` when the same rule, subject and window was raised already.
     pub async fn raise_alert(&self, alert: &NewAlert) -> Result<bool, StoreError> {
         dispatch!(self, s => s.raise_alert(alert).await)

@@ -253,7 +253,7 @@ pub struct AccessUpdate {
 }
 
 /// One audit-trail entry.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AuditRow {
     /// The tenant concerned, when known.
     pub tenant_id: Option<String>,
@@ -271,6 +271,19 @@ pub struct AuditRow {
     pub event_id: Option<String>,
     /// Anything else worth keeping (states before/after, reasons).
     pub detail: serde_json::Value,
+}
+
+/// An audit row that waited in a replica's spool (key-access attempts): it keeps the time
+/// of the attempt and an id of its own, so shipping it twice inserts it once.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SpooledAudit {
+    /// The attempt's id (`audit_log.attempt_id`, unique).
+    pub attempt_id: Uuid,
+    /// When the attempt was decided (`audit_log.at`).
+    pub at: DateTime<Utc>,
+    /// The entry.
+    #[serde(flatten)]
+    pub row: AuditRow,
 }
 
 impl AuditRow {
@@ -648,6 +661,12 @@ impl StoreTx {
     /// once this transaction and every older one have ended (the `audit` module).
     pub async fn audit(&mut self, rows: &[AuditRow]) -> Result<(), StoreError> {
         dispatch!(self, t => t.audit(rows).await)
+    }
+
+    /// Appends spooled rows, unchained like [`Tx::audit`]'s, in the order given, skipping
+    /// those whose attempt id is in the trail already; returns how many were new.
+    pub async fn ship_audit(&mut self, rows: &[SpooledAudit]) -> Result<u64, StoreError> {
+        dispatch!(self, t => t.ship_audit(rows).await)
     }
 
     /// Inserts outbox rows, skipping those whose dedupe key exists; returns how many were new.

@@ -186,8 +186,19 @@ pub fn no_schedules() -> std::path::PathBuf {
     dir
 }
 
+/// A new, empty directory for a daemon's audit spool: one per daemon (it is locked).
+pub fn fresh_spool_dir() -> std::path::PathBuf {
+    std::env::temp_dir()
+        .join("byokd-test-spool")
+        .join(Uuid::new_v4().simple().to_string())
+}
+
 pub fn test_config(db_url: &str, amqp: AmqpSettings) -> Config {
     Config {
+        access: byokd::config::AccessSettings {
+            audit_spool_dir: Some(fresh_spool_dir()),
+            ..Default::default()
+        },
         schedules_dir: no_schedules(),
         database_url: Some(db_url.to_owned()),
         amqp_url: Some(amqp_url()),
@@ -331,10 +342,28 @@ impl TestApp {
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(byokd::daemon::run(self.config.clone(), listener, async {
+        let mut config = self.config.clone();
+        config.access.audit_spool_dir = Some(fresh_spool_dir());
+        let handle = tokio::spawn(byokd::daemon::run(config, listener, async {
             let _ = stopped.await;
         }));
         Replica { base, stop, handle }
+    }
+
+    /// The daemon's audit spool directory.
+    pub fn spool_dir(&self) -> std::path::PathBuf {
+        self.config.access.spool_dir(&self.config.data_dir)
+    }
+
+    /// Waits until the daemon has shipped every key-access attempt it spooled into
+    /// `audit_log` (polls the spool's files).
+    pub async fn audit_shipped(&self) {
+        let dir = self.spool_dir();
+        wait_for("audit spool shipped", Duration::from_secs(15), || {
+            let dir = dir.clone();
+            async move { byokd::access::spool::unshipped_bytes(&dir).is_ok_and(|b| b == 0) }
+        })
+        .await;
     }
 
     /// Stops the daemon (graceful) and waits for `run` to return.
@@ -350,9 +379,10 @@ impl TestApp {
         }
     }
 
-    /// Stops the daemon and removes the test's queues, exchanges and database.
+    /// Stops the daemon and removes the test's queues, exchanges, database and audit spool.
     pub async fn shutdown(mut self) {
         self.stop().await;
+        let _ = std::fs::remove_dir_all(self.spool_dir());
         self.pool.close().await;
         if let Some(pool) = &self.sqlite {
             pool.close().await;
@@ -862,7 +892,8 @@ pub fn with_service_env(cmd: &mut std::process::Command, db_url: &str, amqp: &Am
         )
         .env("BYOKD_AMQP__DEAD_LETTER_QUEUE", &amqp.dead_letter_queue)
         .env("BYOKD_AMQP__ACCESS_EXCHANGE", &amqp.access_exchange)
-        .env("BYOKD_SCHEDULES_DIR", no_schedules());
+        .env("BYOKD_SCHEDULES_DIR", no_schedules())
+        .env("BYOKD_ACCESS__AUDIT_SPOOL_DIR", fresh_spool_dir());
 }
 
 /// (VmRSS, VmHWM) of a process, in MB (0 when it is gone).

@@ -8,7 +8,7 @@
 
 use super::{
     AccessUpdate, AuditRow, Channel, KekOptions, KekRow, KekView, NewOutbox, NewTenant,
-    ObserveDone, ObserveTarget, OutboxRow, StoreError, TenantRow, TenantView,
+    ObserveDone, ObserveTarget, OutboxRow, SpooledAudit, StoreError, TenantRow, TenantView,
 };
 use crate::domain::{
     Access, AwsRole, EventKind, JobKind, JobState, KekStatus, KeyState, LifecycleEvent, Provider,
@@ -825,6 +825,64 @@ impl PgTx {
         .execute(&mut *self.tx)
         .await?;
         Ok(())
+    }
+
+    pub(super) async fn ship_audit(&mut self, rows: &[SpooledAudit]) -> Result<u64, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.attempt_id).collect();
+        let ats: Vec<DateTime<Utc>> = rows.iter().map(|r| r.at).collect();
+        let tenants: Vec<Option<&str>> = rows.iter().map(|r| r.row.tenant_id.as_deref()).collect();
+        let providers: Vec<Option<&str>> = rows
+            .iter()
+            .map(|r| r.row.provider.map(|p| p.as_str()))
+            .collect();
+        let keys: Vec<Option<&str>> = rows.iter().map(|r| r.row.key_ref.as_deref()).collect();
+        let actions: Vec<&str> = rows.iter().map(|r| r.row.action.as_str()).collect();
+        let outcomes: Vec<&str> = rows.iter().map(|r| r.row.outcome.as_str()).collect();
+        let sources: Vec<&str> = rows.iter().map(|r| r.row.source.as_str()).collect();
+        let events: Vec<Option<&str>> = rows.iter().map(|r| r.row.event_id.as_deref()).collect();
+        let details: Vec<String> = rows.iter().map(|r| r.row.detail.to_string()).collect();
+        let clients: Vec<Option<&str>> = rows
+            .iter()
+            .map(|r| {
+                r.row
+                    .detail
+                    .get("client")
+                    .and_then(serde_json::Value::as_str)
+            })
+            .collect();
+        // As `audit`, with the attempt's own time and id: a row shipped again after a crash
+        // is skipped. The client comes as a column of its own (the detail is parsed once).
+        let inserted = sqlx::query!(
+            "INSERT INTO audit_log (attempt_id, at, tenant_id, provider, key_ref, action,
+                                    outcome, source, event_id, detail, client)
+             SELECT u.attempt_id, u.at, u.tenant_id, u.provider, u.key_ref, u.action,
+                    u.outcome, u.source, u.event_id, u.detail::jsonb, u.client
+             FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                         $11::text[])
+                 WITH ORDINALITY
+                 AS u(attempt_id, at, tenant_id, provider, key_ref, action, outcome, source,
+                      event_id, detail, client, n)
+             ORDER BY u.n
+             ON CONFLICT (attempt_id) DO NOTHING",
+            &ids,
+            &ats,
+            &tenants as &[Option<&str>],
+            &providers as &[Option<&str>],
+            &keys as &[Option<&str>],
+            &actions as &[&str],
+            &outcomes as &[&str],
+            &sources as &[&str],
+            &events as &[Option<&str>],
+            &details,
+            &clients as &[Option<&str>]
+        )
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(inserted.rows_affected())
     }
 
     pub(super) async fn enqueue(&mut self, rows: &[NewOutbox]) -> Result<u64, StoreError> {

@@ -19,7 +19,7 @@
 
 use super::{
     AccessUpdate, AuditRow, Channel, KekOptions, KekRow, KekView, NewOutbox, NewTenant,
-    ObserveDone, ObserveTarget, OutboxRow, StoreError, TenantRow, TenantView,
+    ObserveDone, ObserveTarget, OutboxRow, SpooledAudit, StoreError, TenantRow, TenantView,
 };
 use crate::domain::{
     Access, AwsRole, EventKind, JobKind, JobState, KekStatus, KeyState, LifecycleEvent, Provider,
@@ -989,6 +989,33 @@ impl SqliteTx {
             .await?;
         }
         Ok(())
+    }
+
+    pub(super) async fn ship_audit(&mut self, rows: &[SpooledAudit]) -> Result<u64, StoreError> {
+        let mut inserted = 0;
+        for r in rows {
+            let detail = r.row.detail.to_string();
+            inserted += sqlx::query(
+                "INSERT INTO audit_log (attempt_id, at, tenant_id, provider, key_ref, action,
+                                        outcome, source, event_id, detail, client)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10 ->> '$.client')
+                 ON CONFLICT (attempt_id) DO NOTHING",
+            )
+            .bind(uid(r.attempt_id))
+            .bind(ts(r.at))
+            .bind(&r.row.tenant_id)
+            .bind(r.row.provider.map(|p| p.as_str()))
+            .bind(&r.row.key_ref)
+            .bind(&r.row.action)
+            .bind(&r.row.outcome)
+            .bind(&r.row.source)
+            .bind(&r.row.event_id)
+            .bind(detail)
+            .execute(&mut *self.tx)
+            .await?
+            .rows_affected();
+        }
+        Ok(inserted)
     }
 
     pub(super) async fn enqueue(&mut self, rows: &[NewOutbox]) -> Result<u64, StoreError> {
