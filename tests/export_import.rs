@@ -11,14 +11,12 @@ mod common;
 use base64::Engine;
 use byokd::config::AmqpSettings;
 use byokd::store::transfer::TABLES;
-use common::{
-    Backend, TestApp, TestDb, at, byokd_command, unique_amqp, wait_for, with_service_env,
-};
+use common::{Backend, TestApp, TestDb, at, byokd_command, wait_for, with_service_env};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::{PgPool, SqlitePool};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Runs `byokd ARGS` on the database at `url`: (stdout, stderr, exit code).
 fn byokd(
@@ -725,45 +723,4 @@ async fn every_table_and_column_of_both_schemas_is_carried() {
     lite.close().await;
     pg_db.drop_db().await;
     sqlite_db.drop_db().await;
-}
-
-/// A one-off measurement (`cargo test --test export_import -- --ignored --nocapture`):
-/// export and import of a standalone deployment with 100,000 DEKs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, minutes long"]
-async fn measure_export_and_import_of_100k_deks() {
-    let app = TestApp::spawn_on_with(Backend::Sqlite, fast_chaining).await;
-    app.tenant_with_key("big", "big-kek").await;
-    app.bulk_deks("big", "big-kek", 100_000).await;
-    wait_chained_and_checkpointed(&app).await;
-    let mut app = app;
-    app.stop().await;
-    let amqp = unique_amqp();
-    let start = Instant::now();
-    let (path, summary) = export(&app.db.url, &amqp);
-    let exported = start.elapsed();
-    let size = std::fs::metadata(&path).expect("archive").len();
-    let target = TestDb::create_on(Backend::Postgres).await;
-    let start = Instant::now();
-    let (_, err, code) = byokd(
-        &target.url,
-        &amqp,
-        &["import", "--in", path.to_str().expect("utf-8")],
-        &[],
-    );
-    let imported = start.elapsed();
-    assert_eq!(code, 0, "{err}");
-    let start = Instant::now();
-    let (_, err, ok) = audit_verify(&target.url, &amqp);
-    assert!(ok, "{err}");
-    let verified = start.elapsed();
-    eprintln!(
-        "100k DEKs: {} rows, archive {:.1} MB; export {exported:.2?}, import {imported:.2?}, \
-         audit verify {verified:.2?}",
-        summary["rows"],
-        size as f64 / 1e6
-    );
-    let _ = std::fs::remove_file(path);
-    target.drop_db().await;
-    app.shutdown().await;
 }

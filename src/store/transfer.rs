@@ -222,6 +222,7 @@ pub const TABLES: &[Table] = &[
             ("txid", Xid),
             ("chain_seq", Int),
             ("chain", Bytes),
+            ("attempt_id", Uuid),
         ],
         order: "id",
         serial: Some("id"),
