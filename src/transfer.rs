@@ -365,20 +365,11 @@ pub async fn import(
     keys: &RootKeys,
 ) -> Result<(), TransferError> {
     check_root_key(archive, keys)?;
-    let nonempty = store.nonempty_tables().await?;
-    if !nonempty.is_empty() {
-        return Err(TransferError::NotEmpty(format!(
-            "the target database is not empty ({} {} rows)",
-            nonempty.join(", "),
-            if nonempty.len() == 1 { "holds" } else { "hold" }
-        )));
-    }
     store
         .import_rows(&archive.tables)
         .await
         .map_err(|e| match e {
-            // Another import got there between the check and the transaction.
-            StoreError::Conflict(msg) if msg.starts_with("the target database is not empty") => {
+            StoreError::Conflict(msg) if msg.starts_with(crate::store::transfer::NOT_EMPTY) => {
                 TransferError::NotEmpty(msg)
             }
             e => TransferError::Store(e),

@@ -433,27 +433,33 @@ impl super::Store {
         dispatch!(self, s => s.export_rows(sink).await)
     }
 
-    /// The carried tables that hold rows (an import goes only into a database where this is
-    /// empty).
-    ///
-    /// # Errors
-    ///
-    /// The database failed (a database not migrated fails here: its tables are missing).
-    pub async fn nonempty_tables(&self) -> Result<Vec<&'static str>, StoreError> {
-        dispatch!(self, s => s.nonempty_tables().await)
-    }
-
     /// Inserts `rows` (per table, in [`TABLES`] order; each row valid for its table's kinds)
-    /// in one transaction, after checking again that the carried tables are empty, and moves
+    /// in one transaction, after checking that the carried tables are empty, and moves
     /// PostgreSQL's sequences past the ids inserted. Nothing is written if anything fails.
     ///
     /// # Errors
     ///
-    /// [`StoreError::Conflict`] if a table holds rows; any constraint the rows violate; a
+    /// [`StoreError::Conflict`] with [`not_empty`]'s message if a table holds rows (a
+    /// database not migrated fails there too: its tables are missing); any constraint the rows violate; a
     /// database failure.
     pub async fn import_rows(&self, rows: &[(&'static Table, Vec<Row>)]) -> Result<(), StoreError> {
         dispatch!(self, s => s.import_rows(rows).await)
     }
+}
+
+/// Start of the message of the [`StoreError::Conflict`] an import into a database holding
+/// rows fails with.
+pub const NOT_EMPTY: &str = "the target database is not empty";
+
+/// The refusal of an import into a database whose `tables` hold rows (none if it is empty).
+pub(crate) fn not_empty(tables: &[&str]) -> Option<StoreError> {
+    (!tables.is_empty()).then(|| {
+        StoreError::Conflict(format!(
+            "{NOT_EMPTY} ({} {} rows)",
+            tables.join(", "),
+            if tables.len() == 1 { "holds" } else { "hold" }
+        ))
+    })
 }
 
 /// Why an export stopped.

@@ -5,7 +5,9 @@
 use super::PgStore;
 use super::audit::chained_detail;
 use crate::store::StoreError;
-use crate::store::transfer::{ExportError, Exported, Kind, Row, TABLES, Table, parse_row};
+use crate::store::transfer::{
+    ExportError, Exported, Kind, Row, TABLES, Table, not_empty, parse_row,
+};
 use futures_util::TryStreamExt;
 use serde_json::Value;
 
@@ -120,22 +122,6 @@ impl PgStore {
         Ok(())
     }
 
-    pub(crate) async fn nonempty_tables(&self) -> Result<Vec<&'static str>, StoreError> {
-        let mut out = Vec::new();
-        for t in TABLES {
-            let any: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT EXISTS (SELECT 1 FROM {})",
-                t.name
-            )))
-            .fetch_one(&self.pool)
-            .await?;
-            if any {
-                out.push(t.name);
-            }
-        }
-        Ok(out)
-    }
-
     pub(crate) async fn import_rows(
         &self,
         rows: &[(&'static Table, Vec<Row>)],
@@ -149,6 +135,7 @@ impl PgStore {
         )))
         .execute(&mut *tx)
         .await?;
+        let mut nonempty = Vec::new();
         for t in TABLES {
             let any: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "SELECT EXISTS (SELECT 1 FROM {})",
@@ -157,11 +144,11 @@ impl PgStore {
             .fetch_one(&mut *tx)
             .await?;
             if any {
-                return Err(StoreError::Conflict(format!(
-                    "the target database is not empty ({} holds rows)",
-                    t.name
-                )));
+                nonempty.push(t.name);
             }
+        }
+        if let Some(refused) = not_empty(&nonempty) {
+            return Err(refused);
         }
         for (t, table_rows) in rows {
             let sql = insert_sql(t);

@@ -3,7 +3,9 @@
 
 use super::SqliteStore;
 use crate::store::StoreError;
-use crate::store::transfer::{ExportError, Exported, Kind, Row, TABLES, Table, bad_value};
+use crate::store::transfer::{
+    ExportError, Exported, Kind, Row, TABLES, Table, bad_value, not_empty,
+};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use futures_util::TryStreamExt;
@@ -84,27 +86,12 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub(crate) async fn nonempty_tables(&self) -> Result<Vec<&'static str>, StoreError> {
-        let mut out = Vec::new();
-        for t in TABLES {
-            let any: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT EXISTS (SELECT 1 FROM {})",
-                t.name
-            )))
-            .fetch_one(&self.pool)
-            .await?;
-            if any {
-                out.push(t.name);
-            }
-        }
-        Ok(out)
-    }
-
     pub(crate) async fn import_rows(
         &self,
         rows: &[(&'static Table, Vec<Row>)],
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
+        let mut nonempty = Vec::new();
         for t in TABLES {
             let any: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "SELECT EXISTS (SELECT 1 FROM {})",
@@ -113,11 +100,11 @@ impl SqliteStore {
             .fetch_one(&mut *tx.tx)
             .await?;
             if any {
-                return Err(StoreError::Conflict(format!(
-                    "the target database is not empty ({} holds rows)",
-                    t.name
-                )));
+                nonempty.push(t.name);
             }
+        }
+        if let Some(refused) = not_empty(&nonempty) {
+            return Err(refused);
         }
         for (t, table_rows) in rows {
             let placeholders = (1..=t.columns.len())
