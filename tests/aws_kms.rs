@@ -17,7 +17,7 @@ use byokd::kms::Dek;
 use chrono::{Timelike, Utc};
 use common::aws::{self, Gate, create_aliased_key, create_key, tenant_client};
 use common::sweeps::{run, sweeper};
-use common::{TestApp, at, outbox_count, wait_for};
+use common::{TestApp, at, outbox_count};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -26,74 +26,24 @@ async fn app_at(endpoint: &str) -> TestApp {
     TestApp::spawn_with(|c| c.kms.aws = Some(settings)).await
 }
 
-async fn create_tenant(app: &TestApp, tenant: &str) {
-    let r = app
-        .post(
-            "/v1/tenants",
-            json!({ "id": tenant, "name": format!("Tenant {tenant}"),
-                    "contacts": [format!("ops@{tenant}.example")] }),
-        )
-        .await;
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
-}
-
-/// Registers `key_ref` for `tenant` with `extra` fields; returns the status and body.
-async fn bind(app: &TestApp, tenant: &str, key_ref: &str, extra: Value) -> (u16, Value) {
-    let mut body = json!({ "provider": "aws", "key_ref": key_ref });
-    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-        b.extend(e.clone());
-    }
-    let r = app.post(&format!("/v1/tenants/{tenant}/keks"), body).await;
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 /// A tenant bound to a new aliased key; returns the key's (id, ARN).
 async fn tenant_with_key(app: &TestApp, kms: &Client, tenant: &str) -> (String, String) {
-    create_tenant(app, tenant).await;
+    app.create_tenant(tenant).await;
     let (alias, id, arn) = create_aliased_key(kms, tenant).await;
-    let (status, body) = bind(app, tenant, &alias, json!({})).await;
+    let (status, body) = app.bind_key(tenant, "aws", &alias, json!({})).await;
     assert_eq!(status, 201, "{body}");
     (id, arn)
-}
-
-async fn create_deks(app: &TestApp, tenant: &str, n: usize) -> Vec<Value> {
-    let mut deks = Vec::new();
-    for _ in 0..n {
-        let r = app
-            .post(&format!("/v1/tenants/{tenant}/deks"), json!({}))
-            .await;
-        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
-        deks.push(r.json().await.expect("json"));
-    }
-    deks
-}
-
-async fn access(app: &TestApp, tenant: &str) -> String {
-    app.tenant(tenant).await["access"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-async fn wait_access(app: &TestApp, tenant: &str, want: &str) {
-    wait_for(
-        &format!("tenant {tenant} {want}"),
-        Duration::from_secs(30),
-        || async move { access(app, tenant).await == want },
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alias_binds_the_key_arn_once_and_bad_keys_are_refused_with_the_kms_reason() {
     let app = app_at(&aws::moto_url()).await;
     let kms = tenant_client();
-    create_tenant(&app, "ab").await;
-    create_tenant(&app, "ab2").await;
+    app.create_tenant("ab").await;
+    app.create_tenant("ab2").await;
     let (alias, id, arn) = create_aliased_key(&kms, "ab").await;
 
-    let (status, body) = bind(&app, "ab", &alias, json!({})).await;
+    let (status, body) = app.bind_key("ab", "aws", &alias, json!({})).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(
         body["keks"][0]["key_ref"],
@@ -105,7 +55,7 @@ async fn an_alias_binds_the_key_arn_once_and_bad_keys_are_refused_with_the_kms_r
     // Every other spelling of the same key finds it bound.
     let alias_arn = format!("arn:aws:kms:{}:{}:{alias}", aws::REGION, aws::ACCOUNT);
     for other in [id.as_str(), arn.as_str(), alias_arn.as_str()] {
-        let (status, body) = bind(&app, "ab2", other, json!({})).await;
+        let (status, body) = app.bind_key("ab2", "aws", other, json!({})).await;
         assert_eq!(status, 409, "{other}: {body}");
         assert!(
             body["error"].as_str().is_some_and(|e| e.contains(&arn)),
@@ -120,7 +70,7 @@ async fn an_alias_binds_the_key_arn_once_and_bad_keys_are_refused_with_the_kms_r
         "alias/a b",
         "arn:aws:iam::123456789012:role/x",
     ] {
-        let (status, body) = bind(&app, "ab2", bad, json!({})).await;
+        let (status, body) = app.bind_key("ab2", "aws", bad, json!({})).await;
         assert_eq!(status, 422, "{bad}: {body}");
         assert!(
             body["error"]
@@ -130,7 +80,9 @@ async fn an_alias_binds_the_key_arn_once_and_bad_keys_are_refused_with_the_kms_r
         );
     }
     // Refused with KMS's own reason: no such alias, a signing key, a disabled key.
-    let (status, body) = bind(&app, "ab2", "alias/no-such-alias-ab", json!({})).await;
+    let (status, body) = app
+        .bind_key("ab2", "aws", "alias/no-such-alias-ab", json!({}))
+        .await;
     assert_eq!(status, 422, "{body}");
     assert!(
         body["error"]
@@ -147,7 +99,7 @@ async fn an_alias_binds_the_key_arn_once_and_bad_keys_are_refused_with_the_kms_r
         .expect("CreateKey RSA")
         .key_metadata
         .expect("metadata");
-    let (status, body) = bind(&app, "ab2", rsa.key_id(), json!({})).await;
+    let (status, body) = app.bind_key("ab2", "aws", rsa.key_id(), json!({})).await;
     assert_eq!(status, 422, "{body}");
     assert!(
         body["error"]
@@ -161,7 +113,7 @@ async fn an_alias_binds_the_key_arn_once_and_bad_keys_are_refused_with_the_kms_r
         .send()
         .await
         .expect("DisableKey");
-    let (status, body) = bind(&app, "ab2", &disabled, json!({})).await;
+    let (status, body) = app.bind_key("ab2", "aws", &disabled, json!({})).await;
     assert_eq!(status, 422, "{body}");
     assert!(
         body["error"]
@@ -171,13 +123,14 @@ async fn an_alias_binds_the_key_arn_once_and_bad_keys_are_refused_with_the_kms_r
     );
 
     // Role fields: only for AWS, well-formed, and an external id needs a role.
-    let (status, body) = bind(
-        &app,
-        "ab2",
-        &id,
-        json!({ "role_arn": "arn:aws:iam::123456789012:role/r", "provider": "local" }),
-    )
-    .await;
+    let (status, body) = app
+        .bind_key(
+            "ab2",
+            "aws",
+            &id,
+            json!({ "role_arn": "arn:aws:iam::123456789012:role/r", "provider": "local" }),
+        )
+        .await;
     assert_eq!(status, 422, "{body}");
     assert!(
         body["error"]
@@ -197,7 +150,7 @@ async fn an_alias_binds_the_key_arn_once_and_bad_keys_are_refused_with_the_kms_r
             "external_id",
         ),
     ] {
-        let (status, body) = bind(&app, "ab2", &id, extra.clone()).await;
+        let (status, body) = app.bind_key("ab2", "aws", &id, extra.clone()).await;
         assert_eq!(status, 422, "{extra}: {body}");
         assert!(
             body["error"].as_str().is_some_and(|e| e.contains(says)),
@@ -218,7 +171,7 @@ async fn deks_are_bound_to_tenant_and_dek_by_the_encryption_context() {
     let app = app_at(&aws::moto_url()).await;
     let kms = tenant_client();
     let (_, arn) = tenant_with_key(&app, &kms, "ec").await;
-    let deks = create_deks(&app, "ec", 3).await;
+    let deks = app.create_deks("ec", 3).await;
     let (report, ok) = app.verify_deks("ec");
     assert!(ok, "{report}");
     assert_eq!(
@@ -289,7 +242,7 @@ async fn a_disabled_key_blocks_the_tenant_by_event_and_by_probe_alone() {
     let kms = tenant_client();
     let (id_e, arn_e) = tenant_with_key(&app, &kms, "de").await;
     let (id_p, _) = tenant_with_key(&app, &kms, "dp").await;
-    create_deks(&app, "de", 1).await;
+    app.create_deks("de", 1).await;
 
     // By event: the tenant is blocked at once; the confirmation reads Disabled at KMS.
     kms.disable_key()
@@ -300,7 +253,7 @@ async fn a_disabled_key_blocks_the_tenant_by_event_and_by_probe_alone() {
     let since = Utc::now();
     app.publish("disabled", &arn_e, Utc::now(), json!({ "provider": "aws" }))
         .await;
-    wait_access(&app, "de", "inaccessible").await;
+    app.wait_access("de", "inaccessible").await;
     app.wait_observed(&arn_e, since).await;
     let tenant = app.tenant("de").await;
     assert_eq!(tenant["access"], "inaccessible", "{tenant}");
@@ -316,13 +269,13 @@ async fn a_disabled_key_blocks_the_tenant_by_event_and_by_probe_alone() {
         .await
         .expect("DisableKey");
     assert_eq!(
-        access(&app, "dp").await,
+        app.access("dp").await,
         "accessible",
         "nothing told byokd yet"
     );
     let s = sweeper(&app).await;
     run(&s, "key-probe", Utc::now()).await;
-    assert_eq!(access(&app, "dp").await, "inaccessible");
+    assert_eq!(app.access("dp").await, "inaccessible");
     assert_eq!(
         app.tenant("dp").await["keks"][0]["observed_state"],
         "disabled"
@@ -337,8 +290,8 @@ async fn a_disabled_key_blocks_the_tenant_by_event_and_by_probe_alone() {
             .expect("EnableKey");
     }
     run(&s, "key-probe", Utc::now()).await;
-    assert_eq!(access(&app, "de").await, "accessible");
-    assert_eq!(access(&app, "dp").await, "accessible");
+    assert_eq!(app.access("de").await, "accessible");
+    assert_eq!(app.access("dp").await, "accessible");
     app.shutdown().await;
 }
 
@@ -350,11 +303,18 @@ async fn an_on_demand_rotation_is_rewrapped_with_reencrypt_unless_the_key_opted_
     let (id, arn) = tenant_with_key(&app, &kms, "rt").await;
     let before = app.tenant("rt").await["keks"][0]["current_version"].clone();
     assert_eq!(before, "original", "never rotated");
-    create_deks(&app, "rt", 5).await;
+    app.create_deks("rt", 5).await;
     // A second tenant keeps its DEKs where they are after a rotation (AWS decrypts them).
-    create_tenant(&app, "rt2").await;
+    app.create_tenant("rt2").await;
     let (alias2, id2, _) = create_aliased_key(&kms, "rt2").await;
-    let (status, body) = bind(&app, "rt2", &alias2, json!({ "rewrap_on_rotation": false })).await;
+    let (status, body) = app
+        .bind_key(
+            "rt2",
+            "aws",
+            &alias2,
+            json!({ "rewrap_on_rotation": false }),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(
         app.tenant("rt2").await["keks"][0]["rewrap_on_rotation"],
@@ -364,7 +324,7 @@ async fn an_on_demand_rotation_is_rewrapped_with_reencrypt_unless_the_key_opted_
         app.tenant("rt").await["keks"][0]["rewrap_on_rotation"],
         true
     );
-    create_deks(&app, "rt2", 2).await;
+    app.create_deks("rt2", 2).await;
 
     let decrypts = gate.count("Decrypt/rt");
     for key in [&id, &id2] {
@@ -459,7 +419,7 @@ async fn a_scheduled_deletion_blocks_and_its_cancellation_leaves_the_key_disable
         .await
         .expect("EnableKey");
     run(&s, "key-probe", Utc::now()).await;
-    assert_eq!(access(&app, "sd").await, "accessible");
+    assert_eq!(app.access("sd").await, "accessible");
     app.shutdown().await;
 }
 
@@ -472,7 +432,7 @@ async fn a_revoked_grant_is_found_by_the_probe_and_a_denying_key_policy_too() {
     let kms = tenant_client();
     let (id, arn) = tenant_with_key(&app, &kms, "rg").await;
     let (id2, _) = tenant_with_key(&app, &kms, "kp").await;
-    create_deks(&app, "rg", 1).await;
+    app.create_deks("rg", 1).await;
     let s = sweeper(&app).await;
 
     let grant = kms
@@ -499,7 +459,7 @@ async fn a_revoked_grant_is_found_by_the_probe_and_a_denying_key_policy_too() {
     assert!(gate.denied() >= 1);
     gate.restore_grant(&arn);
     run(&s, "key-probe", Utc::now()).await;
-    assert_eq!(access(&app, "rg").await, "accessible");
+    assert_eq!(app.access("rg").await, "accessible");
 
     // A key policy that denies byokd (moto enforces a Deny on DescribeKey): found live.
     let deny = json!({ "Version": "2012-10-17", "Statement": [{
@@ -533,7 +493,7 @@ async fn a_revoked_grant_is_found_by_the_probe_and_a_denying_key_policy_too() {
         .await
         .expect("PutKeyPolicy");
     run(&s, "key-probe", Utc::now()).await;
-    assert_eq!(access(&app, "kp").await, "accessible");
+    assert_eq!(app.access("kp").await, "accessible");
     app.shutdown().await;
 }
 
@@ -578,7 +538,7 @@ async fn throttling_is_an_outage_and_never_a_revocation() {
     let app = app_at(&gate.url).await;
     let kms = tenant_client();
     tenant_with_key(&app, &kms, "th").await;
-    create_deks(&app, "th", 1).await;
+    app.create_deks("th", 1).await;
     gate.throttle_all(true);
     let s = sweeper(&app).await;
     let report = run(&s, "key-probe", Utc::now()).await;
@@ -592,7 +552,7 @@ async fn throttling_is_an_outage_and_never_a_revocation() {
     assert_eq!(r.status(), 503, "{}", r.text().await.unwrap_or_default());
     assert!(gate.throttled() > 0);
     gate.throttle_all(false);
-    create_deks(&app, "th", 1).await;
+    app.create_deks("th", 1).await;
     app.shutdown().await;
 }
 
@@ -620,25 +580,26 @@ async fn the_tenants_role_is_assumed_to_reach_a_key_in_its_own_account() {
     let tenant_kms = aws::client_as(role, "tenant-xr-7").await;
     let (_, arn) = create_key(&tenant_kms).await;
     assert!(arn.contains(":210987654321:key/"), "{arn}");
-    create_tenant(&app, "xr").await;
+    app.create_tenant("xr").await;
 
     // byokd's own credentials act in another account: no such key there.
-    let (status, body) = bind(&app, "xr", &arn, json!({})).await;
+    let (status, body) = app.bind_key("xr", "aws", &arn, json!({})).await;
     assert_eq!(status, 422, "{body}");
-    let (status, body) = bind(
-        &app,
-        "xr",
-        &arn,
-        json!({ "role_arn": role, "external_id": "tenant-xr-7" }),
-    )
-    .await;
+    let (status, body) = app
+        .bind_key(
+            "xr",
+            "aws",
+            &arn,
+            json!({ "role_arn": role, "external_id": "tenant-xr-7" }),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["keks"][0]["key_ref"], arn.as_str());
     // The tenant shows the role byokd assumes, not the external id.
     let tenant = app.tenant("xr").await;
     assert_eq!(tenant["keks"][0]["role_arn"], role, "{tenant}");
     assert!(!tenant.to_string().contains("tenant-xr-7"), "{tenant}");
-    create_deks(&app, "xr", 2).await;
+    app.create_deks("xr", 2).await;
     // The CLI (another process) reads the role from the database too.
     let (report, ok) = app.verify_deks("xr");
     assert!(ok, "{report}");
@@ -668,15 +629,16 @@ async fn a_role_that_does_not_trust_byokd_is_refused_at_registration_with_stss_r
     let role = "arn:aws:iam::210987654322:role/byok-platform";
     let tenant_kms = aws::client_as(role, "tenant-nt-1").await;
     let (_, arn) = create_key(&tenant_kms).await;
-    create_tenant(&app, "nt").await;
+    app.create_tenant("nt").await;
     gate.distrust_role(role);
-    let (status, body) = bind(
-        &app,
-        "nt",
-        &arn,
-        json!({ "role_arn": role, "external_id": "tenant-nt-1" }),
-    )
-    .await;
+    let (status, body) = app
+        .bind_key(
+            "nt",
+            "aws",
+            &arn,
+            json!({ "role_arn": role, "external_id": "tenant-nt-1" }),
+        )
+        .await;
     assert_eq!(status, 422, "{body}");
     let error = body["error"].as_str().unwrap_or_default();
     assert!(
@@ -693,13 +655,14 @@ async fn a_role_that_does_not_trust_byokd_is_refused_at_registration_with_stss_r
     let trusting = "arn:aws:iam::210987654323:role/byok-platform";
     let tenant_kms = aws::client_as(trusting, "tenant-nt-2").await;
     let (_, arn) = create_key(&tenant_kms).await;
-    let (status, body) = bind(
-        &app,
-        "nt",
-        &arn,
-        json!({ "role_arn": trusting, "external_id": "tenant-nt-2" }),
-    )
-    .await;
+    let (status, body) = app
+        .bind_key(
+            "nt",
+            "aws",
+            &arn,
+            json!({ "role_arn": trusting, "external_id": "tenant-nt-2" }),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     app.shutdown().await;
 }
@@ -908,7 +871,7 @@ async fn every_native_aws_event_format_reaches_its_bound_key() {
         .await
         .expect("audit");
         assert!(matched >= 1, "{name}: the event reached {arn}");
-        wait_access(&app, tenant, want).await;
+        app.wait_access(tenant, want).await;
     }
     // The revocations KMS does not bear out (material "expired" or deleted while the key is
     // enabled, with no ValidTo) were claims, refuted by the confirmation and audited so.

@@ -32,28 +32,6 @@ async fn app_with(peer: &AzurePeer) -> TestApp {
     .await
 }
 
-async fn create_tenant(app: &TestApp, tenant: &str) {
-    let r = app
-        .post(
-            "/v1/tenants",
-            json!({ "id": tenant, "name": format!("Tenant {tenant}"),
-                    "contacts": [format!("ops@{tenant}.example")] }),
-        )
-        .await;
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
-}
-
-async fn bind(app: &TestApp, tenant: &str, key_ref: &str) -> (u16, Value) {
-    let r = app
-        .post(
-            &format!("/v1/tenants/{tenant}/keks"),
-            json!({ "provider": "azure", "key_ref": key_ref }),
-        )
-        .await;
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 /// A tenant bound to a new RSA key `name` with `exp`; returns the key's reference.
 async fn tenant_with_key(
     app: &TestApp,
@@ -62,31 +40,12 @@ async fn tenant_with_key(
     name: &str,
     exp: Option<i64>,
 ) -> String {
-    create_tenant(app, tenant).await;
+    app.create_tenant(tenant).await;
     peer.create_key(name, Kty::Rsa, exp);
     let key_ref = peer.key_ref(name);
-    let (status, body) = bind(app, tenant, &key_ref).await;
+    let (status, body) = app.bind_key(tenant, "azure", &key_ref, Value::Null).await;
     assert_eq!(status, 201, "{body}");
     key_ref
-}
-
-async fn create_deks(app: &TestApp, tenant: &str, n: usize) -> Vec<Value> {
-    let mut deks = Vec::new();
-    for _ in 0..n {
-        let r = app
-            .post(&format!("/v1/tenants/{tenant}/deks"), json!({}))
-            .await;
-        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
-        deks.push(r.json().await.expect("json"));
-    }
-    deks
-}
-
-async fn access(app: &TestApp, tenant: &str) -> String {
-    app.tenant(tenant).await["access"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
 }
 
 async fn kek(app: &TestApp, tenant: &str) -> Value {
@@ -233,47 +192,63 @@ async fn event_grid_handshakes_are_answered_for_the_events_token() {
 async fn keys_byokd_cannot_use_are_refused_with_the_reason() {
     let peer = AzurePeer::vault("acme-kv").await;
     let app = app_with(&peer).await;
-    create_tenant(&app, "ref").await;
+    app.create_tenant("ref").await;
     let refused = |status: u16, body: &Value, needle: &str| {
         assert_eq!(status, 422, "{needle}: {body}");
         let e = body["error"].as_str().unwrap_or_default();
         assert!(e.contains(needle), "{needle}: {e}");
     };
     peer.create_key("ec-key", Kty::Ec, None);
-    let (s, b) = bind(&app, "ref", &peer.key_ref("ec-key")).await;
+    let (s, b) = app
+        .bind_key("ref", "azure", &peer.key_ref("ec-key"), Value::Null)
+        .await;
     refused(s, &b, "key type is EC");
     peer.create_key("no-unwrap", Kty::Rsa, None);
     peer.set_key_ops("no-unwrap", &["encrypt", "wrapKey"]);
-    let (s, b) = bind(&app, "ref", &peer.key_ref("no-unwrap")).await;
+    let (s, b) = app
+        .bind_key("ref", "azure", &peer.key_ref("no-unwrap"), Value::Null)
+        .await;
     refused(s, &b, "do not permit unwrapKey");
     peer.create_key("off", Kty::Rsa, None);
     peer.set_enabled("off", false);
-    let (s, b) = bind(&app, "ref", &peer.key_ref("off")).await;
+    let (s, b) = app
+        .bind_key("ref", "azure", &peer.key_ref("off"), Value::Null)
+        .await;
     refused(s, &b, "is disabled");
     peer.create_key("later", Kty::Rsa, None);
     peer.set_nbf("later", Some(Utc::now().timestamp() + 86_400));
-    let (s, b) = bind(&app, "ref", &peer.key_ref("later")).await;
+    let (s, b) = app
+        .bind_key("ref", "azure", &peer.key_ref("later"), Value::Null)
+        .await;
     refused(s, &b, "is disabled");
-    let (s, b) = bind(&app, "ref", &peer.key_ref("missing")).await;
+    let (s, b) = app
+        .bind_key("ref", "azure", &peer.key_ref("missing"), Value::Null)
+        .await;
     refused(s, &b, "does not exist");
-    let (s, b) = bind(&app, "ref", "https://evil.example/keys/k").await;
+    let (s, b) = app
+        .bind_key("ref", "azure", "https://evil.example/keys/k", Value::Null)
+        .await;
     refused(s, &b, "not a Key Vault or Managed HSM host");
     peer.set_recovery_level("Purgeable");
     peer.create_key("purgeable", Kty::Rsa, None);
-    let (s, b) = bind(&app, "ref", &peer.key_ref("purgeable")).await;
+    let (s, b) = app
+        .bind_key("ref", "azure", &peer.key_ref("purgeable"), Value::Null)
+        .await;
     refused(s, &b, "not recoverable");
     peer.set_recovery_level("Recoverable+Purgeable");
 
     // A usable key binds by any spelling, stored versionless and lower-case, once.
     let version = peer.create_key("good", Kty::RsaHsm, None);
     let spelled = format!("https://ACME-KV.vault.azure.net/keys/Good/{version}");
-    let (s, b) = bind(&app, "ref", &spelled).await;
+    let (s, b) = app.bind_key("ref", "azure", &spelled, Value::Null).await;
     assert_eq!(s, 201, "{b}");
     let k = kek(&app, "ref").await;
     assert_eq!(k["key_ref"], peer.key_ref("good"), "{k}");
     assert_eq!(k["current_version"], version.as_str(), "{k}");
-    create_tenant(&app, "ref2").await;
-    let (s, b) = bind(&app, "ref2", &peer.key_ref("good")).await;
+    app.create_tenant("ref2").await;
+    let (s, b) = app
+        .bind_key("ref2", "azure", &peer.key_ref("good"), Value::Null)
+        .await;
     assert_eq!(s, 409, "one key, one tenant: {b}");
 
     // Every Key Vault request named the pinned api-version and carried a token (the peer
@@ -336,7 +311,7 @@ async fn deks_round_trip_through_key_access_and_a_moved_dek_fails() {
     let got: Value = r.json().await.expect("json");
     assert_eq!(plaintext(&got), key);
     assert_eq!(got["kcv"], created["kcv"]);
-    create_deks(&app, "ka", 2).await;
+    app.create_deks("ka", 2).await;
     let (report, ok) = app.verify_deks("ka");
     assert!(ok, "{report}");
     assert_eq!(report["ok"], 3, "{report}");
@@ -420,8 +395,8 @@ async fn a_new_version_is_a_rotation_by_event_or_probe_rewrapped_and_verified() 
     tenant_with_key(&app, &peer, "re", "kek-e", None).await;
     tenant_with_key(&app, &peer, "rp", "kek-p", None).await;
     let old = kek(&app, "re").await["current_version"].clone();
-    create_deks(&app, "re", 3).await;
-    create_deks(&app, "rp", 2).await;
+    app.create_deks("re", 3).await;
+    app.create_deks("rp", 2).await;
 
     // By event: Event Grid delivers KeyNewVersionCreated to POST /v1/events.
     let exp = Utc::now().timestamp() + 400 * 86_400;
@@ -514,7 +489,7 @@ async fn a_new_versions_exp_stops_the_warnings_and_the_old_date_no_longer_blocks
     assert_eq!(report["expired"], 1, "{report}");
     assert_eq!(outbox_count(&app, "xr", "key.expired").await, 0);
     assert_eq!(outbox_count(&app, "xc", "key.expired").await, 1);
-    assert_eq!(access(&app, "xr").await, "accessible");
+    assert_eq!(app.access("xr").await, "accessible");
     app.shutdown().await;
 }
 
@@ -524,28 +499,28 @@ async fn disable_and_deletion_are_found_by_the_probe_alone() {
     let app = app_with(&peer).await;
     tenant_with_key(&app, &peer, "pd", "kek-d", None).await;
     tenant_with_key(&app, &peer, "px", "kek-x", None).await;
-    create_deks(&app, "pd", 1).await;
+    app.create_deks("pd", 1).await;
     let s = sweeper(&app).await;
 
     peer.set_enabled("kek-d", false);
     assert_eq!(
-        access(&app, "pd").await,
+        app.access("pd").await,
         "accessible",
         "nothing told byokd yet"
     );
     run(&s, "key-probe", Utc::now()).await;
-    assert_eq!(access(&app, "pd").await, "inaccessible");
+    assert_eq!(app.access("pd").await, "inaccessible");
     assert_eq!(kek(&app, "pd").await["observed_state"], "disabled");
     let refused = app.post("/v1/tenants/pd/deks", json!({})).await;
     assert_eq!(refused.status(), 409);
     peer.set_enabled("kek-d", true);
     run(&s, "key-probe", Utc::now()).await;
-    assert_eq!(access(&app, "pd").await, "accessible");
+    assert_eq!(app.access("pd").await, "accessible");
 
     // Soft-deleted: pending deletion (recoverable); purged: destroyed.
     peer.delete("kek-x");
     run(&s, "key-probe", Utc::now()).await;
-    assert_eq!(access(&app, "px").await, "inaccessible");
+    assert_eq!(app.access("px").await, "inaccessible");
     assert_eq!(kek(&app, "px").await["observed_state"], "pending_deletion");
     peer.purge("kek-x");
     run(&s, "key-probe", Utc::now()).await;
@@ -558,17 +533,17 @@ async fn a_vault_refusing_byokd_revokes_and_outages_never_do() {
     let peer = AzurePeer::vault("fail-kv").await;
     let app = app_with(&peer).await;
     tenant_with_key(&app, &peer, "fa", "kek-f", None).await;
-    create_deks(&app, "fa", 1).await;
+    app.create_deks("fa", 1).await;
     let s = sweeper(&app).await;
 
     // 403 from the vault itself (access policy, then RBAC): revoked.
     for inner in ["AccessDenied", "ForbiddenByRbac"] {
         peer.deny(Some(inner));
         run(&s, "key-probe", Utc::now()).await;
-        assert_eq!(access(&app, "fa").await, "inaccessible", "{inner}");
+        assert_eq!(app.access("fa").await, "inaccessible", "{inner}");
         peer.deny(None);
         run(&s, "key-probe", Utc::now()).await;
-        assert_eq!(access(&app, "fa").await, "accessible", "{inner} lifted");
+        assert_eq!(app.access("fa").await, "accessible", "{inner} lifted");
     }
 
     // Throttled past every retry, server errors, Entra ID down or refusing byokd's secret:
@@ -587,7 +562,7 @@ async fn a_vault_refusing_byokd_revokes_and_outages_never_do() {
         }
         let report = run(&s, "key-probe", Utc::now()).await;
         assert_eq!(report["unreachable"], 1, "{what}: {report}");
-        assert_eq!(access(&app, "fa").await, "accessible", "{what}: {report}");
+        assert_eq!(app.access("fa").await, "accessible", "{what}: {report}");
         assert_eq!(kek(&app, "fa").await["observed_state"], "enabled", "{what}");
         peer.fail_next(0, Fault::ServerError);
         peer.tokens_down(false);
@@ -597,7 +572,7 @@ async fn a_vault_refusing_byokd_revokes_and_outages_never_do() {
     // A 429 within the retries is waited out (Retry-After) and the call succeeds.
     peer.fail_next(1, Fault::Throttle(1));
     let started = Instant::now();
-    create_deks(&app, "fa", 1).await;
+    app.create_deks("fa", 1).await;
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "Retry-After was honoured"
@@ -610,12 +585,14 @@ async fn a_managed_hsm_aes_key_through_a_managed_identity() {
     let peer = AzurePeer::managed_hsm("acme-hsm").await;
     let settings = peer.managed_identity_settings();
     let app = TestApp::spawn_with(|c| c.kms.azure = Some(settings)).await;
-    create_tenant(&app, "hsm").await;
+    app.create_tenant("hsm").await;
     let version = peer.create_key("aes-kek", Kty::OctHsm, None);
-    let (status, body) = bind(&app, "hsm", &peer.key_ref("aes-kek")).await;
+    let (status, body) = app
+        .bind_key("hsm", "azure", &peer.key_ref("aes-kek"), Value::Null)
+        .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(kek(&app, "hsm").await["current_version"], version.as_str());
-    create_deks(&app, "hsm", 2).await;
+    app.create_deks("hsm", 2).await;
     assert_eq!(
         peer.token_requests(),
         1,
@@ -660,11 +637,13 @@ async fn a_certificate_credential_signs_its_client_assertion() {
     std::fs::write(&path, &pem).expect("pem");
     let settings = peer.certificate_settings(&path);
     let app = TestApp::spawn_with(|c| c.kms.azure = Some(settings)).await;
-    create_tenant(&app, "cc").await;
+    app.create_tenant("cc").await;
     peer.create_key("kek", Kty::Rsa, None);
-    let (status, body) = bind(&app, "cc", &peer.key_ref("kek")).await;
+    let (status, body) = app
+        .bind_key("cc", "azure", &peer.key_ref("kek"), Value::Null)
+        .await;
     assert_eq!(status, 201, "{body}");
-    create_deks(&app, "cc", 1).await;
+    app.create_deks("cc", 1).await;
     assert_eq!(peer.token_requests(), 1);
 
     // A certificate Entra ID does not know: no token, an outage (not a refusal of the key).

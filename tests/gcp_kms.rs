@@ -21,62 +21,13 @@ async fn app_with(peer: &CloudKms) -> TestApp {
     TestApp::spawn_with(|c| c.kms.gcp = Some(settings)).await
 }
 
-async fn create_tenant(app: &TestApp, tenant: &str) {
-    let r = app
-        .post(
-            "/v1/tenants",
-            json!({ "id": tenant, "name": format!("Tenant {tenant}"),
-                    "contacts": [format!("ops@{tenant}.example")] }),
-        )
-        .await;
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
-}
-
-async fn bind(app: &TestApp, tenant: &str, key_ref: &str, extra: Value) -> (u16, Value) {
-    let mut body = json!({ "provider": "gcp", "key_ref": key_ref });
-    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-        b.extend(e.clone());
-    }
-    let r = app.post(&format!("/v1/tenants/{tenant}/keks"), body).await;
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 /// A tenant bound to a new key of the peer; the key's name.
 async fn tenant_with_key(app: &TestApp, peer: &CloudKms, tenant: &str, extra: Value) -> String {
-    create_tenant(app, tenant).await;
+    app.create_tenant(tenant).await;
     let key = peer.create_key(tenant);
-    let (status, body) = bind(app, tenant, &key, extra).await;
+    let (status, body) = app.bind_key(tenant, "gcp", &key, extra).await;
     assert_eq!(status, 201, "{body}");
     key
-}
-
-async fn create_deks(app: &TestApp, tenant: &str, n: usize) -> Vec<Value> {
-    let mut deks = Vec::new();
-    for _ in 0..n {
-        let r = app
-            .post(&format!("/v1/tenants/{tenant}/deks"), json!({}))
-            .await;
-        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
-        deks.push(r.json().await.expect("json"));
-    }
-    deks
-}
-
-async fn access(app: &TestApp, tenant: &str) -> String {
-    app.tenant(tenant).await["access"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-async fn wait_access(app: &TestApp, tenant: &str, want: &str) {
-    wait_for(
-        &format!("{tenant} {want}"),
-        Duration::from_secs(30),
-        || async { access(app, tenant).await == want },
-    )
-    .await;
 }
 
 async fn audit_count(app: &TestApp, tenant: &str, action: &str) -> i64 {
@@ -136,7 +87,7 @@ async fn a_key_binds_after_a_test_wrap_and_bad_keys_are_refused_with_the_reason(
     );
     assert!(peer.count("encrypt") >= 1 && peer.count("decrypt") >= 1);
 
-    create_tenant(&app, "gb2").await;
+    app.create_tenant("gb2").await;
     let sign = peer.create_key_with("signer", "ASYMMETRIC_SIGN");
     let denied = peer.create_key("denied");
     peer.deny(&denied, true);
@@ -154,7 +105,7 @@ async fn a_key_binds_after_a_test_wrap_and_bad_keys_are_refused_with_the_reason(
         (&disabled, "disabled"),
         (&missing, "does not exist"),
     ] {
-        let (status, body) = bind(&app, "gb2", key_ref, json!({})).await;
+        let (status, body) = app.bind_key("gb2", "gcp", key_ref, json!({})).await;
         assert_eq!(status, 422, "{key_ref}: {body}");
         assert!(
             body["error"].as_str().is_some_and(|e| e.contains(reason)),
@@ -162,7 +113,7 @@ async fn a_key_binds_after_a_test_wrap_and_bad_keys_are_refused_with_the_reason(
         );
     }
     // One key, one tenant.
-    let (status, body) = bind(&app, "gb2", &key, json!({})).await;
+    let (status, body) = app.bind_key("gb2", "gcp", &key, json!({})).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(
         peer.missing_checksums(),
@@ -185,7 +136,7 @@ async fn deks_round_trip_through_key_access_bound_to_tenant_and_dek_by_the_aad()
     assert_eq!(status, 200, "{got}");
     assert_eq!(got["plaintext"], created["plaintext"]);
     assert_eq!(got["kek_version"], "1");
-    create_deks(&app, "ga", 2).await;
+    app.create_deks("ga", 2).await;
     // One token served every call so far (cached).
     assert_eq!(peer.count("token"), 1);
 
@@ -236,7 +187,7 @@ async fn a_new_primary_version_is_rewrapped_by_event_and_by_probe_alone() {
     let peer = CloudKms::start().await;
     let app = app_with(&peer).await;
     let key = tenant_with_key(&app, &peer, "gr", json!({})).await;
-    create_deks(&app, "gr", 4).await;
+    app.create_deks("gr", 4).await;
 
     // Rotation as Cloud KMS logs it: a new version, then UpdateCryptoKeyPrimaryVersion.
     let v2 = peer.add_version(&key, true);
@@ -291,7 +242,7 @@ async fn version_events_act_on_their_version_only_end_to_end() {
 
     // 1. An old version with no DEKs left under it is destroyed: nothing changes.
     let a = tenant_with_key(&app, &peer, "va", json!({})).await;
-    create_deks(&app, "va", 2).await;
+    app.create_deks("va", 2).await;
     let v2 = peer.add_version(&a, true);
     app.publish_raw(
         audit_entry(
@@ -319,17 +270,17 @@ async fn version_events_act_on_their_version_only_end_to_end() {
     )
     .await;
     // Not even for a moment: no access message, no revocation for the KMS to refute.
-    assert_eq!(access(&app, "va").await, "accessible");
+    assert_eq!(app.access("va").await, "accessible");
     assert_eq!(outbox_count(&app, "va", "tenant.inaccessible").await, 0);
     assert_eq!(audit_count(&app, "va", "revocation_unconfirmed").await, 0);
-    create_deks(&app, "va", 1).await;
+    app.create_deks("va", 1).await;
     let (report, ok) = app.verify_deks("va");
     assert!(ok, "{report}");
 
     // 2. An old version still holding DEKs is destroyed: access stays the primary's, those
     //    DEKs no longer unwrap, and the tenant hears of it once the destruction is final.
     let b = tenant_with_key(&app, &peer, "vb", json!({ "rewrap_on_rotation": false })).await;
-    create_deks(&app, "vb", 2).await;
+    app.create_deks("vb", 2).await;
     let w2 = peer.add_version(&b, true);
     event(
         &app,
@@ -358,10 +309,10 @@ async fn version_events_act_on_their_version_only_end_to_end() {
         ),
     )
     .await;
-    assert_eq!(access(&app, "vb").await, "accessible");
+    assert_eq!(app.access("vb").await, "accessible");
     assert_eq!(outbox_count(&app, "vb", "tenant.inaccessible").await, 0);
     assert_eq!(audit_count(&app, "vb", "revocation_unconfirmed").await, 0);
-    create_deks(&app, "vb", 1).await;
+    app.create_deks("vb", 1).await;
     let (report, ok) = app.verify_deks("vb");
     assert!(!ok, "{report}");
     assert_eq!(
@@ -373,7 +324,7 @@ async fn version_events_act_on_their_version_only_end_to_end() {
     peer.set_state(&b, "1", "DESTROYED");
     let s = sweeper(&app).await;
     run(&s, "key-probe", Utc::now()).await;
-    assert_eq!(access(&app, "vb").await, "accessible");
+    assert_eq!(app.access("vb").await, "accessible");
     // One email to the tenant's one contact, naming the version.
     assert_eq!(outbox_count(&app, "vb", "key.destroyed_with_deks").await, 1);
     let payload: Value = sqlx::query_scalar(
@@ -418,7 +369,7 @@ async fn version_events_act_on_their_version_only_end_to_end() {
     )
     .await;
     assert_eq!(
-        access(&app, "vc").await,
+        app.access("vc").await,
         "accessible",
         "an old version without DEKs"
     );
@@ -434,7 +385,7 @@ async fn version_events_act_on_their_version_only_end_to_end() {
         .as_bytes(),
     )
     .await;
-    wait_access(&app, "vc", "inaccessible").await;
+    app.wait_access("vc", "inaccessible").await;
     peer.set_state(&c, "1", "ENABLED");
     event(
         &app,
@@ -467,7 +418,7 @@ async fn version_events_act_on_their_version_only_end_to_end() {
         ),
     )
     .await;
-    assert_eq!(access(&app, "vc").await, "accessible");
+    assert_eq!(app.access("vc").await, "accessible");
     app.shutdown().await;
 }
 
@@ -476,7 +427,7 @@ async fn a_removed_iam_binding_revokes_and_quota_outage_or_token_failures_never_
     let peer = CloudKms::start().await;
     let app = app_with(&peer).await;
     let key = tenant_with_key(&app, &peer, "gf", json!({})).await;
-    create_deks(&app, "gf", 1).await;
+    app.create_deks("gf", 1).await;
     let s = sweeper(&app).await;
 
     // 429 and 503, however long they last, and a token endpoint that fails: outages.
@@ -484,7 +435,7 @@ async fn a_removed_iam_binding_revokes_and_quota_outage_or_token_failures_never_
         peer.fault(fault, 1000);
         run(&s, "key-probe", Utc::now()).await;
         let kek = app.tenant("gf").await["keks"][0].clone();
-        assert_eq!(access(&app, "gf").await, "accessible", "{fault:?}");
+        assert_eq!(app.access("gf").await, "accessible", "{fault:?}");
         assert_eq!(kek["state"], "enabled", "{fault:?}: {kek}");
         assert_eq!(kek["revoked"], false, "{fault:?}: {kek}");
         let r = app.post("/v1/tenants/gf/deks", json!({})).await;
@@ -494,7 +445,7 @@ async fn a_removed_iam_binding_revokes_and_quota_outage_or_token_failures_never_
     peer.expire_tokens();
     peer.fail_tokens(1000);
     run(&s, "key-probe", Utc::now()).await;
-    assert_eq!(access(&app, "gf").await, "accessible");
+    assert_eq!(app.access("gf").await, "accessible");
     assert_eq!(
         app.post("/v1/tenants/gf/deks", json!({})).await.status(),
         503
@@ -502,11 +453,11 @@ async fn a_removed_iam_binding_revokes_and_quota_outage_or_token_failures_never_
     peer.fail_tokens(0);
     // A 429 that passes is retried after its Retry-After and succeeds.
     peer.fault(Fault::Quota, 1);
-    create_deks(&app, "gf", 1).await;
+    app.create_deks("gf", 1).await;
     // A token Cloud KMS no longer takes (401) is replaced and the call goes through.
     let tokens = peer.count("token");
     peer.expire_tokens();
-    create_deks(&app, "gf", 1).await;
+    app.create_deks("gf", 1).await;
     assert_eq!(peer.count("token"), tokens + 1);
 
     // Cloud KMS's own 403: byokd's access was revoked; found by the probe alone.
@@ -517,7 +468,7 @@ async fn a_removed_iam_binding_revokes_and_quota_outage_or_token_failures_never_
     assert_eq!(tenant["keks"][0]["revoked"], true, "{tenant}");
     peer.deny(&key, false);
     run(&s, "key-probe", Utc::now()).await;
-    assert_eq!(access(&app, "gf").await, "accessible");
+    assert_eq!(app.access("gf").await, "accessible");
     let (report, ok) = app.verify_deks("gf");
     assert!(ok, "{report}");
     app.shutdown().await;
@@ -529,7 +480,7 @@ async fn the_metadata_servers_token_serves_when_no_key_file_is_set() {
     let settings = peer.metadata_settings();
     let app = TestApp::spawn_with(|c| c.kms.gcp = Some(settings)).await;
     tenant_with_key(&app, &peer, "gm", json!({})).await;
-    create_deks(&app, "gm", 2).await;
+    app.create_deks("gm", 2).await;
     assert_eq!((peer.count("metadata"), peer.count("token")), (1, 0));
     app.shutdown().await;
 }

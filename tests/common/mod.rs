@@ -596,6 +596,67 @@ impl TestApp {
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
     }
 
+    /// Creates a tenant with one contact and no key.
+    pub async fn create_tenant(&self, tenant: &str) {
+        let r = self
+            .post(
+                "/v1/tenants",
+                json!({ "id": tenant, "name": format!("Tenant {tenant}"),
+                        "contacts": [format!("ops@{tenant}.example")] }),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    }
+
+    /// Registers `provider`'s `key_ref` for `tenant`, with `extra` fields (a JSON object, or
+    /// null for none); returns the status and body.
+    pub async fn bind_key(
+        &self,
+        tenant: &str,
+        provider: &str,
+        key_ref: &str,
+        extra: Value,
+    ) -> (u16, Value) {
+        let mut body = json!({ "provider": provider, "key_ref": key_ref });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        let r = self.post(&format!("/v1/tenants/{tenant}/keks"), body).await;
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates `n` DEKs of `tenant` with the admin token; their bodies.
+    pub async fn create_deks(&self, tenant: &str, n: usize) -> Vec<Value> {
+        let mut deks = Vec::new();
+        for _ in 0..n {
+            let r = self
+                .post(&format!("/v1/tenants/{tenant}/deks"), json!({}))
+                .await;
+            assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+            deks.push(r.json().await.expect("json"));
+        }
+        deks
+    }
+
+    /// `tenant`'s access as the API reports it.
+    pub async fn access(&self, tenant: &str) -> String {
+        self.tenant(tenant).await["access"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Waits up to 30 s for `tenant`'s access to be `want`.
+    pub async fn wait_access(&self, tenant: &str, want: &str) {
+        wait_for(
+            &format!("tenant {tenant} {want}"),
+            Duration::from_secs(30),
+            || async move { self.access(tenant).await == want },
+        )
+        .await;
+    }
+
     pub async fn tenant(&self, id: &str) -> Value {
         let r = self.get(&format!("/v1/tenants/{id}")).await;
         assert_eq!(r.status(), 200);
