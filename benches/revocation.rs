@@ -198,7 +198,7 @@ async fn main() {
     );
 
     let extra: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("BYOKD_STATE__"))
+        .filter(|(k, _)| k.starts_with("BYOKD_STATE__") || k.starts_with("BYOKD_AMQP__"))
         .collect();
     let extra: Vec<(&str, &str)> = extra
         .iter()
