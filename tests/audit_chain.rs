@@ -72,7 +72,7 @@ async fn wait_chained(pool: &PgPool) {
     wait_for("every audit row chained", Duration::from_secs(30), || {
         let pool = pool.clone();
         async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_log WHERE chain_seq IS NULL")
+            sqlx::query_scalar::<_, i64>(common::PG_UNCHAINED)
                 .fetch_one(&pool)
                 .await
                 .is_ok_and(|n| n == 0)
@@ -120,7 +120,7 @@ async fn verify_catches_a_modified_a_deleted_an_inserted_row_and_a_truncated_tai
         async move {
             sqlx::query_scalar::<_, bool>(
                 "SELECT (SELECT max(chain_seq) FROM audit_checkpoints)
-                        = (SELECT max(chain_seq) FROM audit_log)",
+                        = (SELECT max(chain_seq) FROM audit_chain)",
             )
             .fetch_one(&pool)
             .await
@@ -156,7 +156,7 @@ async fn verify_catches_a_modified_a_deleted_an_inserted_row_and_a_truncated_tai
     let id_at = |seq: i64| {
         let pool = app.pool.clone();
         async move {
-            sqlx::query_scalar::<_, i64>("SELECT id FROM audit_log WHERE chain_seq = $1")
+            sqlx::query_scalar::<_, i64>("SELECT id FROM audit_chain WHERE chain_seq = $1")
                 .bind(seq)
                 .fetch_one(&pool)
                 .await
@@ -175,8 +175,16 @@ async fn verify_catches_a_modified_a_deleted_an_inserted_row_and_a_truncated_tai
 
     // UPDATE of a row's content.
     let modified = id_at(3).await;
-    exec("CREATE TABLE saved AS SELECT * FROM audit_log WHERE chain_seq = 3").await;
-    exec("UPDATE audit_log SET outcome = 'not_confirmed' WHERE chain_seq = 3").await;
+    exec(
+        "CREATE TABLE saved AS SELECT * FROM audit_log
+         WHERE id = (SELECT id FROM audit_chain WHERE chain_seq = 3)",
+    )
+    .await;
+    exec(
+        "UPDATE audit_log SET outcome = 'not_confirmed'
+         WHERE id = (SELECT id FROM audit_chain WHERE chain_seq = 3)",
+    )
+    .await;
     assert!(verify_fails(&app).ends_with(&format!(
         "row {modified} (chain_seq 3) was modified: its content no longer matches its \
              chain value"
@@ -185,36 +193,50 @@ async fn verify_catches_a_modified_a_deleted_an_inserted_row_and_a_truncated_tai
     exec("DROP TABLE saved").await;
     verify_ok(&app, &[]);
 
-    // DELETE in the middle.
+    // DELETE in the middle: the row, and then its place in the chain too.
     let (before, after) = (id_at(3).await, id_at(5).await);
-    exec("CREATE TABLE saved AS SELECT * FROM audit_log WHERE chain_seq = 4").await;
-    exec("DELETE FROM audit_log WHERE chain_seq = 4").await;
-    assert!(verify_fails(&app).ends_with(&format!(
+    exec(
+        "CREATE TABLE saved AS SELECT * FROM audit_log
+         WHERE id = (SELECT id FROM audit_chain WHERE chain_seq = 4)",
+    )
+    .await;
+    exec("CREATE TABLE saved_place AS SELECT * FROM audit_chain WHERE chain_seq = 4").await;
+    exec("DELETE FROM audit_log WHERE id = (SELECT id FROM saved)").await;
+    let deleted = format!(
         "rows were deleted: chain_seq 4..=4 missing between row {before} (chain_seq 3) and \
          row {after} (chain_seq 5)"
-    )));
+    );
+    assert!(verify_fails(&app).ends_with(&deleted));
+    exec("DELETE FROM audit_chain WHERE chain_seq = 4").await;
+    assert!(verify_fails(&app).ends_with(&deleted));
     exec("INSERT INTO audit_log SELECT * FROM saved").await;
-    exec("DROP TABLE saved").await;
+    exec("INSERT INTO audit_chain SELECT * FROM saved_place").await;
+    exec("DROP TABLE saved, saved_place").await;
     verify_ok(&app, &[]);
 
     // INSERT in the middle: later rows renumbered to make room, and the forged row carries
     // the chain value of the row it displaced.
-    exec("UPDATE audit_log SET chain_seq = -chain_seq WHERE chain_seq >= 4").await;
-    exec("UPDATE audit_log SET chain_seq = 1 - chain_seq WHERE chain_seq < 0").await;
+    // (Renumbered through a large offset: chain_seq is unique and positive.)
+    exec("UPDATE audit_chain SET chain_seq = chain_seq + 1000000 WHERE chain_seq >= 4").await;
+    exec("UPDATE audit_chain SET chain_seq = chain_seq - 999999 WHERE chain_seq > 1000000").await;
     let forged: i64 = sqlx::query_scalar(
-        "INSERT INTO audit_log (tenant_id, provider, key_ref, action, outcome, source, detail,
-                                chain_seq, chain)
-         SELECT tenant_id, provider, key_ref, 'enabled', 'applied', 'api', detail, 4, chain
-         FROM audit_log WHERE chain_seq = 5
+        "WITH forged AS (
+             INSERT INTO audit_log (tenant_id, provider, key_ref, action, outcome, source, detail)
+             SELECT tenant_id, provider, key_ref, 'enabled', 'applied', 'api', detail
+             FROM audit_log WHERE id = (SELECT id FROM audit_chain WHERE chain_seq = 5)
+             RETURNING id, txid)
+         INSERT INTO audit_chain (chain_seq, id, row_txid, chain)
+         SELECT 4, id, txid, (SELECT chain FROM audit_chain WHERE chain_seq = 5) FROM forged
          RETURNING id",
     )
     .fetch_one(&app.pool)
     .await
     .expect("forged row");
     assert!(verify_fails(&app).contains(&format!("row {forged} (chain_seq 4) was inserted")));
-    exec("DELETE FROM audit_log WHERE chain_seq = 4").await;
-    exec("UPDATE audit_log SET chain_seq = -chain_seq WHERE chain_seq > 4").await;
-    exec("UPDATE audit_log SET chain_seq = -chain_seq - 1 WHERE chain_seq < 0").await;
+    exec("DELETE FROM audit_log WHERE id = (SELECT id FROM audit_chain WHERE chain_seq = 4)").await;
+    exec("DELETE FROM audit_chain WHERE chain_seq = 4").await;
+    exec("UPDATE audit_chain SET chain_seq = chain_seq + 1000000 WHERE chain_seq > 4").await;
+    exec("UPDATE audit_chain SET chain_seq = chain_seq - 1000001 WHERE chain_seq > 1000000").await;
     verify_ok(&app, &[]);
 
     // A row nobody chained, dated long ago: inserted behind byokd's back.
@@ -230,16 +252,60 @@ async fn verify_catches_a_modified_a_deleted_an_inserted_row_and_a_truncated_tai
         line.contains(&format!("row {stale} (recorded ")) && line.contains("still unchained"),
         "{line}"
     );
-    exec("DELETE FROM audit_log WHERE chain_seq IS NULL").await;
+    exec(
+        "DELETE FROM audit_log a WHERE NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.id = a.id)",
+    )
+    .await;
+    verify_ok(&app, &[]);
+
+    // A row given a transaction id from the chained past: the chainer reads only after its
+    // head's (txid, id), so it never takes the row, even while running; verify names it.
+    let backdated: i64 = sqlx::query_scalar(
+        "INSERT INTO audit_log (at, txid, action, outcome, source)
+         VALUES (now() - interval '1 hour', '3', 'kek_registered', 'applied', 'api')
+         RETURNING id",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("backdated row");
+    {
+        let store = Store::connect(&app.db.url, 2).await.expect("store");
+        let chainer = Chainer::new(
+            store.clone(),
+            chain_key(&store).await,
+            AuditSettings::default(),
+        );
+        let mut seat = chainer.seat().await.expect("seat");
+        let round = chainer.round(&mut seat, Utc::now()).await.expect("round");
+        assert_eq!(round.chained, 0, "a row behind the head is not chained");
+        seat.close().await;
+    }
+    assert_eq!(chain_seq_of(&app.pool, backdated).await, None);
+    let line = verify_fails(&app);
+    assert!(
+        line.contains(&format!("row {backdated} (recorded ")) && line.contains("still unchained"),
+        "{line}"
+    );
+    exec(
+        "DELETE FROM audit_log a WHERE NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.id = a.id)",
+    )
+    .await;
     verify_ok(&app, &[]);
 
     // A truncated tail: the last rows, up to and including the latest checkpoint's, deleted.
     let checkpoint = scalar_i64(&app.pool, "SELECT max(chain_seq) FROM audit_checkpoints").await;
-    sqlx::query("DELETE FROM audit_log WHERE chain_seq >= $1")
+    sqlx::query(
+        "DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_chain WHERE chain_seq >= $1)",
+    )
+    .bind(checkpoint)
+    .execute(&app.pool)
+    .await
+    .expect("truncate");
+    sqlx::query("DELETE FROM audit_chain WHERE chain_seq >= $1")
         .bind(checkpoint)
         .execute(&app.pool)
         .await
-        .expect("truncate");
+        .expect("truncate the chain");
     let line = verify_fails(&app);
     assert!(
         line.contains(&format!(
@@ -344,7 +410,7 @@ async fn concurrent_writers_on_two_replicas_end_in_one_gap_free_chain() {
     .await;
     assert_eq!(written, committed, "rolled-back rows never appear");
     let (rows, first, last): (i64, i64, i64) =
-        sqlx::query_as("SELECT count(*), min(chain_seq), max(chain_seq) FROM audit_log")
+        sqlx::query_as("SELECT count(*), min(chain_seq), max(chain_seq) FROM audit_chain")
             .fetch_one(&app.pool)
             .await
             .expect("chain bounds");
@@ -354,7 +420,7 @@ async fn concurrent_writers_on_two_replicas_end_in_one_gap_free_chain() {
         &app.pool,
         "SELECT count(*) FROM (
              SELECT (txid, id) < lag((txid, id)) OVER (ORDER BY chain_seq) AS back
-             FROM audit_log) o
+             FROM audit_log JOIN audit_chain USING (id)) o
          WHERE back",
     )
     .await;
@@ -390,11 +456,10 @@ async fn chain_everything(
     let mut rounds = Vec::new();
     loop {
         rounds.push(chainer.round(seat, now).await.expect("round"));
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE chain_seq IS NULL")
-                .fetch_one(pool)
-                .await
-                .expect("unchained");
+        let left: i64 = sqlx::query_scalar(common::PG_UNCHAINED)
+            .fetch_one(pool)
+            .await
+            .expect("unchained");
         if left == 0 {
             return rounds;
         }
@@ -407,9 +472,9 @@ async fn chain_everything(
 }
 
 async fn chain_seq_of(pool: &PgPool, id: i64) -> Option<i64> {
-    sqlx::query_scalar("SELECT chain_seq FROM audit_log WHERE id = $1")
+    sqlx::query_scalar("SELECT chain_seq FROM audit_chain WHERE id = $1")
         .bind(id)
-        .fetch_one(pool)
+        .fetch_optional(pool)
         .await
         .expect("row")
 }
@@ -607,7 +672,7 @@ async fn audit_filters_checkpoints_and_the_jsonl_export() {
     assert!(checkpoints.len() >= 2);
     assert!(checkpoints[0]["chain_seq"].as_i64() > checkpoints[1]["chain_seq"].as_i64());
     let stored: String =
-        sqlx::query_scalar("SELECT encode(chain, 'hex') FROM audit_log WHERE chain_seq = $1")
+        sqlx::query_scalar("SELECT encode(chain, 'hex') FROM audit_chain WHERE chain_seq = $1")
             .bind(checkpoints[0]["chain_seq"].as_i64())
             .fetch_one(&app.pool)
             .await
@@ -648,7 +713,7 @@ async fn audit_filters_checkpoints_and_the_jsonl_export() {
         .collect();
     assert_eq!(order, (100..1100).collect::<Vec<_>>());
     let chain_at: String =
-        sqlx::query_scalar("SELECT encode(chain, 'hex') FROM audit_log WHERE id = $1")
+        sqlx::query_scalar("SELECT encode(chain, 'hex') FROM audit_chain WHERE id = $1")
             .bind(lines[0]["id"].as_i64())
             .fetch_one(&app.pool)
             .await

@@ -540,10 +540,7 @@ async fn with_the_trail_unwritable_unwraps_are_served_up_to_the_spool_cap() {
     assert_eq!(allowed, served + 2);
 
     wait_for("audit rows chained", Duration::from_secs(30), || async {
-        app.sql("SELECT count(*) FROM audit_log WHERE chain_seq IS NULL")
-            .int()
-            .await
-            == 0
+        app.unchained_audit_rows().await == 0
     })
     .await;
     let mut cmd = common::byokd_command();

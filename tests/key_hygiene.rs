@@ -446,7 +446,7 @@ async fn wait_chained(pool: &sqlx::PgPool) {
         "every audit row chained",
         Duration::from_secs(30),
         || async {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_log WHERE chain_seq IS NULL")
+            sqlx::query_scalar::<_, i64>(common::PG_UNCHAINED)
                 .fetch_one(pool)
                 .await
                 .is_ok_and(|n| n == 0)

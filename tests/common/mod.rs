@@ -1362,4 +1362,30 @@ impl TestApp {
     pub fn sql(&self, sql: &str) -> Sql<'_> {
         Sql::on(&self.pool, self.sqlite.as_ref(), sql)
     }
+
+    /// Audit rows not yet chained, whichever back end: SQLite keeps a row's place in
+    /// `audit_log.chain_seq`, PostgreSQL in `audit_chain`.
+    pub async fn unchained_audit_rows(&self) -> i64 {
+        if self.sqlite.is_some() {
+            self.sql("SELECT count(*) FROM audit_log WHERE chain_seq IS NULL")
+                .int()
+                .await
+        } else {
+            self.sql(PG_UNCHAINED).int().await
+        }
+    }
+
+    /// The chain's head place (0 when empty), whichever back end.
+    pub async fn audit_head_seq(&self) -> i64 {
+        let table = if self.sqlite.is_some() {
+            "SELECT coalesce(max(chain_seq), 0) FROM audit_log"
+        } else {
+            "SELECT coalesce(max(chain_seq), 0) FROM audit_chain"
+        };
+        self.sql(table).int().await
+    }
 }
+
+/// PostgreSQL: audit rows without a place in `audit_chain`.
+pub const PG_UNCHAINED: &str = "SELECT count(*) FROM audit_log a
+     WHERE NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.id = a.id)";

@@ -1,4 +1,8 @@
 //! PostgreSQL SQL of the audit trail: filtered reads, exports, the chain and its checkpoints.
+//!
+//! An audit row is written once and never updated: its place and chain value live in
+//! `audit_chain` (one narrow row per chained audit row), which the chainer appends to. The
+//! migration that moved them there says why.
 
 use super::PgStore;
 use crate::store::{
@@ -8,6 +12,7 @@ use crate::store::{
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Connection, Row};
+use std::collections::HashMap;
 
 /// The `detail` text a row is chained with: `detail::text`, PostgreSQL's canonical text of
 /// the jsonb, except for rows imported from SQLite (`byokd import`), which were chained with
@@ -23,12 +28,26 @@ macro_rules! chained_detail {
 }
 pub(crate) use chained_detail;
 
-/// The columns of a [`ChainRecord`], as [`chain_record`] reads them.
-const CHAIN_COLUMNS: &str = concat!(
-    "id, chain_seq, chain, txid::text::bigint AS txid, at, tenant_id, client, provider,
-     key_ref, action, outcome, source, event_id, ",
-    chained_detail!(),
-    " AS detail"
+/// The columns of a [`ChainRecord`] but its place and value, from `audit_log a`, as
+/// [`chain_record`] reads them.
+macro_rules! row_columns {
+    () => {
+        concat!(
+            "a.id, a.txid::text::bigint AS txid, a.at, a.tenant_id, a.client, a.provider,
+             a.key_ref, a.action, a.outcome, a.source, a.event_id, ",
+            chained_detail!(),
+            " AS detail"
+        )
+    };
+}
+
+/// The columns of a chained [`ChainRecord`], from `audit_chain c JOIN audit_log a`.
+const CHAINED_COLUMNS: &str = concat!("c.chain_seq, c.chain, ", row_columns!());
+
+/// The columns of a [`ChainRecord`] still to chain, from `audit_log a`.
+const UNCHAINED_COLUMNS: &str = concat!(
+    "NULL::bigint AS chain_seq, NULL::bytea AS chain, ",
+    row_columns!()
 );
 
 fn chain_record(r: &PgRow) -> Result<ChainRecord, StoreError> {
@@ -86,17 +105,37 @@ impl PgAuditChainConn {
             ));
         }
         let mut tx = self.conn.begin().await?;
-        let head = head(&mut tx).await?;
+        let cursor = sqlx::query!(
+            r#"SELECT chain_seq, chain, id, row_txid::text::bigint AS "row_txid!"
+               FROM audit_chain ORDER BY chain_seq DESC LIMIT 1"#
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (head, after) = match cursor {
+            Some(c) => (
+                Some(ChainHead {
+                    chain_seq: c.chain_seq,
+                    chain: c.chain,
+                }),
+                (c.row_txid, c.id),
+            ),
+            // Rows imported from SQLite carry txid 0; ids start at 1.
+            None => (None, (0, 0)),
+        };
         // A row whose transaction is older than every running one is final: no transaction
         // that could still commit has a txid below the horizon, so (txid, id) order never
-        // gains a row before the rows chained so far.
+        // gains a row before the rows chained so far, and every row still to chain sorts
+        // after the last chained one (the cursor).
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {CHAIN_COLUMNS} FROM audit_log
-             WHERE chain_seq IS NULL AND txid < pg_snapshot_xmin(pg_current_snapshot())
-             ORDER BY txid, id
+            "SELECT {UNCHAINED_COLUMNS} FROM audit_log a
+             WHERE (a.txid, a.id) > ($2::text::xid8, $3)
+               AND a.txid < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY a.txid, a.id
              LIMIT $1"
         )))
         .bind(limit)
+        .bind(after.0.to_string())
+        .bind(after.1)
         .fetch_all(&mut *tx)
         .await?
         .iter()
@@ -105,21 +144,29 @@ impl PgAuditChainConn {
         if rows.is_empty() {
             return Ok((head, 0));
         }
+        let txids: HashMap<i64, i64> = rows.iter().map(|r| (r.id, r.txid)).collect();
         let links = link(head.as_ref(), &rows);
         let ids: Vec<i64> = links.iter().map(|l| l.id).collect();
         let seqs: Vec<i64> = links.iter().map(|l| l.chain_seq).collect();
+        let row_txids: Vec<String> = links
+            .iter()
+            .map(|l| txids.get(&l.id).copied().unwrap_or_default().to_string())
+            .collect();
         let chains: Vec<Vec<u8>> = links.iter().map(|l| l.chain.clone()).collect();
-        let updated = sqlx::query!(
-            "UPDATE audit_log a SET chain_seq = u.seq, chain = u.chain
-             FROM UNNEST($1::bigint[], $2::bigint[], $3::bytea[]) AS u(id, seq, chain)
-             WHERE a.id = u.id AND a.chain_seq IS NULL",
+        let inserted = sqlx::query!(
+            "INSERT INTO audit_chain (chain_seq, id, row_txid, chain)
+             SELECT u.seq, u.id, u.txid::xid8, u.chain
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bytea[])
+                 AS u(id, seq, txid, chain)
+             ON CONFLICT DO NOTHING",
             &ids,
             &seqs,
+            &row_txids,
             &chains
         )
         .execute(&mut *tx)
         .await?;
-        if updated.rows_affected() != links.len() as u64 {
+        if inserted.rows_affected() != links.len() as u64 {
             // Dropping the transaction rolls it back.
             return Err(StoreError::Conflict(
                 "audit rows were chained by another writer meanwhile; batch rolled back".to_owned(),
@@ -180,8 +227,7 @@ impl PgAuditChainConn {
 async fn head(conn: &mut PgConnection) -> Result<Option<ChainHead>, StoreError> {
     Ok(sqlx::query_as!(
         ChainHead,
-        r#"SELECT chain_seq AS "chain_seq!", chain AS "chain!" FROM audit_log
-           WHERE chain_seq IS NOT NULL ORDER BY chain_seq DESC LIMIT 1"#
+        "SELECT chain_seq, chain FROM audit_chain ORDER BY chain_seq DESC LIMIT 1"
     )
     .fetch_optional(conn)
     .await?)
@@ -200,15 +246,16 @@ impl PgStore {
             match filter.tenant.as_deref() {
                 Some(tenant) => sqlx::query_as!(
                     AuditEntry,
-                    r#"SELECT id, chain_seq, encode(chain, 'hex') AS chain, at, tenant_id, client,
-                          provider, key_ref, action, outcome, source, event_id, detail
-                   FROM audit_log
-                   WHERE tenant_id = $1 AND ($2::bigint IS NULL OR id < $2)
+                    r#"SELECT a.id, c.chain_seq AS "chain_seq?", encode(c.chain, 'hex') AS chain,
+                          at, tenant_id, client, provider, key_ref, action, outcome, source,
+                          event_id, detail
+                   FROM audit_log a LEFT JOIN audit_chain c ON c.id = a.id
+                   WHERE tenant_id = $1 AND ($2::bigint IS NULL OR a.id < $2)
                      AND ($3::text IS NULL OR client = $3) AND ($4::text IS NULL OR action = $4)
                      AND ($5::text IS NULL OR outcome = $5)
                      AND ($6::timestamptz IS NULL OR at >= $6)
                      AND ($7::timestamptz IS NULL OR at < $7)
-                   ORDER BY id DESC LIMIT $8"#,
+                   ORDER BY a.id DESC LIMIT $8"#,
                     tenant,
                     before,
                     filter.client,
@@ -222,15 +269,16 @@ impl PgStore {
                 .await?,
                 None => sqlx::query_as!(
                     AuditEntry,
-                    r#"SELECT id, chain_seq, encode(chain, 'hex') AS chain, at, tenant_id, client,
-                          provider, key_ref, action, outcome, source, event_id, detail
-                   FROM audit_log
-                   WHERE ($1::bigint IS NULL OR id < $1)
+                    r#"SELECT a.id, c.chain_seq AS "chain_seq?", encode(c.chain, 'hex') AS chain,
+                          at, tenant_id, client, provider, key_ref, action, outcome, source,
+                          event_id, detail
+                   FROM audit_log a LEFT JOIN audit_chain c ON c.id = a.id
+                   WHERE ($1::bigint IS NULL OR a.id < $1)
                      AND ($2::text IS NULL OR client = $2) AND ($3::text IS NULL OR action = $3)
                      AND ($4::text IS NULL OR outcome = $4)
                      AND ($5::timestamptz IS NULL OR at >= $5)
                      AND ($6::timestamptz IS NULL OR at < $6)
-                   ORDER BY id DESC LIMIT $7"#,
+                   ORDER BY a.id DESC LIMIT $7"#,
                     before,
                     filter.client,
                     filter.action,
@@ -259,14 +307,15 @@ impl PgStore {
         };
         Ok(sqlx::query_as!(
             AuditEntry,
-            r#"SELECT id, chain_seq, encode(chain, 'hex') AS chain, at, tenant_id, client,
-                      provider, key_ref, action, outcome, source, event_id, detail
-               FROM audit_log
-               WHERE (at, id) > (COALESCE($1::timestamptz, '-infinity'), $2)
+            r#"SELECT a.id, c.chain_seq AS "chain_seq?", encode(c.chain, 'hex') AS chain, at,
+                      tenant_id, client, provider, key_ref, action, outcome, source, event_id,
+                      detail
+               FROM audit_log a LEFT JOIN audit_chain c ON c.id = a.id
+               WHERE (at, a.id) > (COALESCE($1::timestamptz, '-infinity'), $2)
                  AND at < COALESCE($3::timestamptz, 'infinity')
                  AND ($4::text IS NULL OR tenant_id = $4) AND ($5::text IS NULL OR client = $5)
                  AND ($6::text IS NULL OR action = $6) AND ($7::text IS NULL OR outcome = $7)
-               ORDER BY at, id LIMIT $8"#,
+               ORDER BY at, a.id LIMIT $8"#,
             after_at,
             after_id,
             filter.until,
@@ -286,7 +335,8 @@ impl PgStore {
         limit: i64,
     ) -> Result<Vec<ChainRecord>, StoreError> {
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {CHAIN_COLUMNS} FROM audit_log WHERE chain_seq > $1 ORDER BY chain_seq LIMIT $2"
+            "SELECT {CHAINED_COLUMNS} FROM audit_chain c JOIN audit_log a ON a.id = c.id
+             WHERE c.chain_seq > $1 ORDER BY c.chain_seq LIMIT $2"
         )))
         .bind(after_seq)
         .bind(limit)
@@ -302,16 +352,18 @@ impl PgStore {
         tenant_id: Option<&str>,
     ) -> Result<PendingRows, StoreError> {
         let count = sqlx::query_scalar!(
-            r#"SELECT count(*) AS "count!" FROM audit_log
-               WHERE chain_seq IS NULL AND ($1::text IS NULL OR tenant_id = $1)"#,
+            r#"SELECT count(*) AS "count!" FROM audit_log a
+               WHERE NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.id = a.id)
+                 AND ($1::text IS NULL OR tenant_id = $1)"#,
             tenant_id
         )
         .fetch_one(&self.pool)
         .await?;
         let oldest = sqlx::query!(
-            "SELECT id, at FROM audit_log
-             WHERE chain_seq IS NULL AND ($1::text IS NULL OR tenant_id = $1)
-             ORDER BY at, id LIMIT 1",
+            "SELECT a.id, a.at FROM audit_log a
+             WHERE NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.id = a.id)
+               AND ($1::text IS NULL OR tenant_id = $1)
+             ORDER BY a.at, a.id LIMIT 1",
             tenant_id
         )
         .fetch_optional(&self.pool)
@@ -350,7 +402,7 @@ impl PgStore {
         let mismatch = sqlx::query_as!(
             AuditCheckpoint,
             r#"SELECT c.chain_seq, encode(c.chain, 'hex') AS "chain!", c.at
-               FROM audit_checkpoints c LEFT JOIN audit_log a ON a.chain_seq = c.chain_seq
+               FROM audit_checkpoints c LEFT JOIN audit_chain a ON a.chain_seq = c.chain_seq
                WHERE c.chain_seq <= $1 AND a.chain IS DISTINCT FROM c.chain
                ORDER BY c.chain_seq LIMIT 1"#,
             up_to_seq
@@ -369,11 +421,11 @@ impl PgStore {
     }
 
     pub(crate) async fn audit_has_chained_rows(&self) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar!(
-            r#"SELECT EXISTS (SELECT 1 FROM audit_log WHERE chain_seq IS NOT NULL) AS "e!""#
+        Ok(
+            sqlx::query_scalar!(r#"SELECT EXISTS (SELECT 1 FROM audit_chain) AS "e!""#)
+                .fetch_one(&self.pool)
+                .await?,
         )
-        .fetch_one(&self.pool)
-        .await?)
     }
 
     pub(crate) async fn init_audit_chain_key(

@@ -867,7 +867,7 @@ impl PgTx {
                  AS u(attempt_id, at, tenant_id, provider, key_ref, action, outcome, source,
                       event_id, detail, client, n)
              ORDER BY u.n
-             ON CONFLICT (attempt_id) DO NOTHING",
+             ON CONFLICT (attempt_id) WHERE attempt_id IS NOT NULL DO NOTHING",
             &ids,
             &ats,
             &tenants as &[Option<&str>],

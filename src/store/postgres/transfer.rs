@@ -14,6 +14,26 @@ use serde_json::Value;
 /// Rows per INSERT of an import (one jsonb parameter each).
 const BATCH: usize = 1000;
 
+/// The carried columns of `audit_log` that PostgreSQL keeps in `audit_chain` (same names,
+/// joined on `id`; `audit_chain.row_txid` is `audit_log.txid` again).
+const IN_AUDIT_CHAIN: [&str; 2] = ["chain_seq", "chain"];
+
+/// The columns of `t` stored in the table itself.
+fn own_columns(t: &Table) -> impl Iterator<Item = &(&'static str, Kind)> {
+    t.columns
+        .iter()
+        .filter(move |(c, _)| t.name != "audit_log" || !IN_AUDIT_CHAIN.contains(c))
+}
+
+/// What `t`'s rows are read from.
+fn source(t: &Table) -> String {
+    if t.name == "audit_log" {
+        "audit_log LEFT JOIN audit_chain USING (id)".to_owned()
+    } else {
+        t.name.to_owned()
+    }
+}
+
 /// The neutral form of column `c` of kind `kind`, as SQL.
 fn out_expr(c: &str, kind: Kind) -> String {
     match kind {
@@ -55,11 +75,9 @@ fn in_expr(c: &str, kind: Kind) -> String {
 
 /// The INSERT of a batch of `t`'s rows (`$1`: a jsonb array of neutral rows).
 fn insert_sql(t: &Table) -> String {
-    let mut columns: Vec<String> = t.columns.iter().map(|(c, _)| format!(r#""{c}""#)).collect();
-    let mut values: Vec<String> = t.columns.iter().map(|(c, k)| in_expr(c, *k)).collect();
-    let record = t
-        .columns
-        .iter()
+    let mut columns: Vec<String> = own_columns(t).map(|(c, _)| format!(r#""{c}""#)).collect();
+    let mut values: Vec<String> = own_columns(t).map(|(c, k)| in_expr(c, *k)).collect();
+    let record = own_columns(t)
         .map(|(c, k)| format!(r#""{c}" {}"#, record_type(*k)))
         .collect::<Vec<_>>()
         .join(", ");
@@ -110,7 +128,8 @@ impl PgStore {
                 .join(", ");
             let sql = format!(
                 "SELECT json_build_object({fields})::text FROM {} ORDER BY {}",
-                t.name, t.order
+                source(t),
+                t.order
             );
             let mut rows =
                 sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).fetch(&mut *tx);
@@ -155,9 +174,21 @@ impl PgStore {
             for batch in table_rows.chunks(BATCH) {
                 let json = Value::Array(batch.iter().cloned().map(Value::Object).collect());
                 sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
-                    .bind(json)
+                    .bind(&json)
                     .execute(&mut *tx)
                     .await?;
+                if t.name == "audit_log" {
+                    sqlx::query!(
+                        "INSERT INTO audit_chain (chain_seq, id, row_txid, chain)
+                         SELECT r.chain_seq, r.id, r.txid::xid8, decode(r.chain, 'base64')
+                         FROM jsonb_to_recordset($1::jsonb)
+                             AS r(chain_seq bigint, id bigint, txid text, chain text)
+                         WHERE r.chain_seq IS NOT NULL",
+                        json
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
             if let Some(serial) = t.serial {
                 // New rows after the import must not collide with the ids it brought.
