@@ -125,7 +125,14 @@ async fn seed(app: &TestApp, keys: usize) {
     .await;
 }
 
+/// Waits until `n` events are in the inbox. Counting the inbox takes PostgreSQL a few ms per
+/// 50k rows, CPU the daemon under test would otherwise have; so the broker is asked first
+/// (a passive declare: messages not yet delivered) and the inbox counted only once the
+/// queue holds nothing undelivered, when at most a prefetch is left to commit.
 async fn wait_count(app: &TestApp, n: i64) {
+    while app.queue_depth(&app.config.amqp.lifecycle_queue).await > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     loop {
         if app.processed().await >= n {
             return;

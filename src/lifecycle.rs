@@ -101,6 +101,9 @@ pub struct BatchResult {
     /// Positions (in the input events) of revoking events whose commit made their tenant
     /// inaccessible, for the revocation-to-effect latency.
     pub revocations: Vec<usize>,
+    /// How many times the batch was applied again after losing a race with another
+    /// transaction applying a copy of one of its events ([`crate::events::intake::apply`]).
+    pub raced: u32,
 }
 
 /// Everything a transaction writes, decided without I/O.
@@ -439,6 +442,7 @@ pub async fn apply_batch(
         rewrap_work: !plan.jobs.is_empty() || !plan.resume.is_empty(),
         confirm_work: !plan.confirm_now.is_empty() || !plan.confirm_settled.is_empty(),
         revocations,
+        raced: 0,
     })
 }
 

@@ -20,6 +20,10 @@ use crate::telemetry::EVENTS;
 use std::sync::Arc;
 use tokio::sync::Notify;
 
+/// How many times in a row a batch is applied again after losing a race (each loss means
+/// another transaction committed one of its events, so a retry finds more duplicates).
+const RACE_RETRIES: u32 = 3;
+
 /// The loops a commit may have given work to.
 #[derive(Clone, Debug, Default)]
 pub struct Wakers {
@@ -58,7 +62,18 @@ pub async fn apply(
     events: &[LifecycleEvent],
     wake: &Wakers,
 ) -> Result<BatchResult, StoreError> {
-    let result = lifecycle::apply_batch(store, events, chrono::Utc::now()).await?;
+    // A batch that lost a race with another applying a copy of one of its events is run
+    // again at once: it then finds that event applied and calls it a duplicate.
+    let mut raced = 0;
+    let result = loop {
+        match lifecycle::apply_batch(store, events, chrono::Utc::now()).await {
+            Err(StoreError::Raced(why)) if raced < RACE_RETRIES => {
+                raced += 1;
+                tracing::debug!(%why, raced, "applying the batch again");
+            }
+            other => break BatchResult { raced, ..other? },
+        }
+    };
     record(events, &result, wake);
     Ok(result)
 }

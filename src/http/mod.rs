@@ -154,6 +154,10 @@ impl From<StoreError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the database is unavailable; retry later",
             ),
+            StoreError::Raced(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "a concurrent change raced this request; retry",
+            ),
             // A data exception (class 22): a value from the request the database cannot
             // hold, such as a NUL character in a text parameter. The request is at fault.
             StoreError::Other(sqlx::Error::Database(ref db))

@@ -76,6 +76,10 @@ pub enum StoreError {
     /// The request conflicts with existing data.
     #[error("{0}")]
     Conflict(String),
+    /// The transaction lost a race with another writing the same rows (a second copy of an
+    /// event applied meanwhile): run again, it sees what the other wrote.
+    #[error("{0}")]
+    Raced(String),
     /// The named thing does not exist.
     #[error("{0} not found")]
     NotFound(String),
@@ -90,7 +94,7 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the same call may succeed if retried later.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::Raced(_))
     }
 }
 

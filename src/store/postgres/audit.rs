@@ -153,24 +153,29 @@ impl PgAuditChainConn {
             .map(|l| txids.get(&l.id).copied().unwrap_or_default().to_string())
             .collect();
         let chains: Vec<Vec<u8>> = links.iter().map(|l| l.chain.clone()).collect();
+        // A plain INSERT (ON CONFLICT would double its cost): a place or row already taken
+        // means another writer chained meanwhile, and dropping the transaction rolls back.
         let inserted = sqlx::query!(
             "INSERT INTO audit_chain (chain_seq, id, row_txid, chain)
              SELECT u.seq, u.id, u.txid::xid8, u.chain
              FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bytea[])
-                 AS u(id, seq, txid, chain)
-             ON CONFLICT DO NOTHING",
+                 AS u(id, seq, txid, chain)",
             &ids,
             &seqs,
             &row_txids,
             &chains
         )
         .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() != links.len() as u64 {
-            // Dropping the transaction rolls it back.
-            return Err(StoreError::Conflict(
-                "audit rows were chained by another writer meanwhile; batch rolled back".to_owned(),
-            ));
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
+                return Err(StoreError::Conflict(
+                    "audit rows were chained by another writer meanwhile; batch rolled back"
+                        .to_owned(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
         }
         tx.commit().await?;
         let new_head = links.last().map(|l| ChainHead {
