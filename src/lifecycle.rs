@@ -102,7 +102,8 @@ pub struct BatchResult {
     /// inaccessible, for the revocation-to-effect latency.
     pub revocations: Vec<usize>,
     /// How many times the batch was applied again after losing a race with another
-    /// transaction applying a copy of one of its events ([`crate::events::intake::apply`]).
+    /// transaction applying a copy of one of its events (the intake sets it; this module
+    /// applies a batch once).
     pub raced: u32,
 }
 

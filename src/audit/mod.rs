@@ -17,6 +17,9 @@
 //! transaction that committed before another began comes first (its txid is smaller).
 //! `chain_seq` numbers that order densely from 1; its uniqueness and the lock, held on the
 //! connection the chaining transactions run on, keep two chainers from ever both writing.
+//! Because nothing can sort before the last chained row, the rows still to chain are found
+//! after its `(txid, id)`; on PostgreSQL the places and values are rows of their own
+//! (`audit_chain`), so an audit row is written once and never updated.
 
 mod chain;
 mod chainer;
