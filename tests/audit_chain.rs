@@ -831,3 +831,88 @@ async fn a_chain_from_before_stored_keys_keeps_verifying_and_a_new_one_gets_a_ra
     fresh.drop_db().await;
     db.drop_db().await;
 }
+
+/// A chain whose head came from a cluster whose transaction ids ran ahead of this one's (an
+/// archive of another PostgreSQL imported, a dump restored elsewhere): this cluster's new
+/// rows sort before the head, yet they are chained after it, and the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_after_a_head_from_a_cluster_ahead_are_chained() {
+    let db = TestDb::create().await;
+    let store = Store::connect(&db.url, 4).await.expect("store");
+    store.migrate().await.expect("migrate");
+    let pool = PgPool::connect(&db.url).await.expect("pool");
+    let key = chain_key(&store).await;
+    let chainer = Chainer::new(
+        store.clone(),
+        chain_key(&store).await,
+        AuditSettings::default(),
+    );
+    let mut seat = chainer.seat().await.expect("seat");
+    for _ in 0..2 {
+        let mut conn = pool.acquire().await.expect("conn");
+        insert_in(&mut conn, "before").await;
+    }
+    chain_everything(&chainer, &mut seat, &pool, Utc::now()).await;
+
+    // The imported head: a row stamped with a transaction id a million ahead, chained after
+    // the head as the other cluster's chainer would have.
+    let (head_seq, head_chain): (i64, Vec<u8>) =
+        sqlx::query_as("SELECT chain_seq, chain FROM audit_chain ORDER BY chain_seq DESC LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .expect("head");
+    let (id, txid, at): (i64, i64, DateTime<Utc>) = sqlx::query_as(
+        "INSERT INTO audit_log (action, outcome, source, txid)
+         VALUES ('imported', 'applied', 'test', (pg_current_xact_id()::text::bigint + 1000000)::text::xid8)
+         RETURNING id, txid::text::bigint, at",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("imported row");
+    let record = byokd::store::ChainRecord {
+        id,
+        chain_seq: None,
+        chain: None,
+        txid,
+        at,
+        tenant_id: None,
+        client: None,
+        provider: None,
+        key_ref: None,
+        action: "imported".into(),
+        outcome: "applied".into(),
+        source: "test".into(),
+        event_id: None,
+        detail: "{}".into(),
+    };
+    let value = key.link(&head_chain, head_seq + 1, &record);
+    sqlx::query("INSERT INTO audit_chain (chain_seq, id, row_txid, chain) VALUES ($1, $2, $3::text::xid8, $4)")
+        .bind(head_seq + 1)
+        .bind(id)
+        .bind(txid.to_string())
+        .bind(value.to_vec())
+        .execute(&pool)
+        .await
+        .expect("imported place");
+
+    // New rows of this cluster: their transaction ids are far below the head's.
+    let mut conn = pool.acquire().await.expect("conn");
+    let after = insert_in(&mut conn, "after").await;
+    drop(conn);
+    chain_everything(&chainer, &mut seat, &pool, Utc::now()).await;
+    assert_eq!(chain_seq_of(&pool, after).await, Some(head_seq + 2));
+    seat.close().await;
+    let mut cmd = byokd_command();
+    with_service_env(&mut cmd, &db.url, &byokd::config::AmqpSettings::default());
+    let out = cmd
+        .args(["audit", "verify", "--json"])
+        .output()
+        .expect("verify");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pool.close().await;
+    db.drop_db().await;
+}

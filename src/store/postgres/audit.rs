@@ -125,17 +125,30 @@ impl PgAuditChainConn {
         // A row whose transaction is older than every running one is final: no transaction
         // that could still commit has a txid below the horizon, so (txid, id) order never
         // gains a row before the rows chained so far, and every row still to chain sorts
-        // after the last chained one (the cursor).
+        // after the last chained one (the cursor): the rows are read from there, through
+        // the (txid, id) index. Except when the head's txid is not below the horizon: its
+        // row came from a cluster whose transaction ids ran ahead of this one's (`byokd
+        // import` from another PostgreSQL, a pg_dump restored elsewhere), and this cluster's
+        // new rows sort before it. Then the rows are read from the start. Either way a row
+        // already chained is skipped (such imported rows can lie above the cursor).
+        let horizon: i64 = sqlx::query_scalar!(
+            r#"SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS "horizon!""#
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let from = if after.0 < horizon { after } else { (0, 0) };
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {UNCHAINED_COLUMNS} FROM audit_log a
              WHERE (a.txid, a.id) > ($2::text::xid8, $3)
-               AND a.txid < pg_snapshot_xmin(pg_current_snapshot())
+               AND a.txid < $4::text::xid8
+               AND NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.id = a.id)
              ORDER BY a.txid, a.id
              LIMIT $1"
         )))
         .bind(limit)
-        .bind(after.0.to_string())
-        .bind(after.1)
+        .bind(from.0.to_string())
+        .bind(from.1)
+        .bind(horizon.to_string())
         .fetch_all(&mut *tx)
         .await?
         .iter()
