@@ -8,6 +8,10 @@
 -- order and only rows whose transaction is older than every running one, so every row still
 -- to chain sorts after the last chained one. audit_chain keeps that row's (txid, id) as the
 -- cursor (row_txid), so a chain head is read without reading audit_log.
+--
+-- On a large trail this migration copies every chain value and builds one index over
+-- audit_log, holding audit writes meanwhile (migrations run in a transaction, so not
+-- CONCURRENTLY): 3.4 s for a million rows here (2 cores, a test build running meanwhile).
 CREATE TABLE audit_chain (
     chain_seq BIGINT PRIMARY KEY CHECK (chain_seq > 0),
     id        BIGINT NOT NULL,
