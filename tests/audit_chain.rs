@@ -66,6 +66,23 @@ async fn scalar_i64(pool: &PgPool, sql: &'static str) -> i64 {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
+/// `audit verify` names row `id` as unchained too long; then the unchained rows are deleted
+/// and the trail verifies again.
+async fn named_unchained_then_removed(app: &TestApp, id: i64) {
+    let line = verify_fails(app);
+    assert!(
+        line.contains(&format!("row {id} (recorded ")) && line.contains("still unchained"),
+        "{line}"
+    );
+    sqlx::query(
+        "DELETE FROM audit_log a WHERE NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.id = a.id)",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("delete the unchained rows");
+    verify_ok(app, &[]);
+}
+
 /// Waits until every audit row is chained.
 async fn wait_chained(pool: &PgPool) {
     let pool = pool.clone();
@@ -87,6 +104,15 @@ fn root_keys() -> byokd::config::RootKeys {
         ..byokd::config::Config::default()
     };
     config.require_root_keys().expect("root key")
+}
+
+/// A chainer with default settings and the daemon's key on `store`'s database.
+async fn default_chainer(store: &Store) -> Chainer {
+    Chainer::new(
+        store.clone(),
+        chain_key(store).await,
+        AuditSettings::default(),
+    )
 }
 
 /// The chain key the daemon uses on this database (stored on first use).
@@ -247,16 +273,7 @@ async fn verify_catches_a_modified_a_deleted_an_inserted_row_and_a_truncated_tai
     .fetch_one(&app.pool)
     .await
     .expect("unchained row");
-    let line = verify_fails(&app);
-    assert!(
-        line.contains(&format!("row {stale} (recorded ")) && line.contains("still unchained"),
-        "{line}"
-    );
-    exec(
-        "DELETE FROM audit_log a WHERE NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.id = a.id)",
-    )
-    .await;
-    verify_ok(&app, &[]);
+    named_unchained_then_removed(&app, stale).await;
 
     // A row given a transaction id from the chained past: the chainer reads only after its
     // head's (txid, id), so it never takes the row, even while running; verify names it.
@@ -270,27 +287,14 @@ async fn verify_catches_a_modified_a_deleted_an_inserted_row_and_a_truncated_tai
     .expect("backdated row");
     {
         let store = Store::connect(&app.db.url, 2).await.expect("store");
-        let chainer = Chainer::new(
-            store.clone(),
-            chain_key(&store).await,
-            AuditSettings::default(),
-        );
+        let chainer = default_chainer(&store).await;
         let mut seat = chainer.seat().await.expect("seat");
         let round = chainer.round(&mut seat, Utc::now()).await.expect("round");
         assert_eq!(round.chained, 0, "a row behind the head is not chained");
         seat.close().await;
     }
     assert_eq!(chain_seq_of(&app.pool, backdated).await, None);
-    let line = verify_fails(&app);
-    assert!(
-        line.contains(&format!("row {backdated} (recorded ")) && line.contains("still unchained"),
-        "{line}"
-    );
-    exec(
-        "DELETE FROM audit_log a WHERE NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.id = a.id)",
-    )
-    .await;
-    verify_ok(&app, &[]);
+    named_unchained_then_removed(&app, backdated).await;
 
     // A truncated tail: the last rows, up to and including the latest checkpoint's, deleted.
     let checkpoint = scalar_i64(&app.pool, "SELECT max(chain_seq) FROM audit_checkpoints").await;
@@ -323,11 +327,7 @@ async fn verify_catches_a_modified_a_deleted_an_inserted_row_and_a_truncated_tai
     )
     .await;
     let store = Store::connect(&app.db.url, 2).await.expect("store");
-    let chainer = Chainer::new(
-        store.clone(),
-        chain_key(&store).await,
-        AuditSettings::default(),
-    );
+    let chainer = default_chainer(&store).await;
     let mut seat = chainer.seat().await.expect("seat");
     let rounds = chain_everything(&chainer, &mut seat, &app.pool, Utc::now()).await;
     assert_eq!(rounds.iter().map(|r| r.chained).sum::<usize>(), 3);
@@ -540,11 +540,7 @@ async fn rows_wait_for_every_older_transaction_and_one_seat_leads() {
     assert_eq!(round.checkpoint, None, "the head did not move");
 
     // Another replica's seat waits while this one leads, and takes over when it is gone.
-    let other = Chainer::new(
-        store.clone(),
-        chain_key(&store).await,
-        AuditSettings::default(),
-    );
+    let other = default_chainer(&store).await;
     let mut other_seat = other.seat().await.expect("seat");
     let round = other
         .round(&mut other_seat, Utc::now())
@@ -791,11 +787,7 @@ async fn a_chain_from_before_stored_keys_keeps_verifying_and_a_new_one_gets_a_ra
     let fresh_store = Store::connect(&fresh.url, 4).await.expect("store");
     fresh_store.migrate().await.expect("migrate");
     let fresh_pool = PgPool::connect(&fresh.url).await.expect("pool");
-    let chainer = Chainer::new(
-        fresh_store.clone(),
-        chain_key(&fresh_store).await,
-        AuditSettings::default(),
-    );
+    let chainer = default_chainer(&fresh_store).await;
     let mut seat = chainer.seat().await.expect("seat");
     insert_in(&mut fresh_pool.acquire().await.expect("conn"), "new").await;
     chain_everything(&chainer, &mut seat, &fresh_pool, Utc::now()).await;
@@ -842,11 +834,7 @@ async fn rows_after_a_head_from_a_cluster_ahead_are_chained() {
     store.migrate().await.expect("migrate");
     let pool = PgPool::connect(&db.url).await.expect("pool");
     let key = chain_key(&store).await;
-    let chainer = Chainer::new(
-        store.clone(),
-        chain_key(&store).await,
-        AuditSettings::default(),
-    );
+    let chainer = default_chainer(&store).await;
     let mut seat = chainer.seat().await.expect("seat");
     for _ in 0..2 {
         let mut conn = pool.acquire().await.expect("conn");

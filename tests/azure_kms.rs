@@ -11,7 +11,6 @@
 
 mod common;
 
-use base64::Engine;
 use byokd::kms::{Dek, DekContext, KmsError, KmsProvider, WrappedRef};
 use chrono::{Duration as ChronoDuration, Utc};
 use common::azure::{AzurePeer, Fault, Kty};
@@ -268,12 +267,6 @@ async fn keys_byokd_cannot_use_are_refused_with_the_reason() {
     app.shutdown().await;
 }
 
-fn plaintext(v: &Value) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(v["plaintext"].as_str().expect("plaintext"))
-        .expect("base64")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deks_round_trip_through_key_access_and_a_moved_dek_fails() {
     let peer = AzurePeer::vault("dek-kv").await;
@@ -301,7 +294,7 @@ async fn deks_round_trip_through_key_access_and_a_moved_dek_fails() {
         .json()
         .await
         .expect("json");
-    let key = plaintext(&created);
+    let key = common::plaintext(&created);
     assert_eq!(key.len(), 32);
     let id = created["dek_id"].as_str().expect("id").to_owned();
     let r = call(format!("/v1/tenants/ka/deks/{id}/unwrap"))
@@ -309,7 +302,7 @@ async fn deks_round_trip_through_key_access_and_a_moved_dek_fails() {
         .expect("unwrap");
     assert_eq!(r.status(), 200);
     let got: Value = r.json().await.expect("json");
-    assert_eq!(plaintext(&got), key);
+    assert_eq!(common::plaintext(&got), key);
     assert_eq!(got["kcv"], created["kcv"]);
     app.create_deks("ka", 2).await;
     let (report, ok) = app.verify_deks("ka");

@@ -8,10 +8,11 @@
 
 mod common;
 
-use base64::Engine;
 use byokd::config::AmqpSettings;
 use byokd::store::transfer::TABLES;
-use common::{Backend, TestApp, TestDb, at, byokd_command, wait_for, with_service_env};
+use common::{
+    Backend, Sql, TestApp, TestDb, at, byokd_command, plaintext, wait_for, with_service_env,
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::{PgPool, SqlitePool};
@@ -80,25 +81,6 @@ fn fast_chaining(c: &mut byokd::config::Config) {
     c.audit.checkpoint_interval_secs = 1;
 }
 
-async fn call(app: &TestApp, token: &str, path: &str) -> (u16, Value) {
-    let r = app
-        .http
-        .post(app.url(path))
-        .bearer_auth(token)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("request");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-fn plaintext(v: &Value) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(v["plaintext"].as_str().expect("plaintext"))
-        .expect("base64")
-}
-
 /// Waits until every audit row is chained and the head is checkpointed.
 async fn wait_chained_and_checkpointed(app: &TestApp) {
     wait_for(
@@ -135,23 +117,17 @@ async fn standalone_deployment(bulk: usize) -> (TestApp, String, String, Vec<u8>
         .as_str()
         .expect("token")
         .to_owned();
-    let (status, created) = call(&app, &token, "/v1/tenants/acme/deks").await;
+    let (status, created) = app.as_client(&token, "/v1/tenants/acme/deks").await;
     assert_eq!(status, 201, "{created}");
     let dek_id = created["dek_id"].as_str().expect("id").to_owned();
-    let (status, got) = call(
-        &app,
-        &token,
-        &format!("/v1/tenants/acme/deks/{dek_id}/unwrap"),
-    )
-    .await;
+    let (status, got) = app
+        .as_client(&token, &format!("/v1/tenants/acme/deks/{dek_id}/unwrap"))
+        .await;
     assert_eq!(status, 200, "{got}");
     let unknown = uuid::Uuid::now_v7();
-    let (status, _) = call(
-        &app,
-        &token,
-        &format!("/v1/tenants/acme/deks/{unknown}/unwrap"),
-    )
-    .await;
+    let (status, _) = app
+        .as_client(&token, &format!("/v1/tenants/acme/deks/{unknown}/unwrap"))
+        .await;
     assert_eq!(status, 404);
     if bulk > 0 {
         app.bulk_deks("acme", "acme-kek", bulk).await;
@@ -180,33 +156,12 @@ async fn standalone_deployment(bulk: usize) -> (TestApp, String, String, Vec<u8>
     (app, token, dek_id, plaintext(&created), revoked)
 }
 
-/// Rows per carried table.
-async fn counts_sqlite(pool: &SqlitePool) -> Vec<(&'static str, i64)> {
+/// Rows per carried table, on the SQLite database when given, else on the PostgreSQL one.
+async fn counts(pg: &PgPool, sqlite: Option<&SqlitePool>) -> Vec<(&'static str, i64)> {
     let mut out = Vec::new();
     for t in TABLES {
-        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM {}",
-            t.name
-        )))
-        .fetch_one(pool)
-        .await
-        .expect("count");
-        out.push((t.name, n));
-    }
-    out
-}
-
-async fn counts_pg(pool: &PgPool) -> Vec<(&'static str, i64)> {
-    let mut out = Vec::new();
-    for t in TABLES {
-        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM {}",
-            t.name
-        )))
-        .fetch_one(pool)
-        .await
-        .expect("count");
-        out.push((t.name, n));
+        let sql = format!("SELECT count(*) FROM {}", t.name);
+        out.push((t.name, Sql::on(pg, sqlite, &sql).int().await));
     }
     out
 }
@@ -225,7 +180,7 @@ async fn a_standalone_deployment_moves_to_postgres_intact_and_goes_on_there() {
     assert!(ok, "{report}");
     // The verification's own audit row stays unchained (no daemon): it is carried as such.
     let sqlite = src.sqlite.clone().expect("SQLite pool");
-    let source_counts = counts_sqlite(&sqlite).await;
+    let source_counts = counts(&src.pool, Some(&sqlite)).await;
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE chain_seq IS NULL")
         .fetch_one(&sqlite)
         .await
@@ -269,7 +224,7 @@ async fn a_standalone_deployment_moves_to_postgres_intact_and_goes_on_there() {
     let imported: Value = serde_json::from_str(&out).expect("import report");
     assert_eq!(imported["archive"]["rows"], total);
     let pg = PgPool::connect(&target.url).await.expect("pg");
-    for ((t, n), (_, m)) in source_counts.iter().zip(counts_pg(&pg).await) {
+    for ((t, n), (_, m)) in source_counts.iter().zip(counts(&pg, None).await) {
         // The import is recorded in the trail.
         let expected = if *t == "audit_log" { n + 1 } else { *n };
         assert_eq!(m, expected, "{t}");
@@ -351,12 +306,9 @@ async fn a_standalone_deployment_moves_to_postgres_intact_and_goes_on_there() {
     assert!(ok, "{report}");
     assert_eq!(report["total"], 301);
     assert_eq!(report["by_version"], json!({ "2": 301 }));
-    let (status, got) = call(
-        &dst,
-        &token,
-        &format!("/v1/tenants/acme/deks/{dek_id}/unwrap"),
-    )
-    .await;
+    let (status, got) = dst
+        .as_client(&token, &format!("/v1/tenants/acme/deks/{dek_id}/unwrap"))
+        .await;
     assert_eq!(status, 200, "{got}");
     assert_eq!(plaintext(&got), key);
     assert_eq!(dst.tenant("beta").await["access"], "inaccessible");
@@ -391,9 +343,9 @@ async fn a_standalone_deployment_moves_to_postgres_intact_and_goes_on_there() {
     // New rows after the import collide with nothing: a tenant and key (keks' sequence), a
     // DEK, audit rows (audit_log's sequence), and the chain goes on from the imported head.
     dst.tenant_with_key("gamma", "gamma-kek").await;
-    let (status, created) = call(&dst, &token, "/v1/tenants/gamma/deks").await;
+    let (status, created) = dst.as_client(&token, "/v1/tenants/gamma/deks").await;
     assert_eq!(status, 201, "{created}");
-    let (status, created) = call(&dst, &token, "/v1/tenants/acme/deks").await;
+    let (status, created) = dst.as_client(&token, "/v1/tenants/acme/deks").await;
     assert_eq!(status, 201, "{created}");
     wait_chained_and_checkpointed(&dst).await;
     let (report, err, ok) = audit_verify(&dst.db.url, &amqp);

@@ -391,10 +391,7 @@ async fn deleting_a_tenant_shreds_its_deks_and_keeps_the_audit_trail_verifiable(
     );
     // The unwraps' attempts reach the trail through the spool.
     app.audit_shipped().await;
-    wait_for("audit rows chained", Duration::from_secs(30), || async {
-        app.unchained_audit_rows().await == 0
-    })
-    .await;
+    app.wait_chained().await;
     let (stdout, stderr, ok) = byokd(&app, &["audit", "verify", "--json"]);
     assert!(ok, "audit verify after a deletion: {stderr}");
     let report: Value = serde_json::from_str(&stdout).expect("report");

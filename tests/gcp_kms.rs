@@ -62,18 +62,6 @@ async fn client(app: &TestApp, tenant: &str) -> String {
     v["token"].as_str().expect("token").to_owned()
 }
 
-async fn as_client(app: &TestApp, token: &str, path: &str) -> (u16, Value) {
-    let r = common::http_client()
-        .post(app.url(path))
-        .bearer_auth(token)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("request");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_binds_after_a_test_wrap_and_bad_keys_are_refused_with_the_reason() {
     let peer = CloudKms::start().await;
@@ -129,10 +117,12 @@ async fn deks_round_trip_through_key_access_bound_to_tenant_and_dek_by_the_aad()
     let app = app_with(&peer).await;
     let key = tenant_with_key(&app, &peer, "ga", json!({})).await;
     let token = client(&app, "ga").await;
-    let (status, created) = as_client(&app, &token, "/v1/tenants/ga/deks").await;
+    let (status, created) = app.as_client(&token, "/v1/tenants/ga/deks").await;
     assert_eq!(status, 201, "{created}");
     let id = created["dek_id"].as_str().expect("id").to_owned();
-    let (status, got) = as_client(&app, &token, &format!("/v1/tenants/ga/deks/{id}/unwrap")).await;
+    let (status, got) = app
+        .as_client(&token, &format!("/v1/tenants/ga/deks/{id}/unwrap"))
+        .await;
     assert_eq!(status, 200, "{got}");
     assert_eq!(got["plaintext"], created["plaintext"]);
     assert_eq!(got["kek_version"], "1");
@@ -174,8 +164,9 @@ async fn deks_round_trip_through_key_access_bound_to_tenant_and_dek_by_the_aad()
         "{report}"
     );
     let moved = rows[1].0.to_string();
-    let (status, body) =
-        as_client(&app, &token, &format!("/v1/tenants/ga/deks/{moved}/unwrap")).await;
+    let (status, body) = app
+        .as_client(&token, &format!("/v1/tenants/ga/deks/{moved}/unwrap"))
+        .await;
     assert_ne!(status, 200, "{body}");
     assert!(body.get("plaintext").is_none(), "{body}");
     assert_eq!(peer.missing_checksums(), 0);

@@ -6,7 +6,6 @@
 
 mod common;
 
-use base64::Engine;
 use common::{Backend, TOKEN, TestApp, at, wait_for};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -45,12 +44,6 @@ async fn client(app: &TestApp, name: &str, scope: Value) -> String {
     v["token"].as_str().expect("token").to_owned()
 }
 
-fn plaintext(v: &Value) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(v["plaintext"].as_str().expect("plaintext"))
-        .expect("base64")
-}
-
 on_both_backends!(clients_create_and_unwrap_their_tenants_deks_and_nothing_else, #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
 async fn clients_create_and_unwrap_their_tenants_deks_and_nothing_else(backend: Backend) {
     let app = TestApp::spawn_on(backend).await;
@@ -64,7 +57,7 @@ async fn clients_create_and_unwrap_their_tenants_deks_and_nothing_else(backend: 
     let (status, created, cache) = call(&app, &base, &a, "/v1/tenants/ka/deks", None).await;
     assert_eq!(status, 201, "{created}");
     assert_eq!(cache.as_deref(), Some("no-store"));
-    let key = plaintext(&created);
+    let key = common::plaintext(&created);
     assert_eq!(key.len(), 32);
     let id = created["dek_id"].as_str().expect("id").to_owned();
 
@@ -79,7 +72,7 @@ async fn clients_create_and_unwrap_their_tenants_deks_and_nothing_else(backend: 
         )
         .await;
         assert_eq!(status, 200, "{got}");
-        assert_eq!(plaintext(&got), key);
+        assert_eq!(common::plaintext(&got), key);
         assert_eq!(got["kcv"], created["kcv"]);
         assert_eq!(cache.as_deref(), Some("no-store"));
     }
@@ -149,7 +142,7 @@ async fn clients_create_and_unwrap_their_tenants_deks_and_nothing_else(backend: 
     assert_eq!(status, 200, "{batch}");
     let deks = batch["deks"].as_array().expect("deks");
     assert_eq!(deks.len(), 4);
-    assert_eq!(plaintext(&deks[0]), key);
+    assert_eq!(common::plaintext(&deks[0]), key);
     assert!(deks[1]["plaintext"].is_string());
     assert!(
         deks[2]["error"].is_string() && deks[3]["error"].is_string(),
@@ -539,10 +532,7 @@ async fn with_the_trail_unwritable_unwraps_are_served_up_to_the_spool_cap() {
     // not an attempt the trail could take.
     assert_eq!(allowed, served + 2);
 
-    wait_for("audit rows chained", Duration::from_secs(30), || async {
-        app.unchained_audit_rows().await == 0
-    })
-    .await;
+    app.wait_chained().await;
     let mut cmd = common::byokd_command();
     common::with_service_env(&mut cmd, &app.db.url, &app.config.amqp);
     let out = cmd

@@ -236,13 +236,7 @@ async fn the_audit_chain_grows_verifies_and_catches_a_modified_row_on_sqlite() {
             201
         );
     }
-    wait_for("every row chained", Duration::from_secs(20), || async {
-        app.sql("SELECT count(*) FROM audit_log WHERE chain_seq IS NULL")
-            .int()
-            .await
-            == 0
-    })
-    .await;
+    app.wait_chained().await;
     wait_for("a checkpoint", Duration::from_secs(10), || async {
         app.sql("SELECT count(*) FROM audit_checkpoints")
             .int()

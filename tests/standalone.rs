@@ -64,19 +64,6 @@ async fn client_token(app: &TestApp, tenant: &str) -> String {
     v["token"].as_str().expect("token").to_owned()
 }
 
-async fn as_client(app: &TestApp, token: &str, path: &str) -> (u16, Value) {
-    let r = app
-        .http
-        .post(app.url(path))
-        .bearer_auth(token)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("request");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 /// The .eml files in `dir` addressed to `to`.
 fn emails_to(dir: &Path, to: &str) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -104,13 +91,13 @@ async fn without_a_broker_posted_events_are_applied_before_the_answer() {
 
     app.tenant_with_key("nb", "key-nb").await;
     let token = client_token(&app, "nb").await;
-    let (status, dek) = as_client(&app, &token, "/v1/tenants/nb/deks").await;
+    let (status, dek) = app.as_client(&token, "/v1/tenants/nb/deks").await;
     assert_eq!(status, 201, "{dek}");
     let unwrap = format!(
         "/v1/tenants/nb/deks/{}/unwrap",
         dek["dek_id"].as_str().expect("id")
     );
-    assert_eq!(as_client(&app, &token, &unwrap).await.0, 200);
+    assert_eq!(app.as_client(&token, &unwrap).await.0, 200);
 
     // Malformed messages are refused with the reason, and change nothing.
     let (status, body) = post_raw(&app, "{not json").await;
@@ -167,7 +154,7 @@ async fn without_a_broker_posted_events_are_applied_before_the_answer() {
     assert_eq!((processed, applied), (1, 1));
 
     // Key access is refused at once (the cache was dropped by the database's notification).
-    let (status, body) = as_client(&app, &token, &unwrap).await;
+    let (status, body) = app.as_client(&token, &unwrap).await;
     assert_eq!(status, 403, "{body}");
 
     // The tenant's contact is told, by .eml file here (no SMTP server configured).

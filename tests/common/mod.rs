@@ -1375,6 +1375,31 @@ impl TestApp {
         }
     }
 
+    /// POSTs `path` (an empty JSON body) with a client's `token`: the status and the JSON
+    /// answer (null when it is not JSON).
+    pub async fn as_client(&self, token: &str, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits (up to 30 s) until every audit row is chained.
+    pub async fn wait_chained(&self) {
+        wait_for(
+            "every audit row chained",
+            Duration::from_secs(30),
+            || async { self.unchained_audit_rows().await == 0 },
+        )
+        .await;
+    }
+
     /// The chain's head place (0 when empty), whichever back end.
     pub async fn audit_head_seq(&self) -> i64 {
         let table = if self.sqlite.is_some() {
@@ -1389,3 +1414,11 @@ impl TestApp {
 /// PostgreSQL: audit rows without a place in `audit_chain`.
 pub const PG_UNCHAINED: &str = "SELECT count(*) FROM audit_log a
      WHERE NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.id = a.id)";
+
+/// The `plaintext` of a key-access answer, decoded from base64.
+pub fn plaintext(v: &Value) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(v["plaintext"].as_str().expect("plaintext"))
+        .expect("base64")
+}

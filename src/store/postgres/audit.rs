@@ -12,7 +12,6 @@ use crate::store::{
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Connection, Row};
-use std::collections::HashMap;
 
 /// The `detail` text a row is chained with: `detail::text`, PostgreSQL's canonical text of
 /// the jsonb, except for rows imported from SQLite (`byokd import`), which were chained with
@@ -157,14 +156,11 @@ impl PgAuditChainConn {
         if rows.is_empty() {
             return Ok((head, 0));
         }
-        let txids: HashMap<i64, i64> = rows.iter().map(|r| (r.id, r.txid)).collect();
+        // One link per row, in the rows' order.
         let links = link(head.as_ref(), &rows);
         let ids: Vec<i64> = links.iter().map(|l| l.id).collect();
         let seqs: Vec<i64> = links.iter().map(|l| l.chain_seq).collect();
-        let row_txids: Vec<String> = links
-            .iter()
-            .map(|l| txids.get(&l.id).copied().unwrap_or_default().to_string())
-            .collect();
+        let row_txids: Vec<String> = rows.iter().map(|r| r.txid.to_string()).collect();
         let chains: Vec<Vec<u8>> = links.iter().map(|l| l.chain.clone()).collect();
         // A plain INSERT (ON CONFLICT would double its cost): a place or row already taken
         // means another writer chained meanwhile, and dropping the transaction rolls back.
@@ -182,7 +178,7 @@ impl PgAuditChainConn {
         .await;
         match inserted {
             Ok(_) => {}
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
                 return Err(StoreError::Conflict(
                     "audit rows were chained by another writer meanwhile; batch rolled back"
                         .to_owned(),

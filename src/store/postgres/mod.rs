@@ -96,6 +96,21 @@ fn key_columns(keys: &[(Provider, String)]) -> (Vec<&'static str>, Vec<&str>) {
     keys.iter().map(|(p, k)| (p.as_str(), k.as_str())).unzip()
 }
 
+/// The inbox key columns (provider, source, id) of `events`, for UNNEST.
+fn event_keys<'a>(events: &[&'a LifecycleEvent]) -> (Vec<&'a str>, Vec<&'a str>, Vec<&'a str>) {
+    let mut columns = (
+        Vec::with_capacity(events.len()),
+        Vec::with_capacity(events.len()),
+        Vec::with_capacity(events.len()),
+    );
+    for e in events {
+        columns.0.push(e.provider.as_str());
+        columns.1.push(e.source.as_str());
+        columns.2.push(e.event_id.as_str());
+    }
+    columns
+}
+
 /// Every KEK of `tenants` in id order; `held_deks` is filled in by [`count_held`].
 async fn keks_of<'c, E>(tenants: &[String], db: E) -> Result<Vec<KekRow>, StoreError>
 where
@@ -507,25 +522,10 @@ impl PgTx {
         &mut self,
         events: &[&LifecycleEvent],
     ) -> Result<Vec<bool>, StoreError> {
-        // Of two copies of one event in the batch only the first can be fresh; the plain
-        // INSERT below must not meet itself.
-        let mut seen = HashSet::with_capacity(events.len());
-        let first: Vec<bool> = events
-            .iter()
-            .map(|e| seen.insert((e.provider, e.source.as_str(), e.event_id.as_str())))
-            .collect();
-        let candidates: Vec<&LifecycleEvent> = events
-            .iter()
-            .zip(&first)
-            .filter(|(_, f)| **f)
-            .map(|(e, _)| *e)
-            .collect();
-        let providers: Vec<&str> = candidates.iter().map(|e| e.provider.as_str()).collect();
-        let sources: Vec<&str> = candidates.iter().map(|e| e.source.as_str()).collect();
-        let ids: Vec<&str> = candidates.iter().map(|e| e.event_id.as_str()).collect();
         // Looking the batch up, then inserting what is new, costs PostgreSQL about half of
         // INSERT .. ON CONFLICT DO NOTHING RETURNING (speculative insertion, per row).
-        let known: HashSet<(String, String, String)> = sqlx::query!(
+        let (providers, sources, ids) = event_keys(events);
+        let rows = sqlx::query!(
             r#"SELECT p.provider AS "provider!", p.source AS "source!", p.event_id AS "event_id!"
                FROM processed_events p
                JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS u(provider, source, event_id)
@@ -535,34 +535,26 @@ impl PgTx {
             &ids as &[&str]
         )
         .fetch_all(&mut *self.tx)
-        .await?
-        .into_iter()
-        .map(|r| (r.provider, r.source, r.event_id))
-        .collect();
-        let fresh_of = |e: &LifecycleEvent| {
-            !known.contains(&(
-                e.provider.as_str().to_owned(),
-                e.source.clone(),
-                e.event_id.clone(),
-            ))
-        };
+        .await?;
+        let mut seen: HashSet<(&str, &str, &str)> = rows
+            .iter()
+            .map(|r| (r.provider.as_str(), r.source.as_str(), r.event_id.as_str()))
+            .collect();
+        // Fresh: not applied before, and the first copy inside the batch (the plain INSERT
+        // below must not meet itself).
         let fresh: Vec<bool> = events
             .iter()
-            .zip(&first)
-            .map(|(e, f)| *f && fresh_of(e))
+            .map(|e| seen.insert((e.provider.as_str(), &e.source, &e.event_id)))
             .collect();
         let new: Vec<&LifecycleEvent> = events
             .iter()
             .zip(&fresh)
-            .filter(|(_, f)| **f)
-            .map(|(e, _)| *e)
+            .filter_map(|(e, f)| f.then_some(*e))
             .collect();
         if new.is_empty() {
             return Ok(fresh);
         }
-        let providers: Vec<&str> = new.iter().map(|e| e.provider.as_str()).collect();
-        let sources: Vec<&str> = new.iter().map(|e| e.source.as_str()).collect();
-        let ids: Vec<&str> = new.iter().map(|e| e.event_id.as_str()).collect();
+        let (providers, sources, ids) = event_keys(&new);
         let kinds: Vec<&str> = new.iter().map(|e| e.kind.as_str()).collect();
         let keys: Vec<&str> = new.iter().map(|e| e.key_ref.as_str()).collect();
         let times: Vec<DateTime<Utc>> = new.iter().map(|e| e.time).collect();
@@ -584,11 +576,9 @@ impl PgTx {
             // Another transaction (a second copy of an event, delivered to another consumer
             // or through the HTTP API) committed one of these events after the lookup: this
             // batch lost the race. Retried, it finds the event and calls it a duplicate.
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
-                Err(StoreError::Raced(
-                    "another transaction applied one of these events meanwhile".to_owned(),
-                ))
-            }
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Err(StoreError::Raced(
+                "another transaction applied one of these events meanwhile".to_owned(),
+            )),
             Err(e) => Err(e.into()),
         }
     }
