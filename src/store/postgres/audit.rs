@@ -68,6 +68,11 @@ fn chain_record(r: &PgRow) -> Result<ChainRecord, StoreError> {
     })
 }
 
+/// `LIMIT 1` of the newest-row reads, as a parameter: PostgreSQL plans a parameterless
+/// statement once per connection (`plan_cache_mode` applies to parameterized ones only), so
+/// a head read first made on an empty table would sort the whole table ever after.
+const HEAD_LIMIT: i64 = 1;
+
 /// A connection taken out of the pool for chaining, and whether it holds the chain's lock.
 pub(crate) struct PgAuditChainConn {
     conn: PgConnection,
@@ -106,7 +111,8 @@ impl PgAuditChainConn {
         let mut tx = self.conn.begin().await?;
         let cursor = sqlx::query!(
             r#"SELECT chain_seq, chain, id, row_txid::text::bigint AS "row_txid!"
-               FROM audit_chain ORDER BY chain_seq DESC LIMIT 1"#
+               FROM audit_chain ORDER BY chain_seq DESC LIMIT $1"#,
+            HEAD_LIMIT
         )
         .fetch_optional(&mut *tx)
         .await?;
@@ -130,11 +136,25 @@ impl PgAuditChainConn {
         // import` from another PostgreSQL, a pg_dump restored elsewhere), and this cluster's
         // new rows sort before it. Then the rows are read from the start. Either way a row
         // already chained is skipped (such imported rows can lie above the cursor).
-        let horizon: i64 = sqlx::query_scalar!(
-            r#"SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS "horizon!""#
+        //
+        // The read below must be a walk of the (txid, id) index from the cursor, each row
+        // probed in audit_chain's id index, stopping at the limit: a few milliseconds
+        // whatever the tables hold. Fed the statistics of a trail that grows by thousands of
+        // rows a second (months old, or taken when the table was empty), the planner was
+        // seen choosing a hash anti join over all of audit_chain instead, and the read grew
+        // with the trail (1 ms to 250 ms within a minute). The other plans are switched off
+        // for this transaction only (set_config's `true`), with the horizon's round trip.
+        let horizon: i64 = sqlx::query!(
+            r#"SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS "horizon!",
+                      set_config('enable_hashjoin', 'off', true) AS hashjoin,
+                      set_config('enable_mergejoin', 'off', true) AS mergejoin,
+                      set_config('enable_bitmapscan', 'off', true) AS bitmapscan,
+                      set_config('enable_seqscan', 'off', true) AS seqscan,
+                      set_config('enable_sort', 'off', true) AS sort"#
         )
         .fetch_one(&mut *tx)
-        .await?;
+        .await?
+        .horizon;
         let from = if after.0 < horizon { after } else { (0, 0) };
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {UNCHAINED_COLUMNS} FROM audit_log a
@@ -200,7 +220,8 @@ impl PgAuditChainConn {
         Ok(sqlx::query_as!(
             AuditCheckpoint,
             r#"SELECT chain_seq, encode(chain, 'hex') AS "chain!", at FROM audit_checkpoints
-               ORDER BY chain_seq DESC LIMIT 1"#
+               ORDER BY chain_seq DESC LIMIT $1"#,
+            HEAD_LIMIT
         )
         .fetch_optional(&mut self.conn)
         .await?)
@@ -241,7 +262,8 @@ impl PgAuditChainConn {
 async fn head(conn: &mut PgConnection) -> Result<Option<ChainHead>, StoreError> {
     Ok(sqlx::query_as!(
         ChainHead,
-        "SELECT chain_seq, chain FROM audit_chain ORDER BY chain_seq DESC LIMIT 1"
+        "SELECT chain_seq, chain FROM audit_chain ORDER BY chain_seq DESC LIMIT $1",
+        HEAD_LIMIT
     )
     .fetch_optional(conn)
     .await?)
