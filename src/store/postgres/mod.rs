@@ -237,18 +237,7 @@ impl PgStore {
             // PostgreSQL's NOTICEs (sqlx logs them at INFO) say nothing byokd acts on, and
             // migrations raise one on every start ("relation _sqlx_migrations already
             // exists"); warnings and errors still come through.
-            .options([
-                ("client_min_messages", "warning"),
-                // Plan each execution of a prepared statement for its parameters and the
-                // tables as they are now. byokd's tables grow from empty by millions of rows
-                // while a connection lives (audit_log, audit_chain, processed_events), and
-                // PostgreSQL's default keeps a generic plan chosen after five executions: one
-                // made while a table was nearly empty (a sequential scan, a hash join) then
-                // runs for the connection's life, slower with every row. Seen: the audit
-                // chainer's read went from 1 ms to 250 ms in a minute of key access. Planning
-                // costs a fraction of a millisecond, once per batch on the busy paths.
-                ("plan_cache_mode", "force_custom_plan"),
-            ]);
+            .options([("client_min_messages", "warning")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             // Fail fast while the database is down: callers decide how to wait.
