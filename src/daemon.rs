@@ -8,7 +8,9 @@
 //!
 //! Every long-running task runs in one [`JoinSet`] under a name: `consumer`,
 //! `urgent_consumer`, `access_relay`, `outbox`, `rewrap_1`..`rewrap_N`, `confirmer`, `sweeps`,
-//! `audit_chainer`, `metrics_collector` and `http`. Each loop retries its own errors (a lost
+//! `audit_spool_shipper`, `audit_chainer`, `metrics_collector` and `http` (the shipper and
+//! the chainer run on the [`background`] thread and are awaited from the set like the
+//! others). Each loop retries its own errors (a lost
 //! broker, database or KMS), so a task that panics, fails, or returns before it was told to
 //! stop has *died*: a bug, not a bad day. A replica with a dead task must not look healthy, so the supervisor then
 //!
@@ -33,6 +35,7 @@
 //! grace period ends are aborted rather than awaited (their work is redelivered: unacked
 //! events go back to the queue, leased notifications and jobs are picked up again).
 
+pub mod background;
 pub mod collector;
 
 use crate::audit::{self, ChainKey, Chainer};
@@ -50,6 +53,7 @@ use crate::rewrap::{self, Rewrapper};
 use crate::seal::{LOCAL_KMS_PURPOSE, Sealer, WEBHOOK_SECRET_PURPOSE};
 use crate::store::{Store, StoreError};
 use crate::sweeps::{self, Sweeper, Wakers};
+use background::Background;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -83,6 +87,9 @@ pub enum RunError {
     /// The audit spool cannot be opened (or another daemon uses it).
     #[error(transparent)]
     AuditSpool(#[from] crate::access::spool::SpoolError),
+    /// The background thread (audit shipping and chaining) cannot be started.
+    #[error("cannot start the background thread: {0}")]
+    Background(std::io::Error),
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
@@ -341,7 +348,10 @@ async fn supervise(
     );
     // The audit writer (or the spool's shipper) has connections of its own: a burst of
     // unwraps must not wait behind the consumer for one, nor starve it.
-    let audit_store = Store::connect(&database_url, 4).await?;
+    // The shipper and the chainer work in big batches: a thread of their own keeps those off
+    // the request workers (see `background`).
+    let background = Background::start().map_err(RunError::Background)?;
+    let audit_store = connect_in(&background, &database_url, 4).await?;
     let audit_writer = match config.access.audit_mode {
         AuditMode::Commit => {
             crate::access::audit::AuditWriter::start(audit_store, config.access.audit_batch)
@@ -357,12 +367,12 @@ async fn supervise(
             tasks.spawn(
                 "audit_spool_shipper",
                 &stop_rx,
-                crate::access::spool::ship_loop(
+                background.run(crate::access::spool::ship_loop(
                     spool.clone(),
                     audit_store,
                     config.access.audit_batch,
                     stop_rx.clone(),
-                ),
+                )),
             );
             crate::access::audit::AuditWriter::spooled(spool)
         }
@@ -383,14 +393,19 @@ async fn supervise(
     // The chainer keeps a connection while it leads (the advisory lock lives on it): a pool
     // of its own keeps that connection from being one the API or the consumer needs.
     let chainer = Chainer::new(
-        Store::connect(&database_url, config.audit.database_connections).await?,
+        connect_in(
+            &background,
+            &database_url,
+            config.audit.database_connections,
+        )
+        .await?,
         ChainKey::load(&store, &root_keys).await?,
         config.audit.clone(),
     );
     tasks.spawn(
         "audit_chainer",
         &stop_rx,
-        audit::chain_loop(chainer, stop_rx.clone()),
+        background.run(audit::chain_loop(chainer, stop_rx.clone())),
     );
 
     let state = AppState::from(http::Services {
@@ -446,6 +461,14 @@ async fn supervise(
     }
     tracing::info!("byokd stopped");
     Ok(())
+}
+
+/// Connects a pool on the background runtime, so its connections are driven there.
+async fn connect_in(background: &Background, url: &str, max: u32) -> Result<Store, StoreError> {
+    let url = url.to_owned();
+    background
+        .run(async move { Store::connect(&url, max).await })
+        .await
 }
 
 /// The daemon's long-running tasks under their names (see the module docs). Dropping it
