@@ -38,8 +38,10 @@ const HEADER: usize = 8;
 /// A length above this is not a record's (a damaged header): the rest of the segment is
 /// unreadable.
 const MAX_RECORD: usize = 1024 * 1024;
-/// Most bytes the shipper reads in one round.
-const READ_BYTES: u64 = 4 * 1024 * 1024;
+/// Most bytes the shipper reads in one round: the largest record fits, and no more, since
+/// what is read is decoded at once (about 3,000 key-access rows; 4 MiB held some 12,000
+/// decoded rows on the shipper's thread, several MB of heap a replica kept afterwards).
+const READ_BYTES: u64 = (HEADER + MAX_RECORD) as u64;
 /// How often the shipper looks when nothing wakes it.
 const SHIP_POLL: Duration = Duration::from_millis(250);
 /// Least time between two shipments while attempts keep coming: larger batches, fewer
@@ -97,8 +99,10 @@ pub fn encode(buf: &mut Vec<u8>, row: &SpooledAudit) {
 /// What [`decode`] read from a run of records.
 #[derive(Debug, Default)]
 pub struct Decoded {
-    /// Each record read whole, with the offset just past it.
-    pub rows: Vec<(u64, SpooledAudit)>,
+    /// Each record read whole.
+    pub rows: Vec<SpooledAudit>,
+    /// The offset just past each of `rows` (kept apart so the rows ship as one slice).
+    pub ends: Vec<u64>,
     /// Offsets of records skipped because their checksum (or JSON) is wrong.
     pub corrupt: Vec<u64>,
     /// Where an incomplete record starts, if the bytes end inside one (or a header is
@@ -134,7 +138,10 @@ pub fn decode(bytes: &[u8], base: u64) -> Decoded {
         at += HEADER + len;
         let end = base + at as u64;
         match serde_json::from_slice(payload) {
-            Ok(row) if crc32(payload) == crc => out.rows.push((end, row)),
+            Ok(row) if crc32(payload) == crc => {
+                out.rows.push(row);
+                out.ends.push(end);
+            }
             _ => out.corrupt.push(offset),
         }
         out.end = end;
@@ -357,7 +364,7 @@ impl Spool {
             backlog_bytes += (bytes.len() - from) as u64;
             backlog_rows += decoded.rows.len() as u64;
             if oldest_ms == 0
-                && let Some((_, first)) = decoded.rows.first()
+                && let Some(first) = decoded.rows.first()
             {
                 oldest_ms = first.at.timestamp_millis();
             }
@@ -480,14 +487,14 @@ impl Spool {
         };
         let mut shipped = 0;
         let mut offset = pos.offset;
-        for chunk in decoded.rows.chunks(batch.max(1)) {
-            let rows: Vec<SpooledAudit> = chunk.iter().map(|(_, r)| r.clone()).collect();
-            if let Err(e) = store.ship_audit(&rows).await {
+        let batch = batch.max(1);
+        for (rows, ends) in decoded.rows.chunks(batch).zip(decoded.ends.chunks(batch)) {
+            if let Err(e) = store.ship_audit(rows).await {
                 self.advance(pos, offset, shipped, None)?;
                 return Err(ShipError::Store(e));
             }
             shipped += rows.len() as u64;
-            offset = chunk.last().map_or(offset, |(end, _)| *end);
+            offset = ends.last().copied().unwrap_or(offset);
         }
         for c in &decoded.corrupt {
             tracing::error!(dir = %self.shared.dir.display(), segment = pos.seq, offset = c,
@@ -509,7 +516,7 @@ impl Spool {
             return Ok((shipped, true));
         }
         // The first attempt still waiting is no older than the last one shipped.
-        let last_at = decoded.rows.last().map(|(_, r)| r.at.timestamp_millis());
+        let last_at = decoded.rows.last().map(|r| r.at.timestamp_millis());
         self.advance(pos, offset, shipped, last_at)?;
         // No progress (damage in the segment being written): wait for the next poll rather
         // than spin; the segment is skipped past its damage once the writer moves on.
@@ -885,7 +892,7 @@ mod tests {
         buf.extend_from_slice(payload);
         let d = decode(&buf, 0);
         assert!(d.corrupt.is_empty() && d.torn.is_none());
-        let r = &d.rows[0].1;
+        let r = &d.rows[0];
         assert_eq!(
             r.attempt_id.to_string(),
             "0192f3a4-5b6c-7d8e-9f00-112233445566"
@@ -920,14 +927,11 @@ mod tests {
             encode(&mut buf, r);
         }
         let d = decode(&buf, 0);
-        assert_eq!(
-            d.rows.iter().map(|(_, r)| r).collect::<Vec<_>>(),
-            rows.iter().collect::<Vec<_>>()
-        );
+        assert_eq!(d.rows, rows);
         assert_eq!(d.end, buf.len() as u64);
         assert!(d.torn.is_none() && d.corrupt.is_empty());
         // Read from the middle, at a record's start.
-        let second = d.rows[0].0;
+        let second = d.ends[0];
         let rest = decode(&buf[second as usize..], second);
         assert_eq!(rest.rows.len(), 2);
         assert_eq!(rest.end, buf.len() as u64);
