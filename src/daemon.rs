@@ -349,14 +349,16 @@ async fn supervise(
     // The audit writer (or the spool's shipper) has connections of its own: a burst of
     // unwraps must not wait behind the consumer for one, nor starve it.
     // The shipper and the chainer work in big batches: a thread of their own keeps those off
-    // the request workers (see `background`).
+    // the request workers (see `background`). Commit mode's writer answers requests, so its
+    // pool stays on the request runtime.
     let background = Background::start().map_err(RunError::Background)?;
-    let audit_store = connect_in(&background, &database_url, 4).await?;
     let audit_writer = match config.access.audit_mode {
-        AuditMode::Commit => {
-            crate::access::audit::AuditWriter::start(audit_store, config.access.audit_batch)
-        }
+        AuditMode::Commit => crate::access::audit::AuditWriter::start(
+            Store::connect(&database_url, 4).await?,
+            config.access.audit_batch,
+        ),
         AuditMode::Spool => {
+            let audit_store = connect_in(&background, &database_url, 4).await?;
             let dir = config.access.spool_dir(&config.data_dir);
             let spool = crate::access::spool::Spool::open(
                 &dir,

@@ -242,11 +242,49 @@ impl Drop for Writer {
     }
 }
 
+/// The segment being written and its length of whole records, in one atomic word (the
+/// segment's number in the high 32 bits, the length in the low 32). The shipper reads it
+/// from a thread at the lowest priority (`daemon::background`): behind a lock the request
+/// path also takes, a request could wait for that thread to be scheduled again. Segments
+/// are numbered from 0 and roll at 8 MiB, so neither half comes near its bound; a write
+/// that would pass it is refused (a segment that could not roll for 4 GiB).
+struct Current(AtomicU64);
+
+impl Current {
+    const HALF: u64 = u32::MAX as u64;
+
+    fn new(pos: Position) -> Current {
+        let current = Current(AtomicU64::new(0));
+        current.set(pos);
+        current
+    }
+
+    fn fits(pos: Position) -> bool {
+        pos.seq <= Self::HALF && pos.offset <= Self::HALF
+    }
+
+    fn get(&self) -> Position {
+        let v = self.0.load(Ordering::Acquire);
+        Position {
+            seq: v >> 32,
+            offset: v & Self::HALF,
+        }
+    }
+
+    fn set(&self, pos: Position) {
+        debug_assert!(Self::fits(pos), "{pos:?}");
+        self.0.store(
+            (pos.seq << 32) | (pos.offset & Self::HALF),
+            Ordering::Release,
+        );
+    }
+}
+
 /// What the requests (appending), the shipper and the sync thread share.
 struct Shared {
     dir: PathBuf,
     /// The segment being written and its length (whole groups only).
-    current: Mutex<Position>,
+    current: Current,
     /// Appends; held for one `write()` (and, every `SEGMENT_BYTES`, the next segment's
     /// creation).
     writer: Mutex<Writer>,
@@ -269,7 +307,7 @@ struct Shared {
 
 impl Shared {
     fn current(&self) -> Position {
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner)
+        self.current.get()
     }
 
     fn publish_gauges(&self) {
@@ -375,6 +413,11 @@ impl Spool {
         }
         let seq = existing.last().map_or(pos.seq, |s| s + 1).max(pos.seq + 1);
         let path = dir.join(segment_name(seq));
+        if !Current::fits(Position { seq, offset: 0 }) {
+            return Err(io(&path)(std::io::Error::other(
+                "segment number out of range (not a segment byokd made)",
+            )));
+        }
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
@@ -383,7 +426,7 @@ impl Spool {
         let sync_file = file.try_clone().map_err(io(&path))?;
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
-            current: Mutex::new(Position { seq, offset: 0 }),
+            current: Current::new(Position { seq, offset: 0 }),
             writer: Mutex::new(Writer {
                 file,
                 seq,
@@ -702,7 +745,18 @@ fn append(shared: &Shared, rows: &[SpooledAudit]) -> std::io::Result<Option<File
     let bytes = writer.buf.len() as u64;
     let rows_n = rows.len() as u64;
     let first_at = rows.first().map(|r| r.at.timestamp_millis());
-    if let Err(e) = writer.file.write_all(&writer.buf) {
+    let written = Position {
+        seq: writer.seq,
+        offset: writer.len + bytes,
+    };
+    let result = if Current::fits(written) {
+        writer.file.write_all(&writer.buf)
+    } else {
+        Err(std::io::Error::other(
+            "the audit spool segment reached 4 GiB (new segments cannot be made)",
+        ))
+    };
+    if let Err(e) = result {
         tracing::error!(error = %e, rows = rows_n, dir = %shared.dir.display(),
             "could not write access attempts to the audit spool; they are refused");
         metrics::counter!(crate::telemetry::AUDIT_WRITE_FAILURES).increment(1);
@@ -711,13 +765,7 @@ fn append(shared: &Shared, rows: &[SpooledAudit]) -> std::io::Result<Option<File
         return Err(e);
     }
     writer.len += bytes;
-    *shared
-        .current
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner) = Position {
-        seq: writer.seq,
-        offset: writer.len,
-    };
+    shared.current.set(written);
     shared.dirty.store(true, Ordering::Release);
     shared.backlog_bytes.fetch_add(bytes, Ordering::AcqRel);
     if shared.backlog_rows.fetch_add(rows_n, Ordering::AcqRel) == 0
@@ -763,6 +811,11 @@ fn append(shared: &Shared, rows: &[SpooledAudit]) -> std::io::Result<Option<File
 
 fn next_segment(shared: &Shared, seq: u64) -> Result<File, SpoolError> {
     let path = shared.dir.join(segment_name(seq));
+    if !Current::fits(Position { seq, offset: 0 }) {
+        return Err(io(&path)(std::io::Error::other(
+            "segment number out of range",
+        )));
+    }
     let file = OpenOptions::new()
         .create_new(true)
         .append(true)
@@ -773,10 +826,7 @@ fn next_segment(shared: &Shared, seq: u64) -> Result<File, SpoolError> {
         .sync_file
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = Some(sync);
-    *shared
-        .current
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner) = Position { seq, offset: 0 };
+    shared.current.set(Position { seq, offset: 0 });
     Ok(file)
 }
 
@@ -917,6 +967,32 @@ mod tests {
         let written: serde_json::Value = serde_json::from_slice(&again[HEADER..]).expect("JSON");
         let expected: serde_json::Value = serde_json::from_slice(payload).expect("JSON");
         assert_eq!(written, expected);
+    }
+
+    #[test]
+    fn the_current_position_packs_both_halves() {
+        for pos in [
+            Position { seq: 0, offset: 0 },
+            Position {
+                seq: 7,
+                offset: 8 * 1024 * 1024 + 123,
+            },
+            Position {
+                seq: u64::from(u32::MAX),
+                offset: u64::from(u32::MAX),
+            },
+        ] {
+            assert!(Current::fits(pos));
+            assert_eq!(Current::new(pos).get(), pos);
+        }
+        assert!(!Current::fits(Position {
+            seq: 1 << 32,
+            offset: 0
+        }));
+        assert!(!Current::fits(Position {
+            seq: 0,
+            offset: 1 << 32
+        }));
     }
 
     #[test]
