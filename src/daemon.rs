@@ -347,10 +347,10 @@ async fn supervise(
         rewrap_work.clone(),
     );
     // The audit writer (or the spool's shipper) has connections of its own: a burst of
-    // unwraps must not wait behind the consumer for one, nor starve it.
-    // The shipper and the chainer work in big batches: a thread of their own keeps those off
-    // the request workers (see `background`). Commit mode's writer answers requests, so its
-    // pool stays on the request runtime.
+    // unwraps must not wait behind the consumer for one, nor starve it. The shipper and the
+    // chainer work in big batches, on a thread of their own that keeps those off the request
+    // workers (see `background`); commit mode's writer answers requests, so its pool stays
+    // on the request runtime.
     let background = Background::start().map_err(RunError::Background)?;
     let audit_writer = match config.access.audit_mode {
         AuditMode::Commit => crate::access::audit::AuditWriter::start(

@@ -306,10 +306,6 @@ struct Shared {
 }
 
 impl Shared {
-    fn current(&self) -> Position {
-        self.current.get()
-    }
-
     fn publish_gauges(&self) {
         metrics::gauge!(crate::telemetry::AUDIT_SPOOL_BACKLOG_BYTES)
             .set(self.backlog_bytes.load(Ordering::Relaxed) as f64);
@@ -412,18 +408,7 @@ impl Spool {
                 "the audit spool holds attempts an earlier byokd did not ship; shipping them");
         }
         let seq = existing.last().map_or(pos.seq, |s| s + 1).max(pos.seq + 1);
-        let path = dir.join(segment_name(seq));
-        if !Current::fits(Position { seq, offset: 0 }) {
-            return Err(io(&path)(std::io::Error::other(
-                "segment number out of range (not a segment byokd made)",
-            )));
-        }
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        let sync_file = file.try_clone().map_err(io(&path))?;
+        let (file, sync_file) = create_segment(dir, seq)?;
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             current: Current::new(Position { seq, offset: 0 }),
@@ -656,7 +641,7 @@ struct ReadBatch {
 /// Reads the next run of records after the shipped position.
 fn read_next(shared: &Shared) -> Result<Option<ReadBatch>, SpoolError> {
     let dir = &shared.dir;
-    let current = shared.current();
+    let current = shared.current.get();
     let mut pos = read_position(dir);
     loop {
         if pos.seq > current.seq {
@@ -809,11 +794,13 @@ fn append(shared: &Shared, rows: &[SpooledAudit]) -> std::io::Result<Option<File
     Ok(sync)
 }
 
-fn next_segment(shared: &Shared, seq: u64) -> Result<File, SpoolError> {
-    let path = shared.dir.join(segment_name(seq));
+/// Makes segment `seq` (it must not exist yet): the file to append to, and a handle of it
+/// for the periodic fdatasync.
+fn create_segment(dir: &Path, seq: u64) -> Result<(File, File), SpoolError> {
+    let path = dir.join(segment_name(seq));
     if !Current::fits(Position { seq, offset: 0 }) {
         return Err(io(&path)(std::io::Error::other(
-            "segment number out of range",
+            "segment number out of range (not a segment byokd made)",
         )));
     }
     let file = OpenOptions::new()
@@ -822,6 +809,11 @@ fn next_segment(shared: &Shared, seq: u64) -> Result<File, SpoolError> {
         .open(&path)
         .map_err(io(&path))?;
     let sync = file.try_clone().map_err(io(&path))?;
+    Ok((file, sync))
+}
+
+fn next_segment(shared: &Shared, seq: u64) -> Result<File, SpoolError> {
+    let (file, sync) = create_segment(&shared.dir, seq)?;
     *shared
         .sync_file
         .lock()

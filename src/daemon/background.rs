@@ -15,6 +15,7 @@
 use std::future::Future;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+use tokio_util::task::AbortOnDropHandle;
 
 /// The background thread and its runtime; dropping it stops the runtime (its tasks are
 /// cancelled) and lets the thread end.
@@ -60,10 +61,11 @@ impl Background {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let handle = AbortOnDrop(self.handle.spawn(task));
+        // Dropping the caller aborts the task (the supervisor aborts what still runs after
+        // the grace period).
+        let handle = AbortOnDropHandle::new(self.handle.spawn(task));
         async move {
-            let mut handle = handle;
-            match (&mut handle.0).await {
+            match handle.await {
                 Ok(out) => out,
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 // Cancelled: the background runtime stopped, which happens only once the
@@ -90,16 +92,6 @@ fn lower_priority() {
 /// behind, and the spool's cap (`access.audit_spool_max_bytes`) then refuses attempts: fail
 /// closed, as when the database is down.
 const NICE: i32 = 19;
-
-/// Aborts the background task when its caller's future is dropped (the supervisor aborts
-/// what still runs after the grace period).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 #[cfg(test)]
 mod tests {
