@@ -11,7 +11,10 @@
 //!    share (1000 audit rows inserted in one transaction).
 //! 3. Revocation to refusal across 3 replicas under load: clients unwrap cached DEKs at full
 //!    rate on every replica while a `disabled` event is published (after the key is disabled
-//!    at the local KMS); per replica, the time from the publish to the first 403.
+//!    at the local KMS); per replica, the time from the publish to the first 403. The slowest
+//!    rounds are split at the commit (the benchmark listens on `byokd_access` too), with the
+//!    checkpoints PostgreSQL completed meanwhile, and each replica's receipt-to-commit
+//!    histogram is read from its `/metrics`.
 //! 4. RSS of a fresh daemon process holding 10,000 cached DEKs.
 //!
 //! `cargo bench --bench access` (local RabbitMQ and PostgreSQL, loopback only). Sizes:
@@ -108,13 +111,17 @@ impl Daemon {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         let (child, port) = app.daemon_process(&extra);
-        let base = format!("http://127.0.0.1:{port}");
+        // Owned before the wait, so a daemon that never gets ready is killed with the panic.
+        let daemon = Daemon {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
         common::wait_for("daemon ready", Duration::from_secs(60), || {
-            let url = format!("{base}/readyz");
+            let url = format!("{}/readyz", daemon.base);
             async move { reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) }
         })
         .await;
-        Daemon { child, base }
+        daemon
     }
 
     fn pid(&self) -> u32 {
@@ -710,7 +717,13 @@ async fn batch_unwraps(app: &TestApp, daemon: &Daemon, token: &str, ids: &[Uuid]
 #[derive(Default)]
 struct Probe {
     published: OnceLock<Instant>,
+    /// When PostgreSQL delivered the commit's `byokd_access` notification to a listener of
+    /// this process (the same channel the replicas listen on): splits a slow round into the
+    /// commit's share and the replicas' share.
+    notified: OnceLock<Duration>,
     refused: [OnceLock<Duration>; REPLICAS],
+    /// Checkpoints PostgreSQL had completed when the round started and ended.
+    checkpoints: OnceLock<(i64, i64)>,
 }
 
 async fn revocation_to_refusal(app: &TestApp, replicas: &[Daemon], token: &str) {
@@ -802,10 +815,40 @@ async fn revocation_to_refusal(app: &TestApp, replicas: &[Daemon], token: &str) 
             }));
         }
     }
+    let mut listener = sqlx::postgres::PgListener::connect_with(&app.pool)
+        .await
+        .unwrap();
+    listener.listen("byokd_access").await.unwrap();
+    let listening = {
+        let probes = probes.clone();
+        tokio::spawn(async move {
+            while let Ok(n) = listener.recv().await {
+                let Some(p) = n
+                    .payload()
+                    .strip_prefix("rv")
+                    .and_then(|p| p.parse::<usize>().ok())
+                else {
+                    continue;
+                };
+                if let Some(at) = probes.get(p).and_then(|p| p.published.get()) {
+                    let _ = probes[p].notified.set(at.elapsed());
+                }
+            }
+        })
+    };
+    let checkpoints = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap_or(-1)
+    };
     let started = Instant::now();
     let cpu = Cpu::start(app, None).await;
     let mut timeouts = 0;
     for (p, probe) in probes.iter().enumerate() {
+        let checkpoints_before = checkpoints().await;
         round.store(p, Ordering::Release);
         tokio::time::sleep(Duration::from_millis(300)).await;
         // The KMS says disabled first, as it would; the cached DEKs are still served.
@@ -840,7 +883,11 @@ async fn revocation_to_refusal(app: &TestApp, replicas: &[Daemon], token: &str) 
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        let _ = probe
+            .checkpoints
+            .set((checkpoints_before, checkpoints().await));
     }
+    listening.abort();
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu.report(app).await;
     stop.store(true, Ordering::Relaxed);
@@ -882,11 +929,73 @@ async fn revocation_to_refusal(app: &TestApp, replicas: &[Daemon], token: &str) 
                 .and_then(|v| v.into_iter().max())
         })
         .collect();
+    // The slowest rounds, split at the commit's notification.
+    let mut slowest: Vec<(usize, Duration)> = probes
+        .iter()
+        .enumerate()
+        .map(|(p, probe)| {
+            let worst = probe.refused.iter().map(|r| r.get().copied());
+            // A replica that never refused counts as slowest.
+            (
+                p,
+                worst
+                    .map(|r| r.unwrap_or(Duration::MAX))
+                    .max()
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    slowest.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
+    let ms =
+        |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.0}", d.as_secs_f64() * 1e3));
+    for (p, _) in slowest.iter().take(3) {
+        let probe = &probes[*p];
+        let refused: Vec<String> = probe.refused.iter().map(|r| ms(r.get().copied())).collect();
+        let (before, after) = probe.checkpoints.get().copied().unwrap_or((-1, -1));
+        println!(
+            "slow round {}: publish -> commit notified {} ms; -> first 403 per replica {} ms; checkpoints completed during it: {}",
+            p + 1,
+            ms(probe.notified.get().copied()),
+            refused.join(" / "),
+            after - before
+        );
+    }
     println!(
         "=> revocation to refusal, every replica's first 403 (goal p99 < 250 ms): {}; until all {REPLICAS} refuse: {}; rounds with a replica still serving after 5 s: {timeouts}",
         summary(all),
         summary(last)
     );
+}
+
+/// `count`, mean and the non-empty buckets of one histogram in Prometheus text.
+fn histogram(text: &str, name: &str) -> String {
+    let value = |suffix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_{suffix} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (count, sum) = (value("count"), value("sum"));
+    let mut below = 0.0;
+    let mut buckets = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{le=\"")) else {
+            continue;
+        };
+        let Some((le, n)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let n: f64 = n.trim().parse().unwrap_or(0.0);
+        if n > below {
+            buckets.push(format!("{} <= {le} s", n - below));
+        }
+        below = n;
+    }
+    format!(
+        "n={count} mean={:.0} ms ({})",
+        if count > 0.0 { sum / count * 1e3 } else { 0.0 },
+        buckets.join(", ")
+    )
 }
 
 async fn rss_with_cache(app: &TestApp, token: &str, ids: &[Uuid]) {
@@ -963,6 +1072,24 @@ async fn main() {
             Daemon::start(&app).await,
         ];
         revocation_to_refusal(&app, &replicas, &token).await;
+        // The consumers' own share: from a revoking event's receipt to its commit.
+        let mut received_to_commit = Vec::new();
+        for d in &replicas {
+            let text = app
+                .http
+                .get(format!("{}/metrics", d.base))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            received_to_commit.push(histogram(&text, "byokd_revocation_effect_latency_seconds"));
+        }
+        println!(
+            "receipt -> commit of the revoking events, per replica (byokd_revocation_effect_latency_seconds; each event is applied by whichever of the main queue's and the urgent lane's consumers gets it first): {}",
+            received_to_commit.join("; ")
+        );
         for d in replicas {
             d.stop();
         }
