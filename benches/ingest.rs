@@ -211,9 +211,8 @@ fn report(label: &str, mut latencies: Vec<Duration>) {
     );
 }
 
-/// Drains `n` messages from `queue` doing no work: prefetch `prefetch`, one `multiple=true`
-/// ack every [`ACK_EVERY`] deliveries (and one for the rest).
-async fn bare_drain(queue: &str, n: usize, prefetch: u16) -> Duration {
+/// A fresh connection consuming `queue` with prefetch `prefetch` under consumer tag `tag`.
+async fn subscribe(queue: &str, prefetch: u16, tag: &str) -> (lapin::Connection, lapin::Consumer) {
     let conn =
         lapin::Connection::connect(&common::amqp_url(), lapin::ConnectionProperties::default())
             .await
@@ -222,15 +221,22 @@ async fn bare_drain(queue: &str, n: usize, prefetch: u16) -> Duration {
     ch.basic_qos(prefetch, BasicQosOptions::default())
         .await
         .unwrap();
-    let mut consumer = ch
+    let consumer = ch
         .basic_consume(
             queue.into(),
-            "bare".into(),
+            tag.into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
         .unwrap();
+    (conn, consumer)
+}
+
+/// Drains `n` messages from `queue` doing no work: prefetch `prefetch`, one `multiple=true`
+/// ack every [`ACK_EVERY`] deliveries (and one for the rest).
+async fn bare_drain(queue: &str, n: usize, prefetch: u16) -> Duration {
+    let (conn, mut consumer) = subscribe(queue, prefetch, "bare").await;
     let start = Instant::now();
     for i in 1..=n {
         let d = consumer.next().await.unwrap().unwrap();
@@ -265,26 +271,12 @@ async fn durable_drain(app: &TestApp, n: usize, batch: usize) -> Duration {
     .execute(&app.pool)
     .await
     .unwrap();
-    let conn =
-        lapin::Connection::connect(&common::amqp_url(), lapin::ConnectionProperties::default())
-            .await
-            .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.basic_qos(
+    let (conn, mut consumer) = subscribe(
+        &app.config.amqp.lifecycle_queue,
         u16::try_from(batch * 2).unwrap_or(u16::MAX),
-        BasicQosOptions::default(),
+        "durable",
     )
-    .await
-    .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            app.config.amqp.lifecycle_queue.as_str().into(),
-            "durable".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    .await;
     let start = Instant::now();
     let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
     let mut received = 0;
