@@ -277,6 +277,16 @@ pub struct AuditRow {
     pub detail: serde_json::Value,
 }
 
+impl AuditRow {
+    /// The client that made a key-access attempt, kept in the detail; the `client` column
+    /// that filters read is filled from here, so the database parses the detail once.
+    pub fn client(&self) -> Option<&str> {
+        self.detail
+            .get("client")
+            .and_then(serde_json::Value::as_str)
+    }
+}
+
 /// An audit row that waited in a replica's spool (key-access attempts): it keeps the time
 /// of the attempt and an id of its own, so shipping it twice inserts it once.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

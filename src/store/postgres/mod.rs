@@ -841,16 +841,19 @@ impl PgTx {
         let sources: Vec<&str> = rows.iter().map(|r| r.source.as_str()).collect();
         let events: Vec<Option<&str>> = rows.iter().map(|r| r.event_id.as_deref()).collect();
         let details: Vec<String> = rows.iter().map(|r| r.detail.to_string()).collect();
+        let clients: Vec<Option<&str>> = rows.iter().map(AuditRow::client).collect();
         // WITH ORDINALITY keeps the ids in the order the entries were decided. The client
-        // that made an access attempt is in its detail; the column is what filters read.
+        // comes as a column of its own: extracting it from the detail in SQL parsed every
+        // row's JSON a second time, a quarter of this insert's cost (ingest benchmark).
         sqlx::query!(
             "INSERT INTO audit_log (tenant_id, provider, key_ref, action, outcome, source,
                                     event_id, detail, client)
              SELECT u.tenant_id, u.provider, u.key_ref, u.action, u.outcome, u.source,
-                    u.event_id, u.detail::jsonb, u.detail::jsonb->>'client'
+                    u.event_id, u.detail::jsonb, u.client
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::text[]) WITH ORDINALITY
-                 AS u(tenant_id, provider, key_ref, action, outcome, source, event_id, detail, n)
+                         $7::text[], $8::text[], $9::text[]) WITH ORDINALITY
+                 AS u(tenant_id, provider, key_ref, action, outcome, source, event_id, detail,
+                      client, n)
              ORDER BY u.n",
             &tenants as &[Option<&str>],
             &providers as &[Option<&str>],
@@ -859,7 +862,8 @@ impl PgTx {
             &outcomes as &[&str],
             &sources as &[&str],
             &events as &[Option<&str>],
-            &details
+            &details,
+            &clients as &[Option<&str>]
         )
         .execute(&mut *self.tx)
         .await?;
@@ -883,15 +887,7 @@ impl PgTx {
         let sources: Vec<&str> = rows.iter().map(|r| r.row.source.as_str()).collect();
         let events: Vec<Option<&str>> = rows.iter().map(|r| r.row.event_id.as_deref()).collect();
         let details: Vec<String> = rows.iter().map(|r| r.row.detail.to_string()).collect();
-        let clients: Vec<Option<&str>> = rows
-            .iter()
-            .map(|r| {
-                r.row
-                    .detail
-                    .get("client")
-                    .and_then(serde_json::Value::as_str)
-            })
-            .collect();
+        let clients: Vec<Option<&str>> = rows.iter().map(|r| r.row.client()).collect();
         // As `audit`, with the attempt's own time and id: a row shipped again after a crash
         // is skipped. The client comes as a column of its own (the detail is parsed once).
         let inserted = sqlx::query!(
