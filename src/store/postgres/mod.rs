@@ -805,21 +805,17 @@ impl PgTx {
         let ids: Vec<&str> = updates.iter().map(|u| u.tenant_id.as_str()).collect();
         let access: Vec<&str> = updates.iter().map(|u| u.access.as_str()).collect();
         let reasons: Vec<Option<&str>> = updates.iter().map(|u| u.reason.as_deref()).collect();
+        // Every replica drops what it cached about these tenants when this commits (and
+        // only then): key access must not serve a DEK on a stale decision. The notification
+        // rides on the UPDATE itself: a statement less on the path of every revocation.
         sqlx::query!(
             "UPDATE tenants t SET access = u.access, access_reason = u.reason, updated_at = now()
              FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(id, access, reason)
-             WHERE t.id = u.id",
+             WHERE t.id = u.id
+             RETURNING pg_notify('byokd_access', t.id)",
             &ids as &[&str],
             &access as &[&str],
             &reasons as &[Option<&str>]
-        )
-        .execute(&mut *self.tx)
-        .await?;
-        // Every replica drops what it cached about these tenants when this commits (and
-        // only then): key access must not serve a DEK on a stale decision.
-        sqlx::query!(
-            "SELECT pg_notify('byokd_access', u.id) FROM UNNEST($1::text[]) AS u(id)",
-            &ids as &[&str]
         )
         .execute(&mut *self.tx)
         .await?;
