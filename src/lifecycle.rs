@@ -883,3 +883,88 @@ pub fn derive_now(keks: &[KekRow], now: DateTime<Utc>) -> kek::AccessDecision {
     let view: Vec<_> = keks.iter().filter_map(|k| k.tenant_key()).collect();
     kek::derive_access(&view, now)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Origin;
+    use crate::domain::kek::KekStatus;
+
+    fn key(id: i64, tenant: &str, primary: bool) -> KekRow {
+        KekRow {
+            id,
+            tenant_id: tenant.to_owned(),
+            is_primary: primary,
+            retired: false,
+            held_deks: if primary { 0 } else { 5 },
+            watch_gen: 0,
+            claimed_at: None,
+            status: KekStatus::observed(Provider::Local, format!("k{id}"), None, None),
+        }
+    }
+
+    fn tenant(id: &str) -> TenantRow {
+        TenantRow {
+            id: id.to_owned(),
+            access: Access::Accessible,
+            access_reason: None,
+            contacts: Vec::new(),
+            webhooks: Vec::new(),
+        }
+    }
+
+    fn disabled(key_ref: &str, n: usize, now: DateTime<Utc>) -> LifecycleEvent {
+        LifecycleEvent {
+            provider: Provider::Local,
+            event_id: format!("e{n}"),
+            kind: EventKind::Disabled,
+            key_ref: key_ref.to_owned(),
+            version: None,
+            expires_at: None,
+            time: now - chrono::Duration::seconds(60),
+            source: "test".to_owned(),
+            origin: Origin::Event,
+        }
+    }
+
+    /// A batch over several tenants settles each on its own keys only, whatever order the
+    /// keys arrive in: a revoked key of one tenant never blocks another.
+    #[test]
+    fn each_tenant_is_settled_on_its_own_keys() {
+        let now = Utc::now();
+        // Ids interleaved between tenants and given out of order, as no query promises.
+        let keks = vec![
+            key(4, "b", false),
+            key(1, "a", true),
+            key(3, "b", true),
+            key(2, "a", false),
+        ];
+        let tenants = vec![tenant("a"), tenant("b"), tenant("c")];
+        // Tenant a's primary (k1) and tenant b's key still holding DEKs (k4) are disabled.
+        let events = [disabled("k1", 1, now), disabled("k4", 2, now)];
+        let refs: Vec<&LifecycleEvent> = events.iter().collect();
+        let first = plan(&refs, keks, tenants, now);
+        let access: HashMap<&str, Access> = first
+            .access
+            .iter()
+            .map(|u| (u.tenant_id.as_str(), u.access))
+            .collect();
+        assert_eq!(access.get("a"), Some(&Access::Inaccessible), "{access:?}");
+        assert_eq!(access.get("b"), Some(&Access::Inaccessible), "{access:?}");
+        assert!(!access.contains_key("c"), "{access:?}");
+        assert_eq!(first.revocations, vec![0, 1]);
+
+        // Only b's key holding DEKs is disabled: a stays accessible.
+        let keks = vec![
+            key(4, "b", false),
+            key(1, "a", true),
+            key(3, "b", true),
+            key(2, "a", false),
+        ];
+        let events = [disabled("k4", 3, now)];
+        let refs: Vec<&LifecycleEvent> = events.iter().collect();
+        let second = plan(&refs, keks, vec![tenant("a"), tenant("b")], now);
+        let changed: Vec<&str> = second.access.iter().map(|u| u.tenant_id.as_str()).collect();
+        assert_eq!(changed, ["b"]);
+    }
+}
