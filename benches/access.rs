@@ -11,8 +11,10 @@
 //!    share (1000 audit rows inserted in one transaction).
 //! 3. Revocation to refusal across 3 replicas under load: clients unwrap cached DEKs at full
 //!    rate on every replica while a `disabled` event is published (after the key is disabled
-//!    at the local KMS); per replica, the time from the publish to the first 403. The slowest
-//!    rounds are split at the commit (the benchmark listens on `byokd_access` too), with the
+//!    at the local KMS); per replica, the time from the publish to the first 403. Each round
+//!    is split, on a thread of this process away from the load clients, at the broker's
+//!    delivery (a bare consumer of a quorum queue bound like the urgent lane) and at the
+//!    commit (a `LISTEN` on `byokd_access`); the slowest rounds are printed with the
 //!    checkpoints PostgreSQL completed meanwhile, and each replica's receipt-to-commit
 //!    histogram is read from its `/metrics`.
 //! 4. RSS of a fresh daemon process holding 10,000 cached DEKs.
@@ -717,6 +719,9 @@ async fn batch_unwraps(app: &TestApp, daemon: &Daemon, token: &str, ids: &[Uuid]
 #[derive(Default)]
 struct Probe {
     published: OnceLock<Instant>,
+    /// When the broker delivered a copy of the event to a bare consumer of a quorum queue
+    /// bound like the urgent lane: the broker's share of a round, without byokd.
+    delivered: OnceLock<Duration>,
     /// When PostgreSQL delivered the commit's `byokd_access` notification to a listener of
     /// this process (the same channel the replicas listen on): splits a slow round into the
     /// commit's share and the replicas' share.
@@ -724,6 +729,131 @@ struct Probe {
     refused: [OnceLock<Duration>; REPLICAS],
     /// Checkpoints PostgreSQL had completed when the round started and ended.
     checkpoints: OnceLock<(i64, i64)>,
+}
+
+/// Times each round's broker delivery and commit notification on a thread and runtime of
+/// its own, away from the load clients: a quorum queue of its own bound like the urgent lane
+/// (one more copy of each revocation for the broker to write) and a `LISTEN` on
+/// `byokd_access`.
+struct Observer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Observer {
+    async fn start(app: &TestApp, probes: Arc<Vec<Probe>>) -> Observer {
+        let queue = format!("{}.probe", app.config.amqp.lifecycle_queue);
+        let exchange = app.config.amqp.lifecycle_exchange.clone();
+        let db_url = app.db.url.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready, is_ready) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(observe(queue, exchange, db_url, probes, ready, stopped));
+        });
+        is_ready.await.unwrap();
+        Observer {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+/// The round a `byokd_access` payload or an event id (`rv{p}` / `rv-{p}-...`) belongs to.
+fn round_of(text: &str) -> Option<usize> {
+    let rest = text.strip_prefix("rv")?;
+    let rest = rest.strip_prefix('-').unwrap_or(rest);
+    rest.split('-').next()?.parse().ok()
+}
+
+async fn observe(
+    queue: String,
+    exchange: String,
+    db_url: String,
+    probes: Arc<Vec<Probe>>,
+    ready: tokio::sync::oneshot::Sender<()>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    channel
+        .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "local.disabled".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "bench-observer".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect(&db_url).await.unwrap();
+    listener.listen("byokd_access").await.unwrap();
+    let _ = ready.send(());
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            Some(Ok(delivery)) = consumer.next() => {
+                let id = serde_json::from_slice::<Value>(&delivery.data)
+                    .ok()
+                    .and_then(|v| v["id"].as_str().and_then(round_of));
+                if let Some(probe) = id.and_then(|p| probes.get(p))
+                    && let Some(at) = probe.published.get()
+                {
+                    let _ = probe.delivered.set(at.elapsed());
+                }
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Ok(n) = listener.recv() => {
+                if let Some(probe) = round_of(n.payload()).and_then(|p| probes.get(p))
+                    && let Some(at) = probe.published.get()
+                {
+                    let _ = probe.notified.set(at.elapsed());
+                }
+            }
+        }
+    }
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "done".into()).await;
 }
 
 async fn revocation_to_refusal(app: &TestApp, replicas: &[Daemon], token: &str) {
@@ -815,27 +945,10 @@ async fn revocation_to_refusal(app: &TestApp, replicas: &[Daemon], token: &str) 
             }));
         }
     }
-    let mut listener = sqlx::postgres::PgListener::connect_with(&app.pool)
-        .await
-        .unwrap();
-    listener.listen("byokd_access").await.unwrap();
-    let listening = {
-        let probes = probes.clone();
-        tokio::spawn(async move {
-            while let Ok(n) = listener.recv().await {
-                let Some(p) = n
-                    .payload()
-                    .strip_prefix("rv")
-                    .and_then(|p| p.parse::<usize>().ok())
-                else {
-                    continue;
-                };
-                if let Some(at) = probes.get(p).and_then(|p| p.published.get()) {
-                    let _ = probes[p].notified.set(at.elapsed());
-                }
-            }
-        })
-    };
+    // The broker's delivery and the commit's notification are timed on a thread of their
+    // own: on this process's runtime they queued behind the 24 load clients, and the
+    // notification was seen up to 100 ms after the replicas had acted on it.
+    let observer = Observer::start(app, probes.clone()).await;
     let checkpoints = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter",
@@ -887,7 +1000,7 @@ async fn revocation_to_refusal(app: &TestApp, replicas: &[Daemon], token: &str) 
             .checkpoints
             .set((checkpoints_before, checkpoints().await));
     }
-    listening.abort();
+    observer.stop();
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu.report(app).await;
     stop.store(true, Ordering::Relaxed);
@@ -953,13 +1066,27 @@ async fn revocation_to_refusal(app: &TestApp, replicas: &[Daemon], token: &str) 
         let refused: Vec<String> = probe.refused.iter().map(|r| ms(r.get().copied())).collect();
         let (before, after) = probe.checkpoints.get().copied().unwrap_or((-1, -1));
         println!(
-            "slow round {}: publish -> commit notified {} ms; -> first 403 per replica {} ms; checkpoints completed during it: {}",
+            "slow round {}: publish -> broker delivery to a bare consumer {} ms; -> commit notified {} ms; -> first 403 per replica {} ms; checkpoints completed during it: {}",
             p + 1,
+            ms(probe.delivered.get().copied()),
             ms(probe.notified.get().copied()),
             refused.join(" / "),
             after - before
         );
     }
+    let delivered: Vec<Duration> = probes
+        .iter()
+        .filter_map(|p| p.delivered.get().copied())
+        .collect();
+    let notified: Vec<Duration> = probes
+        .iter()
+        .filter_map(|p| p.notified.get().copied())
+        .collect();
+    println!(
+        "publish -> broker delivery to a bare consumer: {}",
+        summary(delivered)
+    );
+    println!("publish -> commit notified: {}", summary(notified));
     println!(
         "=> revocation to refusal, every replica's first 403 (goal p99 < 250 ms): {}; until all {REPLICAS} refuse: {}; rounds with a replica still serving after 5 s: {timeouts}",
         summary(all),
