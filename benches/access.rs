@@ -722,6 +722,9 @@ struct Probe {
     /// When the broker delivered a copy of the event to a bare consumer of a quorum queue
     /// bound like the urgent lane: the broker's share of a round, without byokd.
     delivered: OnceLock<Duration>,
+    /// The same through a classic durable queue, which delivers without waiting for its
+    /// log's fsync: what the urgent lane would gain as one.
+    delivered_classic: OnceLock<Duration>,
     /// When PostgreSQL delivered the commit's `byokd_access` notification to a listener of
     /// this process (the same channel the replicas listen on): splits a slow round into the
     /// commit's share and the replicas' share.
@@ -733,8 +736,8 @@ struct Probe {
 
 /// Times each round's broker delivery and commit notification on a thread and runtime of
 /// its own, away from the load clients: a quorum queue of its own bound like the urgent lane
-/// (one more copy of each revocation for the broker to write) and a `LISTEN` on
-/// `byokd_access`.
+/// and a classic durable queue bound the same (two more copies of each revocation for the
+/// broker to write), and a `LISTEN` on `byokd_access`.
 struct Observer {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -796,34 +799,42 @@ async fn observe(
         .await
         .unwrap();
     let channel = conn.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    channel
-        .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "local.disabled".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "bench-observer".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let classic = format!("{queue}-classic");
+    let mut consumers = Vec::new();
+    for (name, kind) in [(&queue, "quorum"), (&classic, "classic")] {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from(kind)),
+        );
+        channel
+            .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args)
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                name.as_str().into(),
+                exchange.as_str().into(),
+                "local.disabled".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        consumers.push(
+            channel
+                .basic_consume(
+                    name.as_str().into(),
+                    format!("bench-observer-{kind}").as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    let mut classic_consumer = consumers.pop().unwrap();
+    let mut consumer = consumers.pop().unwrap();
     let mut listener = sqlx::postgres::PgListener::connect(&db_url).await.unwrap();
     listener.listen("byokd_access").await.unwrap();
     let _ = ready.send(());
@@ -831,13 +842,14 @@ async fn observe(
         tokio::select! {
             _ = &mut stopped => break,
             Some(Ok(delivery)) = consumer.next() => {
-                let id = serde_json::from_slice::<Value>(&delivery.data)
-                    .ok()
-                    .and_then(|v| v["id"].as_str().and_then(round_of));
-                if let Some(probe) = id.and_then(|p| probes.get(p))
-                    && let Some(at) = probe.published.get()
-                {
-                    let _ = probe.delivered.set(at.elapsed());
+                if let Some((probe, at)) = delivered_round(&probes, &delivery) {
+                    let _ = probe.delivered.set(at);
+                }
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Some(Ok(delivery)) = classic_consumer.next() => {
+                if let Some((probe, at)) = delivered_round(&probes, &delivery) {
+                    let _ = probe.delivered_classic.set(at);
                 }
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
@@ -850,10 +862,22 @@ async fn observe(
             }
         }
     }
-    let _ = channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
+    for name in [&queue, &classic] {
+        let _ = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
     let _ = conn.close(200, "done".into()).await;
+}
+
+/// The round a delivered event belongs to, and the time since its publish.
+fn delivered_round<'p>(
+    probes: &'p [Probe],
+    delivery: &lapin::message::Delivery,
+) -> Option<(&'p Probe, Duration)> {
+    let body = serde_json::from_slice::<Value>(&delivery.data).ok()?;
+    let probe = probes.get(body["id"].as_str().and_then(round_of)?)?;
+    Some((probe, probe.published.get()?.elapsed()))
 }
 
 async fn revocation_to_refusal(app: &TestApp, replicas: &[Daemon], token: &str) {
@@ -1066,9 +1090,10 @@ async fn revocation_to_refusal(app: &TestApp, replicas: &[Daemon], token: &str) 
         let refused: Vec<String> = probe.refused.iter().map(|r| ms(r.get().copied())).collect();
         let (before, after) = probe.checkpoints.get().copied().unwrap_or((-1, -1));
         println!(
-            "slow round {}: publish -> broker delivery to a bare consumer {} ms; -> commit notified {} ms; -> first 403 per replica {} ms; checkpoints completed during it: {}",
+            "slow round {}: publish -> broker delivery to a bare consumer {} ms (classic queue {} ms); -> commit notified {} ms; -> first 403 per replica {} ms; checkpoints completed during it: {}",
             p + 1,
             ms(probe.delivered.get().copied()),
+            ms(probe.delivered_classic.get().copied()),
             ms(probe.notified.get().copied()),
             refused.join(" / "),
             after - before
@@ -1078,13 +1103,21 @@ async fn revocation_to_refusal(app: &TestApp, replicas: &[Daemon], token: &str) 
         .iter()
         .filter_map(|p| p.delivered.get().copied())
         .collect();
+    let delivered_classic: Vec<Duration> = probes
+        .iter()
+        .filter_map(|p| p.delivered_classic.get().copied())
+        .collect();
     let notified: Vec<Duration> = probes
         .iter()
         .filter_map(|p| p.notified.get().copied())
         .collect();
     println!(
-        "publish -> broker delivery to a bare consumer: {}",
+        "publish -> broker delivery to a bare consumer of a quorum queue (as the urgent lane): {}",
         summary(delivered)
+    );
+    println!(
+        "publish -> broker delivery to a bare consumer of a classic durable queue: {}",
+        summary(delivered_classic)
     );
     println!("publish -> commit notified: {}", summary(notified));
     println!(
