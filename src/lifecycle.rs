@@ -207,22 +207,8 @@ impl Ledger {
         for ids in by_tenant.values_mut() {
             ids.sort_unstable();
         }
-        let told = tenants
-            .iter()
-            .filter(|t| t.access == Access::Inaccessible)
-            .map(|t| {
-                let own: Vec<KekRow> = by_tenant
-                    .get(&t.id)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|id| keks.get(id).cloned())
-                    .collect();
-                let cause = derive_now(&own, now).blocked.map(|b| b.cause);
-                (t.id.clone(), cause)
-            })
-            .collect();
-        Ledger {
-            told,
+        let mut ledger = Ledger {
+            told: HashMap::new(),
             now,
             keks,
             by_ref,
@@ -231,7 +217,28 @@ impl Ledger {
             changed_keks: BTreeSet::new(),
             changed_tenants: BTreeSet::new(),
             plan: Plan::default(),
-        }
+        };
+        let told = ledger
+            .tenants
+            .values()
+            .filter(|t| t.access == Access::Inaccessible)
+            .map(|t| {
+                let own: Vec<KekRow> = ledger.keys_of(&t.id).cloned().collect();
+                let cause = derive_now(&own, now).blocked.map(|b| b.cause);
+                (t.id.clone(), cause)
+            })
+            .collect();
+        ledger.told = told;
+        ledger
+    }
+
+    /// `tenant_id`'s keys in the batch, in id order.
+    fn keys_of<'a>(&'a self, tenant_id: &str) -> impl Iterator<Item = &'a KekRow> {
+        self.by_tenant
+            .get(tenant_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.keks.get(id))
     }
 
     fn set_status(&mut self, kek_id: i64, status: crate::domain::KekStatus) {
@@ -244,13 +251,7 @@ impl Ledger {
     /// Derives `tenant_id`'s access from its keys now; when it differs from the stored value,
     /// records the change with one access message and the tenant's notifications.
     fn settle(&mut self, tenant_id: &str, cause: &Cause) {
-        let keys: Vec<&KekRow> = self
-            .by_tenant
-            .get(tenant_id)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| self.keks.get(id))
-            .collect();
+        let keys: Vec<&KekRow> = self.keys_of(tenant_id).collect();
         let view: Vec<_> = keys.iter().filter_map(|k| k.tenant_key()).collect();
         let decision = kek::derive_access(&view, self.now);
         let primary_expiry = keys
@@ -927,23 +928,27 @@ mod tests {
         }
     }
 
+    /// Two keys each for tenants a and b, ids interleaved between them and out of order, as
+    /// no query promises.
+    fn two_tenants_keys() -> Vec<KekRow> {
+        vec![
+            key(4, "b", false),
+            key(1, "a", true),
+            key(3, "b", true),
+            key(2, "a", false),
+        ]
+    }
+
     /// A batch over several tenants settles each on its own keys only, whatever order the
     /// keys arrive in: a revoked key of one tenant never blocks another.
     #[test]
     fn each_tenant_is_settled_on_its_own_keys() {
         let now = Utc::now();
-        // Ids interleaved between tenants and given out of order, as no query promises.
-        let keks = vec![
-            key(4, "b", false),
-            key(1, "a", true),
-            key(3, "b", true),
-            key(2, "a", false),
-        ];
         let tenants = vec![tenant("a"), tenant("b"), tenant("c")];
         // Tenant a's primary (k1) and tenant b's key still holding DEKs (k4) are disabled.
         let events = [disabled("k1", 1, now), disabled("k4", 2, now)];
         let refs: Vec<&LifecycleEvent> = events.iter().collect();
-        let first = plan(&refs, keks, tenants, now);
+        let first = plan(&refs, two_tenants_keys(), tenants, now);
         let access: HashMap<&str, Access> = first
             .access
             .iter()
@@ -955,15 +960,14 @@ mod tests {
         assert_eq!(first.revocations, vec![0, 1]);
 
         // Only b's key holding DEKs is disabled: a stays accessible.
-        let keks = vec![
-            key(4, "b", false),
-            key(1, "a", true),
-            key(3, "b", true),
-            key(2, "a", false),
-        ];
         let events = [disabled("k4", 3, now)];
         let refs: Vec<&LifecycleEvent> = events.iter().collect();
-        let second = plan(&refs, keks, vec![tenant("a"), tenant("b")], now);
+        let second = plan(
+            &refs,
+            two_tenants_keys(),
+            vec![tenant("a"), tenant("b")],
+            now,
+        );
         let changed: Vec<&str> = second.access.iter().map(|u| u.tenant_id.as_str()).collect();
         assert_eq!(changed, ["b"]);
     }
