@@ -5,7 +5,7 @@
 
 mod common;
 
-use byokd::store::{AuditFilter, AuditRow, Store, StoreError};
+use byokd::store::{AuditFilter, AuditRow, SpooledAudit, Store, StoreError};
 use chrono::{Duration as Chrono, TimeZone, Utc};
 use common::{Backend, TOKEN, TestApp, TestDb, wait_for};
 use serde_json::json;
@@ -202,6 +202,45 @@ async fn times_are_ordered_as_times_whatever_their_fraction_of_a_second() {
         ],
         "since is inclusive, the earlier row is out, order is by time"
     );
+    db.drop_db().await;
+}
+
+/// The `client` column that `GET /v1/audit?client=` filters on is filled from each row's
+/// detail, by both inserts (an audited operation, and a key-access attempt shipped from a
+/// spool); a row without a client has none.
+#[tokio::test]
+async fn audit_rows_are_found_by_the_client_in_their_detail() {
+    let db = TestDb::create_on(Backend::Sqlite).await;
+    let store = Store::connect(&db.url, 2).await.expect("store");
+    store.migrate().await.expect("migrate");
+    let mut tx = store.begin().await.expect("begin");
+    tx.audit(&[
+        AuditRow::operation(Some("t"), "by_svc", "api", json!({"client": "svc-a"})),
+        AuditRow::operation(Some("t"), "by_nobody", "api", json!({})),
+    ])
+    .await
+    .expect("audit");
+    let shipped = tx
+        .ship_audit(&[SpooledAudit {
+            attempt_id: uuid::Uuid::new_v4(),
+            at: Utc::now(),
+            row: AuditRow::operation(Some("t"), "shipped", "api", json!({"client": "svc-a"})),
+        }])
+        .await
+        .expect("ship");
+    assert_eq!(shipped, 1);
+    tx.commit().await.expect("commit");
+    let filter = AuditFilter {
+        client: Some("svc-a".into()),
+        ..AuditFilter::default()
+    };
+    let page = store
+        .audit_export_page(&filter, None, 10)
+        .await
+        .expect("export");
+    let mut actions: Vec<String> = page.into_iter().map(|e| e.action).collect();
+    actions.sort();
+    assert_eq!(actions, ["by_svc", "shipped"]);
     db.drop_db().await;
 }
 

@@ -974,7 +974,7 @@ impl SqliteTx {
             sqlx::query(
                 "INSERT INTO audit_log (at, tenant_id, provider, key_ref, action, outcome,
                                         source, event_id, detail, client)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9 ->> '$.client')",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )
             .bind(&at)
             .bind(&r.tenant_id)
@@ -985,6 +985,7 @@ impl SqliteTx {
             .bind(&r.source)
             .bind(&r.event_id)
             .bind(detail)
+            .bind(r.client())
             .execute(&mut *self.tx)
             .await?;
         }
@@ -998,7 +999,7 @@ impl SqliteTx {
             inserted += sqlx::query(
                 "INSERT INTO audit_log (attempt_id, at, tenant_id, provider, key_ref, action,
                                         outcome, source, event_id, detail, client)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10 ->> '$.client')
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT (attempt_id) DO NOTHING",
             )
             .bind(uid(r.attempt_id))
@@ -1011,6 +1012,7 @@ impl SqliteTx {
             .bind(&r.row.source)
             .bind(&r.row.event_id)
             .bind(detail)
+            .bind(r.row.client())
             .execute(&mut *self.tx)
             .await?
             .rows_affected();
